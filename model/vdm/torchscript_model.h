@@ -1,0 +1,69 @@
+// Loads a TorchScript VDM (.pt) and checks the model contract of design.md
+// section 3; serves it as a Denoiser. Thread-compatible (one caller at a time).
+#ifndef VDM_MODEL_VDM_TORCHSCRIPT_MODEL_H_
+#define VDM_MODEL_VDM_TORCHSCRIPT_MODEL_H_
+
+#include <torch/script.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/vdm/denoiser.h"
+
+namespace vdm {
+
+class TorchScriptModel : public Denoiser {
+ public:
+  struct Options {
+    std::string path;              // the .pt file
+    std::string device = "cpu";    // "cpu" or "cuda:N"
+    // Run one forward at batch 2 after loading (contract check of shapes).
+    bool check_forward = true;
+  };
+
+  // Loads and checks the model. A broken model is refused with a message that
+  // names the missing or wrong member.
+  static absl::StatusOr<std::unique_ptr<TorchScriptModel>> Load(
+      const Options& options);
+  // Checks an already-loaded module (used by Load and by the trainer).
+  static absl::StatusOr<std::unique_ptr<TorchScriptModel>> FromModule(
+      torch::jit::Module module, const Options& options);
+
+  ImageShape shape() const override { return shape_; }
+  int num_classes() const override { return num_classes_; }
+  absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
+                                     const at::Tensor& gamma,
+                                     const at::Tensor& label) override;
+  absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override;
+
+  const std::string& prediction() const { return prediction_; }  // eps|v|x
+  const std::string& metadata() const { return metadata_; }      // JSON
+  const std::string& path() const { return options_.path; }
+  const torch::Device& device() const { return device_; }
+  // The underlying module (the trainer trains it in place).
+  torch::jit::Module& module() { return module_; }
+
+ private:
+  TorchScriptModel(torch::jit::Module module, const Options& options,
+                   torch::Device device)
+      : module_(std::move(module)), options_(options), device_(device) {}
+  absl::Status CheckContract();
+  absl::Status CheckForward();
+
+  torch::jit::Module module_;
+  Options options_;
+  torch::Device device_;
+  ImageShape shape_;
+  int num_classes_ = 0;
+  std::string prediction_;
+  std::string metadata_;
+};
+
+// Sets the number of intra-op threads torch uses (Debian's libtorch defaults
+// to one); n <= 0 means the number of cores.
+void SetTorchThreads(int n);
+
+}  // namespace vdm
+
+#endif  // VDM_MODEL_VDM_TORCHSCRIPT_MODEL_H_
