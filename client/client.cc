@@ -1,1 +1,418 @@
-// (file being written in this session)
+#include "client/client.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/text_format.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace client {
+namespace {
+
+double SecondsSince(absl::Time start) {
+  return absl::ToDoubleSeconds(absl::Now() - start);
+}
+
+// Prefixes a status's message, keeping its code.
+absl::Status Annotate(const absl::Status& status, absl::string_view prefix) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
+  ScoreRow row;
+  row.index = index;
+  row.bpd = score.bpd();
+  row.prior_bpd = score.prior_bpd();
+  row.recon_bpd = score.recon_bpd();
+  row.diffusion_bpd = score.diffusion_bpd();
+  row.stderr_bpd = score.stderr_bpd();
+  row.anomaly_score = score.anomaly_score();
+  return row;
+}
+
+}  // namespace
+
+absl::Status ToAbslStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      status.error_message());
+}
+
+// ---- VdmClient
+// ---------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<VdmClient>> VdmClient::Create(
+    const ClientOptions& options) {
+  if (options.target.empty()) {
+    return absl::InvalidArgumentError("client: target is empty");
+  }
+  if (options.timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("client: timeout must be positive");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
+      options.target, grpc::InsecureChannelCredentials(), args);
+  return std::make_unique<VdmClient>(std::move(channel), options);
+}
+
+VdmClient::VdmClient(std::shared_ptr<grpc::Channel> channel,
+                     const ClientOptions& options)
+    : options_(options),
+      channel_(std::move(channel)),
+      stub_(vdm::v1::VdmService::NewStub(channel_)),
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+void VdmClient::Prepare(grpc::ClientContext* context) const {
+  context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  if (!options_.auth_token.empty()) {
+    context->AddMetadata("authorization",
+                         absl::StrCat("Bearer ", options_.auth_token));
+  }
+}
+
+absl::StatusOr<vdm::v1::ModelInfo> VdmClient::GetInfo() const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  vdm::v1::ModelInfo info;
+  VDM_RETURN_IF_ERROR(ToAbslStatus(
+      stub_->GetModelInfo(&context, vdm::v1::ModelInfoRequest(), &info)));
+  return info;
+}
+
+absl::StatusOr<ServingStatus> VdmClient::CheckHealth(
+    const std::string& service) const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(health_stub_->Check(&context, request, &response)));
+  return response.status();
+}
+
+absl::StatusOr<SampleResult> VdmClient::Sample(
+    const SampleParams& params) const {
+  vdm::v1::SampleRequest request;
+  request.set_num_images(params.num_images);
+  request.set_sampler(params.sampler);
+  request.set_steps(params.steps);
+  request.set_eta(params.eta);
+  if (params.guidance_scale.has_value()) {
+    request.set_guidance_scale(*params.guidance_scale);
+  }
+  if (params.label.has_value()) request.set_label(*params.label);
+  if (params.seed.has_value()) request.set_seed(*params.seed);
+  request.set_format(params.format);
+
+  grpc::ClientContext context;
+  Prepare(&context);
+  const absl::Time start = absl::Now();
+  vdm::v1::SampleResponse response;
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(stub_->Sample(&context, request, &response)));
+  SampleResult result;
+  result.wall_seconds = SecondsSince(start);
+  if (response.images_size() != params.num_images) {
+    return absl::InternalError(
+        absl::StrFormat("Sample: asked for %d images, the server returned %d",
+                        params.num_images, response.images_size()));
+  }
+  for (int i = 0; i < response.images_size(); ++i) {
+    absl::StatusOr<Image8> image =
+        ImageFromProto(response.images(i), params.format);
+    if (!image.ok()) {
+      return Annotate(image.status(), absl::StrCat("Sample: image ", i, ": "));
+    }
+    result.images.push_back(*std::move(image));
+  }
+  result.seed = response.seed();
+  result.network_evaluations = response.network_evaluations();
+  result.queue_seconds = response.queue_seconds();
+  result.compute_seconds = response.compute_seconds();
+  return result;
+}
+
+absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
+                                   const ScoreParams& params, int64_t begin,
+                                   int64_t end, std::optional<uint64_t> seed,
+                                   vdm::v1::ScoreResponse* response) const {
+  vdm::v1::ScoreRequest request;
+  request.set_format(input.format);
+  request.set_timesteps(params.timesteps);
+  if (seed.has_value()) request.set_seed(*seed);
+  if (params.label.has_value()) request.set_label(*params.label);
+  request.set_shared_noise(params.shared_noise);
+  for (int64_t i = begin; i < end; ++i) {
+    *request.add_images() = input.images[static_cast<size_t>(i)];
+  }
+  grpc::ClientContext context;
+  Prepare(&context);
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(stub_->ScoreBPD(&context, request, response)));
+  if (response->scores_size() != end - begin) {
+    return absl::InternalError(absl::StrFormat(
+        "ScoreBPD: sent %d images, the server returned %d scores", end - begin,
+        response->scores_size()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ScoreResult> VdmClient::ScoreImages(
+    const ScoreInput& input, const ScoreParams& params,
+    const ScoreProgress& progress) const {
+  if (params.chunk_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ScoreImages: chunk_size must be positive, got ", params.chunk_size));
+  }
+  if (input.images.empty()) {
+    return absl::InvalidArgumentError("ScoreImages: no images to score");
+  }
+  const int64_t total = static_cast<int64_t>(input.images.size());
+  const absl::Time start = absl::Now();
+  ScoreResult result;
+  result.rows.reserve(input.images.size());
+  std::optional<uint64_t> base = params.seed;
+  for (int64_t begin = 0; begin < total; begin += params.chunk_size) {
+    const int64_t end = std::min<int64_t>(total, begin + params.chunk_size);
+    const int64_t chunk = begin / params.chunk_size;
+    std::optional<uint64_t> seed = base;
+    if (base.has_value() && !params.shared_noise) {
+      seed = ChunkSeed(*base, chunk);
+    }
+    vdm::v1::ScoreResponse response;
+    const absl::Status status =
+        ScoreChunk(input, params, begin, end, seed, &response);
+    if (!status.ok()) {
+      if (total <= params.chunk_size) return status;
+      return Annotate(status, absl::StrFormat("images %d..%d of %d: ", begin,
+                                              end - 1, total));
+    }
+    if (!base.has_value()) base = response.seed();
+    for (int64_t i = begin; i < end; ++i) {
+      ScoreRow row =
+          RowFromProto(response.scores(static_cast<int>(i - begin)), i);
+      if (static_cast<size_t>(i) < input.names.size()) {
+        row.name = input.names[static_cast<size_t>(i)];
+      }
+      result.rows.push_back(std::move(row));
+    }
+    result.network_evaluations += response.network_evaluations();
+    ++result.chunks;
+    if (progress) progress(end, total);
+  }
+  result.seed = *base;
+  result.wall_seconds = SecondsSince(start);
+  return result;
+}
+
+// ---- Helpers
+// -----------------------------------------------------------------
+
+uint64_t ChunkSeed(uint64_t base, int64_t chunk) {
+  // Golden-ratio stride: distinct, well spread seeds for every chunk.
+  return base + static_cast<uint64_t>(chunk) * 0x9E3779B97F4A7C15ull;
+}
+
+absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name) {
+  const std::string lower = absl::AsciiStrToLower(name);
+  if (lower == "ddim") return vdm::v1::SAMPLER_DDIM;
+  if (lower == "ddpm") return vdm::v1::SAMPLER_DDPM;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown sampler \"", name, "\" (want ddim or ddpm)"));
+}
+
+std::string ServingStatusName(ServingStatus status) {
+  return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(status);
+}
+
+absl::StatusOr<Image8> ImageFromProto(const vdm::v1::Image& image,
+                                      vdm::v1::ImageFormat format) {
+  if (format != vdm::v1::IMAGE_FORMAT_RAW) return DecodePng(image.data());
+  Image8 out;
+  out.channels = image.channels();
+  out.height = image.height();
+  out.width = image.width();
+  const int64_t want = int64_t{out.channels} * out.height * out.width;
+  if (out.channels <= 0 || out.height <= 0 || out.width <= 0 ||
+      static_cast<int64_t>(image.data().size()) != want) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "raw image of shape %dx%dx%d has %d bytes", out.channels, out.height,
+        out.width, image.data().size()));
+  }
+  out.pixels.assign(image.data().begin(), image.data().end());
+  return out;
+}
+
+ScoreInput RawInput(const std::vector<Image8>& images) {
+  ScoreInput input;
+  input.format = vdm::v1::IMAGE_FORMAT_RAW;
+  input.images.reserve(images.size());
+  for (const Image8& image : images) {
+    vdm::v1::Image& proto = input.images.emplace_back();
+    proto.set_channels(image.channels);
+    proto.set_height(image.height);
+    proto.set_width(image.width);
+    proto.set_data(image.pixels.data(), image.pixels.size());
+  }
+  return input;
+}
+
+absl::StatusOr<ScoreInput> LoadPngFiles(const std::vector<std::string>& paths) {
+  ScoreInput input;
+  input.format = vdm::v1::IMAGE_FORMAT_PNG;
+  for (const std::string& path : paths) {
+    VDM_ASSIGN_OR_RETURN(std::string data, ReadFile(path));
+    absl::StatusOr<Image8> image = DecodePng(data);
+    if (!image.ok()) return Annotate(image.status(), absl::StrCat(path, ": "));
+    vdm::v1::Image& proto = input.images.emplace_back();
+    proto.set_channels(image->channels);
+    proto.set_height(image->height);
+    proto.set_width(image->width);
+    proto.set_data(std::move(data));
+    input.names.push_back(path);
+  }
+  return input;
+}
+
+absl::StatusOr<ScoreInput> LoadIdxImages(const std::string& path,
+                                         int64_t limit) {
+  VDM_ASSIGN_OR_RETURN(std::vector<Image8> images, ReadIdxImages(path, limit));
+  return RawInput(images);
+}
+
+int GridColumns(int n) {
+  int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(n))));
+  while (columns * columns < n) ++columns;  // guard against rounding
+  return std::max(columns, 1);
+}
+
+absl::Status WriteSampleFiles(const SampleResult& result,
+                              const std::string& grid_path,
+                              const std::string& out_dir) {
+  if (result.images.empty()) return absl::InvalidArgumentError("no images");
+  if (!grid_path.empty()) {
+    const int columns = GridColumns(static_cast<int>(result.images.size()));
+    VDM_ASSIGN_OR_RETURN(Image8 grid, MakeGrid(result.images, columns));
+    VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(grid));
+    VDM_RETURN_IF_ERROR(WriteFileAtomic(grid_path, png));
+  }
+  if (out_dir.empty()) return absl::OkStatus();
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (error) {
+    return absl::UnavailableError(
+        absl::StrCat(out_dir, ": cannot create directory: ", error.message()));
+  }
+  for (size_t i = 0; i < result.images.size(); ++i) {
+    VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(result.images[i]));
+    VDM_RETURN_IF_ERROR(WriteFileAtomic(
+        absl::StrFormat("%s/sample_%03d.png", out_dir, i), png));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
+                                           const SampleParams& params,
+                                           const std::string& grid_path,
+                                           const std::string& out_dir) {
+  VDM_ASSIGN_OR_RETURN(SampleResult result, client.Sample(params));
+  VDM_RETURN_IF_ERROR(WriteSampleFiles(result, grid_path, out_dir));
+  return result;
+}
+
+std::string FormatSampleSummary(const SampleResult& result) {
+  return absl::StrFormat(
+      "images: %d\nseed: %d\nnetwork evaluations: %d\n"
+      "time: %.3f s (server: queue %.3f s, compute %.3f s)\n",
+      result.images.size(), result.seed, result.network_evaluations,
+      result.wall_seconds, result.queue_seconds, result.compute_seconds);
+}
+
+std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
+  std::string csv = "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd\n";
+  for (const ScoreRow& row : rows) {
+    absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f\n", row.index,
+                          row.bpd, row.prior_bpd, row.recon_bpd,
+                          row.diffusion_bpd, row.stderr_bpd);
+  }
+  return csv;
+}
+
+absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,
+                            const std::string& path) {
+  return WriteFileAtomic(path, FormatScoresCsv(rows));
+}
+
+std::string FormatScoresTable(const std::vector<ScoreRow>& rows) {
+  std::string table = absl::StrFormat("%7s %9s %9s %9s %9s %9s", "index", "bpd",
+                                      "prior", "recon", "diffusion", "stderr");
+  const bool named =
+      std::any_of(rows.begin(), rows.end(),
+                  [](const ScoreRow& r) { return !r.name.empty(); });
+  absl::StrAppend(&table, named ? "  file\n" : "\n");
+  for (const ScoreRow& row : rows) {
+    absl::StrAppendFormat(&table, "%7d %9.4f %9.4f %9.4f %9.4f %9.4f",
+                          row.index, row.bpd, row.prior_bpd, row.recon_bpd,
+                          row.diffusion_bpd, row.stderr_bpd);
+    absl::StrAppend(&table, named ? "  " : "", row.name, "\n");
+  }
+  return table;
+}
+
+std::string FormatScoresSummary(const ScoreResult& result) {
+  const double n = static_cast<double>(result.rows.size());
+  double bpd = 0, prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
+  for (const ScoreRow& row : result.rows) {
+    bpd += row.bpd / n;
+    prior += row.prior_bpd / n;
+    recon += row.recon_bpd / n;
+    diffusion += row.diffusion_bpd / n;
+    stderr_bpd += row.stderr_bpd / n;
+  }
+  double sum_sq = 0;
+  for (const ScoreRow& row : result.rows) {
+    sum_sq += (row.bpd - bpd) * (row.bpd - bpd);
+  }
+  const double sem = n > 1 ? std::sqrt(sum_sq / (n - 1) / n) : 0.0;
+  return absl::StrFormat(
+      "images: %d\nmean bpd: %.4f +- %.4f (standard error over images)\n"
+      "mean prior bpd: %.4f\nmean recon bpd: %.4f\nmean diffusion bpd: %.4f\n"
+      "mean stderr bpd: %.4f\nseed: %d\nnetwork evaluations: %d\n"
+      "time: %.3f s in %d chunk(s)\n",
+      result.rows.size(), bpd, sem, prior, recon, diffusion, stderr_bpd,
+      result.seed, result.network_evaluations, result.wall_seconds,
+      result.chunks);
+}
+
+std::string FormatModelInfo(const vdm::v1::ModelInfo& info) {
+  namespace pb = google::protobuf;
+  const pb::Descriptor* descriptor = info.GetDescriptor();
+  const pb::Reflection* reflection = info.GetReflection();
+  std::string out;
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const pb::FieldDescriptor* field = descriptor->field(i);
+    std::string value;
+    if (field->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING &&
+        !field->is_repeated()) {
+      value = reflection->GetString(info, field);
+    } else {
+      pb::TextFormat::PrintFieldValueToString(info, field, -1, &value);
+    }
+    absl::StrAppend(&out, field->name(), ": ", value, "\n");
+  }
+  return out;
+}
+
+}  // namespace client
+}  // namespace vdm

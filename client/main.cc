@@ -1,1 +1,244 @@
-// (file being written in this session)
+// vdm-client: a command-line client for vdm-serve (sample, score, info,
+// health). Exit status: 0 success, 1 failure (RPC or file error, or a server
+// that is not SERVING), 2 bad usage.
+#include <cstdint>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+
+ABSL_FLAG(std::string, target, "localhost:50051", "Server address HOST:PORT.");
+ABSL_FLAG(double, timeout_s, 600.0, "Deadline of each RPC, in seconds.");
+ABSL_FLAG(std::string, token, "",
+          "Bearer token sent as 'authorization' metadata (if the server "
+          "requires one).");
+// sample
+ABSL_FLAG(int, num, 16, "sample: number of images.");
+ABSL_FLAG(std::string, sampler, "ddim", "sample: ddim or ddpm.");
+ABSL_FLAG(int, steps, 50, "sample: number of sampling steps.");
+ABSL_FLAG(double, eta, 0.0, "sample: DDIM eta in [0, 1] (0 = deterministic).");
+ABSL_FLAG(std::optional<double>, guidance, std::nullopt,
+          "sample: classifier-free guidance scale, needs --label (0 = "
+          "unconditional, 1 = plain conditional, the default).");
+ABSL_FLAG(int, label, -1,
+          "sample/score: class label; -1 = none (unconditional).");
+ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt,
+          "sample/score: random seed; unset = chosen by the server.");
+ABSL_FLAG(std::string, out, "samples.png", "sample: PNG grid of all images.");
+ABSL_FLAG(std::string, out_dir, "",
+          "sample: also write each image as DIR/sample_NNN.png.");
+// score
+ABSL_FLAG(int, timesteps, 16, "score: K diffusion times per image.");
+ABSL_FLAG(std::string, csv, "",
+          "score: write per-image scores to this CSV (else print a table).");
+ABSL_FLAG(std::string, idx, "", "score: IDX images file (gzip or plain).");
+ABSL_FLAG(int64_t, limit, 0, "score: only the first N images of --idx.");
+ABSL_FLAG(int, chunk, 100, "score: images per RPC.");
+ABSL_FLAG(bool, shared_noise, false,
+          "score: same times and noise for every image (to rank images).");
+
+namespace {
+
+using vdm::client::VdmClient;
+
+constexpr int kOk = 0;
+constexpr int kFailed = 1;
+constexpr int kUsage = 2;
+
+constexpr char kUsageText[] = R"(a command-line client for vdm-serve.
+
+Usage:
+  vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=ddim|ddpm]
+      [--steps=S] [--eta=E] [--guidance=G] [--label=L] [--seed=S]
+      [--out=grid.png] [--out_dir=DIR]
+  vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
+      [--shared_noise] [--chunk=N] [--csv=OUT.csv] (--idx=FILE [--limit=N] | FILE.png ...)
+  vdm-client [--target=HOST:PORT] info
+  vdm-client [--target=HOST:PORT] health     (exit 0 only when SERVING)
+
+Every command takes --timeout_s (deadline of each RPC) and --token.
+Run with --helpfull for every flag.)";
+
+int Usage(const std::string& problem) {
+  std::cerr << "vdm-client: " << problem << "\n\nvdm-client: " << kUsageText
+            << "\n";
+  return kUsage;
+}
+
+int Fail(const absl::Status& status) {
+  std::cerr << "vdm-client: " << status << "\n";
+  return kFailed;
+}
+
+std::optional<int> LabelFlag() {
+  const int label = absl::GetFlag(FLAGS_label);
+  if (label < 0) return std::nullopt;
+  return label;
+}
+
+int RunSample(const VdmClient& client) {
+  absl::StatusOr<vdm::v1::Sampler> sampler =
+      vdm::client::ParseSampler(absl::GetFlag(FLAGS_sampler));
+  if (!sampler.ok()) return Usage(std::string(sampler.status().message()));
+  if (absl::GetFlag(FLAGS_num) < 1) return Usage("--num must be at least 1");
+  vdm::client::SampleParams params;
+  params.num_images = absl::GetFlag(FLAGS_num);
+  params.sampler = *sampler;
+  params.steps = absl::GetFlag(FLAGS_steps);
+  params.eta = static_cast<float>(absl::GetFlag(FLAGS_eta));
+  if (const std::optional<double> guidance = absl::GetFlag(FLAGS_guidance)) {
+    params.guidance_scale = static_cast<float>(*guidance);
+  }
+  params.label = LabelFlag();
+  params.seed = absl::GetFlag(FLAGS_seed);
+  const std::string out = absl::GetFlag(FLAGS_out);
+  const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
+  absl::StatusOr<vdm::client::SampleResult> result =
+      vdm::client::SampleToFiles(client, params, out, out_dir);
+  if (!result.ok()) return Fail(result.status());
+  std::cout << vdm::client::FormatSampleSummary(*result);
+  const int columns = vdm::client::GridColumns(params.num_images);
+  if (!out.empty()) {
+    std::cout << absl::StrFormat("wrote %s (grid of %d columns)\n", out,
+                                 columns);
+  }
+  if (!out_dir.empty()) {
+    std::cout << absl::StrFormat("wrote %d images to %s/sample_NNN.png\n",
+                                 result->images.size(), out_dir);
+  }
+  return kOk;
+}
+
+// The images named on the command line: --idx, or PNG files.
+absl::StatusOr<vdm::client::ScoreInput> LoadScoreInput(
+    const std::vector<std::string>& files) {
+  const std::string idx = absl::GetFlag(FLAGS_idx);
+  if (!idx.empty()) {
+    return vdm::client::LoadIdxImages(idx, absl::GetFlag(FLAGS_limit));
+  }
+  return vdm::client::LoadPngFiles(files);
+}
+
+// Lowers --chunk to the server's per-request image limit when it is larger
+// (saying so when that splits the images into more requests).
+absl::StatusOr<int> ChunkSize(const VdmClient& client, int64_t total) {
+  const int chunk = absl::GetFlag(FLAGS_chunk);
+  absl::StatusOr<vdm::v1::ModelInfo> info = client.GetInfo();
+  if (!info.ok()) return info.status();
+  const int max_images = info->max_images_per_request();
+  if (max_images <= 0 || chunk <= max_images) return chunk;
+  if (total > max_images) {
+    std::cerr << absl::StrFormat(
+        "vdm-client: --chunk=%d is above the server's limit of %d images per "
+        "request; using %d\n",
+        chunk, max_images, max_images);
+  }
+  return max_images;
+}
+
+int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
+  const bool has_idx = !absl::GetFlag(FLAGS_idx).empty();
+  if (!has_idx && files.empty()) {
+    return Usage("score needs --idx=FILE or PNG files");
+  }
+  if (has_idx && !files.empty()) {
+    return Usage("score takes --idx=FILE or PNG files, not both");
+  }
+  if (!has_idx && absl::GetFlag(FLAGS_limit) != 0) {
+    return Usage("--limit applies to --idx only");
+  }
+  if (absl::GetFlag(FLAGS_limit) < 0) return Usage("--limit must be >= 0");
+  if (absl::GetFlag(FLAGS_chunk) < 1) return Usage("--chunk must be >= 1");
+  absl::StatusOr<vdm::client::ScoreInput> input = LoadScoreInput(files);
+  if (!input.ok()) return Fail(input.status());
+  vdm::client::ScoreParams params;
+  params.timesteps = absl::GetFlag(FLAGS_timesteps);
+  params.seed = absl::GetFlag(FLAGS_seed);
+  params.label = LabelFlag();
+  params.shared_noise = absl::GetFlag(FLAGS_shared_noise);
+  const int64_t total = static_cast<int64_t>(input->images.size());
+  absl::StatusOr<int> chunk = ChunkSize(client, total);
+  if (!chunk.ok()) return Fail(chunk.status());
+  params.chunk_size = *chunk;
+
+  const absl::Time start = absl::Now();
+  vdm::client::ScoreProgress progress;
+  if (total > params.chunk_size) {
+    progress = [start](int64_t done, int64_t all) {
+      std::cerr << absl::StrFormat(
+          "score: %d/%d images (%.0f%%), %.1f s\n", done, all,
+          100.0 * static_cast<double>(done) / static_cast<double>(all),
+          absl::ToDoubleSeconds(absl::Now() - start));
+    };
+  }
+  absl::StatusOr<vdm::client::ScoreResult> result =
+      client.ScoreImages(*input, params, progress);
+  if (!result.ok()) return Fail(result.status());
+  const std::string csv = absl::GetFlag(FLAGS_csv);
+  if (csv.empty()) {
+    std::cout << vdm::client::FormatScoresTable(result->rows) << "\n";
+  } else {
+    const absl::Status written = vdm::client::WriteScoresCsv(result->rows, csv);
+    if (!written.ok()) return Fail(written);
+    std::cout << "wrote " << csv << "\n";
+  }
+  std::cout << vdm::client::FormatScoresSummary(*result);
+  return kOk;
+}
+
+int RunInfo(const VdmClient& client) {
+  absl::StatusOr<vdm::v1::ModelInfo> info = client.GetInfo();
+  if (!info.ok()) return Fail(info.status());
+  std::cout << vdm::client::FormatModelInfo(*info);
+  return kOk;
+}
+
+int RunHealth(const VdmClient& client) {
+  absl::StatusOr<vdm::client::ServingStatus> status = client.CheckHealth();
+  if (!status.ok()) return Fail(status.status());
+  std::cout << vdm::client::ServingStatusName(*status) << "\n";
+  return *status == grpc::health::v1::HealthCheckResponse::SERVING ? kOk
+                                                                   : kFailed;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsageText);
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() < 2) return Usage("missing command");
+  const std::string command = positional[1];
+  const std::vector<std::string> args(positional.begin() + 2, positional.end());
+  if (command != "sample" && command != "score" && command != "info" &&
+      command != "health") {
+    return Usage(absl::StrCat("unknown command \"", command, "\""));
+  }
+  if (command != "score" && !args.empty()) {
+    return Usage(
+        absl::StrCat(command, " takes no arguments, got \"", args[0], "\""));
+  }
+  const double timeout_s = absl::GetFlag(FLAGS_timeout_s);
+  if (!(timeout_s > 0)) return Usage("--timeout_s must be positive");
+
+  vdm::client::ClientOptions options;
+  options.target = absl::GetFlag(FLAGS_target);
+  options.timeout = absl::Seconds(timeout_s);
+  options.auth_token = absl::GetFlag(FLAGS_token);
+  absl::StatusOr<std::unique_ptr<VdmClient>> client =
+      VdmClient::Create(options);
+  if (!client.ok()) return Usage(std::string(client.status().message()));
+
+  if (command == "sample") return RunSample(**client);
+  if (command == "score") return RunScore(**client, args);
+  if (command == "info") return RunInfo(**client);
+  return RunHealth(**client);
+}

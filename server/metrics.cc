@@ -1,1 +1,129 @@
-// (file being written in this session)
+#include "server/metrics.h"
+
+#include "absl/strings/str_cat.h"
+#include "prometheus/text_serializer.h"
+
+namespace vdm {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+Histogram::BucketBoundaries LatencyBuckets() {
+  return {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+}
+
+}  // namespace
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& r = *registry_;
+  requests_ = &BuildCounter()
+                   .Name("vdm_requests_total")
+                   .Help("RPCs finished, by method and gRPC status code")
+                   .Register(r);
+  latency_ = &BuildHistogram()
+                  .Name("vdm_request_latency_seconds")
+                  .Help("RPC latency from arrival to finish, by method")
+                  .Register(r);
+  queue_time_ = &BuildHistogram()
+                     .Name("vdm_queue_time_seconds")
+                     .Help("Time from arrival to the first forward pass")
+                     .Register(r);
+  cancelled_ = &BuildCounter()
+                    .Name("vdm_requests_stopped_total")
+                    .Help("Requests stopped before completion, by reason")
+                    .Register(r);
+  queue_depth_ = &BuildGauge()
+                      .Name("vdm_queue_depth")
+                      .Help("Requests admitted but not yet started")
+                      .Register(r)
+                      .Add({});
+  live_requests_ = &BuildGauge()
+                        .Name("vdm_live_requests")
+                        .Help("Requests being computed")
+                        .Register(r)
+                        .Add({});
+  batch_rows_ = &BuildHistogram()
+                     .Name("vdm_batch_rows")
+                     .Help("Rows per forward pass")
+                     .Register(r)
+                     .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32,
+                                                          64, 128, 256, 512});
+  batch_fill_ = &BuildHistogram()
+                     .Name("vdm_batch_fill_ratio")
+                     .Help("Rows per forward pass divided by max_batch")
+                     .Register(r)
+                     .Add({}, Histogram::BucketBoundaries{0.1, 0.25, 0.5, 0.75,
+                                                          0.9, 1.0});
+  forward_seconds_ = &BuildHistogram()
+                          .Name("vdm_forward_seconds")
+                          .Help("Time of one batched forward pass")
+                          .Register(r)
+                          .Add({}, LatencyBuckets());
+  evaluations_ = &BuildCounter()
+                      .Name("vdm_network_evaluations_total")
+                      .Help("Image rows evaluated by the network")
+                      .Register(r)
+                      .Add({});
+  images_generated_ = &BuildCounter()
+                           .Name("vdm_images_generated_total")
+                           .Help("Images returned by Sample")
+                           .Register(r)
+                           .Add({});
+  images_scored_ = &BuildCounter()
+                        .Name("vdm_images_scored_total")
+                        .Help("Images scored by ScoreBPD")
+                        .Register(r)
+                        .Add({});
+  bpd_ = &BuildHistogram()
+              .Name("vdm_returned_bpd")
+              .Help("Bits per dimension returned by ScoreBPD (drift monitor)")
+              .Register(r)
+              .Add({}, Histogram::BucketBoundaries{1, 2, 2.5, 3, 3.5, 4, 5, 6,
+                                                   8, 10});
+}
+
+Metrics::~Metrics() {
+  if (http_) http_->Stop();
+}
+
+absl::Status Metrics::Expose(const std::string& address) {
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
+      MetricsHttpServer::Start(address, [this] { return Scrape(); });
+  if (!http.ok()) return http.status();
+  http_ = *std::move(http);
+  return absl::OkStatus();
+}
+
+int Metrics::port() const { return http_ ? http_->port() : 0; }
+
+std::string Metrics::Scrape() const {
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
+}
+
+void Metrics::RecordRequest(const std::string& method, const std::string& code,
+                            double latency_seconds) {
+  requests_->Add({{"method", method}, {"code", code}}).Increment();
+  latency_->Add({{"method", method}}, LatencyBuckets())
+      .Observe(latency_seconds);
+}
+
+void Metrics::RecordQueueTime(const std::string& method, double seconds) {
+  queue_time_->Add({{"method", method}}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::RecordBatch(int rows, int max_batch, double forward_seconds) {
+  batch_rows_->Observe(rows);
+  batch_fill_->Observe(max_batch > 0 ? static_cast<double>(rows) / max_batch
+                                     : 0.0);
+  forward_seconds_->Observe(forward_seconds);
+  evaluations_->Increment(rows);
+}
+
+void Metrics::AddCancelled(const std::string& reason) {
+  cancelled_->Add({{"reason", reason}}).Increment();
+}
+
+}  // namespace vdm

@@ -1,1 +1,299 @@
-// (file being written in this session)
+#include "server/service.h"
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/vdm/image_io.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace {
+
+constexpr int kDefaultSteps = 50;
+constexpr int kDefaultTimesteps = 16;
+constexpr float kMaxGuidance = 20.0f;
+
+absl::Status Invalid(const std::string& message) {
+  return absl::InvalidArgumentError(message);
+}
+
+uint64_t PickSeed(bool has_seed, uint64_t seed) {
+  if (has_seed) return seed;
+  std::random_device rd;
+  return (uint64_t{rd()} << 32) ^ rd();
+}
+
+RequestControl ControlOf(grpc::CallbackServerContext* context) {
+  RequestControl control;
+  control.is_cancelled = [context] { return context->IsCancelled(); };
+  const auto deadline = context->deadline();
+  if (deadline < std::chrono::system_clock::time_point::max()) {
+    control.deadline = absl::FromChrono(deadline);
+  }
+  return control;
+}
+
+// Finishes an RPC and records it in the metrics.
+class Finisher {
+ public:
+  Finisher(grpc::ServerUnaryReactor* reactor, Metrics* metrics,
+           const char* method)
+      : reactor_(reactor), metrics_(metrics), method_(method),
+        start_(absl::Now()) {}
+  void operator()(const absl::Status& status) const {
+    if (metrics_) {
+      metrics_->RecordRequest(method_, absl::StatusCodeToString(status.code()),
+                              absl::ToDoubleSeconds(absl::Now() - start_));
+    }
+    reactor_->Finish(ToGrpcStatus(status));
+  }
+
+ private:
+  grpc::ServerUnaryReactor* reactor_;
+  Metrics* metrics_;
+  const char* method_;
+  absl::Time start_;
+};
+
+absl::Status EncodeImage(const Image8& image, v1::ImageFormat format,
+                         v1::Image* out) {
+  out->set_channels(image.channels);
+  out->set_height(image.height);
+  out->set_width(image.width);
+  if (format == v1::IMAGE_FORMAT_RAW) {
+    out->set_data(std::string(image.pixels.begin(), image.pixels.end()));
+    return absl::OkStatus();
+  }
+  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(image));
+  out->set_data(std::move(png));
+  return absl::OkStatus();
+}
+
+bool ValidFormat(v1::ImageFormat f) {
+  return f == v1::IMAGE_FORMAT_UNSPECIFIED || f == v1::IMAGE_FORMAT_PNG ||
+         f == v1::IMAGE_FORMAT_RAW;
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
+}
+
+absl::StatusOr<int> VdmServiceImpl::CheckLabel(bool has_label,
+                                               int label) const {
+  if (!has_label) return -1;
+  if (model_.num_classes == 0) {
+    return Invalid("label: the served model is unconditional (num_classes = 0);"
+                   " leave label unset");
+  }
+  if (label < 0 || label >= model_.num_classes) {
+    return Invalid(absl::StrFormat("label: %d is out of range [0, %d)", label,
+                                   model_.num_classes));
+  }
+  return label;
+}
+
+absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
+    const v1::SampleRequest& r) const {
+  SampleJob job;
+  if (r.num_images() < 1 || r.num_images() > options_.max_images_per_request) {
+    return Invalid(absl::StrFormat("num_images: %d is out of range [1, %d]",
+                                   r.num_images(),
+                                   options_.max_images_per_request));
+  }
+  job.num_images = r.num_images();
+  switch (r.sampler()) {
+    case v1::SAMPLER_UNSPECIFIED:
+    case v1::SAMPLER_DDIM: job.sampler = SamplerKind::kDdim; break;
+    case v1::SAMPLER_DDPM: job.sampler = SamplerKind::kDdpm; break;
+    default:
+      return Invalid(absl::StrCat("sampler: unknown value ", r.sampler(),
+                                  "; use SAMPLER_DDIM or SAMPLER_DDPM"));
+  }
+  job.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
+  if (job.steps < 1 || job.steps > options_.max_steps) {
+    return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
+                                   r.steps(), options_.max_steps));
+  }
+  if (!(r.eta() >= 0.0f && r.eta() <= 1.0f)) {
+    return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
+  }
+  job.eta = r.eta();
+  VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
+  if (r.has_guidance_scale()) {
+    const float g = r.guidance_scale();
+    if (!(g >= 0.0f && g <= kMaxGuidance)) {
+      return Invalid(absl::StrCat("guidance_scale: ", g,
+                                  " is out of range [0, ", kMaxGuidance, "]"));
+    }
+    if (job.label < 0 && g != 1.0f) {
+      return Invalid("guidance_scale: classifier-free guidance needs a label");
+    }
+    job.guidance_scale = g;
+  }
+  if (!ValidFormat(r.format())) {
+    return Invalid(absl::StrCat("format: unknown value ", r.format()));
+  }
+  job.seed = PickSeed(r.has_seed(), r.seed());
+  return job;
+}
+
+absl::StatusOr<Image8> VdmServiceImpl::DecodeImage(const v1::Image& image,
+                                                   v1::ImageFormat format,
+                                                   int index) const {
+  const ImageShape& s = model_.shape;
+  const std::string field = absl::StrCat("images[", index, "]");
+  const std::string want =
+      absl::StrFormat("%dx%dx%d (CxHxW)", s.channels, s.height, s.width);
+  Image8 out;
+  if (format == v1::IMAGE_FORMAT_RAW) {
+    if (static_cast<int64_t>(image.data().size()) != s.dims()) {
+      return Invalid(absl::StrFormat(
+          "%s: raw data has %d bytes, the model expects %d (%s)", field,
+          image.data().size(), s.dims(), want));
+    }
+    out.channels = s.channels;
+    out.height = s.height;
+    out.width = s.width;
+    out.pixels.assign(image.data().begin(), image.data().end());
+  } else {
+    absl::StatusOr<Image8> decoded = DecodePng(image.data(), s.channels);
+    if (!decoded.ok()) {
+      return Invalid(absl::StrCat(field, ": not a valid PNG: ",
+                                  decoded.status().message()));
+    }
+    out = *std::move(decoded);
+  }
+  if (out.channels != s.channels || out.height != s.height ||
+      out.width != s.width) {
+    return Invalid(absl::StrFormat("%s: image is %dx%dx%d, the model expects %s",
+                                   field, out.channels, out.height, out.width,
+                                   want));
+  }
+  return out;
+}
+
+absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
+    const v1::ScoreRequest& r) const {
+  ScoreJob job;
+  const int n = r.images_size();
+  if (n < 1 || n > options_.max_images_per_request) {
+    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
+                                   options_.max_images_per_request));
+  }
+  if (!ValidFormat(r.format())) {
+    return Invalid(absl::StrCat("format: unknown value ", r.format()));
+  }
+  job.timesteps = r.timesteps() == 0 ? kDefaultTimesteps : r.timesteps();
+  if (job.timesteps < 2 || job.timesteps > options_.max_timesteps) {
+    return Invalid(absl::StrFormat("timesteps: %d is out of range [2, %d]",
+                                   r.timesteps(), options_.max_timesteps));
+  }
+  VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
+  for (int i = 0; i < n; ++i) {
+    VDM_ASSIGN_OR_RETURN(Image8 image, DecodeImage(r.images(i), r.format(), i));
+    job.images.push_back(std::move(image));
+  }
+  job.seed = PickSeed(r.has_seed(), r.seed());
+  job.shared_noise = r.shared_noise();
+  return job;
+}
+
+grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
+    grpc::CallbackServerContext* context, const v1::SampleRequest* request,
+    v1::SampleResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Finisher finish(reactor, metrics_, "Sample");
+  absl::StatusOr<SampleJob> job = ToSampleJob(*request);
+  if (!job.ok()) {
+    finish(job.status());
+    return reactor;
+  }
+  const v1::ImageFormat format = request->format();
+  const uint64_t seed = job->seed;
+  Metrics* metrics = metrics_;
+  absl::Status admitted = engine_->SubmitSample(
+      *job, ControlOf(context),
+      [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
+        if (!r.ok()) return finish(r.status());
+        for (const Image8& image : r->images) {
+          absl::Status s = EncodeImage(image, format, response->add_images());
+          if (!s.ok()) return finish(s);
+        }
+        response->set_seed(seed);
+        response->set_network_evaluations(r->network_evaluations);
+        response->set_queue_seconds(r->queue_seconds);
+        response->set_compute_seconds(r->compute_seconds);
+        if (metrics) metrics->AddImagesGenerated(r->images.size());
+        finish(absl::OkStatus());
+      });
+  if (!admitted.ok()) finish(admitted);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
+    grpc::CallbackServerContext* context, const v1::ScoreRequest* request,
+    v1::ScoreResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Finisher finish(reactor, metrics_, "ScoreBPD");
+  absl::StatusOr<ScoreJob> job = ToScoreJob(*request);
+  if (!job.ok()) {
+    finish(job.status());
+    return reactor;
+  }
+  const uint64_t seed = job->seed;
+  const double reference = model_.reference_bpd;
+  Metrics* metrics = metrics_;
+  absl::Status admitted = engine_->SubmitScore(
+      *std::move(job), ControlOf(context),
+      [finish, seed, reference, response, metrics](absl::StatusOr<ScoreResult> r) {
+        if (!r.ok()) return finish(r.status());
+        for (const ImageBpd& s : r->scores) {
+          v1::ImageScore* out = response->add_scores();
+          out->set_bpd(s.bpd);
+          out->set_prior_bpd(s.prior);
+          out->set_recon_bpd(s.recon);
+          out->set_diffusion_bpd(s.diffusion);
+          out->set_stderr_bpd(s.stderr_bpd);
+          out->set_anomaly_score(s.bpd - reference);
+          if (metrics) metrics->RecordBpd(s.bpd);
+        }
+        response->set_seed(seed);
+        response->set_network_evaluations(r->network_evaluations);
+        response->set_queue_seconds(r->queue_seconds);
+        response->set_compute_seconds(r->compute_seconds);
+        if (metrics) metrics->AddImagesScored(r->scores.size());
+        finish(absl::OkStatus());
+      });
+  if (!admitted.ok()) finish(admitted);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
+    grpc::CallbackServerContext* context, const v1::ModelInfoRequest*,
+    v1::ModelInfo* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  response->set_image_channels(model_.shape.channels);
+  response->set_image_height(model_.shape.height);
+  response->set_image_width(model_.shape.width);
+  response->set_num_classes(model_.num_classes);
+  response->set_prediction(model_.prediction);
+  response->set_metadata(model_.metadata);
+  response->set_model_path(model_.path);
+  response->set_device(model_.device);
+  response->set_gamma_min(model_.gamma_min);
+  response->set_gamma_max(model_.gamma_max);
+  response->set_max_batch(options_.max_batch);
+  response->set_max_images_per_request(options_.max_images_per_request);
+  response->set_max_steps(options_.max_steps);
+  response->set_max_timesteps(options_.max_timesteps);
+  Finisher(reactor, metrics_, "GetModelInfo")(absl::OkStatus());
+  return reactor;
+}
+
+}  // namespace vdm

@@ -1,0 +1,229 @@
+// A small client library for vdm-serve over the generated gRPC stubs: sample
+// images, score images in bits per dimension (in chunks, so any number of
+// images fits under the message limits), read the model's info and check
+// health; plus the helpers that write what comes back (PNG files, CSV,
+// tables). Used by the vdm-client binary and by the service tests.
+//
+// Every call returns absl::Status; an RPC failure keeps the server's gRPC
+// code and message.
+#ifndef VDM_CLIENT_CLIENT_H_
+#define VDM_CLIENT_CLIENT_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "model/vdm/image_io.h"
+#include "vdm/v1/vdm.grpc.pb.h"
+
+namespace vdm {
+namespace client {
+
+// Turns a grpc::Status into an absl::Status with the same code and message.
+absl::Status ToAbslStatus(const grpc::Status& status);
+
+// Connection settings.
+struct ClientOptions {
+  // The server, as HOST:PORT (any gRPC target string).
+  std::string target = "localhost:50051";
+  // Deadline of each RPC (each chunk of a chunked score has its own).
+  absl::Duration timeout = absl::Seconds(600);
+  // When non-empty, sent with every RPC as "authorization: Bearer <token>".
+  std::string auth_token;
+  // Largest response accepted (sampled images come back in one message).
+  int max_receive_message_bytes = 256 << 20;
+};
+
+// What to sample; mirrors vdm.v1.SampleRequest.
+struct SampleParams {
+  int num_images = 1;
+  vdm::v1::Sampler sampler = vdm::v1::SAMPLER_DDIM;
+  int steps = 0;     // 0 = the server's default (50)
+  float eta = 0.0f;  // DDIM only, in [0, 1]
+  // Classifier-free guidance scale (needs a label); unset = the server's
+  // default (1, plain conditional).
+  std::optional<float> guidance_scale;
+  std::optional<int> label;      // unset = unconditional
+  std::optional<uint64_t> seed;  // unset = chosen by the server
+  // Wire format of the returned images; both are decoded into Image8.
+  vdm::v1::ImageFormat format = vdm::v1::IMAGE_FORMAT_RAW;
+};
+
+// What came back from Sample.
+struct SampleResult {
+  std::vector<Image8> images;
+  uint64_t seed = 0;  // the seed actually used: pass it back to reproduce
+  int64_t network_evaluations = 0;
+  double queue_seconds = 0.0;    // server: waiting before the first forward
+  double compute_seconds = 0.0;  // server: first to last forward
+  double wall_seconds = 0.0;     // client: the whole round trip
+};
+
+// Images to score, all in one wire format: PNG files as they are, or raw
+// pixels with their shape set.
+struct ScoreInput {
+  vdm::v1::ImageFormat format = vdm::v1::IMAGE_FORMAT_RAW;
+  std::vector<vdm::v1::Image> images;
+  std::vector<std::string> names;  // optional, one per image (file names)
+};
+
+// How to score; mirrors vdm.v1.ScoreRequest, plus the chunk size.
+struct ScoreParams {
+  int timesteps = 0;             // K; 0 = the server's default (16)
+  std::optional<uint64_t> seed;  // unset = chosen by the server (chunk 0)
+  std::optional<int> label;      // unset = "no label"
+  bool shared_noise = false;     // common random numbers across all images
+  int chunk_size = 100;          // images per RPC
+};
+
+// One scored image. `index` is its position in the ScoreInput.
+struct ScoreRow {
+  int64_t index = 0;
+  std::string name;  // from ScoreInput::names, or empty
+  double bpd = 0.0;
+  double prior_bpd = 0.0;
+  double recon_bpd = 0.0;
+  double diffusion_bpd = 0.0;
+  double stderr_bpd = 0.0;
+  double anomaly_score = 0.0;
+};
+
+// What came back from ScoreImages, over all chunks.
+struct ScoreResult {
+  std::vector<ScoreRow> rows;  // one per input image, in input order
+  uint64_t seed = 0;           // base seed: pass it back to reproduce
+  int64_t network_evaluations = 0;
+  int chunks = 0;
+  double wall_seconds = 0.0;
+};
+
+// Called after each chunk with the images scored so far and the total.
+using ScoreProgress = std::function<void(int64_t done, int64_t total)>;
+
+using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
+
+// A connection to one vdm-serve target.
+// Thread-safe: const after construction; the stubs and channel may be used
+// from many threads at once.
+class VdmClient {
+ public:
+  // Connects (lazily) to options.target with insecure credentials. Fails on
+  // an empty target or a non-positive timeout.
+  static absl::StatusOr<std::unique_ptr<VdmClient>> Create(
+      const ClientOptions& options);
+
+  // Uses an existing channel (e.g. an in-process server's);
+  // options.target and max_receive_message_bytes are not used.
+  VdmClient(std::shared_ptr<grpc::Channel> channel,
+            const ClientOptions& options);
+
+  // GetModelInfo.
+  absl::StatusOr<vdm::v1::ModelInfo> GetInfo() const;
+
+  // grpc.health.v1.Health/Check of `service` ("" = the whole server).
+  absl::StatusOr<ServingStatus> CheckHealth(
+      const std::string& service = "") const;
+
+  // Sample; checks that the right number of images came back and decodes
+  // them.
+  absl::StatusOr<SampleResult> Sample(const SampleParams& params) const;
+
+  // ScoreBPD over `input` in chunks of params.chunk_size images, one RPC per
+  // chunk, in order; stops at the first failed chunk (its error names the
+  // images). Seeds: chunk 0 uses params.seed (or the server's choice); chunk
+  // c then uses ChunkSeed(base, c), or `base` itself when shared_noise is set
+  // so the common random numbers hold across chunks. Re-running with
+  // seed = result.seed and the same chunk size reproduces the scores.
+  absl::StatusOr<ScoreResult> ScoreImages(
+      const ScoreInput& input, const ScoreParams& params,
+      const ScoreProgress& progress = nullptr) const;
+
+ private:
+  // Sets the deadline and the credentials metadata.
+  void Prepare(grpc::ClientContext* context) const;
+  absl::Status ScoreChunk(const ScoreInput& input, const ScoreParams& params,
+                          int64_t begin, int64_t end,
+                          std::optional<uint64_t> seed,
+                          vdm::v1::ScoreResponse* response) const;
+
+  // Const after construction.
+  const ClientOptions options_;
+  const std::shared_ptr<grpc::Channel> channel_;
+  const std::unique_ptr<vdm::v1::VdmService::Stub> stub_;
+  const std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+};
+
+// The seed of chunk `chunk` (> 0) of an independent-noise score whose chunk 0
+// used `base`; ChunkSeed(base, 0) == base.
+uint64_t ChunkSeed(uint64_t base, int64_t chunk);
+
+// "ddim" or "ddpm" (any case).
+absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name);
+
+// "SERVING", "NOT_SERVING", ...
+std::string ServingStatusName(ServingStatus status);
+
+// Decodes one image of a response (PNG, or raw with its shape set).
+absl::StatusOr<Image8> ImageFromProto(const vdm::v1::Image& image,
+                                      vdm::v1::ImageFormat format);
+
+// Raw wire images of `images`.
+ScoreInput RawInput(const std::vector<Image8>& images);
+
+// PNG files, sent as they are; each is decoded here first so that a bad file
+// fails early with its name. Names are the paths.
+absl::StatusOr<ScoreInput> LoadPngFiles(const std::vector<std::string>& paths);
+
+// The first `limit` (0 = all) images of an IDX file, as raw images.
+absl::StatusOr<ScoreInput> LoadIdxImages(const std::string& path,
+                                         int64_t limit = 0);
+
+// Columns of the sample grid: ceil(sqrt(n)).
+int GridColumns(int n);
+
+// Writes one PNG grid of all images to `grid_path` (unless empty) and, when
+// `out_dir` is non-empty, one PNG per image: out_dir/sample_000.png, ...
+// (creating out_dir if needed).
+absl::Status WriteSampleFiles(const SampleResult& result,
+                              const std::string& grid_path,
+                              const std::string& out_dir);
+
+// Sample, then WriteSampleFiles.
+absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
+                                           const SampleParams& params,
+                                           const std::string& grid_path,
+                                           const std::string& out_dir);
+
+// Seed, network evaluations and times, one per line.
+std::string FormatSampleSummary(const SampleResult& result);
+
+// CSV with header index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd.
+std::string FormatScoresCsv(const std::vector<ScoreRow>& rows);
+absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,
+                            const std::string& path);
+
+// An aligned table: index, bpd, prior, recon, diffusion, stderr (and the
+// file name when there is one).
+std::string FormatScoresTable(const std::vector<ScoreRow>& rows);
+
+// Image count, mean BPD (with the standard error over images) and the mean
+// of each part, the seed and the network evaluations.
+std::string FormatScoresSummary(const ScoreResult& result);
+
+// Every ModelInfo field as "name: value", one per line.
+std::string FormatModelInfo(const vdm::v1::ModelInfo& info);
+
+}  // namespace client
+}  // namespace vdm
+
+#endif  // VDM_CLIENT_CLIENT_H_

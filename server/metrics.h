@@ -1,0 +1,66 @@
+// Prometheus metrics of the server (prometheus-cpp), served on their own
+// port. One Metrics object per server; all methods are thread-safe
+// (prometheus-cpp metrics are atomic).
+#ifndef VDM_SERVER_METRICS_H_
+#define VDM_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "server/metrics_http.h"
+
+namespace vdm {
+
+class Metrics {
+ public:
+  Metrics();
+  ~Metrics();
+
+  // Serves /metrics on `address` (HOST:PORT; port 0 picks a free one).
+  absl::Status Expose(const std::string& address);
+  // The port /metrics listens on, or 0 when not exposed.
+  int port() const;
+  // The text exposition format of every metric, as /metrics serves it.
+  std::string Scrape() const;
+
+  // RPC layer: one call finished with `code` (a grpc::StatusCode name).
+  void RecordRequest(const std::string& method, const std::string& code,
+                     double latency_seconds);
+  void RecordBpd(double bpd) { bpd_->Observe(bpd); }
+
+  // Engine.
+  void RecordQueueTime(const std::string& method, double seconds);
+  void RecordBatch(int rows, int max_batch, double forward_seconds);
+  void SetQueueDepth(double requests) { queue_depth_->Set(requests); }
+  void SetLiveRequests(double requests) { live_requests_->Set(requests); }
+  void AddImagesGenerated(double n) { images_generated_->Increment(n); }
+  void AddImagesScored(double n) { images_scored_->Increment(n); }
+  void AddCancelled(const std::string& reason);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<MetricsHttpServer> http_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* latency_;
+  prometheus::Family<prometheus::Histogram>* queue_time_;
+  prometheus::Family<prometheus::Counter>* cancelled_;
+  prometheus::Gauge* queue_depth_;
+  prometheus::Gauge* live_requests_;
+  prometheus::Histogram* batch_rows_;
+  prometheus::Histogram* batch_fill_;
+  prometheus::Histogram* forward_seconds_;
+  prometheus::Counter* evaluations_;
+  prometheus::Counter* images_generated_;
+  prometheus::Counter* images_scored_;
+  prometheus::Histogram* bpd_;
+};
+
+}  // namespace vdm
+
+#endif  // VDM_SERVER_METRICS_H_

@@ -1,0 +1,64 @@
+// The whole vdm-server process minus its flags: loads one model replica per
+// device, starts the engine, the gRPC server (VdmService, health, reflection)
+// and the metrics endpoint, warms up, then reports SERVING.
+// Thread-safe: Shutdown may be called from any thread, once or more.
+#ifndef VDM_SERVER_SERVER_H_
+#define VDM_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "server/engine.h"
+#include "server/metrics.h"
+#include "server/service.h"
+
+namespace vdm {
+
+class VdmServer {
+ public:
+  struct Options {
+    std::string model_path;
+    std::string address = "0.0.0.0:50051";  // port 0 picks a free port
+    std::string metrics_address;            // empty = no /metrics endpoint
+    std::vector<std::string> devices = {"cpu"};  // one worker per device
+    int threads = 0;                        // torch intra-op threads; 0 = cores
+    Engine::Options engine;
+    VdmServiceImpl::Options limits;
+    int max_message_bytes = 64 << 20;       // gRPC receive/send limit
+  };
+
+  static absl::StatusOr<std::unique_ptr<VdmServer>> Create(
+      const Options& options);
+  ~VdmServer();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_->port(); }
+  Metrics& metrics() { return *metrics_; }
+  Engine& engine() { return *engine_; }
+
+  // Health NOT_SERVING, then stops accepting calls; in-flight calls get until
+  // `grace` to finish, the rest are cancelled. Idempotent.
+  void Shutdown(absl::Duration grace);
+  // Blocks until the gRPC server has shut down.
+  void Wait();
+
+ private:
+  VdmServer() = default;
+  absl::Status WarmUp();
+  void SetServing(bool serving);
+
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<VdmServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::atomic<bool> shut_down_{false};
+};
+
+}  // namespace vdm
+
+#endif  // VDM_SERVER_SERVER_H_

@@ -1,0 +1,158 @@
+#!/usr/bin/python3
+"""Exports the small TorchScript models the C++ tests load, into --out_dir.
+
+  /usr/bin/python3 tests/make_test_models.py --out_dir=DIR
+
+Good models (both pass the contract and are verified after writing; their zero-initialized
+layers get small random weights so that the output is non-zero and depends on z, gamma and
+the label, which an untrained export would not):
+  tiny.pt                 tiny config, 1x28x28, num_classes=10, prediction "eps"
+  tiny_uncond_v.pt        tiny config, num_classes=0, prediction "v"
+Deliberately broken models, each breaking exactly one part of the contract:
+  broken_no_gamma.pt      no `gamma` method
+  broken_bad_prediction.pt  prediction = "foo"
+  broken_wrong_shape.pt   forward returns [B, C, H-1, W]
+  broken_no_metadata.pt   no `metadata` attribute
+  broken_no_num_classes.pt  no `num_classes` attribute
+  broken_decreasing_gamma.pt  gamma(0) = 5 > gamma(1) = -13.3
+  broken_nan_output.pt    forward returns NaN
+  broken_forward_raises.pt  forward raises (rejects every input)
+All are deterministic (fixed seeds) and the whole run takes a few seconds.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.dont_write_bytecode = True  # run from the build; leave no __pycache__ in the sources
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_REPO, "model", "net"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import export  # noqa: E402
+import vdm_net  # noqa: E402
+
+TINY_CONFIG = os.path.join(_REPO, "model", "net", "configs", "tiny.json")
+
+
+class NoGamma(nn.Module):
+    """Every contract member except the `gamma` method."""
+
+    def __init__(self, net: vdm_net.VDMNet):
+        super().__init__()
+        self.net = net
+        self.image_channels: int = net.image_channels
+        self.image_height: int = net.image_height
+        self.image_width: int = net.image_width
+        self.num_classes: int = net.num_classes
+        self.prediction: str = net.prediction
+        self.metadata: str = net.metadata
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.net(z, gamma, label)
+
+
+class WrongShape(vdm_net.VDMNet):
+    """forward drops one row of pixels."""
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.predict(z, gamma, label)[:, :, 1:, :]
+
+
+class NanOutput(vdm_net.VDMNet):
+    """forward returns NaN everywhere."""
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.predict(z, gamma, label) * float("nan")
+
+
+class ForwardRaises(vdm_net.VDMNet):
+    """forward raises on every call."""
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if z.numel() >= 0:
+            raise RuntimeError("broken_forward_raises: this model always fails")
+        return z
+
+
+def enliven(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
+    """Gives the zero-initialized layers (res-block output convs, attention projection, final
+    conv) small random weights, so the test model's output is non-zero and depends on z,
+    gamma and the label (an untrained VDMNet predicts exactly 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dim() > 0 and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def tiny_config(**overrides):
+    return export.load_config(TINY_CONFIG, ["%s=%s" % (k, json.dumps(v))
+                                            for k, v in overrides.items()])
+
+
+def tiny(cls=vdm_net.VDMNet, seed=0, **overrides) -> vdm_net.VDMNet:
+    """A tiny model of class `cls` with export metadata, initialized from `seed`."""
+    return export.build_model(tiny_config(**overrides), seed, net_class=cls)
+
+
+def broken_models():
+    """name -> module (nn.Module, scripted by the caller)."""
+    no_metadata = tiny(seed=3)
+    del no_metadata.metadata
+    no_num_classes = tiny(seed=4)
+    del no_num_classes.num_classes
+
+    bad_prediction = tiny(seed=2)
+    bad_prediction.prediction = "foo"
+
+    decreasing = tiny(seed=5)
+    with torch.no_grad():
+        decreasing.gamma_min.fill_(5.0)
+        decreasing.gamma_max.fill_(-13.3)
+    return {
+        "broken_no_gamma": NoGamma(tiny(seed=1)),
+        "broken_bad_prediction": bad_prediction,
+        "broken_wrong_shape": tiny(WrongShape, seed=6),
+        "broken_no_metadata": no_metadata,
+        "broken_no_num_classes": no_num_classes,
+        "broken_decreasing_gamma": decreasing,
+        "broken_nan_output": tiny(NanOutput, seed=7),
+        "broken_forward_raises": tiny(ForwardRaises, seed=8),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out_dir", required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = time.time()
+
+    good = {
+        "tiny": tiny_config(),
+        "tiny_uncond_v": tiny_config(num_classes=0, prediction="v"),
+    }
+    for name, config in good.items():
+        path = os.path.join(args.out_dir, name + ".pt")
+        model = enliven(export.build_model(config, seed=0), seed=100)
+        export.save_scripted(model, path)
+        summary = export.verify(path)
+        print("wrote %s (%d parameters, verified)" % (path, summary["parameters"]))
+
+    for name, module in broken_models().items():
+        path = os.path.join(args.out_dir, name + ".pt")
+        export.save_scripted(module, path)
+        torch.jit.load(path)  # every broken model must still load
+        print("wrote %s" % path)
+    print("make_test_models: done in %.1f s" % (time.time() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
