@@ -121,9 +121,9 @@ bool Worker::TakeIncoming() {
     absl::Status started;
     try {
       started = e.task->Start(*model_);
-    } catch (const c10::Error& err) {
+    } catch (const std::exception& err) {
       started = absl::InternalError(
-          absl::StrCat("cannot start request: ", err.what_without_backtrace()));
+          absl::StrCat("cannot start request: ", err.what()));
     }
     live_.push_back(std::move(e));
     if (!started.ok()) Retire(live_.size() - 1, started);
@@ -216,8 +216,8 @@ void Worker::Retire(size_t index, absl::Status status) {
   live_.erase(live_.begin() + static_cast<std::ptrdiff_t>(index));
   try {
     entry.task->Finish(std::move(status));
-  } catch (const c10::Error& err) {
-    entry.task->Finish(absl::InternalError(err.what_without_backtrace()));
+  } catch (const std::exception& err) {
+    entry.task->Finish(absl::InternalError(err.what()));
   }
   absl::MutexLock lock(&mu_);
   queued_rows_ -= entry.rows;

@@ -16,9 +16,12 @@
 namespace vdm {
 namespace {
 
-absl::Status FromTorch(const c10::Error& e, absl::string_view what) {
-  return absl::InternalError(
-      absl::StrCat(what, ": ", e.what_without_backtrace()));
+// TorchScript raises c10::Error from ops and torch::jit::JITException (a
+// std::runtime_error) from `raise` in scripted code; both end here.
+absl::Status FromTorch(const std::exception& e, absl::string_view what) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  return absl::InternalError(absl::StrCat(
+      what, ": ", c10_error ? c10_error->what_without_backtrace() : e.what()));
 }
 
 // Reads an int attribute, naming it when it is missing or of the wrong type.
@@ -80,10 +83,10 @@ absl::StatusOr<std::unique_ptr<TorchScriptModel>> TorchScriptModel::Load(
   torch::jit::Module module;
   try {
     module = torch::jit::load(options.path, device);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("cannot load TorchScript model '", options.path,
-                     "': ", e.what_without_backtrace()));
+                     "': ", FromTorch(e, "torch::jit::load").message()));
   }
   return FromModule(std::move(module), options);
 }
@@ -181,7 +184,7 @@ absl::StatusOr<at::Tensor> TorchScriptModel::Denoise(const at::Tensor& z,
     at::Tensor output = out.toTensor();
     if (output.sizes() != z.sizes()) return output;  // CheckForward reports.
     return ToEps(prediction_, output.to(torch::kFloat), z, gamma);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     return FromTorch(e, "model forward failed");
   }
 }
@@ -202,7 +205,7 @@ absl::StatusOr<GammaValues> TorchScriptModel::Gamma(const at::Tensor& t) {
       grad = torch::zeros_like(tt);
     }
     return GammaValues{gamma.detach(), grad.detach()};
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     return FromTorch(e, "model gamma(t) failed");
   }
 }
