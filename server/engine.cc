@@ -45,6 +45,13 @@ class Worker {
     absl::MutexLock lock(&mu_);
     return queued_rows_;
   }
+  bool WaitIdle(absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return queued_rows_ == 0;
+    };
+    return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  }
   int64_t evaluations() const { return evaluations_.load(); }
 
   void Stop() {
@@ -284,6 +291,12 @@ absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
                                      std::move(done), absl::Now()),
                        rows);
+}
+
+bool Engine::WaitIdle(absl::Time deadline) {
+  bool idle = true;
+  for (auto& w : workers_) idle = w->WaitIdle(deadline) && idle;
+  return idle;
 }
 
 int64_t Engine::network_evaluations() const {

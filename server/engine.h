@@ -33,6 +33,13 @@ class Worker;
 
 enum class SamplerKind { kDdim, kDdpm };
 
+// Progress of a sampling request, reported after each step.
+struct SampleProgress {
+  int step = 0;
+  int total_steps = 0;
+  std::vector<Image8> previews;  // x_hat per image, when a preview is due
+};
+
 struct SampleJob {
   int num_images = 1;
   SamplerKind sampler = SamplerKind::kDdim;
@@ -41,6 +48,10 @@ struct SampleJob {
   float guidance_scale = 1.0f;  // used only with a label
   int label = -1;               // -1 = unconditional ("no label")
   uint64_t seed = 0;
+  // Called on the worker thread after each step when set; previews of x_hat
+  // every `preview_every` steps (0 = none). Must not block.
+  std::function<void(SampleProgress)> progress;
+  int preview_every = 0;
 };
 
 struct SampleResult {
@@ -106,6 +117,9 @@ class Engine {
 
   // Total rows evaluated so far (all workers).
   int64_t network_evaluations() const;
+  // Blocks until no request is admitted or running, or until `deadline`.
+  // Returns true when idle.
+  bool WaitIdle(absl::Time deadline);
 
  private:
   explicit Engine(const Options& options);

@@ -32,6 +32,13 @@ ABSL_FLAG(int, max_images_per_request, 64,
 ABSL_FLAG(int, max_steps, 1000, "largest Sample steps");
 ABSL_FLAG(int, max_timesteps, 256, "largest ScoreBPD timesteps (K)");
 ABSL_FLAG(int, max_message_mb, 64, "largest gRPC message, MiB");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA that client certificates must chain to (enables mTLS)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "file with the bearer token VdmService calls must carry "
+          "(health and reflection stay open)");
 ABSL_FLAG(int, drain_seconds, 20,
           "on SIGTERM/SIGINT: seconds in-flight calls get to finish");
 
@@ -58,6 +65,10 @@ int main(int argc, char** argv) {
   options.limits.max_timesteps = absl::GetFlag(FLAGS_max_timesteps);
   options.limits.max_batch = options.engine.max_batch;
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_mb) << 20;
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
 
   // SIGTERM/SIGINT are blocked in every thread and taken by sigwait below,
   // so shutdown runs in ordinary code rather than in a signal handler.

@@ -4,9 +4,11 @@
 
 #include <future>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
 #include "nlohmann/json.hpp"
@@ -38,6 +40,41 @@ absl::StatusOr<ModelDescription> Describe(TorchScriptModel& model,
   return d;
 }
 
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
+    const VdmServer::Options& o) {
+  if (o.tls_cert_file.empty() && o.tls_key_file.empty()) {
+    if (!o.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "tls_client_ca needs tls_cert and tls_key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (o.tls_cert_file.empty() || o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both tls_cert and tls_key");
+  }
+  grpc::SslServerCredentialsOptions ssl;
+  VDM_ASSIGN_OR_RETURN(std::string cert, ReadFile(o.tls_cert_file));
+  VDM_ASSIGN_OR_RETURN(std::string key, ReadFile(o.tls_key_file));
+  ssl.pem_key_cert_pairs.push_back({key, cert});
+  if (!o.tls_client_ca_file.empty()) {
+    VDM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(o.tls_client_ca_file));
+    ssl.client_certificate_request =
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::string> ReadToken(const std::string& path) {
+  if (path.empty()) return std::string();
+  VDM_ASSIGN_OR_RETURN(std::string token, ReadFile(path));
+  token = std::string(absl::StripAsciiWhitespace(token));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("auth_token_file '", path, "' is empty"));
+  }
+  return token;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
@@ -64,27 +101,33 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   VDM_ASSIGN_OR_RETURN(server->engine_,
                        Engine::Create(options.engine, std::move(replicas),
                                       server->metrics_.get()));
+  VdmServiceImpl::Options limits = options.limits;
+  VDM_ASSIGN_OR_RETURN(limits.auth_token, ReadToken(options.auth_token_file));
   server->service_ = std::make_unique<VdmServiceImpl>(
-      options.limits, *std::move(description), server->engine_.get(),
+      limits, *std::move(description), server->engine_.get(),
       server->metrics_.get());
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(),
-                           &server->port_);
-  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
-  builder.SetMaxSendMessageSize(options.max_message_bytes);
-  builder.RegisterService(server->service_.get());
-  server->server_ = builder.BuildAndStart();
-  if (!server->server_ || server->port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.address));
-  }
+  VDM_RETURN_IF_ERROR(server->Listen(options));
   server->SetServing(false);
   VDM_RETURN_IF_ERROR(server->WarmUp());
   server->SetServing(true);
   return server;
+}
+
+absl::Status VdmServer::Listen(const Options& options) {
+  VDM_ASSIGN_OR_RETURN(auto credentials, Credentials(options));
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.address, credentials, &port_);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  if (!server_ || port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.address));
+  }
+  return absl::OkStatus();
 }
 
 VdmServer::~VdmServer() { Shutdown(absl::ZeroDuration()); }
@@ -117,11 +160,14 @@ void VdmServer::SetServing(bool serving) {
 
 void VdmServer::Shutdown(absl::Duration grace) {
   if (shut_down_.exchange(true)) return;
-  if (server_) {
-    SetServing(false);
-    server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  if (server_) SetServing(false);
+  if (service_) service_->StartDraining();
+  if (engine_) {
+    engine_->WaitIdle(absl::Now() + grace);
+    engine_->Stop();  // what is left fails with UNAVAILABLE
   }
-  if (engine_) engine_->Stop();
+  // Every call has finished by now; a short deadline covers stragglers.
+  if (server_) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
 }
 
 void VdmServer::Wait() {

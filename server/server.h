@@ -29,6 +29,12 @@ class VdmServer {
     Engine::Options engine;
     VdmServiceImpl::Options limits;
     int max_message_bytes = 64 << 20;       // gRPC receive/send limit
+    // TLS: PEM files; both empty = plaintext. With a client CA, clients must
+    // present a certificate it signed (mTLS).
+    std::string tls_cert_file, tls_key_file, tls_client_ca_file;
+    // A file holding the bearer token VdmService calls must carry; empty =
+    // no authentication. Health and reflection stay open for probes.
+    std::string auth_token_file;
   };
 
   static absl::StatusOr<std::unique_ptr<VdmServer>> Create(
@@ -40,8 +46,9 @@ class VdmServer {
   Metrics& metrics() { return *metrics_; }
   Engine& engine() { return *engine_; }
 
-  // Health NOT_SERVING, then stops accepting calls; in-flight calls get until
-  // `grace` to finish, the rest are cancelled. Idempotent.
+  // Graceful shutdown: health goes NOT_SERVING and new calls get
+  // UNAVAILABLE; in-flight calls get until `grace` to finish; the rest fail
+  // with UNAVAILABLE; then the gRPC server stops. Idempotent.
   void Shutdown(absl::Duration grace);
   // Blocks until the gRPC server has shut down.
   void Wait();
@@ -49,6 +56,7 @@ class VdmServer {
  private:
   VdmServer() = default;
   absl::Status WarmUp();
+  absl::Status Listen(const Options& options);
   void SetServing(bool serving);
 
   std::unique_ptr<Metrics> metrics_;

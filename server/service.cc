@@ -1,5 +1,7 @@
 #include "server/service.h"
 
+#include "server/rpc_util.h"
+
 #include <cmath>
 #include <random>
 
@@ -25,16 +27,6 @@ uint64_t PickSeed(bool has_seed, uint64_t seed) {
   return (uint64_t{rd()} << 32) ^ rd();
 }
 
-RequestControl ControlOf(grpc::CallbackServerContext* context) {
-  RequestControl control;
-  control.is_cancelled = [context] { return context->IsCancelled(); };
-  const auto deadline = context->deadline();
-  if (deadline < std::chrono::system_clock::time_point::max()) {
-    control.deadline = absl::FromChrono(deadline);
-  }
-  return control;
-}
-
 // Finishes an RPC and records it in the metrics.
 class Finisher {
  public:
@@ -57,20 +49,6 @@ class Finisher {
   absl::Time start_;
 };
 
-absl::Status EncodeImage(const Image8& image, v1::ImageFormat format,
-                         v1::Image* out) {
-  out->set_channels(image.channels);
-  out->set_height(image.height);
-  out->set_width(image.width);
-  if (format == v1::IMAGE_FORMAT_RAW) {
-    out->set_data(std::string(image.pixels.begin(), image.pixels.end()));
-    return absl::OkStatus();
-  }
-  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(image));
-  out->set_data(std::move(png));
-  return absl::OkStatus();
-}
-
 bool ValidFormat(v1::ImageFormat f) {
   return f == v1::IMAGE_FORMAT_UNSPECIFIED || f == v1::IMAGE_FORMAT_PNG ||
          f == v1::IMAGE_FORMAT_RAW;
@@ -78,10 +56,34 @@ bool ValidFormat(v1::ImageFormat f) {
 
 }  // namespace
 
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const size_t n = std::max(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? a[i] : 0;
+    const unsigned char y = i < b.size() ? b[i] : 0;
+    diff |= x ^ y;
+  }
+  return diff == 0;
+}
+
+absl::Status VdmServiceImpl::Admit(
+    const grpc::CallbackServerContext& context) const {
+  if (draining_) {
+    return absl::UnavailableError("server is shutting down; retry elsewhere");
+  }
+  if (options_.auth_token.empty()) return absl::OkStatus();
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return absl::UnauthenticatedError(
+        "missing metadata 'authorization: Bearer <token>'");
+  }
+  const absl::string_view given(it->second.data(), it->second.size());
+  if (!ConstantTimeEquals(given, "Bearer " + options_.auth_token)) {
+    return absl::UnauthenticatedError("wrong bearer token");
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<int> VdmServiceImpl::CheckLabel(bool has_label,
@@ -209,6 +211,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     v1::SampleResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const Finisher finish(reactor, metrics_, "Sample");
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    finish(s);
+    return reactor;
+  }
   absl::StatusOr<SampleJob> job = ToSampleJob(*request);
   if (!job.ok()) {
     finish(job.status());
@@ -221,16 +227,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
       *job, ControlOf(context),
       [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return finish(r.status());
-        for (const Image8& image : r->images) {
-          absl::Status s = EncodeImage(image, format, response->add_images());
-          if (!s.ok()) return finish(s);
-        }
-        response->set_seed(seed);
-        response->set_network_evaluations(r->network_evaluations);
-        response->set_queue_seconds(r->queue_seconds);
-        response->set_compute_seconds(r->compute_seconds);
-        if (metrics) metrics->AddImagesGenerated(r->images.size());
-        finish(absl::OkStatus());
+        absl::Status s = FillSampleResponse(*r, format, seed, response);
+        if (s.ok() && metrics) metrics->AddImagesGenerated(r->images.size());
+        finish(s);
       });
   if (!admitted.ok()) finish(admitted);
   return reactor;
@@ -241,6 +240,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     v1::ScoreResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const Finisher finish(reactor, metrics_, "ScoreBPD");
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    finish(s);
+    return reactor;
+  }
   absl::StatusOr<ScoreJob> job = ToScoreJob(*request);
   if (!job.ok()) {
     finish(job.status());
@@ -278,6 +281,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
     grpc::CallbackServerContext* context, const v1::ModelInfoRequest*,
     v1::ModelInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    Finisher(reactor, metrics_, "GetModelInfo")(s);
+    return reactor;
+  }
   response->set_image_channels(model_.shape.channels);
   response->set_image_height(model_.shape.height);
   response->set_image_width(model_.shape.width);

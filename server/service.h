@@ -5,6 +5,7 @@
 #ifndef VDM_SERVER_SERVICE_H_
 #define VDM_SERVER_SERVICE_H_
 
+#include <atomic>
 #include <string>
 
 #include "absl/status/status.h"
@@ -38,6 +39,9 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
     int max_steps = 1000;             // Sample steps
     int max_timesteps = 256;          // ScoreBPD K
     int max_batch = 64;               // reported in GetModelInfo
+    // When set, every VdmService call must carry the metadata
+    // "authorization: Bearer <auth_token>" (health and reflection stay open).
+    std::string auth_token;
   };
 
   // `engine` and `metrics` must outlive the service.
@@ -52,9 +56,15 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   grpc::ServerUnaryReactor* ScoreBPD(grpc::CallbackServerContext* context,
                                      const v1::ScoreRequest* request,
                                      v1::ScoreResponse* response) override;
+  grpc::ServerWriteReactor<v1::SampleStreamResponse>* SampleStream(
+      grpc::CallbackServerContext* context,
+      const v1::SampleRequest* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const v1::ModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
+
+  // From now on new calls get UNAVAILABLE (graceful shutdown).
+  void StartDraining() { draining_ = true; }
 
   // Request validation, public for tests: INVALID_ARGUMENT naming the field
   // and its allowed range.
@@ -62,6 +72,8 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r) const;
 
  private:
+  // UNAVAILABLE while draining, UNAUTHENTICATED without the right token.
+  absl::Status Admit(const grpc::CallbackServerContext& context) const;
   absl::StatusOr<int> CheckLabel(bool has_label, int label) const;
   absl::StatusOr<Image8> DecodeImage(const v1::Image& image,
                                      v1::ImageFormat format, int index) const;
@@ -70,10 +82,11 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   const ModelDescription model_;
   Engine* const engine_;
   Metrics* const metrics_;
+  std::atomic<bool> draining_{false};
 };
 
-// absl::Status -> grpc::Status (the codes are the same numbers).
-grpc::Status ToGrpcStatus(const absl::Status& status);
+// Compares two secrets in time that depends only on their lengths.
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
 
 }  // namespace vdm
 

@@ -14,6 +14,22 @@ namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
+// uint8 [n, C, H, W] -> n images.
+std::vector<Image8> ToImages(const at::Tensor& pixels_uint8) {
+  const at::Tensor pixels = pixels_uint8.contiguous();
+  const int64_t per_image = pixels[0].numel();
+  std::vector<Image8> images;
+  for (int64_t i = 0; i < pixels.size(0); ++i) {
+    Image8 image{static_cast<int>(pixels.size(1)),
+                 static_cast<int>(pixels.size(2)),
+                 static_cast<int>(pixels.size(3)), {}};
+    const uint8_t* p = pixels[i].data_ptr<uint8_t>();
+    image.pixels.assign(p, p + per_image);
+    images.push_back(std::move(image));
+  }
+  return images;
+}
+
 // ---------------------------------------------------------------------------
 // Sampling: DDIM(eta) / DDPM on a uniform time grid from t = 1 to t = 0,
 // with classifier-free guidance as a pair of rows per image.
@@ -75,17 +91,7 @@ class SampleTask : public Task {
   void Finish(absl::Status error) override {
     if (!error.ok()) return done_cb_(error);
     SampleResult result;
-    const at::Tensor pixels = DecodeMostLikely(z_, gammas_[job_.steps])
-                                  .contiguous();
-    const int64_t per_image = pixels[0].numel();
-    for (int64_t i = 0; i < pixels.size(0); ++i) {
-      Image8 image{static_cast<int>(pixels.size(1)),
-                   static_cast<int>(pixels.size(2)),
-                   static_cast<int>(pixels.size(3)), {}};
-      const uint8_t* p = pixels[i].data_ptr<uint8_t>();
-      image.pixels.assign(p, p + per_image);
-      result.images.push_back(std::move(image));
-    }
+    result.images = ToImages(DecodeMostLikely(z_, gammas_[job_.steps]));
     FillTimes(&result);
     done_cb_(std::move(result));
   }
@@ -102,10 +108,25 @@ class SampleTask : public Task {
     const at::Tensor gs = gammas_[step_ + 1].reshape({1});
     const at::Tensor xi = eta_ > 0 ? at::randn(z_.sizes(), gen_, at::kFloat)
                                    : at::zeros_like(z_);
+    if (job_.progress) Report(eps_hat);
     z_ = DdimStep(z_, eps_hat, gt, gs, at::full({1}, eta_, at::kFloat), xi);
     ++step_;
     cursor_ = 0;
     received_ = 0;
+  }
+
+  // Progress after the step being finished; previews are x_hat at this step.
+  void Report(const at::Tensor& eps_hat) const {
+    SampleProgress progress;
+    progress.step = step_ + 1;
+    progress.total_steps = job_.steps;
+    const int every = job_.preview_every;
+    if (every > 0 && progress.step % every == 0 &&
+        progress.step < job_.steps) {
+      const at::Tensor x_hat = PredictX(z_, gammas_[step_].reshape({1}), eps_hat);
+      progress.previews = ToImages(ToUint8(x_hat));
+    }
+    job_.progress(std::move(progress));
   }
 
   template <typename R>

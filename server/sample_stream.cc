@@ -1,0 +1,139 @@
+// SampleStream: Sample with progress messages and previews, on a server-side
+// write reactor.
+#include <deque>
+
+#include "absl/synchronization/mutex.h"
+#include "server/rpc_util.h"
+#include "server/service.h"
+
+namespace vdm {
+namespace {
+
+// Writes the stream's messages one at a time, in order. Progress messages
+// that pile up behind a slow reader are coalesced (only the newest waiting
+// one is kept); the result is always written. Thread-safe: the engine's
+// worker pushes, gRPC calls OnWriteDone/OnDone.
+class SampleStreamReactor
+    : public grpc::ServerWriteReactor<v1::SampleStreamResponse> {
+ public:
+  SampleStreamReactor(Metrics* metrics) : metrics_(metrics), start_(absl::Now()) {}
+
+  void PushProgress(const SampleProgress& p, v1::ImageFormat format) {
+    v1::SampleStreamResponse message;
+    auto* progress = message.mutable_progress();
+    progress->set_step(p.step);
+    progress->set_total_steps(p.total_steps);
+    for (const Image8& image : p.previews) {
+      if (!EncodeImage(image, format, progress->add_previews()).ok()) break;
+    }
+    absl::MutexLock lock(&mu_);
+    if (!pending_.empty() && pending_.back().has_progress() &&
+        pending_.back().progress().previews_size() == 0) {
+      pending_.back() = std::move(message);  // coalesce plain progress
+    } else {
+      pending_.push_back(std::move(message));
+    }
+    MaybeWriteLocked();
+  }
+
+  void PushResult(v1::SampleResponse result) {
+    absl::MutexLock lock(&mu_);
+    v1::SampleStreamResponse message;
+    *message.mutable_result() = std::move(result);
+    pending_.push_back(std::move(message));
+    MaybeWriteLocked();
+  }
+
+  // Finishes after the pending messages are written.
+  void FinishWith(const absl::Status& status) {
+    absl::MutexLock lock(&mu_);
+    final_status_ = status;
+    finishing_ = true;
+    MaybeWriteLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    pending_.pop_front();
+    if (!ok) {  // the client is gone: drop the rest, the engine sees the cancel
+      pending_.clear();
+      broken_ = true;
+    }
+    MaybeWriteLocked();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!pending_.empty() && !broken_) {
+      writing_ = true;
+      StartWrite(&pending_.front());
+      return;
+    }
+    if (finishing_) {
+      finished_ = true;
+      if (metrics_) {
+        metrics_->RecordRequest(
+            "SampleStream", absl::StatusCodeToString(final_status_.code()),
+            absl::ToDoubleSeconds(absl::Now() - start_));
+      }
+      Finish(ToGrpcStatus(final_status_));
+    }
+  }
+
+  Metrics* const metrics_;
+  const absl::Time start_;
+  absl::Mutex mu_;
+  std::deque<v1::SampleStreamResponse> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::SampleStreamResponse>*
+VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
+                             const v1::SampleRequest* request) {
+  auto* reactor = new SampleStreamReactor(metrics_);
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    reactor->FinishWith(s);
+    return reactor;
+  }
+  absl::StatusOr<SampleJob> job = ToSampleJob(*request);
+  if (job.ok() && request->preview_every() < 0) {
+    job = absl::InvalidArgumentError("preview_every: must be >= 0");
+  }
+  if (!job.ok()) {
+    reactor->FinishWith(job.status());
+    return reactor;
+  }
+  const v1::ImageFormat format = request->format();
+  const uint64_t seed = job->seed;
+  job->preview_every = request->preview_every();
+  job->progress = [reactor, format](SampleProgress p) {
+    reactor->PushProgress(p, format);
+  };
+  Metrics* metrics = metrics_;
+  absl::Status admitted = engine_->SubmitSample(
+      *job, ControlOf(context),
+      [reactor, format, seed, metrics](absl::StatusOr<SampleResult> r) {
+        if (!r.ok()) return reactor->FinishWith(r.status());
+        v1::SampleResponse response;
+        absl::Status s = FillSampleResponse(*r, format, seed, &response);
+        if (s.ok()) {
+          reactor->PushResult(std::move(response));
+          if (metrics) metrics->AddImagesGenerated(r->images.size());
+        }
+        reactor->FinishWith(s);
+      });
+  if (!admitted.ok()) reactor->FinishWith(admitted);
+  return reactor;
+}
+
+}  // namespace vdm

@@ -1,0 +1,191 @@
+// Process-level behaviour of VdmServer: graceful shutdown, bearer-token auth,
+// TLS and mTLS, and SampleStream, against the tiny exported model.
+#include "server/server.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <future>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "model/vdm/image_io.h"
+
+namespace vdm {
+namespace {
+
+using ::testing::HasSubstr;
+using HealthResponse = grpc::health::v1::HealthCheckResponse;
+
+std::string TestData(const std::string& name) {
+  return std::string(VDM_TESTDATA_DIR) + "/" + name;
+}
+
+VdmServer::Options TinyOptions() {
+  VdmServer::Options o;
+  o.model_path = std::string(VDM_TEST_MODELS_DIR) + "/tiny.pt";
+  o.address = "127.0.0.1:0";
+  o.threads = 2;
+  o.engine.max_batch = 32;
+  return o;
+}
+
+std::unique_ptr<VdmServer> StartServer(const VdmServer::Options& options) {
+  auto server = VdmServer::Create(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? *std::move(server) : nullptr;
+}
+
+std::string Target(const VdmServer& server) {
+  return "127.0.0.1:" + std::to_string(server.port());
+}
+
+v1::SampleRequest Request(int n, int steps) {
+  v1::SampleRequest r;
+  r.set_num_images(n);
+  r.set_steps(steps);
+  r.set_seed(1);
+  r.set_format(v1::IMAGE_FORMAT_RAW);
+  return r;
+}
+
+grpc::Status Sample(v1::VdmService::Stub& stub, const v1::SampleRequest& r,
+                    const std::string& token = "") {
+  grpc::ClientContext context;
+  if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
+  v1::SampleResponse response;
+  return stub.Sample(&context, r, &response);
+}
+
+HealthResponse::ServingStatus Health(const std::shared_ptr<grpc::Channel>& ch) {
+  auto stub = grpc::health::v1::Health::NewStub(ch);
+  grpc::ClientContext context;
+  grpc::health::v1::HealthCheckRequest request;
+  HealthResponse response;
+  const grpc::Status s = stub->Check(&context, request, &response);
+  return s.ok() ? response.status() : HealthResponse::UNKNOWN;
+}
+
+TEST(ServerTest, GracefulShutdownFinishesShortCallsAndFailsLongOnes) {
+  auto server = StartServer(TinyOptions());
+  ASSERT_NE(server, nullptr);
+  auto channel = grpc::CreateChannel(Target(*server),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::VdmService::NewStub(channel);
+  ASSERT_EQ(Health(channel), HealthResponse::SERVING);
+  auto long_call = std::async(std::launch::async,
+                              [&] { return Sample(*stub, Request(16, 1000)); });
+  auto short_call = std::async(std::launch::async,
+                               [&] { return Sample(*stub, Request(1, 40)); });
+  absl::SleepFor(absl::Milliseconds(300));  // both are in flight
+  auto shutdown = std::async(std::launch::async,
+                             [&] { server->Shutdown(absl::Seconds(2)); });
+  absl::SleepFor(absl::Milliseconds(200));  // draining now
+  EXPECT_EQ(Health(channel), HealthResponse::NOT_SERVING);
+  const grpc::Status late = Sample(*stub, Request(1, 2));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(short_call.get().ok());
+  const grpc::Status long_status = long_call.get();
+  EXPECT_EQ(long_status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(long_status.error_message(), HasSubstr("shutting down"));
+  shutdown.get();
+  server->Wait();
+}
+
+TEST(ServerTest, BearerTokenIsRequiredExceptForHealth) {
+  const std::string token_file =
+      ::testing::TempDir() + "/vdm_token_" + std::to_string(getpid());
+  ASSERT_TRUE(WriteFileAtomic(token_file, "s3cret-token\n").ok());
+  VdmServer::Options options = TinyOptions();
+  options.auth_token_file = token_file;
+  auto server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  auto channel = grpc::CreateChannel(Target(*server),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::VdmService::NewStub(channel);
+  EXPECT_EQ(Health(channel), HealthResponse::SERVING);  // probes stay open
+  const grpc::Status none = Sample(*stub, Request(1, 2));
+  EXPECT_EQ(none.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_THAT(none.error_message(), HasSubstr("authorization"));
+  const grpc::Status wrong = Sample(*stub, Request(1, 2), "s3cret-tokem");
+  EXPECT_EQ(wrong.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(Sample(*stub, Request(1, 2), "s3cret-token").ok());
+}
+
+TEST(ServerTest, ConstantTimeEqualsComparesWholeStrings) {
+  EXPECT_TRUE(ConstantTimeEquals("abc", "abc"));
+  EXPECT_FALSE(ConstantTimeEquals("abc", "abd"));
+  EXPECT_FALSE(ConstantTimeEquals("abc", "abcd"));
+  EXPECT_FALSE(ConstantTimeEquals("", "a"));
+}
+
+TEST(ServerTest, ServesOverTlsAndRequiresClientCertificatesWithMtls) {
+  VdmServer::Options options = TinyOptions();
+  options.tls_cert_file = TestData("tls/server.pem");
+  options.tls_key_file = TestData("tls/server.key");
+  options.tls_client_ca_file = TestData("tls/ca.pem");
+  auto server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = *ReadFile(TestData("tls/ca.pem"));
+  grpc::SslCredentialsOptions with_cert = ssl;
+  with_cert.pem_cert_chain = *ReadFile(TestData("tls/client.pem"));
+  with_cert.pem_private_key = *ReadFile(TestData("tls/client.key"));
+
+  auto good = v1::VdmService::NewStub(grpc::CreateChannel(
+      "localhost:" + std::to_string(server->port()),
+      grpc::SslCredentials(with_cert)));
+  EXPECT_TRUE(Sample(*good, Request(1, 2)).ok());
+
+  auto no_cert = v1::VdmService::NewStub(grpc::CreateChannel(
+      "localhost:" + std::to_string(server->port()), grpc::SslCredentials(ssl)));
+  EXPECT_FALSE(Sample(*no_cert, Request(1, 2)).ok());
+
+  auto plaintext = v1::VdmService::NewStub(grpc::CreateChannel(
+      Target(*server), grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(Sample(*plaintext, Request(1, 2)).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST(ServerTest, TlsNeedsBothCertificateAndKey) {
+  VdmServer::Options options = TinyOptions();
+  options.tls_cert_file = TestData("tls/server.pem");
+  auto server = VdmServer::Create(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(std::string(server.status().message()), HasSubstr("tls_key"));
+}
+
+TEST(ServerTest, SampleStreamSendsProgressPreviewsAndTheResult) {
+  auto server = StartServer(TinyOptions());
+  ASSERT_NE(server, nullptr);
+  auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
+      Target(*server), grpc::InsecureChannelCredentials()));
+  v1::SampleRequest request = Request(2, 12);
+  request.set_preview_every(4);
+  grpc::ClientContext context;
+  auto reader = stub->SampleStream(&context, request);
+  v1::SampleStreamResponse message;
+  int last_step = 0, previews = 0, results = 0;
+  while (reader->Read(&message)) {
+    if (message.has_progress()) {
+      EXPECT_GT(message.progress().step(), last_step);  // in order
+      EXPECT_EQ(message.progress().total_steps(), 12);
+      last_step = message.progress().step();
+      if (message.progress().previews_size() > 0) {
+        EXPECT_EQ(message.progress().previews_size(), 2);
+        EXPECT_EQ(message.progress().step() % 4, 0);
+        ++previews;
+      }
+    } else {
+      ASSERT_TRUE(message.has_result());
+      EXPECT_EQ(message.result().images_size(), 2);
+      ++results;
+    }
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(last_step, 12);
+  EXPECT_EQ(previews, 2);  // steps 4 and 8 (none at the final step)
+  EXPECT_EQ(results, 1);
+}
+
+}  // namespace
+}  // namespace vdm
