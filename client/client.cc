@@ -47,6 +47,35 @@ absl::Status ToAbslStatus(const grpc::Status& status) {
                       status.error_message());
 }
 
+absl::StatusOr<std::string> ServiceConfigJson(const ClientOptions& options) {
+  if (options.lb_policy != "pick_first" && options.lb_policy != "round_robin") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "client: lb_policy must be pick_first or round_robin, got \"",
+        options.lb_policy, "\""));
+  }
+  if (options.max_attempts < 1 || options.max_attempts > 5) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "client: max_attempts must be in 1..5, got ", options.max_attempts));
+  }
+  std::string config = absl::StrCat("{\"loadBalancingConfig\": [{\"",
+                                    options.lb_policy, "\": {}}]");
+  if (options.max_attempts > 1) {
+    // gRPC retries a call only while no response has arrived; the wait
+    // before retry n (n >= 1) is random in [0, min(0.2 s * 2^(n-1), 2 s)].
+    absl::StrAppend(&config,
+                    ", \"methodConfig\": [{\"name\": ["
+                    "{\"service\": \"vdm.v1.VdmService\"}, "
+                    "{\"service\": \"grpc.health.v1.Health\"}], "
+                    "\"retryPolicy\": {\"maxAttempts\": ",
+                    options.max_attempts,
+                    ", \"initialBackoff\": \"0.2s\", \"maxBackoff\": \"2s\", "
+                    "\"backoffMultiplier\": 2, "
+                    "\"retryableStatusCodes\": [\"UNAVAILABLE\"]}}]");
+  }
+  absl::StrAppend(&config, "}");
+  return config;
+}
+
 // ---- VdmClient
 // ---------------------------------------------------------------
 
@@ -58,8 +87,11 @@ absl::StatusOr<std::unique_ptr<VdmClient>> VdmClient::Create(
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("client: timeout must be positive");
   }
+  VDM_ASSIGN_OR_RETURN(const std::string service_config,
+                       ServiceConfigJson(options));
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  args.SetServiceConfigJSON(service_config);
   std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
       options.target, grpc::InsecureChannelCredentials(), args);
   return std::make_unique<VdmClient>(std::move(channel), options);
@@ -123,6 +155,7 @@ absl::StatusOr<SampleResult> VdmClient::Sample(
       ToAbslStatus(stub_->Sample(&context, request, &response)));
   SampleResult result;
   result.wall_seconds = SecondsSince(start);
+  result.peer = context.peer();
   if (response.images_size() != params.num_images) {
     return absl::InternalError(
         absl::StrFormat("Sample: asked for %d images, the server returned %d",
@@ -334,9 +367,10 @@ absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
 std::string FormatSampleSummary(const SampleResult& result) {
   return absl::StrFormat(
       "images: %d\nseed: %d\nnetwork evaluations: %d\n"
-      "time: %.3f s (server: queue %.3f s, compute %.3f s)\n",
+      "time: %.3f s (server: queue %.3f s, compute %.3f s)\npeer: %s\n",
       result.images.size(), result.seed, result.network_evaluations,
-      result.wall_seconds, result.queue_seconds, result.compute_seconds);
+      result.wall_seconds, result.queue_seconds, result.compute_seconds,
+      result.peer);
 }
 
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {

@@ -42,7 +42,25 @@ struct ClientOptions {
   std::string auth_token;
   // Largest response accepted (sampled images come back in one message).
   int max_receive_message_bytes = 256 << 20;
+  // Load-balancing policy over the addresses the target resolves to:
+  // "pick_first" (gRPC's default: one connection to one address) or
+  // "round_robin" (a connection to every address, calls spread over them;
+  // use it with a target that resolves to every replica, e.g.
+  // dns:///vdm-headless.NAMESPACE.svc.cluster.local:50051 or
+  // ipv4:127.0.0.1:5001,127.0.0.1:5002).
+  std::string lb_policy = "pick_first";
+  // Attempts per RPC, 1 to 5: a call that fails with UNAVAILABLE (replica
+  // gone, shutting down or not ready) before any response arrived is tried
+  // again, on another replica under round_robin, with exponential backoff.
+  // Every vdm.v1 and health RPC is free of side effects, so retrying is
+  // safe. 1 = no retries.
+  int max_attempts = 1;
 };
+
+// The gRPC service config (JSON) for options.lb_policy and
+// options.max_attempts; fails on an unknown policy or an attempt count
+// outside 1..5.
+absl::StatusOr<std::string> ServiceConfigJson(const ClientOptions& options);
 
 // What to sample; mirrors vdm.v1.SampleRequest.
 struct SampleParams {
@@ -67,6 +85,8 @@ struct SampleResult {
   double queue_seconds = 0.0;    // server: waiting before the first forward
   double compute_seconds = 0.0;  // server: first to last forward
   double wall_seconds = 0.0;     // client: the whole round trip
+  std::string peer;  // the replica that answered (last attempt), e.g.
+                     // "ipv4:127.0.0.1:50051"
 };
 
 // Images to score, all in one wire format: PNG files as they are, or raw
@@ -117,8 +137,9 @@ using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 // from many threads at once.
 class VdmClient {
  public:
-  // Connects (lazily) to options.target with insecure credentials. Fails on
-  // an empty target or a non-positive timeout.
+  // Connects (lazily) to options.target with insecure credentials, the load
+  // balancing and retries of ServiceConfigJson(options). Fails on an empty
+  // target, a non-positive timeout or a bad lb_policy/max_attempts.
   static absl::StatusOr<std::unique_ptr<VdmClient>> Create(
       const ClientOptions& options);
 

@@ -21,6 +21,15 @@ ABSL_FLAG(double, timeout_s, 600.0, "Deadline of each RPC, in seconds.");
 ABSL_FLAG(std::string, token, "",
           "Bearer token sent as 'authorization' metadata (if the server "
           "requires one).");
+ABSL_FLAG(std::string, lb_policy, "pick_first",
+          "pick_first (one connection) or round_robin (spread calls over "
+          "every address the target resolves to, e.g. "
+          "dns:///vdm-headless.NS.svc.cluster.local:50051 or "
+          "ipv4:127.0.0.1:5001,127.0.0.1:5002).");
+ABSL_FLAG(int, max_attempts, 3,
+          "Attempts per RPC (1..5): a call that fails with UNAVAILABLE before "
+          "any response is retried with backoff, on another replica under "
+          "round_robin. 1 = no retries.");
 // sample
 ABSL_FLAG(int, num, 16, "sample: number of images.");
 ABSL_FLAG(std::string, sampler, "ddim", "sample: ddim or ddpm.");
@@ -36,6 +45,10 @@ ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt,
 ABSL_FLAG(std::string, out, "samples.png", "sample: PNG grid of all images.");
 ABSL_FLAG(std::string, out_dir, "",
           "sample: also write each image as DIR/sample_NNN.png.");
+ABSL_FLAG(int, repeat, 1,
+          "sample: send the request N times, one after another on one "
+          "channel, print one line per request and write the files of the "
+          "last one; exit 1 if any failed.");
 // score
 ABSL_FLAG(int, timesteps, 16, "score: K diffusion times per image.");
 ABSL_FLAG(std::string, csv, "",
@@ -59,13 +72,18 @@ constexpr char kUsageText[] = R"(a command-line client for vdm-serve.
 Usage:
   vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=ddim|ddpm]
       [--steps=S] [--eta=E] [--guidance=G] [--label=L] [--seed=S]
-      [--out=grid.png] [--out_dir=DIR]
+      [--out=grid.png] [--out_dir=DIR] [--repeat=N]
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] (--idx=FILE [--limit=N] | FILE.png ...)
   vdm-client [--target=HOST:PORT] info
   vdm-client [--target=HOST:PORT] health     (exit 0 only when SERVING)
 
-Every command takes --timeout_s (deadline of each RPC) and --token.
+Every command takes --timeout_s (deadline of each RPC), --token,
+--lb_policy=pick_first|round_robin and --max_attempts=N (retries on
+UNAVAILABLE; default 3). To balance over several replicas, give a target that
+resolves to all of them with --lb_policy=round_robin, e.g.
+  --target=dns:///vdm-headless.NAMESPACE.svc.cluster.local:50051
+  --target=ipv4:127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003
 Run with --helpfull for every flag.)";
 
 int Usage(const std::string& problem) {
@@ -85,6 +103,38 @@ std::optional<int> LabelFlag() {
   return label;
 }
 
+// --repeat: `repeat` Sample calls in sequence, one line each; writes the
+// files of the last successful one. Fails if any call failed.
+absl::StatusOr<vdm::client::SampleResult> SampleRepeatedly(
+    const VdmClient& client, const vdm::client::SampleParams& params,
+    int repeat, const std::string& out, const std::string& out_dir) {
+  std::optional<vdm::client::SampleResult> last;
+  absl::Status first_error;
+  int succeeded = 0;
+  for (int i = 1; i <= repeat; ++i) {
+    absl::StatusOr<vdm::client::SampleResult> result = client.Sample(params);
+    if (result.ok()) {
+      ++succeeded;
+      std::cout << absl::StrFormat("request %d/%d: OK peer=%s seed=%d %.3f s\n",
+                                   i, repeat, result->peer, result->seed,
+                                   result->wall_seconds)
+                << std::flush;
+      last = *std::move(result);
+    } else {
+      std::cout << absl::StrFormat("request %d/%d: %s\n", i, repeat,
+                                   result.status().ToString())
+                << std::flush;
+      if (first_error.ok()) first_error = result.status();
+    }
+  }
+  std::cout << absl::StrFormat("repeat: %d/%d requests succeeded\n", succeeded,
+                               repeat);
+  if (!first_error.ok()) return first_error;
+  absl::Status written = vdm::client::WriteSampleFiles(*last, out, out_dir);
+  if (!written.ok()) return written;
+  return *std::move(last);
+}
+
 int RunSample(const VdmClient& client) {
   absl::StatusOr<vdm::v1::Sampler> sampler =
       vdm::client::ParseSampler(absl::GetFlag(FLAGS_sampler));
@@ -102,8 +152,11 @@ int RunSample(const VdmClient& client) {
   params.seed = absl::GetFlag(FLAGS_seed);
   const std::string out = absl::GetFlag(FLAGS_out);
   const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
+  const int repeat = absl::GetFlag(FLAGS_repeat);
+  if (repeat < 1) return Usage("--repeat must be at least 1");
   absl::StatusOr<vdm::client::SampleResult> result =
-      vdm::client::SampleToFiles(client, params, out, out_dir);
+      repeat == 1 ? vdm::client::SampleToFiles(client, params, out, out_dir)
+                  : SampleRepeatedly(client, params, repeat, out, out_dir);
   if (!result.ok()) return Fail(result.status());
   std::cout << vdm::client::FormatSampleSummary(*result);
   const int columns = vdm::client::GridColumns(params.num_images);
@@ -233,6 +286,8 @@ int main(int argc, char** argv) {
   options.target = absl::GetFlag(FLAGS_target);
   options.timeout = absl::Seconds(timeout_s);
   options.auth_token = absl::GetFlag(FLAGS_token);
+  options.lb_policy = absl::GetFlag(FLAGS_lb_policy);
+  options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   absl::StatusOr<std::unique_ptr<VdmClient>> client =
       VdmClient::Create(options);
   if (!client.ok()) return Usage(std::string(client.status().message()));
