@@ -19,9 +19,10 @@ namespace vdm {
 // Admit/load/Stop are thread-safe; everything else runs on the worker thread.
 class Worker {
  public:
-  Worker(std::unique_ptr<Denoiser> model, const Engine::Options& options,
-         Metrics* metrics)
-      : model_(std::move(model)), options_(options), metrics_(metrics) {
+  Worker(int index, std::unique_ptr<Denoiser> model,
+         const Engine::Options& options, Metrics* metrics)
+      : index_(index), model_(std::move(model)), options_(options),
+        metrics_(metrics) {
     thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
@@ -75,6 +76,7 @@ class Worker {
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
 
+  const int index_;
   std::unique_ptr<Denoiser> model_;
   const Engine::Options options_;
   Metrics* const metrics_;
@@ -233,8 +235,9 @@ void Worker::Retire(size_t index, absl::Status status) {
 void Worker::UpdateGauges() {
   if (!metrics_) return;
   absl::MutexLock lock(&mu_);
-  metrics_->SetQueueDepth(static_cast<double>(incoming_.size()));
-  metrics_->SetLiveRequests(static_cast<double>(live_.size()));
+  metrics_->SetWorkerLoad(index_, static_cast<double>(incoming_.size()),
+                          static_cast<double>(live_.size()),
+                          static_cast<double>(queued_rows_));
 }
 
 // ---------------------------------------------------------------------------
@@ -250,8 +253,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   }
   std::unique_ptr<Engine> engine(new Engine(options));
   for (auto& model : replicas) {
+    const int index = static_cast<int>(engine->workers_.size());
     engine->workers_.push_back(
-        std::make_unique<Worker>(std::move(model), options, metrics));
+        std::make_unique<Worker>(index, std::move(model), options, metrics));
   }
   return engine;
 }

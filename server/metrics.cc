@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include <map>
+
 #include "absl/strings/str_cat.h"
 #include "prometheus/text_serializer.h"
 
@@ -37,14 +39,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                     .Register(r);
   queue_depth_ = &BuildGauge()
                       .Name("vdm_queue_depth")
-                      .Help("Requests admitted but not yet started")
-                      .Register(r)
-                      .Add({});
+                      .Help("Requests admitted but not yet started, by worker")
+                      .Register(r);
   live_requests_ = &BuildGauge()
                         .Name("vdm_live_requests")
-                        .Help("Requests being computed")
-                        .Register(r)
-                        .Add({});
+                        .Help("Requests being computed, by worker")
+                        .Register(r);
+  queued_rows_ = &BuildGauge()
+                      .Name("vdm_queued_rows")
+                      .Help("Rows admitted but not yet evaluated, by worker")
+                      .Register(r);
   batch_rows_ = &BuildHistogram()
                      .Name("vdm_batch_rows")
                      .Help("Rows per forward pass")
@@ -120,6 +124,15 @@ void Metrics::RecordBatch(int rows, int max_batch, double forward_seconds) {
                                      : 0.0);
   forward_seconds_->Observe(forward_seconds);
   evaluations_->Increment(rows);
+}
+
+void Metrics::SetWorkerLoad(int worker, double queued_requests,
+                            double live_requests, double queued_rows) {
+  const std::map<std::string, std::string> labels = {
+      {"worker", std::to_string(worker)}};
+  queue_depth_->Add(labels).Set(queued_requests);
+  live_requests_->Add(labels).Set(live_requests);
+  queued_rows_->Add(labels).Set(queued_rows);
 }
 
 void Metrics::AddCancelled(const std::string& reason) {

@@ -37,8 +37,11 @@ class Metrics {
   // Engine.
   void RecordQueueTime(const std::string& method, double seconds);
   void RecordBatch(int rows, int max_batch, double forward_seconds);
-  void SetQueueDepth(double requests) { queue_depth_->Set(requests); }
-  void SetLiveRequests(double requests) { live_requests_->Set(requests); }
+  // Per worker (device): requests admitted but not started, requests being
+  // computed, and rows admitted but not yet evaluated (compare with
+  // --max_queued_rows for saturation).
+  void SetWorkerLoad(int worker, double queued_requests, double live_requests,
+                     double queued_rows);
   void AddImagesGenerated(double n) { images_generated_->Increment(n); }
   void AddImagesScored(double n) { images_scored_->Increment(n); }
   void AddCancelled(const std::string& reason);
@@ -50,8 +53,9 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* latency_;
   prometheus::Family<prometheus::Histogram>* queue_time_;
   prometheus::Family<prometheus::Counter>* cancelled_;
-  prometheus::Gauge* queue_depth_;
-  prometheus::Gauge* live_requests_;
+  prometheus::Family<prometheus::Gauge>* queue_depth_;
+  prometheus::Family<prometheus::Gauge>* live_requests_;
+  prometheus::Family<prometheus::Gauge>* queued_rows_;
   prometheus::Histogram* batch_rows_;
   prometheus::Histogram* batch_fill_;
   prometheus::Histogram* forward_seconds_;
