@@ -81,6 +81,13 @@ class ServiceTest : public ::testing::Test {
     return r;
   }
 
+  // A long request that outlives the calls made with it.
+  const v1::SampleRequest& SampleRequestStorage() {
+    long_request_ = SampleRequest(16, 1000, 1);
+    return long_request_;
+  }
+
+  v1::SampleRequest long_request_;
   std::unique_ptr<VdmServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<client::VdmClient> client_;
@@ -303,6 +310,24 @@ TEST_F(ServiceTest, ExpiredDeadlineStopsTheWork) {
               HasSubstr("vdm_requests_stopped_total"));
 }
 
+TEST_F(ServiceTest, CancelledRequestStopsBeingComputed) {
+  grpc::ClientContext context;
+  v1::SampleResponse response;
+  std::promise<grpc::Status> done;
+  stub_->async()->Sample(&context, &SampleRequestStorage(), &response,
+                         [&done](grpc::Status s) { done.set_value(s); });
+  absl::SleepFor(absl::Milliseconds(400));
+  context.TryCancel();
+  EXPECT_EQ(done.get_future().get().error_code(), grpc::StatusCode::CANCELLED);
+  absl::SleepFor(absl::Milliseconds(300));
+  const int64_t after = server_->engine().network_evaluations();
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_EQ(server_->engine().network_evaluations(), after);
+  EXPECT_LT(after, 16 * 1000);
+  EXPECT_THAT(server_->metrics().Scrape(),
+              HasSubstr("vdm_requests_stopped_total{reason=\"cancelled\"} 1"));
+}
+
 TEST_F(ServiceTest, MetricsCountRequestsByMethodAndCode) {
   v1::SampleResponse response;
   ASSERT_TRUE(CallSample(SampleRequest(2, 3, 1), &response).ok());
@@ -336,6 +361,47 @@ TEST(ServiceLimitsTest, FullQueueAnswersResourceExhausted) {
   const grpc::Status s = stub->Sample(&context, request, &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_THAT(s.error_message(), HasSubstr("queue full"));
+}
+
+// Rows of a long Sample evaluated while a 32-row ScoreBPD runs, with the
+// batch (8 rows) always full of the Sample's rows.
+int64_t SampleRowsDuringScore(bool score_priority) {
+  VdmServer::Options options = TinyOptions();
+  options.engine.max_batch = 8;
+  options.engine.score_priority = score_priority;
+  auto server = VdmServer::Create(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string((*server)->port()),
+      grpc::InsecureChannelCredentials()));
+  grpc::ClientContext sample_context;
+  v1::SampleRequest sample;
+  sample.set_num_images(8);
+  sample.set_steps(1000);
+  v1::SampleResponse sample_response;
+  stub->async()->Sample(&sample_context, &sample, &sample_response,
+                        [](grpc::Status) {});
+  absl::SleepFor(absl::Milliseconds(300));
+  v1::ScoreRequest score;
+  score.set_format(v1::IMAGE_FORMAT_RAW);
+  score.set_timesteps(16);
+  for (int i = 0; i < 2; ++i) score.add_images()->set_data(std::string(784, 'x'));
+  v1::ScoreResponse score_response;
+  grpc::ClientContext score_context;
+  const int64_t before = (*server)->engine().network_evaluations();
+  EXPECT_TRUE(stub->ScoreBPD(&score_context, score, &score_response).ok());
+  const int64_t rows = (*server)->engine().network_evaluations() - before - 32;
+  sample_context.TryCancel();
+  return rows;
+}
+
+TEST(ServiceLimitsTest, ScorePriorityPutsScoreRowsFirst) {
+  const int64_t with_priority = SampleRowsDuringScore(true);
+  const int64_t without = SampleRowsDuringScore(false);
+  // With priority the score takes whole batches: at most the iteration in
+  // flight (8 rows) and one more go to the Sample. Without, they alternate.
+  EXPECT_LE(with_priority, 16);
+  EXPECT_GE(without, 24);
 }
 
 TEST(ServiceLimitsTest, BrokenModelFailsAtStartWithItsReason) {
