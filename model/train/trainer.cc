@@ -1,1 +1,332 @@
-// (file being written in this session)
+#include "model/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/train/checkpoint.h"
+#include "model/vdm/diffusion.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace {
+
+// Consecutive steps with a non-finite loss or gradient before giving up.
+constexpr int kMaxBadSteps = 10;
+
+absl::Status CheckOptions(const Trainer::Options& o) {
+  auto bad = [](const std::string& what) {
+    return absl::InvalidArgumentError(what);
+  };
+  if (o.init_path.empty()) return bad("no initial model (init_path) given");
+  if (o.out_path.empty()) return bad("no output path (out_path) given");
+  if (o.steps < 0) return bad("steps must be >= 0");
+  if (o.batch_size < 1) return bad("batch_size must be >= 1");
+  if (!(o.lr > 0)) return bad("lr must be > 0");
+  if (o.weight_decay < 0) return bad("weight_decay must be >= 0");
+  if (o.warmup_steps < 0) return bad("warmup_steps must be >= 0");
+  if (!(o.ema_decay >= 0 && o.ema_decay < 1)) {
+    return bad("ema_decay must be in [0, 1)");
+  }
+  if (!(o.label_dropout >= 0 && o.label_dropout <= 1)) {
+    return bad("label_dropout must be in [0, 1]");
+  }
+  if (o.eval_times < 1) return bad("eval_times must be >= 1");
+  if (o.eval_batch < 1) return bad("eval_batch must be >= 1");
+  if (o.eval_images < 0 || o.test_images < 0) {
+    return bad("eval_images and test_images must be >= 0");
+  }
+  std::filesystem::path dir = std::filesystem::path(o.out_path).parent_path();
+  if (dir.empty()) dir = ".";
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return bad(absl::StrCat("output directory ", dir.string(), " (of out_path ",
+                            o.out_path, ") does not exist"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TorchError(const char* what, const c10::Error& e) {
+  return absl::InternalError(
+      absl::StrCat(what, ": ", e.what_without_backtrace()));
+}
+
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(
+    const std::vector<at::Tensor>& decay,
+    const std::vector<at::Tensor>& no_decay, const Trainer::Options& o) {
+  using torch::optim::AdamWOptions;
+  AdamWOptions defaults(o.lr);
+  defaults.weight_decay(o.weight_decay);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) {
+    groups.emplace_back(decay, std::make_unique<AdamWOptions>(defaults));
+  }
+  if (!no_decay.empty()) {
+    auto no_decay_options = std::make_unique<AdamWOptions>(defaults);
+    no_decay_options->weight_decay(0.0);
+    groups.emplace_back(no_decay, std::move(no_decay_options));
+  }
+  return std::make_unique<torch::optim::AdamW>(std::move(groups), defaults);
+}
+
+}  // namespace
+
+Trainer::Trainer(const Options& options,
+                 std::unique_ptr<TorchScriptModel> model, Dataset train,
+                 Dataset validation, Dataset test)
+    : options_(options),
+      model_(std::move(model)),
+      train_(std::move(train)),
+      validation_(std::move(validation)),
+      test_(std::move(test)),
+      gen_(at::detail::createCPUGenerator(options.seed)) {}
+
+Trainer::~Trainer() = default;
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
+    const Options& options) {
+  VDM_RETURN_IF_ERROR(CheckOptions(options));
+  TorchScriptModel::Options model_options;
+  model_options.path = options.init_path;
+  model_options.device = options.device;
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
+                       TorchScriptModel::Load(model_options));
+  const ImageShape shape = model->shape();
+  const int classes = model->num_classes();
+  VDM_ASSIGN_OR_RETURN(
+      Dataset all, LoadIdxDataset(options.data_dir, "train", shape, classes));
+  const int64_t n_train = all.size() - options.eval_images;
+  if (n_train < options.batch_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.data_dir, ": ", all.size(), " training images minus ",
+        options.eval_images, " held out for validation leave fewer than a ",
+        "batch of ", options.batch_size));
+  }
+  Dataset test;
+  if (options.test_images > 0) {
+    VDM_ASSIGN_OR_RETURN(test, LoadIdxDataset(options.data_dir, "t10k", shape,
+                                              classes, options.test_images));
+  }
+  std::unique_ptr<Trainer> trainer(
+      new Trainer(options, std::move(model), all.Slice(0, n_train),
+                  all.Slice(n_train, all.size()), std::move(test)));
+  VDM_RETURN_IF_ERROR(trainer->Init());
+  return trainer;
+}
+
+absl::Status Trainer::Init() {
+  info_.shape = model_->shape();
+  info_.num_classes = model_->num_classes();
+  info_.prediction = model_->prediction();
+  info_.device = model_->device();
+  init_metadata_ = model_->metadata();
+  init_steps_ = StepsInMetadata(init_metadata_);
+  try {
+    torch::jit::Module& module = model_->module();
+    module.train(true);
+    {
+      torch::NoGradGuard no_grad;  // plain leaf copies, no clone graph
+      ema_module_ = module.deepcopy();
+    }
+    ema_module_.eval();
+    std::vector<at::Tensor> decay, no_decay;
+    auto ema_named = ema_module_.named_parameters();
+    auto ema_it = ema_named.begin();
+    for (const auto& p : module.named_parameters()) {
+      const auto ema = *ema_it;
+      ++ema_it;
+      if (ema.name != p.name) {
+        return absl::InternalError("EMA copy has different parameters");
+      }
+      if (!p.value.requires_grad()) continue;
+      ema.value.requires_grad_(true);  // keep the flag in the saved model
+      params_.push_back(p.value);
+      ema_params_.push_back(ema.value);
+      (p.value.dim() >= 2 ? decay : no_decay).push_back(p.value);
+    }
+    if (params_.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(options_.init_path, " has no trainable parameters"));
+    }
+    optimizer_ = MakeOptimizer(decay, no_decay, options_);
+  } catch (const c10::Error& e) {
+    return TorchError("setting up training", e);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> Trainer::TrainStep(const at::Tensor& images,
+                                          const at::Tensor& labels) {
+  const int64_t b = images.size(0);
+  try {
+    // Antithetic times t_i = (u + i / B) mod 1.
+    at::Tensor u = at::rand({1}, gen_, at::TensorOptions(at::kFloat));
+    at::Tensor t = at::fmod(at::arange(b, at::kFloat) / b + u, 1.0);
+    VDM_ASSIGN_OR_RETURN(VlbTerms terms,
+                         ComputeVlb(model_->module(), info_, images,
+                                    DropLabels(labels), t, gen_));
+    at::Tensor loss = NatsToBpd(terms.Total(), info_.shape.dims()).mean();
+    const double value = loss.item<double>();
+    optimizer_->zero_grad();
+    loss.backward();
+    const double max_norm = options_.grad_clip > 0
+                                ? options_.grad_clip
+                                : std::numeric_limits<double>::infinity();
+    const double norm = torch::nn::utils::clip_grad_norm_(params_, max_norm);
+    if (!std::isfinite(value) || !std::isfinite(norm)) {
+      optimizer_->zero_grad();
+      if (++bad_steps_ >= kMaxBadSteps) {
+        return absl::InternalError(absl::StrCat(
+            "loss or gradient not finite for ", bad_steps_,
+            " consecutive steps at step ", step_ + 1, "; try a lower lr"));
+      }
+      Log(absl::StrCat("step ", step_ + 1, ": non-finite loss or gradient, ",
+                       "update skipped"));
+      return value;
+    }
+    bad_steps_ = 0;
+    SetLearningRate();
+    optimizer_->step();
+    ++step_;
+    UpdateEma();
+    return value;
+  } catch (const c10::Error& e) {
+    return TorchError("training step", e);
+  }
+}
+
+at::Tensor Trainer::DropLabels(const at::Tensor& labels) {
+  const int64_t b = labels.size(0);
+  at::Tensor none = at::full({b}, info_.num_classes, at::kLong);
+  if (info_.num_classes == 0) return none;  // unconditional: always "none"
+  at::Tensor drop = at::rand({b}, gen_, at::TensorOptions(at::kFloat)) <
+                    options_.label_dropout;
+  return at::where(drop, none, labels.to(at::kLong));
+}
+
+void Trainer::SetLearningRate() {
+  const double warm = options_.warmup_steps > 0
+                          ? std::min(1.0, (step_ + 1.0) / options_.warmup_steps)
+                          : 1.0;
+  for (auto& group : optimizer_->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options())
+        .lr(options_.lr * warm);
+  }
+}
+
+void Trainer::UpdateEma() {
+  torch::NoGradGuard no_grad;
+  const double n = static_cast<double>(step_);
+  const double decay = std::min(options_.ema_decay, (1.0 + n) / (10.0 + n));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    ema_params_[i].mul_(decay).add_(params_[i].detach(), 1.0 - decay);
+  }
+  // Buffers (if any) follow the trained model.
+  auto ema_buffers = ema_module_.named_buffers();
+  auto it = ema_buffers.begin();
+  for (const auto& buffer : model_->module().named_buffers()) {
+    (*it).value.copy_(buffer.value);
+    ++it;
+  }
+}
+
+void Trainer::NextBatch(at::Tensor& images, at::Tensor& labels) {
+  const int64_t b = options_.batch_size;
+  if (!order_.defined() || cursor_ + b > order_.size(0)) {
+    order_ = at::randperm(train_.size(), gen_, at::TensorOptions(at::kLong));
+    cursor_ = 0;
+  }
+  at::Tensor index = order_.slice(0, cursor_, cursor_ + b);
+  cursor_ += b;
+  images = train_.images.index_select(0, index);
+  labels = train_.labels.index_select(0, index);
+}
+
+absl::StatusOr<EvalResult> Trainer::Evaluate(const Dataset& data, bool use_ema,
+                                             const EvalOptions& options) {
+  torch::jit::Module& module = use_ema ? ema_module_ : model_->module();
+  try {
+    if (!use_ema) module.eval();
+    absl::StatusOr<EvalResult> result =
+        EvaluateBpd(module, info_, data, options);
+    if (!use_ema) module.train(true);
+    return result;
+  } catch (const c10::Error& e) {
+    if (!use_ema) module.train(true);
+    return TorchError("evaluation", e);
+  }
+}
+
+std::string Trainer::MetadataJson() const {
+  nlohmann::json meta = BaseMetadata(init_metadata_);
+  const double wall = absl::ToDoubleSeconds(options_.now() - start_);
+  meta["steps"] = init_steps_ + step_;
+  meta["dataset"] = {
+      {"name", std::filesystem::path(options_.data_dir).filename().string()},
+      {"dir", options_.data_dir},
+      {"train_images", train_.size()},
+      {"validation_images", validation_.size()},
+      {"test_images", test_.size()}};
+  meta["training"] = {
+      {"trainer", "vdm-train"},
+      {"objective", "continuous-time VLB (bits/dim), antithetic times"},
+      {"init", options_.init_path},
+      {"init_steps", init_steps_},
+      {"steps", step_},
+      {"planned_steps", options_.steps},
+      {"interrupted", interrupted_},
+      {"batch", options_.batch_size},
+      {"optimizer", "AdamW"},
+      {"lr", options_.lr},
+      {"weight_decay", options_.weight_decay},
+      {"warmup_steps", options_.warmup_steps},
+      {"grad_clip", options_.grad_clip},
+      {"ema_decay", options_.ema_decay},
+      {"label_dropout", options_.label_dropout},
+      {"seed", options_.seed},
+      {"weights", "ema"},
+      {"wall_time_s", wall},
+      {"finished", absl::FormatTime(absl::RFC3339_sec, options_.now(),
+                                    absl::UTCTimeZone())}};
+  meta["wall_time_s"] = wall;
+  if (validation_result_) {
+    meta["validation"] = EvalToJson(*validation_result_);
+    meta["validation"]["step"] = init_steps_ + validation_step_;
+  }
+  if (test_result_) {
+    meta["test"] = EvalToJson(*test_result_);
+    meta["test_bpd"] = test_result_->bpd;
+  }
+  if (test_conditional_result_) {
+    meta["test_conditional"] = EvalToJson(*test_conditional_result_);
+    meta["test_bpd_conditional"] = test_conditional_result_->bpd;
+  }
+  return meta.dump();
+}
+
+absl::Status Trainer::SaveCheckpoint(const std::string& path) {
+  VDM_RETURN_IF_ERROR(SaveModuleAtomic(ema_module_, MetadataJson(), path));
+  Log(absl::StrCat("wrote ", path, " (EMA weights, step ", step_, ")"));
+  return absl::OkStatus();
+}
+
+void Trainer::Log(const std::string& line) const {
+  if (options_.log == nullptr) return;
+  const bool tty = isatty(fileno(options_.log));
+  std::fprintf(options_.log, "%s%s\n", tty ? "\r\x1b[K" : "", line.c_str());
+  std::fflush(options_.log);
+}
+
+}  // namespace vdm

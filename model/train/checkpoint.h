@@ -1,0 +1,35 @@
+// Writing a trained model as the served TorchScript file: metadata helpers
+// and an atomic save. Plain functions: thread-compatible.
+#ifndef VDM_MODEL_TRAIN_CHECKPOINT_H_
+#define VDM_MODEL_TRAIN_CHECKPOINT_H_
+
+#include <torch/script.h>
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "absl/status/status.h"
+#include "model/train/vlb.h"
+
+namespace vdm {
+
+// An evaluation as JSON: bpd, its parts, stderr, images, K, conditioning.
+nlohmann::json EvalToJson(const EvalResult& result);
+
+// The initial model's metadata as a JSON object (an empty object when it is
+// not JSON), without the evaluation keys of an earlier training run.
+nlohmann::json BaseMetadata(const std::string& metadata);
+
+// The "steps" recorded in a model's metadata (0 when absent).
+int64_t StepsInMetadata(const std::string& metadata);
+
+// Sets the module's `metadata` attribute and saves it to `path` atomically
+// (to path + ".tmp", then rename), so a reader never sees a partial file.
+absl::Status SaveModuleAtomic(torch::jit::Module& module,
+                              const std::string& metadata,
+                              const std::string& path);
+
+}  // namespace vdm
+
+#endif  // VDM_MODEL_TRAIN_CHECKPOINT_H_

@@ -1,0 +1,160 @@
+// Trains a TorchScript VDM (design.md section 3) in place on an IDX image
+// dataset with the continuous-time VLB in bits per dimension: AdamW with
+// linear warm-up, gradient-norm clipping and an EMA of the parameters; the
+// EMA weights are evaluated (validation and test BPD) and saved as the served
+// TorchScript model with its provenance in the `metadata` attribute.
+//
+// Thread-compatible: one thread drives a Trainer; another thread (or a signal
+// handler) may only set the atomic `Options::stop`.
+#ifndef VDM_MODEL_TRAIN_TRAINER_H_
+#define VDM_MODEL_TRAIN_TRAINER_H_
+
+#include <ATen/core/Generator.h>
+#include <torch/script.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "model/train/dataset.h"
+#include "model/train/vlb.h"
+#include "model/vdm/torchscript_model.h"
+
+namespace torch::optim {
+class AdamW;
+}  // namespace torch::optim
+
+namespace vdm {
+
+class Trainer {
+ public:
+  struct Options {
+    // Directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
+    std::string data_dir = "/usr/share/datasets/fashion-mnist";
+    std::string init_path;  // model to train (TorchScript .pt); required
+    std::string out_path;   // checkpoint to write (.pt); required
+    std::string device = "cpu";
+    int64_t steps = 1000;  // optimizer steps
+    int64_t batch_size = 64;
+    double lr = 1e-3;            // peak AdamW learning rate
+    double weight_decay = 0.01;  // decoupled; only on tensors with >= 2 dims
+    int64_t warmup_steps = 100;  // linear warm-up from lr / warmup_steps
+    double grad_clip = 1.0;      // max global gradient L2 norm; <= 0: no clip
+    // EMA decay; the effective decay is min(ema_decay, (1+n)/(10+n)) at
+    // step n so that short runs are not dominated by the initial weights.
+    double ema_decay = 0.999;
+    double label_dropout = 0.1;  // P(label -> "no label") in training
+    uint64_t seed = 0;
+    int64_t eval_every = 500;  // steps between validation runs; 0: never
+    // Validation set: the last eval_images training images, held out from
+    // training. 0: no validation.
+    int64_t eval_images = 1000;
+    int64_t test_images = 10000;  // final test BPD over the first N; 0: skip
+    int eval_times = 1;           // K stratified times per image in evals
+    int64_t eval_batch = 256;     // network rows per forward pass in evals
+    // Also report the final test BPD given the true labels (doubles the
+    // test time). The main test_bpd is unconditional ("no label"), as the
+    // server scores unlabelled images. Only for class-conditional models.
+    bool eval_conditional = false;
+    int64_t checkpoint_every = 1000;  // steps; 0: only at the end
+    int64_t log_every = 50;           // steps per progress line; 0: never
+    FILE* log = stderr;               // progress output; nullptr: silent
+    // Set (by a signal handler) => finish the current step, write the
+    // checkpoint and return from Run().
+    const std::atomic<bool>* stop = nullptr;
+    std::function<absl::Time()> now = [] { return absl::Now(); };  // clock
+  };
+
+  // What Run() did.
+  struct Summary {
+    int64_t steps = 0;         // steps done by this trainer
+    bool interrupted = false;  // stopped by Options::stop
+    double last_loss_bpd = 0;  // mean training loss of the last log window
+    std::optional<EvalResult> validation;
+    std::optional<EvalResult> test;
+    std::optional<EvalResult> test_conditional;
+    double wall_seconds = 0;
+  };
+
+  // Loads the model (contract-checked) and the data, and checks that they
+  // fit together and that the output directory exists. Errors name the
+  // problem (missing file, shape mismatch, bad option).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(
+      const Options& options);
+  ~Trainer();
+
+  // Trains to options.steps, evaluates, writes the checkpoint(s).
+  absl::StatusOr<Summary> Run();
+
+  // One optimizer step on a batch (uint8 [B,C,H,W], labels [B] i64 before
+  // label dropout); returns the batch's loss in bits per dimension.
+  absl::StatusOr<double> TrainStep(const at::Tensor& images,
+                                   const at::Tensor& labels);
+
+  // BPD of `data` with the EMA weights (use_ema) or the current ones.
+  absl::StatusOr<EvalResult> Evaluate(const Dataset& data, bool use_ema,
+                                      const EvalOptions& options);
+
+  // Writes the EMA model with its metadata to `path` atomically.
+  absl::Status SaveCheckpoint(const std::string& path);
+
+  int64_t step() const { return step_; }
+  const Dataset& train_data() const { return train_; }
+  const Dataset& validation_data() const { return validation_; }
+  const Dataset& test_data() const { return test_; }
+  const ModelInfo& model_info() const { return info_; }
+
+ private:
+  Trainer(const Options& options, std::unique_ptr<TorchScriptModel> model,
+          Dataset train, Dataset validation, Dataset test);
+  absl::Status Init();
+  absl::Status TrainLoop(Summary& summary);
+  absl::Status PeriodicWork();  // validation and checkpoint after a step
+  absl::Status FinalEvaluation(Summary& summary);
+  absl::StatusOr<EvalResult> Validate();
+  void NextBatch(at::Tensor& images, at::Tensor& labels);
+  // Labels with the "no label" entry at rate label_dropout.
+  at::Tensor DropLabels(const at::Tensor& labels);
+  void SetLearningRate();  // linear warm-up to options_.lr
+  void UpdateEma();
+  std::string MetadataJson() const;
+  void Log(const std::string& line) const;
+
+  // Const after construction.
+  const Options options_;
+  const std::unique_ptr<TorchScriptModel> model_;  // trained in place
+  const Dataset train_;
+  const Dataset validation_;
+  const Dataset test_;
+  ModelInfo info_;
+  std::string init_metadata_;
+
+  torch::jit::Module ema_module_;       // the served weights
+  std::vector<at::Tensor> params_;      // trainable, in named order
+  std::vector<at::Tensor> ema_params_;  // EMA copies of params_
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  at::Generator gen_;
+  int64_t step_ = 0;
+  int bad_steps_ = 0;             // consecutive steps skipped as non-finite
+  int64_t validation_step_ = -1;  // step of validation_result_
+  int64_t init_steps_ = 0;  // steps recorded in the initial model's metadata
+  at::Tensor order_;        // permutation of the training set, this epoch
+  int64_t cursor_ = 0;      // next position in order_
+  absl::Time start_;
+  std::optional<EvalResult> validation_result_;
+  std::optional<EvalResult> test_result_;
+  std::optional<EvalResult> test_conditional_result_;
+  bool interrupted_ = false;
+};
+
+}  // namespace vdm
+
+#endif  // VDM_MODEL_TRAIN_TRAINER_H_
