@@ -3,8 +3,11 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
+#include <random>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -89,6 +92,86 @@ absl::StatusOr<at::Tensor> ReadLabels(const std::string& path, int64_t n,
   return labels;
 }
 
+bool IsPng(const std::filesystem::path& path) {
+  std::string ext = path.extension().string();
+  for (char& c : ext) c = static_cast<char>(std::tolower(c));
+  return ext == ".png";
+}
+
+// The sorted names of `dir`'s visible entries.
+std::vector<std::filesystem::path> SortedEntries(const std::string& dir) {
+  std::vector<std::filesystem::path> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (e.path().filename().string().rfind('.', 0) == 0) continue;
+    out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// A class subfolder's label: its name as an integer in [0, num_classes), or
+// 0 for an unconditional model (labels are not used).
+absl::StatusOr<int64_t> FolderLabel(const std::filesystem::path& path,
+                                    int num_classes) {
+  const std::string name = path.filename().string();
+  const bool digits = !name.empty() && name.size() < 6 &&
+                      std::all_of(name.begin(), name.end(), ::isdigit);
+  const int64_t label = digits ? std::stoll(name) : -1;
+  if (label < 0 || (num_classes > 0 && label >= num_classes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "subfolder ", path.string(), " is not a class number 0..",
+        std::max(0, num_classes - 1), " (PNG datasets: *.png files, or ",
+        "subfolders named by class holding *.png files)"));
+  }
+  return num_classes > 0 ? label : 0;
+}
+
+// (file, label) for every PNG of a PNG dataset folder (see dataset.h).
+absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> ListPngs(
+    const std::string& dir, int num_classes) {
+  std::vector<std::pair<std::string, int64_t>> files;
+  bool flat = false, nested = false;
+  for (const auto& entry : SortedEntries(dir)) {
+    if (std::filesystem::is_directory(entry)) {
+      nested = true;
+      VDM_ASSIGN_OR_RETURN(int64_t label, FolderLabel(entry, num_classes));
+      for (const auto& file : SortedEntries(entry.string())) {
+        if (IsPng(file)) files.emplace_back(file.string(), label);
+      }
+    } else if (IsPng(entry)) {
+      flat = true;
+      files.emplace_back(entry.string(), num_classes);  // "no label"
+    }
+  }
+  if (flat && nested) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, " holds both *.png files and class subfolders: use one layout"));
+  }
+  if (files.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, " holds no *.png files (nor class subfolders of ",
+                     "them) and no IDX files"));
+  }
+  return files;
+}
+
+absl::Status DecodeInto(const std::string& path, const ImageShape& shape,
+                        uint8_t* dst) {
+  VDM_ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
+  absl::StatusOr<Image8> image = DecodePng(bytes, shape.channels);
+  if (!image.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a readable PNG: ", image.status().message()));
+  }
+  if (image->height != shape.height || image->width != shape.width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": image shape mismatch: ", image->width, "x", image->height,
+        " pixels but the model expects ", shape.width, "x", shape.height));
+  }
+  std::copy(image->pixels.begin(), image->pixels.end(), dst);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 Dataset Dataset::Slice(int64_t begin, int64_t end) const {
@@ -112,6 +195,68 @@ absl::StatusOr<Dataset> LoadIdxDataset(const std::string& dir,
         absl::StrCat(images_path, ": holds no images"));
   }
   return data;
+}
+
+absl::StatusOr<Dataset> LoadPngDataset(const std::string& dir,
+                                       const ImageShape& shape, int num_classes,
+                                       int64_t limit) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("data directory ", dir, " does not exist"));
+  }
+  std::vector<std::pair<std::string, int64_t>> files;
+  try {
+    VDM_ASSIGN_OR_RETURN(files, ListPngs(dir, num_classes));
+  } catch (const std::filesystem::filesystem_error& e) {
+    return absl::InvalidArgumentError(absl::StrCat("listing ", dir, ": ",
+                                                   e.what()));
+  }
+  std::mt19937_64 rng(0x5eed);  // fixed: the same split for every seed
+  std::shuffle(files.begin(), files.end(), rng);
+  if (limit > 0 && static_cast<int64_t>(files.size()) > limit) {
+    files.resize(limit);
+  }
+  const int64_t n = static_cast<int64_t>(files.size());
+  Dataset data;
+  data.images = at::empty({n, shape.channels, shape.height, shape.width},
+                          at::kByte);
+  data.labels = at::empty({n}, at::kLong);
+  uint8_t* pixels = data.images.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    VDM_RETURN_IF_ERROR(
+        DecodeInto(files[i].first, shape, pixels + i * shape.dims()));
+    data.labels[i] = files[i].second;
+  }
+  return data;
+}
+
+absl::StatusOr<Dataset> LoadDataset(const std::string& dir,
+                                    const std::string& split,
+                                    const ImageShape& shape, int num_classes,
+                                    int64_t limit) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path base(dir);
+  const bool idx =
+      fs::exists(base / "train-images-idx3-ubyte.gz", ec) ||
+      fs::exists(base / "train-images-idx3-ubyte", ec) ||
+      fs::exists(base / (split + "-images-idx3-ubyte.gz"), ec) ||
+      fs::exists(base / (split + "-images-idx3-ubyte"), ec);
+  if (idx || !fs::is_directory(base, ec)) {
+    return LoadIdxDataset(dir, split, shape, num_classes, limit);
+  }
+  if (split == "train") {
+    const fs::path sub = base / "train";
+    return LoadPngDataset(fs::is_directory(sub, ec) ? sub.string() : dir,
+                          shape, num_classes, limit);
+  }
+  for (const char* name : {"test", "t10k"}) {
+    if (fs::is_directory(base / name, ec)) {
+      return LoadPngDataset((base / name).string(), shape, num_classes, limit);
+    }
+  }
+  return Dataset{};  // no test split
 }
 
 }  // namespace vdm

@@ -1,5 +1,6 @@
-// Image datasets for the trainer: IDX files (Fashion-MNIST layout) loaded
-// into uint8 tensors and checked against the model's shape and classes.
+// Image datasets for the trainer: IDX files (Fashion-MNIST layout) or folders
+// of PNGs, loaded into uint8 tensors and checked against the model's shape
+// and classes.
 // Plain functions and a value type: thread-compatible.
 #ifndef VDM_MODEL_TRAIN_DATASET_H_
 #define VDM_MODEL_TRAIN_DATASET_H_
@@ -33,6 +34,27 @@ absl::StatusOr<Dataset> LoadIdxDataset(const std::string& dir,
                                        const std::string& split,
                                        const ImageShape& shape, int num_classes,
                                        int64_t limit = 0);
+
+// Reads a folder of PNG images. Either `dir` holds *.png files (unlabeled:
+// label = num_classes, "no label") or subfolders named 0..num_classes-1 of
+// *.png files (labeled by folder), not both. Images are decoded to the
+// model's channels (gray or RGB) and must have its height and width. They
+// are shuffled in a fixed order (independent of any seed), so a split into
+// training and validation images takes every class. `limit` > 0 keeps the
+// first `limit` after shuffling. Errors name the file or folder at fault.
+absl::StatusOr<Dataset> LoadPngDataset(const std::string& dir,
+                                       const ImageShape& shape, int num_classes,
+                                       int64_t limit = 0);
+
+// `dir` as a dataset of either kind for `split` ("train" or "t10k"):
+// - IDX files: `dir` holds train-images-idx3-ubyte[.gz] (LoadIdxDataset);
+// - PNGs: for "train", `dir/train/` if it exists, else `dir` itself; for
+//   "t10k", `dir/test/` (or `dir/t10k/`), and an empty Dataset when neither
+//   exists (no test set).
+absl::StatusOr<Dataset> LoadDataset(const std::string& dir,
+                                    const std::string& split,
+                                    const ImageShape& shape, int num_classes,
+                                    int64_t limit = 0);
 
 }  // namespace vdm
 

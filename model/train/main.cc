@@ -1,10 +1,12 @@
 // vdm-train: trains a TorchScript VDM on Fashion-MNIST (or any IDX image
-// dataset of the model's shape) and writes the EMA model as TorchScript.
+// dataset or folder of PNGs of the model's shape) and writes the EMA model as
+// TorchScript, with the training state, metrics and pictures beside it.
 //
 //   vdm-train --init=untrained.pt --out=model.pt --steps=1000 --batch=64
+//   vdm-train --out=model.pt --steps=2000 --resume   # continue the run
 //
-// SIGINT/SIGTERM finish the current step, write the checkpoint and exit 0
-// (a second signal kills the process).
+// SIGINT/SIGTERM finish the current step, write the checkpoint and state and
+// exit 0 (a second signal kills the process).
 #include <malloc.h>
 #include <signal.h>
 
@@ -19,8 +21,15 @@
 #include "model/vdm/torchscript_model.h"
 
 ABSL_FLAG(std::string, data, "/usr/share/datasets/fashion-mnist",
-          "directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]");
-ABSL_FLAG(std::string, init, "", "model to train (TorchScript .pt); required");
+          "directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], "
+          "or a folder of PNGs: *.png (unlabeled) or class subfolders 0..9/ "
+          "(optionally under train/ and test/)");
+ABSL_FLAG(std::string, init, "",
+          "model to train (TorchScript .pt); required unless --resume");
+ABSL_FLAG(bool, resume, false,
+          "continue from the training state (--state) of an earlier run");
+ABSL_FLAG(std::string, state, "",
+          "training state file; default: <out>.state");
 ABSL_FLAG(std::string, out, "",
           "where to write the trained model (.pt); "
           "required");
@@ -36,6 +45,11 @@ ABSL_FLAG(double, grad_clip, 1.0, "max gradient L2 norm; <= 0 disables");
 ABSL_FLAG(double, ema_decay, 0.999, "EMA decay of the served weights");
 ABSL_FLAG(double, label_dropout, 0.1,
           "probability of training a row with the 'no label' class");
+ABSL_FLAG(std::string, weighting, "elbo",
+          "diffusion loss weighting: elbo (the VLB) or sigmoid "
+          "(VDM++: w = sigmoid(-logSNR + weighting_bias)); evaluation always "
+          "reports the VLB");
+ABSL_FLAG(double, weighting_bias, 2.0, "bias b of the sigmoid weighting");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (data order, times, noise)");
 ABSL_FLAG(int64_t, eval_every, 500, "steps between validation runs; 0 = never");
 ABSL_FLAG(int64_t, eval_images, 1000,
@@ -50,6 +64,14 @@ ABSL_FLAG(bool, eval_conditional, false,
 ABSL_FLAG(int64_t, checkpoint_every, 1000,
           "steps between checkpoints; 0 = only at the end");
 ABSL_FLAG(int64_t, log_every, 50, "steps per progress line");
+ABSL_FLAG(std::string, metrics_out, "",
+          "metrics file (JSON lines); default: <out>.metrics.jsonl");
+ABSL_FLAG(bool, pictures, true,
+          "at each validation write <out>.curve.png (learning curve) and "
+          "<out>.samples.png (guided samples, one row per class)");
+ABSL_FLAG(int, samples_per_class, 8, "sample grid columns; 0 = no grid");
+ABSL_FLAG(int, sample_steps, 50, "DDIM steps of the sample grid");
+ABSL_FLAG(double, sample_guidance, 3.0, "guidance scale of the sample grid");
 
 namespace {
 
@@ -77,8 +99,20 @@ bool TuneMalloc() {
          mallopt(M_TOP_PAD, 256 << 20) == 1;
 }
 
-vdm::Trainer::Options OptionsFromFlags() {
+absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   vdm::Trainer::Options o;
+  absl::StatusOr<vdm::Weighting::Kind> weighting =
+      vdm::ParseWeighting(absl::GetFlag(FLAGS_weighting));
+  if (!weighting.ok()) return weighting.status();
+  o.weighting.kind = *weighting;
+  o.weighting.bias = absl::GetFlag(FLAGS_weighting_bias);
+  o.resume = absl::GetFlag(FLAGS_resume);
+  o.state_path = absl::GetFlag(FLAGS_state);
+  o.metrics_path = absl::GetFlag(FLAGS_metrics_out);
+  o.pictures = absl::GetFlag(FLAGS_pictures);
+  o.samples_per_class = absl::GetFlag(FLAGS_samples_per_class);
+  o.sample_steps = absl::GetFlag(FLAGS_sample_steps);
+  o.sample_guidance = absl::GetFlag(FLAGS_sample_guidance);
   o.data_dir = absl::GetFlag(FLAGS_data);
   o.init_path = absl::GetFlag(FLAGS_init);
   o.out_path = absl::GetFlag(FLAGS_out);
@@ -116,12 +150,20 @@ void PrintEval(const char* name, const vdm::EvalResult& r) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "Trains a VDM (TorchScript) on an IDX image dataset.\n"
+      "Trains a VDM (TorchScript) on IDX files or a folder of PNGs.\n"
       "  vdm-train --init=untrained.pt --out=model.pt [--steps=N --batch=B]");
   absl::ParseCommandLine(argc, argv);
-  vdm::Trainer::Options options = OptionsFromFlags();
-  if (options.init_path.empty() || options.out_path.empty()) {
-    std::fprintf(stderr, "vdm-train: --init and --out are required\n");
+  absl::StatusOr<vdm::Trainer::Options> parsed = OptionsFromFlags();
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "vdm-train: %s\n",
+                 std::string(parsed.status().message()).c_str());
+    return 1;
+  }
+  vdm::Trainer::Options options = *parsed;
+  if (options.out_path.empty() ||
+      (options.init_path.empty() && !options.resume)) {
+    std::fprintf(stderr, "vdm-train: --out and --init (or --resume) are "
+                         "required\n");
     return 1;
   }
   if (!TuneMalloc()) std::fprintf(stderr, "vdm-train: mallopt failed\n");
@@ -140,10 +182,12 @@ int main(int argc, char** argv) {
                  std::string(summary.status().message()).c_str());
     return 1;
   }
-  std::printf("%s %ld steps in %.0f s -> %s\n",
+  std::printf("%s %ld steps (from step %ld) in %.0f s -> %s\n",
               summary->interrupted ? "interrupted after" : "trained",
-              static_cast<long>(summary->steps), summary->wall_seconds,
+              static_cast<long>(summary->steps),
+              static_cast<long>(summary->first_step), summary->wall_seconds,
               options.out_path.c_str());
+  std::printf("steps_per_second=%.4f\n", summary->steps_per_second);
   if (summary->validation) PrintEval("validation BPD", *summary->validation);
   if (summary->test) PrintEval("test BPD", *summary->test);
   if (summary->test_conditional) {

@@ -30,7 +30,9 @@ absl::Status CheckOptions(const Trainer::Options& o) {
   auto bad = [](const std::string& what) {
     return absl::InvalidArgumentError(what);
   };
-  if (o.init_path.empty()) return bad("no initial model (init_path) given");
+  if (o.init_path.empty() && !o.resume) {
+    return bad("no initial model (init_path) given");
+  }
   if (o.out_path.empty()) return bad("no output path (out_path) given");
   if (o.steps < 0) return bad("steps must be >= 0");
   if (o.batch_size < 1) return bad("batch_size must be >= 1");
@@ -43,14 +45,25 @@ absl::Status CheckOptions(const Trainer::Options& o) {
   if (!(o.label_dropout >= 0 && o.label_dropout <= 1)) {
     return bad("label_dropout must be in [0, 1]");
   }
+  if (o.weighting.kind == Weighting::Kind::kSigmoid &&
+      !std::isfinite(o.weighting.bias)) {
+    return bad("the sigmoid weighting's bias must be finite");
+  }
   if (o.eval_times < 1) return bad("eval_times must be >= 1");
   if (o.eval_batch < 1) return bad("eval_batch must be >= 1");
   if (o.eval_images < 0 || o.test_images < 0) {
     return bad("eval_images and test_images must be >= 0");
   }
+  const std::string state =
+      o.state_path.empty() ? o.out_path + ".state" : o.state_path;
+  std::error_code ec;
+  if (o.resume && !std::filesystem::is_regular_file(state, ec)) {
+    return absl::NotFoundError(absl::StrCat(
+        "--resume: no training state ", state, " (run without --resume to ",
+        "start from the initial model)"));
+  }
   std::filesystem::path dir = std::filesystem::path(o.out_path).parent_path();
   if (dir.empty()) dir = ".";
-  std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
     return bad(absl::StrCat("output directory ", dir.string(), " (of out_path ",
                             o.out_path, ") does not exist"));
@@ -87,6 +100,8 @@ Trainer::Trainer(const Options& options,
                  std::unique_ptr<TorchScriptModel> model, Dataset train,
                  Dataset validation, Dataset test)
     : options_(options),
+      state_path_(options.state_path.empty() ? options.out_path + ".state"
+                                             : options.state_path),
       model_(std::move(model)),
       train_(std::move(train)),
       validation_(std::move(validation)),
@@ -96,8 +111,10 @@ Trainer::Trainer(const Options& options,
 Trainer::~Trainer() = default;
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
-    const Options& options) {
-  VDM_RETURN_IF_ERROR(CheckOptions(options));
+    const Options& given) {
+  VDM_RETURN_IF_ERROR(CheckOptions(given));
+  Options options = given;
+  if (options.init_path.empty()) options.init_path = options.out_path;
   TorchScriptModel::Options model_options;
   model_options.path = options.init_path;
   model_options.device = options.device;
@@ -105,8 +122,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
                        TorchScriptModel::Load(model_options));
   const ImageShape shape = model->shape();
   const int classes = model->num_classes();
-  VDM_ASSIGN_OR_RETURN(
-      Dataset all, LoadIdxDataset(options.data_dir, "train", shape, classes));
+  VDM_ASSIGN_OR_RETURN(Dataset all,
+                       LoadDataset(options.data_dir, "train", shape, classes));
   const int64_t n_train = all.size() - options.eval_images;
   if (n_train < options.batch_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -116,13 +133,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   }
   Dataset test;
   if (options.test_images > 0) {
-    VDM_ASSIGN_OR_RETURN(test, LoadIdxDataset(options.data_dir, "t10k", shape,
-                                              classes, options.test_images));
+    VDM_ASSIGN_OR_RETURN(test, LoadDataset(options.data_dir, "t10k", shape,
+                                           classes, options.test_images));
   }
   std::unique_ptr<Trainer> trainer(
       new Trainer(options, std::move(model), all.Slice(0, n_train),
                   all.Slice(n_train, all.size()), std::move(test)));
   VDM_RETURN_IF_ERROR(trainer->Init());
+  if (options.resume) {
+    VDM_RETURN_IF_ERROR(trainer->RestoreState(trainer->state_path()));
+  }
   return trainer;
 }
 
@@ -131,6 +151,8 @@ absl::Status Trainer::Init() {
   info_.num_classes = model_->num_classes();
   info_.prediction = model_->prediction();
   info_.device = model_->device();
+  start_ = options_.now();
+  init_path_ = options_.init_path;
   init_metadata_ = model_->metadata();
   init_steps_ = StepsInMetadata(init_metadata_);
   try {
@@ -174,10 +196,11 @@ absl::StatusOr<double> Trainer::TrainStep(const at::Tensor& images,
     // Antithetic times t_i = (u + i / B) mod 1.
     at::Tensor u = at::rand({1}, gen_, at::TensorOptions(at::kFloat));
     at::Tensor t = at::fmod(at::arange(b, at::kFloat) / b + u, 1.0);
-    VDM_ASSIGN_OR_RETURN(VlbTerms terms,
-                         ComputeVlb(model_->module(), info_, images,
-                                    DropLabels(labels), t, gen_));
-    at::Tensor loss = NatsToBpd(terms.Total(), info_.shape.dims()).mean();
+    VDM_ASSIGN_OR_RETURN(
+        VlbTerms terms, ComputeVlb(model_->module(), info_, images,
+                                   DropLabels(labels), t, gen_,
+                                   options_.weighting));
+    at::Tensor loss = NatsToBpd(terms.Loss(), info_.shape.dims()).mean();
     const double value = loss.item<double>();
     optimizer_->zero_grad();
     loss.backward();
@@ -271,7 +294,8 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(const Dataset& data, bool use_ema,
 
 std::string Trainer::MetadataJson() const {
   nlohmann::json meta = BaseMetadata(init_metadata_);
-  const double wall = absl::ToDoubleSeconds(options_.now() - start_);
+  const double wall = earlier_wall_seconds_ +
+                      absl::ToDoubleSeconds(options_.now() - start_);
   meta["steps"] = init_steps_ + step_;
   meta["dataset"] = {
       {"name", std::filesystem::path(options_.data_dir).filename().string()},
@@ -282,7 +306,8 @@ std::string Trainer::MetadataJson() const {
   meta["training"] = {
       {"trainer", "vdm-train"},
       {"objective", "continuous-time VLB (bits/dim), antithetic times"},
-      {"init", options_.init_path},
+      {"weighting", WeightingName(options_.weighting.kind)},
+      {"init", init_path_},
       {"init_steps", init_steps_},
       {"steps", step_},
       {"planned_steps", options_.steps},
@@ -296,6 +321,7 @@ std::string Trainer::MetadataJson() const {
       {"ema_decay", options_.ema_decay},
       {"label_dropout", options_.label_dropout},
       {"seed", options_.seed},
+      {"resumed", resumed_from_ >= 0},
       {"weights", "ema"},
       {"wall_time_s", wall},
       {"finished", absl::FormatTime(absl::RFC3339_sec, options_.now(),
@@ -317,6 +343,9 @@ std::string Trainer::MetadataJson() const {
 }
 
 absl::Status Trainer::SaveCheckpoint(const std::string& path) {
+  // The state first: it alone is enough to resume, and a model file newer
+  // than its state would be harder to explain.
+  VDM_RETURN_IF_ERROR(SaveState(state_path_));
   VDM_RETURN_IF_ERROR(SaveModuleAtomic(ema_module_, MetadataJson(), path));
   Log(absl::StrCat("wrote ", path, " (EMA weights, step ", step_, ")"));
   return absl::OkStatus();

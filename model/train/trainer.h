@@ -1,8 +1,11 @@
-// Trains a TorchScript VDM (design.md section 3) in place on an IDX image
-// dataset with the continuous-time VLB in bits per dimension: AdamW with
-// linear warm-up, gradient-norm clipping and an EMA of the parameters; the
-// EMA weights are evaluated (validation and test BPD) and saved as the served
-// TorchScript model with its provenance in the `metadata` attribute.
+// Trains a TorchScript VDM (design.md section 3) in place on an image
+// dataset (IDX files or a folder of PNGs) with the continuous-time VLB, or a
+// VDM++ weighting of it: AdamW with linear warm-up, gradient-norm clipping
+// and an EMA of the parameters; the EMA weights are evaluated (validation and
+// test BPD, always the true VLB) and saved as the served TorchScript model
+// with its provenance in the `metadata` attribute. Beside the model it keeps
+// the training state (PATH.state: weights, EMA, AdamW moments, step, RNG and
+// data order), so a run can be resumed exactly.
 //
 // Thread-compatible: one thread drives a Trainer; another thread (or a signal
 // handler) may only set the atomic `Options::stop`.
@@ -25,6 +28,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "model/train/dataset.h"
+#include "model/train/metrics.h"
 #include "model/train/vlb.h"
 #include "model/vdm/torchscript_model.h"
 
@@ -37,10 +41,17 @@ namespace vdm {
 class Trainer {
  public:
   struct Options {
-    // Directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
+    // Directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or a
+    // folder of PNGs (see LoadDataset in dataset.h).
     std::string data_dir = "/usr/share/datasets/fashion-mnist";
-    std::string init_path;  // model to train (TorchScript .pt); required
-    std::string out_path;   // checkpoint to write (.pt); required
+    // Model to train (TorchScript .pt); required unless resuming, when it
+    // defaults to out_path (only its architecture is used then).
+    std::string init_path;
+    std::string out_path;  // checkpoint to write (.pt); required
+    // Training state beside the checkpoint; empty: out_path + ".state".
+    std::string state_path;
+    // Continue from the training state at state_path (it must exist).
+    bool resume = false;
     std::string device = "cpu";
     int64_t steps = 1000;  // optimizer steps
     int64_t batch_size = 64;
@@ -52,6 +63,7 @@ class Trainer {
     // step n so that short runs are not dominated by the initial weights.
     double ema_decay = 0.999;
     double label_dropout = 0.1;  // P(label -> "no label") in training
+    Weighting weighting;         // training loss; evaluation is the VLB
     uint64_t seed = 0;
     int64_t eval_every = 500;  // steps between validation runs; 0: never
     // Validation set: the last eval_images training images, held out from
@@ -66,6 +78,15 @@ class Trainer {
     bool eval_conditional = false;
     int64_t checkpoint_every = 1000;  // steps; 0: only at the end
     int64_t log_every = 50;           // steps per progress line; 0: never
+    // Metrics, one JSON object per line; empty: out_path + ".metrics.jsonl".
+    std::string metrics_path;
+    // At each validation, beside out_path: PATH.curve.png (training loss
+    // and validation BPD against steps) and PATH.samples.png (guided DDIM
+    // samples with a fixed seed, one row per class).
+    bool pictures = true;
+    int samples_per_class = 8;  // images per row; 0: no sample grid
+    int sample_steps = 50;
+    double sample_guidance = 3.0;
     FILE* log = stderr;               // progress output; nullptr: silent
     // Set (by a signal handler) => finish the current step, write the
     // checkpoint and return from Run().
@@ -77,7 +98,11 @@ class Trainer {
   struct Summary {
     int64_t steps = 0;         // steps done by this trainer
     bool interrupted = false;  // stopped by Options::stop
+    int64_t first_step = 0;    // the step this run started at (resume)
     double last_loss_bpd = 0;  // mean training loss of the last log window
+    // Training steps per second of this run, not counting its first two
+    // steps (TorchScript's profiling runs) nor evaluations and checkpoints.
+    double steps_per_second = 0;
     std::optional<EvalResult> validation;
     std::optional<EvalResult> test;
     std::optional<EvalResult> test_conditional;
@@ -103,8 +128,12 @@ class Trainer {
   absl::StatusOr<EvalResult> Evaluate(const Dataset& data, bool use_ema,
                                       const EvalOptions& options);
 
-  // Writes the EMA model with its metadata to `path` atomically.
+  // Writes the training state and then the EMA model with its metadata to
+  // `path`, each atomically.
   absl::Status SaveCheckpoint(const std::string& path);
+
+  // The training state file (out_path + ".state" unless set).
+  const std::string& state_path() const { return state_path_; }
 
   int64_t step() const { return step_; }
   const Dataset& train_data() const { return train_; }
@@ -116,10 +145,19 @@ class Trainer {
   Trainer(const Options& options, std::unique_ptr<TorchScriptModel> model,
           Dataset train, Dataset validation, Dataset test);
   absl::Status Init();
+  // Training state (trainer_state.cc).
+  absl::Status SaveState(const std::string& path) const;
+  absl::Status RestoreState(const std::string& path);
+  std::string StateJson() const;
+  absl::Status RestoreStateJson(const std::string& json);
   absl::Status TrainLoop(Summary& summary);
   absl::Status PeriodicWork();  // validation and checkpoint after a step
   absl::Status FinalEvaluation(Summary& summary);
   absl::StatusOr<EvalResult> Validate();
+  absl::Status WritePictures();  // learning curve and sample grid
+  absl::Status WriteEvalMetrics(const char* kind, const EvalResult& r);
+  double CurrentLr() const;
+  absl::Status LogProgress(double loss, double steps_per_second);
   void NextBatch(at::Tensor& images, at::Tensor& labels);
   // Labels with the "no label" entry at rate label_dropout.
   at::Tensor DropLabels(const at::Tensor& labels);
@@ -130,11 +168,13 @@ class Trainer {
 
   // Const after construction.
   const Options options_;
+  const std::string state_path_;
   const std::unique_ptr<TorchScriptModel> model_;  // trained in place
   const Dataset train_;
   const Dataset validation_;
   const Dataset test_;
   ModelInfo info_;
+  std::string init_path_;  // the model the run started from
   std::string init_metadata_;
 
   torch::jit::Module ema_module_;       // the served weights
@@ -148,11 +188,14 @@ class Trainer {
   int64_t init_steps_ = 0;  // steps recorded in the initial model's metadata
   at::Tensor order_;        // permutation of the training set, this epoch
   int64_t cursor_ = 0;      // next position in order_
+  std::unique_ptr<MetricsLog> metrics_;  // opened by Run()
   absl::Time start_;
+  double earlier_wall_seconds_ = 0;  // wall time of the runs before a resume
   std::optional<EvalResult> validation_result_;
   std::optional<EvalResult> test_result_;
   std::optional<EvalResult> test_conditional_result_;
   bool interrupted_ = false;
+  int64_t resumed_from_ = -1;  // step restored by RestoreState; -1: none
 };
 
 }  // namespace vdm

@@ -1,5 +1,6 @@
-// The training loop of Trainer (trainer.h): progress, periodic validation
-// and checkpoints, final evaluation.
+// The training loop of Trainer (trainer.h): progress, metrics, periodic
+// validation with pictures, checkpoints, final evaluation.
+#include <torch/optim/adamw.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,7 +12,11 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/train/checkpoint.h"
+#include "model/train/plot.h"
+#include "model/train/preview.h"
 #include "model/train/trainer.h"
+#include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 
 namespace vdm {
@@ -44,6 +49,21 @@ struct ProgressWindow {
   double StepsPerSecond() const { return seconds > 0 ? steps / seconds : 0; }
 };
 
+// "[#########...........]  45%" for a terminal.
+std::string Bar(int64_t done, int64_t total) {
+  constexpr int kWidth = 24;
+  const double f = total > 0 ? std::clamp(1.0 * done / total, 0.0, 1.0) : 1;
+  const int fill = static_cast<int>(f * kWidth);
+  return absl::StrFormat("[%s%s] %3d%%", std::string(fill, '#'),
+                         std::string(kWidth - fill, '.'),
+                         static_cast<int>(f * 100));
+}
+
+// The path beside a checkpoint: "model.pt" -> "model.pt.<suffix>".
+std::string Beside(const std::string& path, const char* suffix) {
+  return absl::StrCat(path, ".", suffix);
+}
+
 }  // namespace
 
 absl::StatusOr<EvalResult> Trainer::Validate() {
@@ -60,7 +80,59 @@ absl::StatusOr<EvalResult> Trainer::Validate() {
   Log(absl::StrCat(
       "validation at step ", step_, ": ", FormatEval(result), " in ",
       FormatSeconds(absl::ToDoubleSeconds(options_.now() - start))));
+  VDM_RETURN_IF_ERROR(WriteEvalMetrics("validation", result));
+  VDM_RETURN_IF_ERROR(WritePictures());
   return result;
+}
+
+absl::Status Trainer::WriteEvalMetrics(const char* kind,
+                                       const EvalResult& r) {
+  if (metrics_ == nullptr) return absl::OkStatus();
+  nlohmann::json j = EvalToJson(r);
+  j["kind"] = kind;
+  j["step"] = step_;
+  return metrics_->Write(j);
+}
+
+double Trainer::CurrentLr() const {
+  const auto& groups = optimizer_->param_groups();
+  if (groups.empty()) return 0;
+  return static_cast<const torch::optim::AdamWOptions&>(groups[0].options())
+      .lr();
+}
+
+absl::Status Trainer::WritePictures() {
+  if (!options_.pictures || metrics_ == nullptr) return absl::OkStatus();
+  const std::string name = WeightingName(options_.weighting.kind);
+  PlotSeries loss{absl::StrCat("TRAINING LOSS (", name, ")"),
+                  {40, 90, 200}, metrics_->loss()};
+  PlotSeries val{"VALIDATION BPD", {220, 60, 40}, metrics_->validation(),
+                 /*markers=*/true};
+  absl::StatusOr<Image8> curve = PlotCurves({loss, val});
+  if (curve.ok()) {
+    VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(*curve));
+    VDM_RETURN_IF_ERROR(
+        WriteFileAtomic(Beside(options_.out_path, "curve.png"), png));
+  }
+  if (options_.samples_per_class <= 0) return absl::OkStatus();
+  SampleGridOptions grid;
+  grid.per_class = options_.samples_per_class;
+  grid.steps = options_.sample_steps;
+  grid.guidance = options_.sample_guidance;
+  grid.seed = options_.seed + 3;
+  grid.stop = options_.stop;
+  const absl::Time start = options_.now();
+  absl::StatusOr<Image8> samples = SampleGrid(ema_module_, info_, grid);
+  if (absl::IsCancelled(samples.status())) return absl::OkStatus();
+  VDM_RETURN_IF_ERROR(samples.status());
+  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(*samples));
+  const std::string path = Beside(options_.out_path, "samples.png");
+  VDM_RETURN_IF_ERROR(WriteFileAtomic(path, png));
+  Log(absl::StrFormat(
+      "wrote %s (guided DDIM-%d, scale %g) in %s", path, grid.steps,
+      grid.guidance,
+      FormatSeconds(absl::ToDoubleSeconds(options_.now() - start))));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Trainer::Summary> Trainer::Run() {
@@ -71,7 +143,12 @@ absl::StatusOr<Trainer::Summary> Trainer::Run() {
       options_.init_path, options_.data_dir, train_.size(), validation_.size(),
       test_.size(), info_.shape.channels, info_.shape.height, info_.shape.width,
       info_.num_classes, info_.prediction, params_.size()));
+  const std::string metrics_path =
+      options_.metrics_path.empty() ? Beside(options_.out_path, "metrics.jsonl")
+                                    : options_.metrics_path;
+  VDM_ASSIGN_OR_RETURN(metrics_, MetricsLog::Open(metrics_path, resumed_from_));
   Summary summary;
+  summary.first_step = step_;
   VDM_RETURN_IF_ERROR(TrainLoop(summary));
   if (!interrupted_) VDM_RETURN_IF_ERROR(FinalEvaluation(summary));
   VDM_RETURN_IF_ERROR(SaveCheckpoint(options_.out_path));
@@ -87,6 +164,7 @@ absl::StatusOr<Trainer::Summary> Trainer::Run() {
 absl::Status Trainer::TrainLoop(Summary& summary) {
   const bool tty = options_.log != nullptr && isatty(fileno(options_.log));
   ProgressWindow window;
+  ProgressWindow timed;  // this run's steps after its first two
   while (step_ < options_.steps) {
     if (options_.stop != nullptr && options_.stop->load()) {
       interrupted_ = true;
@@ -98,26 +176,46 @@ absl::Status Trainer::TrainLoop(Summary& summary) {
     NextBatch(images, labels);
     VDM_ASSIGN_OR_RETURN(double loss, TrainStep(images, labels));
     if (!std::isfinite(loss)) continue;  // skipped update (logged)
-    window.Add(loss, absl::ToDoubleSeconds(options_.now() - begin));
+    const double seconds = absl::ToDoubleSeconds(options_.now() - begin);
+    window.Add(loss, seconds);
+    if (step_ - summary.first_step > 2) timed.Add(loss, seconds);
     summary.last_loss_bpd = window.MeanLoss();
+    summary.steps_per_second = timed.StepsPerSecond();
     if (options_.log_every > 0 &&
         (step_ % options_.log_every == 0 || step_ == options_.steps)) {
-      const double rate = window.StepsPerSecond();
-      Log(absl::StrFormat(
-          "step %d/%d  loss %.4f bpd  %.2f steps/s  ETA %s", step_,
-          options_.steps, window.MeanLoss(), rate,
-          rate > 0 ? FormatSeconds((options_.steps - step_) / rate) : "?"));
+      VDM_RETURN_IF_ERROR(LogProgress(window.MeanLoss(),
+                                      window.StepsPerSecond()));
       window = ProgressWindow();
     } else if (tty) {
-      std::fprintf(options_.log, "\rstep %ld/%ld  loss %.4f bpd\x1b[K",
+      const double rate = window.StepsPerSecond();
+      std::fprintf(options_.log, "\r%s step %ld/%ld  loss %.4f  ETA %s\x1b[K",
+                   Bar(step_, options_.steps).c_str(),
                    static_cast<long>(step_), static_cast<long>(options_.steps),
-                   loss);
+                   loss, rate > 0 ? FormatSeconds((options_.steps - step_) /
+                                                  rate).c_str()
+                                  : "?");
       std::fflush(options_.log);
     }
     VDM_RETURN_IF_ERROR(PeriodicWork());
     if (interrupted_) break;
   }
   return absl::OkStatus();
+}
+
+absl::Status Trainer::LogProgress(double loss, double rate) {
+  const bool elbo = options_.weighting.kind == Weighting::Kind::kElbo;
+  Log(absl::StrFormat(
+      "step %d/%d  loss %.4f%s  %.2f steps/s  lr %.2e  ETA %s", step_,
+      options_.steps, loss, elbo ? " bpd" : " (sigmoid-weighted)", rate,
+      CurrentLr(),
+      rate > 0 ? FormatSeconds((options_.steps - step_) / rate) : "?"));
+  if (metrics_ == nullptr) return absl::OkStatus();
+  return metrics_->Write({{"kind", "train"},
+                          {"step", step_},
+                          {"loss", loss},
+                          {"weighting", WeightingName(options_.weighting.kind)},
+                          {"steps_per_s", rate},
+                          {"lr", CurrentLr()}});
 }
 
 absl::Status Trainer::PeriodicWork() {
@@ -154,6 +252,8 @@ absl::Status Trainer::FinalEvaluation(Summary& summary) {
     }
     VDM_RETURN_IF_ERROR(result.status());
     out = *result;
+    VDM_RETURN_IF_ERROR(
+        WriteEvalMetrics(conditional ? "test_conditional" : "test", *result));
     Log(absl::StrCat(
         "test: ", FormatEval(*result), " in ",
         FormatSeconds(absl::ToDoubleSeconds(options_.now() - start))));

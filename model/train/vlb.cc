@@ -29,6 +29,23 @@ at::Tensor Randn(at::IntArrayRef sizes, at::Generator& gen,
 
 }  // namespace
 
+absl::StatusOr<Weighting::Kind> ParseWeighting(const std::string& name) {
+  if (name == "elbo") return Weighting::Kind::kElbo;
+  if (name == "sigmoid") return Weighting::Kind::kSigmoid;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown loss weighting '", name, "' (want elbo or sigmoid)"));
+}
+
+std::string WeightingName(Weighting::Kind kind) {
+  return kind == Weighting::Kind::kSigmoid ? "sigmoid" : "elbo";
+}
+
+at::Tensor LossWeight(const Weighting& weighting, const at::Tensor& gamma) {
+  if (weighting.kind == Weighting::Kind::kElbo) return at::ones_like(gamma);
+  // lambda = -gamma: sigmoid(-lambda + b) = sigmoid(gamma + b).
+  return at::sigmoid(gamma + weighting.bias);
+}
+
 absl::StatusOr<std::pair<at::Tensor, at::Tensor>> GammaWithDerivative(
     torch::jit::Module& module, const at::Tensor& t, bool create_graph) {
   try {
@@ -59,7 +76,8 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> GammaWithDerivative(
 absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
-                                    const at::Tensor& t, at::Generator& gen) {
+                                    const at::Tensor& t, at::Generator& gen,
+                                    const Weighting& weighting) {
   const int64_t b = x.size(0);
   if (b == 0 || t.dim() != 1 || t.size(0) % b != 0) {
     return absl::InvalidArgumentError(
@@ -97,9 +115,14 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                        ", expected ", c10::str(z.sizes())));
     }
     at::Tensor eps_hat = ToEps(info.prediction, out, z, gamma_t.first);
-    terms.diffusion = DiffusionLossContinuous(eps, eps_hat, gamma_t.second)
-                          .view({b, k})
-                          .mean(1);
+    at::Tensor rows = DiffusionLossContinuous(eps, eps_hat, gamma_t.second);
+    terms.diffusion = rows.view({b, k}).mean(1);
+    terms.weighted_diffusion =
+        weighting.kind == Weighting::Kind::kElbo
+            ? terms.diffusion
+            : (rows * LossWeight(weighting, gamma_t.first.detach()))
+                  .view({b, k})
+                  .mean(1);
     return terms;
   } catch (const c10::Error& e) {
     return TorchError("VLB", e);

@@ -33,12 +33,36 @@ struct ModelInfo {
 absl::StatusOr<std::pair<at::Tensor, at::Tensor>> GammaWithDerivative(
     torch::jit::Module& module, const at::Tensor& t, bool create_graph);
 
-// The three VLB terms in nats per image, [B] each.
+// The weighting of the diffusion loss over log-SNR lambda = -gamma (VDM++,
+// Kingma & Gao 2023): L_w = 0.5 E_t[w(lambda_t) gamma'(t) ||eps - eps_hat||^2].
+// kElbo (w = 1) is the VLB; kSigmoid, w = sigmoid(-lambda + bias) =
+// sigmoid(gamma + bias), is monotone in lambda, so L_w is still an ELBO of
+// noise-augmented data; it puts less weight on low noise levels.
+struct Weighting {
+  enum class Kind { kElbo, kSigmoid };
+  Kind kind = Kind::kElbo;
+  double bias = 2.0;  // b of the sigmoid weighting
+};
+
+// Parses "elbo" or "sigmoid"; the name of a Weighting::Kind.
+absl::StatusOr<Weighting::Kind> ParseWeighting(const std::string& name);
+std::string WeightingName(Weighting::Kind kind);
+
+// w(lambda) per row for gamma [N] (a tensor of ones for kElbo).
+at::Tensor LossWeight(const Weighting& weighting, const at::Tensor& gamma);
+
+// The three VLB terms in nats per image, [B] each, and the weighted
+// diffusion loss that training minimizes.
 struct VlbTerms {
   at::Tensor prior;
   at::Tensor recon;
   at::Tensor diffusion;  // averaged over the K times of each image
+  // 0.5 w(lambda_t) gamma'(t) ||eps - eps_hat||^2, averaged over the K
+  // times; the same tensor as `diffusion` for the ELBO weighting.
+  at::Tensor weighted_diffusion;
   at::Tensor Total() const { return prior + recon + diffusion; }
+  // The training loss: the VLB with the diffusion term weighted.
+  at::Tensor Loss() const { return prior + recon + weighted_diffusion; }
 };
 
 // VLB terms of images x [B,C,H,W] uint8 with labels [B] i64 (already with
@@ -49,7 +73,8 @@ struct VlbTerms {
 absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
-                                    const at::Tensor& t, at::Generator& gen);
+                                    const at::Tensor& t, at::Generator& gen,
+                                    const Weighting& weighting = {});
 
 struct EvalOptions {
   int times = 1;             // K stratified times per image

@@ -1,8 +1,5 @@
 #include "model/train/trainer.h"
 
-#include <unistd.h>
-#include <zlib.h>
-
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -15,7 +12,9 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/vdm/image_io.h"
 #include "model/vdm/torchscript_model.h"
+#include "tests/model/train/test_data.h"
 
 namespace vdm {
 namespace {
@@ -25,89 +24,25 @@ using ::testing::HasSubstr;
 
 const std::string kTinyModel = std::string(VDM_TEST_MODELS_DIR) + "/tiny.pt";
 
-// An IDX file of unsigned bytes, gzip-compressed when the name ends in .gz.
-void WriteIdx(const std::string& path, const std::vector<int32_t>& dims,
-              const std::vector<uint8_t>& data) {
-  std::string bytes = {0, 0, 0x08, static_cast<char>(dims.size())};
-  for (int32_t d : dims) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      bytes.push_back(static_cast<char>((d >> shift) & 0xff));
-    }
-  }
-  bytes.append(data.begin(), data.end());
-  if (path.size() > 3 && path.substr(path.size() - 3) == ".gz") {
-    gzFile f = gzopen(path.c_str(), "wb");
-    ASSERT_NE(f, nullptr) << path;
-    ASSERT_EQ(gzwrite(f, bytes.data(), bytes.size()),
-              static_cast<int>(bytes.size()));
-    gzclose(f);
-  } else {
-    std::ofstream(path, std::ios::binary) << bytes;
-  }
-}
-
-// `n` structured size x size images: a bright bar whose row depends on the
-// label (i % 10), on a dark noisy background.
-void WriteSplit(const std::string& dir, const std::string& split, int n,
-                int size = 28, int label_offset = 0) {
-  std::mt19937 rng(n * 31 + size);
-  std::uniform_int_distribution<int> noise(0, 40);
-  std::vector<uint8_t> images(static_cast<size_t>(n) * size * size);
-  std::vector<uint8_t> labels(n);
-  for (int i = 0; i < n; ++i) {
-    labels[i] = static_cast<uint8_t>(i % 10 + label_offset);
-    const int bar = 2 + 2 * (i % 10);
-    for (int y = 0; y < size; ++y) {
-      for (int x = 0; x < size; ++x) {
-        const bool on = std::abs(y - bar) <= 1 && x > 3 && x < size - 4;
-        images[(static_cast<size_t>(i) * size + y) * size + x] =
-            static_cast<uint8_t>(on ? 220 + noise(rng) / 2 : noise(rng));
-      }
-    }
-  }
-  WriteIdx(dir + "/" + split + "-images-idx3-ubyte.gz", {n, size, size},
-           images);
-  WriteIdx(dir + "/" + split + "-labels-idx1-ubyte", {n}, labels);
-}
+using test_data::TrainDir;
+using test_data::WriteSplit;
 
 class TrainerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("vdm_trainer_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_ / "data");
-    WriteSplit(data_dir(), "train", 64);
-    WriteSplit(data_dir(), "t10k", 32);
+    dir_ = std::make_unique<TrainDir>(
+        std::string("trainer_test_") +
+        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     SetTorchThreads(1);  // robust timing on a shared machine
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override { dir_.reset(); }
 
-  std::string data_dir() const { return (dir_ / "data").string(); }
-  std::string out_path() const { return (dir_ / "out.pt").string(); }
+  std::string data_dir() const { return dir_->data(); }
+  std::string out_path() const { return dir_->out(); }
+  Trainer::Options SmallOptions() const { return test_data::SmallOptions(*dir_); }
 
-  Trainer::Options SmallOptions() const {
-    Trainer::Options o;
-    o.data_dir = data_dir();
-    o.init_path = kTinyModel;
-    o.out_path = out_path();
-    o.steps = 4;
-    o.batch_size = 8;
-    o.warmup_steps = 2;
-    o.eval_every = 2;
-    o.eval_images = 16;
-    o.test_images = 32;
-    o.eval_times = 2;
-    o.eval_batch = 32;
-    o.eval_conditional = true;
-    o.checkpoint_every = 2;
-    o.log_every = 2;
-    o.log = nullptr;
-    return o;
-  }
-
-  fs::path dir_;
+  std::unique_ptr<TrainDir> dir_;
+  fs::path dir() const { return dir_->path(); }
 };
 
 TEST_F(TrainerTest, TrainsAndWritesLoadableCheckpoint) {
@@ -226,7 +161,7 @@ TEST_F(TrainerTest, StopFlagWritesCheckpointAndReturns) {
 
 TEST_F(TrainerTest, MissingDataDirFailsAtCreate) {
   Trainer::Options options = SmallOptions();
-  options.data_dir = (dir_ / "nowhere").string();
+  options.data_dir = (dir() / "nowhere").string();
   auto trainer = Trainer::Create(options);
   ASSERT_FALSE(trainer.ok());
   EXPECT_THAT(std::string(trainer.status().message()),
@@ -234,7 +169,7 @@ TEST_F(TrainerTest, MissingDataDirFailsAtCreate) {
 }
 
 TEST_F(TrainerTest, MissingFileFailsAtCreate) {
-  fs::remove(dir_ / "data" / "t10k-labels-idx1-ubyte");
+  fs::remove(dir() / "data" / "t10k-labels-idx1-ubyte");
   auto trainer = Trainer::Create(SmallOptions());
   ASSERT_FALSE(trainer.ok());
   EXPECT_THAT(std::string(trainer.status().message()),
@@ -266,11 +201,81 @@ TEST_F(TrainerTest, BadOptionsFailAtCreate) {
   EXPECT_THAT(std::string(trainer.status().message()), HasSubstr("batch"));
 
   options = SmallOptions();
-  options.out_path = (dir_ / "no_such_dir" / "out.pt").string();
+  options.out_path = (dir() / "no_such_dir" / "out.pt").string();
   trainer = Trainer::Create(options);
   ASSERT_FALSE(trainer.ok());
   EXPECT_THAT(std::string(trainer.status().message()),
               HasSubstr("no_such_dir"));
+}
+
+TEST_F(TrainerTest, WritesMetricsCurveAndSampleGrid) {
+  Trainer::Options options = SmallOptions();
+  options.samples_per_class = 3;
+  options.sample_steps = 4;
+  auto trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+
+  std::ifstream in(out_path() + ".metrics.jsonl");
+  std::vector<nlohmann::json> records;
+  for (std::string line; std::getline(in, line);) {
+    records.push_back(nlohmann::json::parse(line));
+  }
+  int train = 0, validation = 0, test = 0;
+  for (const auto& r : records) {
+    const std::string kind = r.at("kind");
+    if (kind == "train") {
+      ++train;
+      EXPECT_TRUE(r.contains("loss") && r.contains("lr") &&
+                  r.contains("steps_per_s"));
+    } else if (kind == "validation") {
+      ++validation;
+      EXPECT_TRUE(r.contains("prior_bpd") && r.contains("diffusion_bpd"));
+    } else if (kind == "test") {
+      ++test;
+    }
+  }
+  EXPECT_EQ(train, 2);       // log_every 2 over 4 steps
+  EXPECT_EQ(validation, 2);  // steps 2 and 4
+  EXPECT_EQ(test, 1);
+
+  auto curve = ReadFile(out_path() + ".curve.png");
+  ASSERT_TRUE(curve.ok()) << curve.status();
+  auto curve_image = DecodePng(*curve);
+  ASSERT_TRUE(curve_image.ok());
+  EXPECT_EQ(curve_image->channels, 3);
+  EXPECT_EQ(curve_image->width, 640);
+  auto samples = ReadFile(out_path() + ".samples.png");
+  ASSERT_TRUE(samples.ok()) << samples.status();
+  auto grid = DecodePng(*samples);
+  ASSERT_TRUE(grid.ok());
+  // 10 rows (classes) of 3 images, 28 px and a 2 px border.
+  EXPECT_EQ(grid->height, 10 * 30 + 2);
+  EXPECT_EQ(grid->width, 3 * 30 + 2);
+}
+
+TEST_F(TrainerTest, WeightingChangesTheLossButNotTheEvaluation) {
+  Trainer::Options elbo = SmallOptions();
+  Trainer::Options sigmoid = elbo;
+  sigmoid.weighting.kind = Weighting::Kind::kSigmoid;
+  auto a = Trainer::Create(elbo);
+  auto b = Trainer::Create(sigmoid);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EvalOptions eval;
+  eval.times = 2;
+  eval.seed = 3;
+  const Dataset& val = (*a)->validation_data();
+  auto eval_a = (*a)->Evaluate(val, /*use_ema=*/false, eval);
+  auto eval_b = (*b)->Evaluate(val, /*use_ema=*/false, eval);
+  ASSERT_TRUE(eval_a.ok() && eval_b.ok());
+  EXPECT_DOUBLE_EQ(eval_a->bpd, eval_b->bpd);  // the VLB either way
+
+  const Dataset batch = (*a)->train_data().Slice(0, 8);
+  auto loss_a = (*a)->TrainStep(batch.images, batch.labels);
+  auto loss_b = (*b)->TrainStep(batch.images, batch.labels);
+  ASSERT_TRUE(loss_a.ok() && loss_b.ok());
+  // Same seed => same times and noise: w <= 1 lowers the diffusion term.
+  EXPECT_LT(*loss_b, *loss_a);
 }
 
 }  // namespace
