@@ -138,6 +138,7 @@ absl::StatusOr<SampleResult> VdmClient::Sample(
   vdm::v1::SampleRequest request;
   request.set_num_images(params.num_images);
   request.set_sampler(params.sampler);
+  request.set_time_grid(params.time_grid);
   request.set_steps(params.steps);
   request.set_eta(params.eta);
   if (params.guidance_scale.has_value()) {
@@ -261,8 +262,20 @@ absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name) {
   const std::string lower = absl::AsciiStrToLower(name);
   if (lower == "ddim") return vdm::v1::SAMPLER_DDIM;
   if (lower == "ddpm") return vdm::v1::SAMPLER_DDPM;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown sampler \"", name, "\" (want ddim or ddpm)"));
+  if (lower == "euler_maruyama") return vdm::v1::SAMPLER_EULER_MARUYAMA;
+  if (lower == "heun") return vdm::v1::SAMPLER_HEUN;
+  if (lower == "dpm_solver_2m") return vdm::v1::SAMPLER_DPM_SOLVER_2M;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown sampler \"", name,
+      "\" (want ddim, ddpm, euler_maruyama, heun or dpm_solver_2m)"));
+}
+
+absl::StatusOr<vdm::v1::TimeGrid> ParseTimeGrid(absl::string_view name) {
+  const std::string lower = absl::AsciiStrToLower(name);
+  if (lower == "uniform_t") return vdm::v1::TIME_GRID_UNIFORM_T;
+  if (lower == "uniform_log_snr") return vdm::v1::TIME_GRID_UNIFORM_LOG_SNR;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown time grid \"", name, "\" (want uniform_t or uniform_log_snr)"));
 }
 
 std::string ServingStatusName(ServingStatus status) {

@@ -66,6 +66,7 @@ absl::StatusOr<std::string> ServiceConfigJson(const ClientOptions& options);
 struct SampleParams {
   int num_images = 1;
   vdm::v1::Sampler sampler = vdm::v1::SAMPLER_DDIM;
+  vdm::v1::TimeGrid time_grid = vdm::v1::TIME_GRID_UNIFORM_T;
   int steps = 0;     // 0 = the server's default (50)
   float eta = 0.0f;  // DDIM only, in [0, 1]
   // Classifier-free guidance scale (needs a label); unset = the server's
@@ -190,6 +191,8 @@ uint64_t ChunkSeed(uint64_t base, int64_t chunk);
 
 // "ddim" or "ddpm" (any case).
 absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name);
+// "uniform_t" or "uniform_log_snr".
+absl::StatusOr<vdm::v1::TimeGrid> ParseTimeGrid(absl::string_view name);
 
 // "SERVING", "NOT_SERVING", ...
 std::string ServingStatusName(ServingStatus status);

@@ -32,7 +32,10 @@ ABSL_FLAG(int, max_attempts, 3,
           "round_robin. 1 = no retries.");
 // sample
 ABSL_FLAG(int, num, 16, "sample: number of images.");
-ABSL_FLAG(std::string, sampler, "ddim", "sample: ddim or ddpm.");
+ABSL_FLAG(std::string, sampler, "ddim",
+          "sample: ddim, ddpm, euler_maruyama, heun or dpm_solver_2m.");
+ABSL_FLAG(std::string, time_grid, "uniform_t",
+          "sample: uniform_t or uniform_log_snr.");
 ABSL_FLAG(int, steps, 50, "sample: number of sampling steps.");
 ABSL_FLAG(double, eta, 0.0, "sample: DDIM eta in [0, 1] (0 = deterministic).");
 ABSL_FLAG(std::optional<double>, guidance, std::nullopt,
@@ -70,8 +73,9 @@ constexpr int kUsage = 2;
 constexpr char kUsageText[] = R"(a command-line client for vdm-serve.
 
 Usage:
-  vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=ddim|ddpm]
-      [--steps=S] [--eta=E] [--guidance=G] [--label=L] [--seed=S]
+  vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=ddim|ddpm|euler_maruyama|heun|dpm_solver_2m]
+      [--time_grid=uniform_t|uniform_log_snr] [--steps=S] [--eta=E]
+      [--guidance=G] [--label=L] [--seed=S]
       [--out=grid.png] [--out_dir=DIR] [--repeat=N]
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] (--idx=FILE [--limit=N] | FILE.png ...)
@@ -143,6 +147,10 @@ int RunSample(const VdmClient& client) {
   vdm::client::SampleParams params;
   params.num_images = absl::GetFlag(FLAGS_num);
   params.sampler = *sampler;
+  absl::StatusOr<vdm::v1::TimeGrid> grid =
+      vdm::client::ParseTimeGrid(absl::GetFlag(FLAGS_time_grid));
+  if (!grid.ok()) return Usage(std::string(grid.status().message()));
+  params.time_grid = *grid;
   params.steps = absl::GetFlag(FLAGS_steps);
   params.eta = static_cast<float>(absl::GetFlag(FLAGS_eta));
   if (const std::optional<double> guidance = absl::GetFlag(FLAGS_guidance)) {

@@ -24,14 +24,13 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/sampler_config.h"
 
 namespace vdm {
 
 class Denoiser;
 class Metrics;
 class Worker;
-
-enum class SamplerKind { kDdim, kDdpm };
 
 // Progress of a sampling request, reported after each step.
 struct SampleProgress {
@@ -42,9 +41,7 @@ struct SampleProgress {
 
 struct SampleJob {
   int num_images = 1;
-  SamplerKind sampler = SamplerKind::kDdim;
-  int steps = 50;
-  float eta = 0.0f;             // DDIM only; DDPM uses 1
+  SamplerConfig sampler;        // type, steps, eta (DDIM), time grid
   float guidance_scale = 1.0f;  // used only with a label
   int label = -1;               // -1 = unconditional ("no label")
   uint64_t seed = 0;

@@ -137,7 +137,7 @@ VdmServer::~VdmServer() { Shutdown(absl::ZeroDuration()); }
 absl::Status VdmServer::WarmUp() {
   SampleJob job;
   job.num_images = 1;
-  job.steps = 2;
+  job.sampler.steps = 2;
   std::promise<absl::Status> done;
   VDM_RETURN_IF_ERROR(engine_->SubmitSample(
       job, RequestControl{}, [&done](absl::StatusOr<SampleResult> r) {

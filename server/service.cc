@@ -111,21 +111,37 @@ absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
   job.num_images = r.num_images();
   switch (r.sampler()) {
     case v1::SAMPLER_UNSPECIFIED:
-    case v1::SAMPLER_DDIM: job.sampler = SamplerKind::kDdim; break;
-    case v1::SAMPLER_DDPM: job.sampler = SamplerKind::kDdpm; break;
+    case v1::SAMPLER_DDIM: job.sampler.type = SamplerType::kDdim; break;
+    case v1::SAMPLER_DDPM: job.sampler.type = SamplerType::kDdpm; break;
+    case v1::SAMPLER_EULER_MARUYAMA:
+      job.sampler.type = SamplerType::kEulerMaruyama;
+      break;
+    case v1::SAMPLER_HEUN: job.sampler.type = SamplerType::kHeun; break;
+    case v1::SAMPLER_DPM_SOLVER_2M:
+      job.sampler.type = SamplerType::kDpmSolver2M;
+      break;
     default:
       return Invalid(absl::StrCat("sampler: unknown value ", r.sampler(),
-                                  "; use SAMPLER_DDIM or SAMPLER_DDPM"));
+                                  "; see enum vdm.v1.Sampler"));
   }
-  job.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
-  if (job.steps < 1 || job.steps > options_.max_steps) {
+  switch (r.time_grid()) {
+    case v1::TIME_GRID_UNSPECIFIED:
+    case v1::TIME_GRID_UNIFORM_T: job.sampler.grid = TimeGrid::kUniformT; break;
+    case v1::TIME_GRID_UNIFORM_LOG_SNR:
+      job.sampler.grid = TimeGrid::kUniformLogSnr;
+      break;
+    default:
+      return Invalid(absl::StrCat("time_grid: unknown value ", r.time_grid()));
+  }
+  job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
+  if (job.sampler.steps < 1 || job.sampler.steps > options_.max_steps) {
     return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
                                    r.steps(), options_.max_steps));
   }
   if (!(r.eta() >= 0.0f && r.eta() <= 1.0f)) {
     return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
   }
-  job.eta = r.eta();
+  job.sampler.eta = r.eta();
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
   if (r.has_guidance_scale()) {
     const float g = r.guidance_scale();

@@ -131,6 +131,32 @@ TEST_F(ServiceTest, GuidanceEvaluatesAPairPerImage) {
   EXPECT_EQ(response.network_evaluations(), 2 * 5 * 2);
 }
 
+TEST_F(ServiceTest, EverySamplerServesAtItsCostInNetworkEvaluations) {
+  const std::vector<std::pair<v1::Sampler, int>> samplers = {
+      {v1::SAMPLER_DDIM, 1}, {v1::SAMPLER_DDPM, 1},
+      {v1::SAMPLER_EULER_MARUYAMA, 1}, {v1::SAMPLER_HEUN, 2},
+      {v1::SAMPLER_DPM_SOLVER_2M, 1}};
+  for (const auto& [sampler, per_step] : samplers) {
+    for (v1::TimeGrid grid :
+         {v1::TIME_GRID_UNIFORM_T, v1::TIME_GRID_UNIFORM_LOG_SNR}) {
+      v1::SampleRequest request = SampleRequest(2, 4, 3);
+      request.set_sampler(sampler);
+      request.set_time_grid(grid);
+      v1::SampleResponse response;
+      const grpc::Status s = CallSample(request, &response);
+      ASSERT_TRUE(s.ok()) << sampler << ": " << s.error_message();
+      EXPECT_EQ(response.images_size(), 2);
+      EXPECT_EQ(response.network_evaluations(), 2 * 4 * per_step) << sampler;
+    }
+  }
+  v1::SampleRequest bad = SampleRequest(1, 2, 1);
+  bad.set_time_grid(static_cast<v1::TimeGrid>(7));
+  v1::SampleResponse response;
+  const grpc::Status s = CallSample(bad, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("time_grid"));
+}
+
 TEST_F(ServiceTest, SameSeedGivesSameImagesAloneOrSharingBatches) {
   const v1::SampleRequest request = SampleRequest(4, 4, 77);
   v1::SampleResponse alone;

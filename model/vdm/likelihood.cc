@@ -1,0 +1,250 @@
+#include "model/vdm/likelihood.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "model/vdm/diffusion.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace {
+
+// [m] + the image dimensions of `like` (dropping its first dimension).
+std::vector<int64_t> RowShape(int64_t m, const at::Tensor& like) {
+  std::vector<int64_t> shape = {m};
+  for (int64_t i = 1; i < like.dim(); ++i) shape.push_back(like.size(i));
+  return shape;
+}
+
+// Evaluates the schedule at t (float64 [B]) and checks its answer.
+absl::StatusOr<GammaValues> Evaluate(const ScheduleFn& schedule,
+                                     const at::Tensor& t) {
+  VDM_ASSIGN_OR_RETURN(GammaValues g, schedule(t.to(at::kFloat)));
+  if (!g.gamma.defined() || !g.dgamma_dt.defined() ||
+      g.gamma.numel() != t.numel() || g.dgamma_dt.numel() != t.numel()) {
+    return absl::InvalidArgumentError("schedule returned a wrong shape");
+  }
+  GammaValues out{g.gamma.to(at::kCPU).to(at::kDouble).reshape({-1}),
+                  g.dgamma_dt.to(at::kCPU).to(at::kDouble).reshape({-1})};
+  if (!at::isfinite(out.gamma).all().item<bool>() ||
+      !at::isfinite(out.dgamma_dt).all().item<bool>()) {
+    return absl::InvalidArgumentError("schedule returned non-finite values");
+  }
+  return out;
+}
+
+absl::Status CheckInputs(const at::Tensor& x, const LikelihoodOptions& o) {
+  if (!x.defined() || x.dim() != 4 || x.size(0) < 1 || x.is_floating_point()) {
+    return absl::InvalidArgumentError(
+        "images must be an integer [n, C, H, W] tensor with n >= 1");
+  }
+  if (x.numel() > 0 &&
+      (x.min().item<int64_t>() < 0 || x.max().item<int64_t>() > 255)) {
+    return absl::InvalidArgumentError("pixel values must be in 0..255");
+  }
+  if (o.times < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("times (K) must be >= 1, got ", o.times));
+  }
+  if (o.replicates < 0 || o.replicates > o.times) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "replicates must be 0 (automatic) or in [1, K], got ", o.replicates));
+  }
+  if (o.discrete_steps < 0) {
+    return absl::InvalidArgumentError("discrete_steps must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LikelihoodPlan>> LikelihoodPlan::Create(
+    const at::Tensor& x_uint8, const LikelihoodOptions& options,
+    const ScheduleFn& schedule, at::Generator gen) {
+  VDM_RETURN_IF_ERROR(CheckInputs(x_uint8, options));
+  if (!gen.defined()) return absl::InvalidArgumentError("no generator");
+  std::unique_ptr<LikelihoodPlan> plan(new LikelihoodPlan(
+      x_uint8.to(at::kCPU).to(at::kByte).contiguous(), options));
+  absl::Status drawn;
+  try {
+    drawn = plan->Draw(schedule, gen);
+  } catch (const std::exception& e) {  // c10::Error: no exception leaves
+    drawn = absl::InternalError(absl::StrCat("likelihood plan: ", e.what()));
+  }
+  VDM_RETURN_IF_ERROR(drawn);
+  return plan;
+}
+
+absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
+                                  at::Generator& gen) {
+  const int64_t n = num_images(), k = options_.times;
+  const bool shared = options_.shared_noise;
+  f_ = ToModelSpace(x_);
+  // Random numbers, in a fixed order: u, eps, eps0.
+  const at::Tensor u =
+      at::rand({shared ? 1 : n, ReplicatesFor(options_)}, gen, at::kDouble);
+  const at::Tensor t = ReplicatedTimes(k, u).expand({n, k}).reshape({-1});
+  eps_ = at::randn(RowShape(shared ? k : n * k, f_), gen, at::kFloat);
+  if (shared) eps_ = eps_.repeat({n, 1, 1, 1});
+  const at::Tensor eps0 =
+      at::randn(RowShape(shared ? 1 : n, f_), gen, at::kDouble).expand_as(f_);
+  if (options_.discrete_steps == 0) {
+    VDM_ASSIGN_OR_RETURN(GammaValues g, Evaluate(schedule, t));
+    gamma_ = g.gamma;
+    dgamma_ = g.dgamma_dt;
+  } else {
+    const double steps = options_.discrete_steps;
+    const at::Tensor i = at::ceil(t * steps).clamp(1, steps);
+    VDM_ASSIGN_OR_RETURN(
+        GammaValues g,
+        Evaluate(schedule, at::cat({i / steps, (i - 1) / steps})));
+    gamma_ = g.gamma.narrow(0, 0, n * k);
+    gamma_s_ = g.gamma.narrow(0, n * k, n * k);
+  }
+  VDM_ASSIGN_OR_RETURN(GammaValues ends,
+                       Evaluate(schedule, at::tensor({0.0, 1.0}, at::kDouble)));
+  prior_ = PriorKl(f_.to(at::kDouble), ends.gamma.narrow(0, 1, 1));
+  recon_ = ReconstructionNll(x_, ends.gamma.narrow(0, 0, 1), eps0);
+  losses_ = at::zeros({n * k}, at::kDouble);
+  got_.assign(n * k, false);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ScoreRows> LikelihoodPlan::Rows(int64_t begin,
+                                               int64_t count) const {
+  if (begin < 0 || count < 1 || begin + count > rows()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rows [", begin, ", ", begin + count, ") outside [0, ", rows(), ")"));
+  }
+  ScoreRows rows;
+  rows.image =
+      at::arange(begin, begin + count, at::kLong).div(options_.times, "floor");
+  rows.gamma = gamma_.narrow(0, begin, count).to(at::kFloat);
+  rows.z = Diffuse(f_.index_select(0, rows.image), rows.gamma,
+                   eps_.narrow(0, begin, count));
+  return rows;
+}
+
+void LikelihoodPlan::LossesFor(int64_t begin, const at::Tensor& eps_hat) {
+  const int64_t m = eps_hat.size(0);
+  const at::Tensor eps = eps_.narrow(0, begin, m).to(at::kDouble);
+  const at::Tensor eps_hat64 = eps_hat.to(at::kCPU).to(at::kDouble);
+  const at::Tensor loss =
+      options_.discrete_steps == 0
+          ? DiffusionLossContinuous(eps, eps_hat64, dgamma_.narrow(0, begin, m))
+          : DiffusionLossDiscrete(eps, eps_hat64, gamma_.narrow(0, begin, m),
+                                  gamma_s_.narrow(0, begin, m),
+                                  options_.discrete_steps);
+  losses_.narrow(0, begin, m).copy_(loss);
+}
+
+absl::Status LikelihoodPlan::Consume(int64_t begin, const at::Tensor& eps_hat) {
+  if (!eps_hat.defined() || eps_hat.dim() != eps_.dim()) {
+    return absl::InvalidArgumentError("eps_hat must be [m, C, H, W]");
+  }
+  const int64_t m = eps_hat.size(0);
+  if (begin < 0 || m < 1 || begin + m > rows() ||
+      eps_hat.sizes().slice(1) != eps_.sizes().slice(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "eps_hat rows [", begin, ", ", begin + m, ") do not fit the plan"));
+  }
+  for (int64_t r = begin; r < begin + m; ++r) {
+    if (got_[r]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("row ", r, " given twice"));
+    }
+  }
+  try {
+    LossesFor(begin, eps_hat);
+  } catch (const std::exception& e) {  // c10::Error: no exception leaves
+    return absl::InternalError(absl::StrCat("likelihood loss: ", e.what()));
+  }
+  for (int64_t r = begin; r < begin + m; ++r) got_[r] = true;
+  received_ += m;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BpdScores> LikelihoodPlan::Result() const {
+  if (!complete()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "likelihood plan has ", received_, " of ", rows(), " rows"));
+  }
+  const ReplicatedEstimate e =
+      EstimateFromReplicates(row_losses(), ReplicatesFor(options_));
+  const int64_t dims = f_[0].numel();
+  BpdScores s;
+  s.prior = NatsToBpd(prior_, dims);
+  s.recon = NatsToBpd(recon_, dims);
+  s.diffusion = NatsToBpd(e.mean, dims);
+  s.stderr_bpd = NatsToBpd(at::sqrt(e.variance), dims);
+  s.bpd = s.prior + s.recon + s.diffusion;
+  return s;
+}
+
+int ReplicatesFor(const LikelihoodOptions& options) {
+  if (options.replicates > 0) return options.replicates;
+  return std::max(1, std::min(options.times, std::max(2, options.times / 16)));
+}
+
+at::Tensor ReplicatedTimes(int times, const at::Tensor& u) {
+  const int64_t g = u.size(1);
+  const at::Tensor k = at::arange(times, at::kLong);
+  const at::Tensor r = k.remainder(g);
+  // n_r = ceil((K - r) / G) points in replicate r.
+  const at::Tensor count = (times - r + g - 1).div(g, "floor").to(at::kDouble);
+  const at::Tensor j = k.div(g, "floor").to(at::kDouble);
+  return (j + u.to(at::kDouble).index_select(1, r)) / count;
+}
+
+ReplicatedEstimate EstimateFromReplicates(const at::Tensor& losses,
+                                          int replicates) {
+  const int64_t n = losses.size(0), k = losses.size(1), g = replicates;
+  // Replicate means [n, G]: row k belongs to replicate k mod G.
+  const at::Tensor r = at::arange(k, at::kLong).remainder(g);
+  at::Tensor means = at::zeros({n, g}, losses.options());
+  means.index_add_(1, r, losses);
+  means = means / at::bincount(r, {}, g).to(losses.scalar_type());
+  ReplicatedEstimate e;
+  e.mean = means.mean(1);
+  e.variance = g < 2 ? at::full({n}, std::numeric_limits<double>::quiet_NaN(),
+                                losses.options())
+                     : means.var(1) / static_cast<double>(g);
+  return e;
+}
+
+absl::StatusOr<BpdScores> ScoreImages(Denoiser& model,
+                                      const at::Tensor& x_uint8,
+                                      const ScoreOptions& options) {
+  if (options.batch_rows < 1) {
+    return absl::InvalidArgumentError("batch_rows must be >= 1");
+  }
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<LikelihoodPlan> plan,
+                       LikelihoodPlan::Create(x_uint8, options.likelihood,
+                                              ScheduleOf(model), gen));
+  const int64_t n = plan->num_images();
+  const at::Tensor labels =
+      options.labels.defined()
+          ? options.labels.to(at::kCPU).to(at::kLong).reshape({-1})
+          : at::full({n}, int64_t{model.num_classes()}, at::kLong);
+  if (labels.numel() != n) {
+    return absl::InvalidArgumentError("labels must have one entry per image");
+  }
+  for (int64_t begin = 0; begin < plan->rows(); begin += options.batch_rows) {
+    const int64_t m = std::min(options.batch_rows, plan->rows() - begin);
+    VDM_ASSIGN_OR_RETURN(const ScoreRows rows, plan->Rows(begin, m));
+    VDM_ASSIGN_OR_RETURN(
+        at::Tensor eps_hat,
+        model.Denoise(rows.z, rows.gamma, labels.index_select(0, rows.image)));
+    VDM_RETURN_IF_ERROR(plan->Consume(begin, eps_hat));
+  }
+  return plan->Result();
+}
+
+}  // namespace vdm

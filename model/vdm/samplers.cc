@@ -1,0 +1,321 @@
+#include "model/vdm/samplers.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "model/vdm/diffusion.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace {
+
+// DDIM(eta) (eta = 1: DDPM ancestral), design.md section 4, via DdimStep.
+class DdimSampler : public Sampler {
+ public:
+  DdimSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen, double eta)
+      : Sampler(std::move(z1), std::move(gammas), std::move(gen)), eta_(eta) {}
+
+ private:
+  void Advance(const at::Tensor& eps_hat) override {
+    const at::Tensor gt = GammaAt(step_), gs = GammaAt(step_ + 1);
+    x_hat_ = PredictX(z_, gt, eps_hat);
+    const at::Tensor xi = eta_ > 0 ? Noise() : at::zeros_like(z_);
+    z_ = DdimStep(z_, eps_hat, gt, gs, at::full({1}, eta_, z_.options()), xi);
+    ++step_;
+  }
+
+  const double eta_;
+};
+
+// The reverse SDE of the variance-preserving forward process, written with
+// gamma as the time variable: f dt = -sigma^2 / 2 dgamma, g^2 dt = sigma^2
+// dgamma, score = -eps_hat / sigma. One Euler-Maruyama step from gamma_t down
+// to gamma_s, h = gamma_t - gamma_s > 0:
+//   z_s = z_t + h (sigma_t^2 z_t / 2 - sigma_t eps_hat) + sigma_t sqrt(h) xi.
+class EulerMaruyamaSampler : public Sampler {
+ public:
+  EulerMaruyamaSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
+      : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
+
+ private:
+  void Advance(const at::Tensor& eps_hat) override {
+    const at::Tensor gt = GammaAt(step_), gs = GammaAt(step_ + 1);
+    x_hat_ = PredictX(z_, gt, eps_hat);
+    const at::Tensor h = gt - gs;
+    const at::Tensor sigma2 = SigmaSquared(gt);
+    const at::Tensor sigma = at::sqrt(sigma2);
+    z_ = z_ + h * (0.5 * sigma2 * z_ - sigma * eps_hat) +
+         sigma * at::sqrt(h) * Noise();
+    ++step_;
+  }
+};
+
+// The probability-flow ODE dz/dgamma = (sigma eps_hat - sigma^2 z) / 2,
+// integrated from gamma(1) to gamma(0) with Heun's method (explicit
+// trapezoid): two network evaluations per step, the second at the Euler
+// predictor z' = z_t + (gamma_s - gamma_t) d1.
+class HeunSampler : public Sampler {
+ public:
+  HeunSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
+      : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
+
+  NetworkInput Next() const override {
+    if (!predicted_.defined()) return Sampler::Next();
+    return {predicted_.to(at::kFloat),
+            GammaAt(step_ + 1).to(at::kFloat).expand({z_.size(0)})};
+  }
+
+ private:
+  static at::Tensor Slope(const at::Tensor& z, const at::Tensor& gamma,
+                          const at::Tensor& eps_hat) {
+    const at::Tensor sigma2 = SigmaSquared(gamma);
+    return 0.5 * (at::sqrt(sigma2) * eps_hat - sigma2 * z);
+  }
+
+  void Advance(const at::Tensor& eps_hat) override {
+    const at::Tensor gt = GammaAt(step_), gs = GammaAt(step_ + 1);
+    const at::Tensor delta = gs - gt;
+    if (!predicted_.defined()) {
+      x_hat_ = PredictX(z_, gt, eps_hat);
+      slope_ = Slope(z_, gt, eps_hat);
+      predicted_ = z_ + delta * slope_;
+      return;
+    }
+    z_ = z_ + 0.5 * delta * (slope_ + Slope(predicted_, gs, eps_hat));
+    predicted_ = at::Tensor();
+    slope_ = at::Tensor();
+    ++step_;
+  }
+
+  at::Tensor slope_;      // d1 of the current step
+  at::Tensor predicted_;  // Euler predictor; defined between the two stages
+};
+
+// DPM-Solver++(2M) (Lu et al. 2022), data-prediction multistep solver of the
+// probability-flow ODE in lambda = -gamma / 2. With h = lambda_s - lambda_t:
+//   z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D,
+// D = x_hat on the first step, else the second-order combination
+// (1 + 1 / 2r) x_hat - (1 / 2r) x_hat_prev, r = h_prev / h.
+class DpmSolver2MSampler : public Sampler {
+ public:
+  DpmSolver2MSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
+      : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
+
+ private:
+  void Advance(const at::Tensor& eps_hat) override {
+    const at::Tensor gt = GammaAt(step_), gs = GammaAt(step_ + 1);
+    const at::Tensor h = 0.5 * (gt - gs);
+    x_hat_ = PredictX(z_, gt, eps_hat);
+    at::Tensor d = x_hat_;
+    if (previous_x_.defined()) {
+      const at::Tensor half_inv_r = 0.5 * h / previous_h_;
+      d = (1.0 + half_inv_r) * x_hat_ - half_inv_r * previous_x_;
+    }
+    const at::Tensor ratio = at::sqrt(SigmaSquared(gs) / SigmaSquared(gt));
+    z_ = ratio * z_ - at::sqrt(AlphaSquared(gs)) * at::expm1(-h) * d;
+    previous_x_ = x_hat_;
+    previous_h_ = h;
+    ++step_;
+  }
+
+  at::Tensor previous_x_;  // x_hat of the previous step
+  at::Tensor previous_h_;  // its lambda increment
+};
+
+// The gamma grid from gamma(1) down to gamma(0), [steps + 1] in `dtype`.
+absl::StatusOr<at::Tensor> MakeGrid(const SamplerConfig& config,
+                                    const ScheduleFn& schedule,
+                                    at::ScalarType dtype) {
+  const int n = config.steps;
+  at::Tensor gammas;
+  if (config.grid == TimeGrid::kUniformT) {
+    VDM_ASSIGN_OR_RETURN(GammaValues g,
+                         schedule(at::linspace(1.0, 0.0, n + 1, at::kFloat)));
+    gammas = g.gamma;
+  } else {
+    VDM_ASSIGN_OR_RETURN(GammaValues g,
+                         schedule(at::tensor({1.0f, 0.0f}, at::kFloat)));
+    const at::Tensor ends = g.gamma.to(at::kCPU).to(at::kDouble);
+    if (ends.numel() != 2) {
+      return absl::InvalidArgumentError("schedule returned a wrong shape");
+    }
+    gammas = at::linspace(ends[0].item<double>(), ends[1].item<double>(), n + 1,
+                          at::kDouble);
+  }
+  gammas = gammas.to(at::kCPU).to(dtype).reshape({-1});
+  if (gammas.numel() != n + 1 || !at::isfinite(gammas).all().item<bool>()) {
+    return absl::InvalidArgumentError(
+        "schedule gamma(t) returned a wrong shape or non-finite values");
+  }
+  if (!(gammas.narrow(0, 0, n) > gammas.narrow(0, 1, n)).all().item<bool>()) {
+    return absl::InvalidArgumentError(
+        "schedule gamma(t) must increase strictly with t");
+  }
+  return gammas;
+}
+
+}  // namespace
+
+Sampler::Sampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
+    : z_(std::move(z1)), gammas_(std::move(gammas)), gen_(std::move(gen)) {}
+
+NetworkInput Sampler::Next() const {
+  return {z_.to(at::kFloat),
+          GammaAt(step_).to(at::kFloat).expand({z_.size(0)})};
+}
+
+absl::Status Sampler::Consume(const at::Tensor& eps_hat) {
+  if (done()) return absl::FailedPreconditionError("sampler is done");
+  if (!eps_hat.defined() || eps_hat.sizes() != z_.sizes()) {
+    return absl::InvalidArgumentError(
+        "eps_hat must have the shape of the sampler's rows");
+  }
+  ++evaluations_;
+  try {
+    Advance(eps_hat.to(at::kCPU).to(z_.scalar_type()));
+  } catch (const std::exception& e) {  // c10::Error: no exception leaves
+    return absl::InternalError(absl::StrCat("sampler step failed: ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor Sampler::Images() const {
+  return DecodeMostLikely(z_, GammaAt(step_));
+}
+
+at::Tensor Sampler::Noise() const {
+  return at::randn(z_.sizes(), gen_, z_.scalar_type());
+}
+
+absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
+    const SamplerConfig& config, const at::Tensor& z1,
+    const ScheduleFn& schedule, at::Generator gen) {
+  if (config.steps < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps must be >= 1, got ", config.steps));
+  }
+  if (config.type == SamplerType::kDdim &&
+      !(config.eta >= 0.0 && config.eta <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("eta must be in [0, 1], got ", config.eta));
+  }
+  if (!z1.defined() || z1.dim() != 4 || !z1.is_floating_point()) {
+    return absl::InvalidArgumentError("z1 must be a float [n, C, H, W] tensor");
+  }
+  if (!gen.defined()) return absl::InvalidArgumentError("no generator");
+  const at::Tensor z = z1.to(at::kCPU).clone();
+  absl::StatusOr<at::Tensor> grid;
+  try {
+    grid = MakeGrid(config, schedule, z.scalar_type());
+  } catch (const std::exception& e) {
+    grid = absl::InternalError(absl::StrCat("sampler grid: ", e.what()));
+  }
+  if (!grid.ok()) return grid.status();
+  const at::Tensor gammas = *std::move(grid);
+  std::unique_ptr<Sampler> s;
+  switch (config.type) {
+    case SamplerType::kDdim:
+    case SamplerType::kDdpm: {
+      const double eta = config.type == SamplerType::kDdpm ? 1.0 : config.eta;
+      s = std::make_unique<DdimSampler>(z, gammas, gen, eta);
+      break;
+    }
+    case SamplerType::kEulerMaruyama:
+      s = std::make_unique<EulerMaruyamaSampler>(z, gammas, gen);
+      break;
+    case SamplerType::kHeun:
+      s = std::make_unique<HeunSampler>(z, gammas, gen);
+      break;
+    case SamplerType::kDpmSolver2M:
+      s = std::make_unique<DpmSolver2MSampler>(z, gammas, gen);
+      break;
+  }
+  if (s == nullptr) return absl::InvalidArgumentError("unknown sampler type");
+  return s;
+}
+
+absl::StatusOr<at::Tensor> SampleImages(Denoiser& model,
+                                        const SampleOptions& options) {
+  const ImageShape shape = model.shape();
+  const int64_t n = options.num_images;
+  const int64_t classes = model.num_classes();
+  if (n < 1) return absl::InvalidArgumentError("num_images must be >= 1");
+  if (options.label >= classes && classes > 0) {
+    return absl::InvalidArgumentError("label out of range");
+  }
+  const bool conditional = options.label >= 0 && classes > 0;
+  const bool guided = conditional && options.guidance_scale != 1.0;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  const at::Tensor z1 = at::randn(
+      {n, shape.channels, shape.height, shape.width}, gen, at::kFloat);
+  VDM_ASSIGN_OR_RETURN(
+      std::unique_ptr<Sampler> sampler,
+      MakeSampler(options.sampler, z1, ScheduleOf(model), gen));
+  const at::Tensor cond =
+      at::full({n}, conditional ? options.label : classes, at::kLong);
+  const at::Tensor uncond = at::full({n}, classes, at::kLong);
+  const at::Tensor scale = at::full({1}, options.guidance_scale, at::kFloat);
+  while (!sampler->done()) {
+    NetworkInput in = sampler->Next();
+    if (!guided) {
+      VDM_ASSIGN_OR_RETURN(at::Tensor eps, model.Denoise(in.z, in.gamma, cond));
+      VDM_RETURN_IF_ERROR(sampler->Consume(eps));
+      continue;
+    }
+    VDM_ASSIGN_OR_RETURN(
+        at::Tensor eps,
+        model.Denoise(at::cat({in.z, in.z}), at::cat({in.gamma, in.gamma}),
+                      at::cat({cond, uncond})));
+    eps = eps.to(at::kCPU);
+    VDM_RETURN_IF_ERROR(sampler->Consume(
+        Guide(eps.narrow(0, n, n), eps.narrow(0, 0, n), scale)));
+  }
+  return sampler->Images();
+}
+
+int64_t SamplerEvaluations(const SamplerConfig& config) {
+  const int64_t per_step = config.type == SamplerType::kHeun ? 2 : 1;
+  return per_step * config.steps;
+}
+
+std::string SamplerName(SamplerType type) {
+  switch (type) {
+    case SamplerType::kDdim:
+      return "ddim";
+    case SamplerType::kDdpm:
+      return "ddpm";
+    case SamplerType::kEulerMaruyama:
+      return "euler_maruyama";
+    case SamplerType::kHeun:
+      return "heun";
+    case SamplerType::kDpmSolver2M:
+      return "dpm_solver_2m";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<SamplerType> ParseSamplerType(const std::string& name) {
+  for (SamplerType t :
+       {SamplerType::kDdim, SamplerType::kDdpm, SamplerType::kEulerMaruyama,
+        SamplerType::kHeun, SamplerType::kDpmSolver2M}) {
+    if (name == SamplerName(t)) return t;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown sampler \"", name, "\""));
+}
+
+std::string TimeGridName(TimeGrid grid) {
+  return grid == TimeGrid::kUniformT ? "uniform_t" : "uniform_log_snr";
+}
+
+absl::StatusOr<TimeGrid> ParseTimeGrid(const std::string& name) {
+  if (name == "uniform_t") return TimeGrid::kUniformT;
+  if (name == "uniform_log_snr") return TimeGrid::kUniformLogSnr;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown time grid \"", name, "\""));
+}
+
+}  // namespace vdm
