@@ -40,17 +40,16 @@ int64_t StepsInMetadata(const std::string& metadata) {
   return 0;
 }
 
-absl::Status SaveModuleAtomic(torch::jit::Module& module,
-                              const std::string& metadata,
-                              const std::string& path) {
+absl::Status WriteAtomically(
+    const std::string& path, const std::string& what,
+    const std::function<void(const std::string&)>& write) {
   const std::string tmp = path + ".tmp";
   try {
-    module.setattr("metadata", metadata);
-    module.save(tmp);
+    write(tmp);
   } catch (const c10::Error& e) {
     std::remove(tmp.c_str());
     return absl::InternalError(
-        absl::StrCat("writing ", tmp, ": ", e.what_without_backtrace()));
+        absl::StrCat("writing ", what, " ", tmp, ": ", e.what_without_backtrace()));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = errno;
@@ -59,6 +58,15 @@ absl::Status SaveModuleAtomic(torch::jit::Module& module,
         absl::StrCat("renaming ", tmp, " to ", path, ": ", std::strerror(err)));
   }
   return absl::OkStatus();
+}
+
+absl::Status SaveModuleAtomic(torch::jit::Module& module,
+                              const std::string& metadata,
+                              const std::string& path) {
+  return WriteAtomically(path, "model", [&](const std::string& tmp) {
+    module.setattr("metadata", metadata);
+    module.save(tmp);
+  });
 }
 
 }  // namespace vdm

@@ -6,6 +6,7 @@
 #include <torch/script.h>
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -23,6 +24,12 @@ nlohmann::json BaseMetadata(const std::string& metadata);
 
 // The "steps" recorded in a model's metadata (0 when absent).
 int64_t StepsInMetadata(const std::string& metadata);
+
+// Runs `write(tmp)` to write path + ".tmp", then renames it to `path`, so a
+// reader never sees a partial file; `what` names the file in errors. Torch
+// errors thrown by `write` are caught.
+absl::Status WriteAtomically(const std::string& path, const std::string& what,
+                             const std::function<void(const std::string&)>& write);
 
 // Sets the module's `metadata` attribute and saves it to `path` atomically
 // (to path + ".tmp", then rename), so a reader never sees a partial file.

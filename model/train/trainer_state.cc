@@ -102,8 +102,7 @@ std::string Trainer::StateJson() const {
 }
 
 absl::Status Trainer::SaveState(const std::string& path) const {
-  const std::string tmp = path + ".tmp";
-  try {
+  return WriteAtomically(path, "training state", [&](const std::string& tmp) {
     torch::serialize::OutputArchive archive;
     WriteTensors(archive, "params", params_);
     WriteTensors(archive, "ema", ema_params_);
@@ -115,18 +114,7 @@ absl::Status Trainer::SaveState(const std::string& path) const {
     if (order_.defined()) archive.write("order", order_);
     archive.write("json", c10::IValue(StateJson()));
     archive.save_to(tmp);
-  } catch (const c10::Error& e) {
-    std::remove(tmp.c_str());
-    return absl::InternalError(absl::StrCat("writing training state ", tmp,
-                                            ": ", e.what_without_backtrace()));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    return absl::InternalError(
-        absl::StrCat("renaming ", tmp, " to ", path, ": ", std::strerror(err)));
-  }
-  return absl::OkStatus();
+  });
 }
 
 absl::Status Trainer::RestoreStateJson(const std::string& text) {
