@@ -52,7 +52,8 @@ absl::StatusOr<std::unique_ptr<ImageClassifier>> ImageClassifier::Load(
 
 absl::Status ImageClassifier::Check() {
   VDM_ASSIGN_OR_RETURN(num_classes_, IntAttribute(module_, "num_classes"));
-  VDM_ASSIGN_OR_RETURN(shape_.channels, IntAttribute(module_, "image_channels"));
+  VDM_ASSIGN_OR_RETURN(shape_.channels,
+                       IntAttribute(module_, "image_channels"));
   VDM_ASSIGN_OR_RETURN(shape_.height, IntAttribute(module_, "image_height"));
   VDM_ASSIGN_OR_RETURN(shape_.width, IntAttribute(module_, "image_width"));
   if (num_classes_ < 2 || shape_.channels < 1 || shape_.height < 1 ||
@@ -66,8 +67,9 @@ absl::Status ImageClassifier::Check() {
   }
   for (int c = 0; c < num_classes_; ++c) names_.push_back(absl::StrCat(c));
   if (module_.hasattr("metadata") && module_.attr("metadata").isString()) {
-    nlohmann::json meta = nlohmann::json::parse(
-        module_.attr("metadata").toStringRef(), nullptr, /*allow_exceptions=*/false);
+    nlohmann::json meta =
+        nlohmann::json::parse(module_.attr("metadata").toStringRef(), nullptr,
+                              /*allow_exceptions=*/false);
     if (meta.is_object() && meta.contains("classes") &&
         meta["classes"].is_array() &&
         meta["classes"].size() == static_cast<size_t>(num_classes_)) {
@@ -77,8 +79,8 @@ absl::Status ImageClassifier::Check() {
     }
   }
   // One forward at batch 2.
-  at::Tensor probe = at::zeros(
-      {2, shape_.channels, shape_.height, shape_.width}, at::kByte);
+  at::Tensor probe =
+      at::zeros({2, shape_.channels, shape_.height, shape_.width}, at::kByte);
   VDM_ASSIGN_OR_RETURN(at::Tensor labels, Classify(probe));
   (void)labels;
   return absl::OkStatus();
@@ -88,10 +90,10 @@ absl::StatusOr<at::Tensor> ImageClassifier::Classify(const at::Tensor& images,
                                                      int64_t batch) {
   if (images.dim() != 4 || images.size(1) != shape_.channels ||
       images.size(2) != shape_.height || images.size(3) != shape_.width) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "classifier: images must be [N,", shape_.channels, ",", shape_.height,
-        ",", shape_.width, "], got [", absl::StrJoin(images.sizes(), ","),
-        "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("classifier: images must be [N,", shape_.channels, ",",
+                     shape_.height, ",", shape_.width, "], got [",
+                     absl::StrJoin(images.sizes(), ","), "]"));
   }
   batch = std::max<int64_t>(1, batch);
   torch::NoGradGuard no_grad;
@@ -104,9 +106,9 @@ absl::StatusOr<at::Tensor> ImageClassifier::Classify(const at::Tensor& images,
       if (!logits.isTensor() || logits.toTensor().dim() != 2 ||
           logits.toTensor().size(0) != n ||
           logits.toTensor().size(1) != num_classes_) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "classifier: forward(f) must return logits [", n, ",",
-            num_classes_, "]"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("classifier: forward(f) must return logits [", n, ",",
+                         num_classes_, "]"));
       }
       out.push_back(logits.toTensor().argmax(1));
     }
@@ -135,9 +137,9 @@ absl::StatusOr<GuidedCheckResult> CheckGuidedSamples(
   const int k = classifier.num_classes();
   const ImageShape g = generator.shape(), c = classifier.shape();
   if (generator.num_classes() != k) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the generator has ", generator.num_classes(),
-        " classes (0 = unconditional), the classifier ", k));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the generator has ", generator.num_classes(),
+                     " classes (0 = unconditional), the classifier ", k));
   }
   if (g.channels != c.channels || g.height != c.height || g.width != c.width) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -12,14 +12,17 @@
 // With --data=DIR it first checks the classifier on the real test images
 // (IDX files, e.g. /usr/share/datasets/fashion-mnist).
 #include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
 #include "model/vdm/torchscript_model.h"
@@ -66,6 +69,43 @@ absl::Status ReportRealAccuracy(vdm::ImageClassifier& classifier,
   return absl::OkStatus();
 }
 
+// The options of CheckGuidedSamples from the flags.
+absl::StatusOr<vdm::GuidedCheckOptions> OptionsFromFlags() {
+  vdm::GuidedCheckOptions options;
+  absl::StatusOr<vdm::SamplerType> type =
+      vdm::ParseSamplerType(absl::GetFlag(FLAGS_sampler));
+  if (!type.ok()) return type.status();
+  options.sampler.type = *type;
+  options.sampler.steps = absl::GetFlag(FLAGS_steps);
+  options.sampler.eta =
+      *type == vdm::SamplerType::kDdpm ? 1.0 : absl::GetFlag(FLAGS_eta);
+  options.per_class = absl::GetFlag(FLAGS_per_class);
+  options.guidance = absl::GetFlag(FLAGS_guidance);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.batch = absl::GetFlag(FLAGS_batch);
+  return options;
+}
+
+// One line per class: the fraction right and the most frequent wrong answer.
+void PrintResult(const vdm::GuidedCheckResult& result,
+                 const std::vector<std::string>& names) {
+  const int k = static_cast<int>(names.size());
+  std::printf("%-5s %-12s %-9s %s\n", "class", "name", "fraction",
+              "most often confused with");
+  for (int c = 0; c < k; ++c) {
+    int other = c == 0 ? 1 : 0;
+    for (int j = 0; j < k; ++j) {
+      if (j != c && result.confusion[c][j] > result.confusion[c][other]) {
+        other = j;
+      }
+    }
+    const int64_t n = result.confusion[c][other];
+    std::printf(
+        "%-5d %-12s %-9.3f %s\n", c, names[c].c_str(), result.Fraction(c),
+        n == 0 ? "-" : absl::StrCat(names[other], " (", n, ")").c_str());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -76,24 +116,11 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_model).empty()) {
     return Fail(absl::InvalidArgumentError("--model is required"));
   }
+  absl::StatusOr<vdm::GuidedCheckOptions> options = OptionsFromFlags();
+  if (!options.ok()) return Fail(options.status());
   vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
 
-  vdm::GuidedCheckOptions options;
-  absl::StatusOr<vdm::SamplerType> type =
-      vdm::ParseSamplerType(absl::GetFlag(FLAGS_sampler));
-  if (!type.ok()) return Fail(type.status());
-  options.sampler.type = *type;
-  options.sampler.steps = absl::GetFlag(FLAGS_steps);
-  options.sampler.eta = *type == vdm::SamplerType::kDdpm
-                            ? 1.0
-                            : absl::GetFlag(FLAGS_eta);
-  options.per_class = absl::GetFlag(FLAGS_per_class);
-  options.guidance = absl::GetFlag(FLAGS_guidance);
-  options.seed = absl::GetFlag(FLAGS_seed);
-  options.batch = absl::GetFlag(FLAGS_batch);
-
-  auto classifier =
-      vdm::ImageClassifier::Load(absl::GetFlag(FLAGS_classifier));
+  auto classifier = vdm::ImageClassifier::Load(absl::GetFlag(FLAGS_classifier));
   if (!classifier.ok()) return Fail(classifier.status());
   vdm::TorchScriptModel::Options model_options;
   model_options.path = absl::GetFlag(FLAGS_model);
@@ -104,47 +131,37 @@ int main(int argc, char** argv) {
               absl::GetFlag(FLAGS_classifier).c_str(),
               (*classifier)->recorded_accuracy());
   if (!absl::GetFlag(FLAGS_data).empty()) {
-    absl::Status s = ReportRealAccuracy(**classifier, absl::GetFlag(FLAGS_data));
+    absl::Status s =
+        ReportRealAccuracy(**classifier, absl::GetFlag(FLAGS_data));
     if (!s.ok()) return Fail(s);
   }
-  std::printf("sampling %ld per class: %s, %d steps, eta %g, guidance %g, "
-              "seed %lu, %d threads\n",
-              static_cast<long>(options.per_class),
-              vdm::SamplerName(options.sampler.type).c_str(),
-              options.sampler.steps, options.sampler.eta, options.guidance,
-              static_cast<unsigned long>(options.seed), at::get_num_threads());
+  std::printf(
+      "sampling %ld per class: %s, %d steps, eta %g, guidance %g, "
+      "seed %lu, %d threads\n",
+      static_cast<long>(options->per_class),
+      vdm::SamplerName(options->sampler.type).c_str(), options->sampler.steps,
+      options->sampler.eta, options->guidance,
+      static_cast<unsigned long>(options->seed), at::get_num_threads());
   std::fflush(stdout);
   const absl::Time start = absl::Now();
-  options.progress = [&](int cls, int64_t done) {
-    std::fprintf(stderr, "\rclass %d: %ld/%ld  (%.0f s)", cls,
-                 static_cast<long>(done), static_cast<long>(options.per_class),
-                 absl::ToDoubleSeconds(absl::Now() - start));
-  };
-  absl::StatusOr<vdm::GuidedCheckResult> result =
-      vdm::CheckGuidedSamples(**model, **classifier, options);
-  std::fprintf(stderr, "\n");
-  if (!result.ok()) return Fail(result.status());
-
-  const auto& names = (*classifier)->class_names();
-  std::printf("%-5s %-12s %-9s %s\n", "class", "name", "fraction",
-              "most often confused with");
-  for (int c = 0; c < (*classifier)->num_classes(); ++c) {
-    int other = -1;
-    for (int k = 0; k < (*classifier)->num_classes(); ++k) {
-      if (k != c && (other < 0 || result->confusion[c][k] >
-                                      result->confusion[c][other])) {
-        other = k;
-      }
-    }
-    std::printf("%-5d %-12s %-9.3f %s (%ld)\n", c, names[c].c_str(),
-                result->Fraction(c), names[other].c_str(),
-                static_cast<long>(result->confusion[c][other]));
+  if (isatty(fileno(stderr))) {
+    const int64_t per_class = options->per_class;
+    options->progress = [start, per_class](int cls, int64_t done) {
+      std::fprintf(stderr, "\rclass %d: %ld/%ld  (%.0f s)", cls,
+                   static_cast<long>(done), static_cast<long>(per_class),
+                   absl::ToDoubleSeconds(absl::Now() - start));
+    };
   }
+  absl::StatusOr<vdm::GuidedCheckResult> result =
+      vdm::CheckGuidedSamples(**model, **classifier, *options);
+  if (options->progress) std::fprintf(stderr, "\n");
+  if (!result.ok()) return Fail(result.status());
+  PrintResult(*result, (*classifier)->class_names());
   const double overall = result->Overall();
-  std::printf("overall=%.4f (%ld samples in %.0f s)\n", overall,
-              static_cast<long>(options.per_class *
-                                (*classifier)->num_classes()),
-              absl::ToDoubleSeconds(absl::Now() - start));
+  std::printf(
+      "overall=%.4f (%ld samples in %.0f s)\n", overall,
+      static_cast<long>(options->per_class * (*classifier)->num_classes()),
+      absl::ToDoubleSeconds(absl::Now() - start));
   if (overall < absl::GetFlag(FLAGS_require)) {
     std::printf("below --require=%g\n", absl::GetFlag(FLAGS_require));
     return 3;

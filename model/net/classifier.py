@@ -1,0 +1,167 @@
+#!/usr/bin/python3
+"""A small CNN classifier of Fashion-MNIST, the judge of guided samples (issue 4: at guidance 3,
+nine in ten samples should be classified as the class asked for). Trains on the 60,000 training
+images, prints the accuracy on the 10,000 test images, and exports TorchScript:
+
+  /usr/bin/python3 model/net/classifier.py --out=model/checkpoints/classifier.pt \
+      [--epochs=3 --threads=1 --seed=0]
+
+The exported module's `forward(f)` takes images in the VDM's model space
+(f = 2*(x+0.5)/256 - 1 for pixels x in 0..255; float32 [B,1,28,28]) and returns logits [B,10].
+Attributes: `num_classes` (10), `image_channels/height/width` (1, 28, 28), `test_accuracy`
+(float) and `metadata` (JSON: data, epochs, seed, accuracy, torch version). The C++ tool
+`vdm-classify` (tools/classify_samples.cc) loads it. ~130k parameters (~0.5 MB file).
+Needs Debian's interpreter /usr/bin/python3 (the one with torch).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from train_reference import DATA_DIR, load_fashion_mnist  # noqa: E402
+
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot"]
+
+
+def to_model_space(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> the VDM's model space f = 2*(x+0.5)/256 - 1 (design.md section 4)."""
+    return 2.0 * (x.float() + 0.5) / 256.0 - 1.0
+
+
+class FashionCnn(nn.Module):
+    """conv-BN-ReLU blocks at 28, 14 and 7 pixels (32, 64, 64 channels), each followed by a
+    2x2 max-pool (28 -> 14 -> 7 -> 3), then 576 -> 128 -> 10 with dropout."""
+
+    def __init__(self, test_accuracy: float = 0.0, metadata: str = "{}"):
+        super().__init__()
+        self.num_classes = 10
+        self.image_channels = 1
+        self.image_height = 28
+        self.image_width = 28
+        self.test_accuracy = float(test_accuracy)
+        self.metadata = metadata
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64 * 3 * 3, 128)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.bn1(self.conv1(f))), 2)
+        h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
+        h = F.max_pool2d(F.relu(self.bn3(self.conv3(h))), 2)
+        h = self.drop(F.relu(self.fc1(h.flatten(1))))
+        return self.fc2(h)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, images.shape[0], batch):
+        logits = model(to_model_space(images[i:i + batch]))
+        correct += int((logits.argmax(1) == labels[i:i + batch]).sum())
+    return correct / images.shape[0]
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+          batch: int, lr: float) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * (images.shape[0] // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    step, start = 0, time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(images.shape[0])
+        for i in range(0, images.shape[0] - batch + 1, batch):
+            idx = perm[i:i + batch]
+            x = to_model_space(images[idx])
+            # Random horizontal flips: the classes are mirror-symmetric.
+            flip = torch.rand(x.shape[0]) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 200 == 0:
+                print("epoch %d step %d/%d loss %.4f elapsed %.0fs"
+                      % (epoch + 1, step, steps, float(loss), time.time() - start), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Trains and exports the Fashion-MNIST CNN.")
+    parser.add_argument("--data_dir", default=DATA_DIR)
+    parser.add_argument("--out", default=os.path.join(_HERE, "..", "checkpoints",
+                                                      "classifier.pt"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_x, train_y = load_fashion_mnist(args.data_dir, "train")
+    test_x, test_y = load_fashion_mnist(args.data_dir, "t10k")
+    model = FashionCnn()
+    n_params = sum(p.numel() for p in model.parameters())
+    print("parameters=%d epochs=%d batch=%d threads=%d" % (n_params, args.epochs, args.batch,
+                                                          args.threads), flush=True)
+    start = time.time()
+    train(model, train_x, train_y, args.epochs, args.batch, args.lr)
+    seconds = time.time() - start
+    acc = accuracy(model, test_x, test_y)
+    print("trained in %.0fs; test_accuracy=%.4f (%d test images)" % (seconds, acc,
+                                                                     test_x.shape[0]))
+
+    model.test_accuracy = acc
+    model.metadata = json.dumps({
+        "what": "Fashion-MNIST CNN classifier for checking guided VDM samples",
+        "input": "float32 [B,1,28,28] in model space f = 2*(x+0.5)/256-1; output logits [B,10]",
+        "classes": CLASS_NAMES,
+        "data": args.data_dir, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+        "seed": args.seed, "threads": args.threads, "train_seconds": round(seconds),
+        "test_accuracy": acc, "num_parameters": n_params,
+        "created_by": "model/net/classifier.py", "torch_version": torch.__version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }, sort_keys=True)
+    model.eval()
+    scripted = torch.jit.script(model)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    scripted.save(tmp)
+    os.replace(tmp, args.out)
+
+    # Load it back and check it agrees with the eager model.
+    loaded = torch.jit.load(args.out)
+    check = accuracy(loaded, test_x[:1000], test_y[:1000])
+    if abs(check - accuracy(model, test_x[:1000], test_y[:1000])) > 1e-9:
+        print("classifier.py: error: the exported module disagrees with the trained one",
+              file=sys.stderr)
+        return 1
+    print("wrote %s (%d bytes)" % (args.out, os.path.getsize(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
