@@ -5,6 +5,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <future>
 #include <thread>
 
@@ -15,6 +20,27 @@ namespace vdm {
 namespace {
 
 using ::testing::HasSubstr;
+
+// A minimal HTTP GET on loopback; returns the whole response.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n";
+    if (send(fd, request.data(), request.size(), 0) > 0) {
+      char buf[4096];
+      for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
+        response.append(buf, static_cast<size_t>(n));
+      }
+    }
+  }
+  close(fd);
+  return response;
+}
 
 VdmServer::Options TinyOptions() {
   VdmServer::Options o;
@@ -361,7 +387,9 @@ TEST_F(ServiceTest, MetricsCountRequestsByMethodAndCode) {
   EXPECT_FALSE(CallSample(bad, &response).ok());
   v1::ScoreResponse scores;
   ASSERT_TRUE(CallScore(ScoreRequest(2, 4, 1), &scores).ok());
-  const std::string text = server_->metrics().Scrape();
+  // Scrape /metrics over HTTP, as Prometheus does.
+  const std::string text = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(text, HasSubstr("HTTP/1.1 200 OK"));
   EXPECT_THAT(text, HasSubstr("vdm_requests_total{code=\"OK\",method=\"Sample\"} 1"));
   EXPECT_THAT(text, HasSubstr(
       "vdm_requests_total{code=\"INVALID_ARGUMENT\",method=\"Sample\"} 1"));
