@@ -278,9 +278,21 @@ def main():
             text = f.read()
         for name in re.findall(r"\b(vdm_\w+)", text):
             used.setdefault(name, os.path.basename(path))
+    # Names prometheus-adapter publishes under a new name ("as:") are derived
+    # series: the HPA may use them, the server need not define them.
+    with open(os.path.join(args.prometheus_dir, "adapter-values.yaml")) as f:
+        adapter = yaml.safe_load(f)
+    derived = {r["name"]["as"]: r for r in adapter["rules"]["custom"]}
     check(len(used) >= 3, f"{len(used)} vdm_* metric names are used by the manifests")
     for name, where in sorted(used.items()):
         base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if base in derived and base not in metric_names:
+            query = derived[base]["seriesQuery"] + derived[base]["metricsQuery"]
+            sources = set(re.findall(r"\b(vdm_\w+)", query)) - {base}
+            check(sources and all(s in metric_names for s in sources),
+                  f"{where}: {name} is derived by the adapter from {sorted(sources)}, "
+                  "metrics server/metrics.cc defines")
+            continue
         check(base in metric_names, f"{where}: {name} is a metric server/metrics.cc defines")
 
     with open(os.path.join(args.prometheus_dir, "alert-rules.yaml")) as f:
@@ -290,8 +302,8 @@ def main():
     check(all("expr" in r and "for" in r and "severity" in r.get("labels", {}) for r in alerts),
           f"{len(alerts)} alert rules, each with expr, for and severity")
     check("vdm_requests_total" in exprs and "code" in exprs, "an alert on the error rate by code")
-    check("vdm_queue_depth" in exprs and "RESOURCE_EXHAUSTED" in exprs,
-          "alerts on queue saturation (vdm_queue_depth and RESOURCE_EXHAUSTED)")
+    check("vdm_queued_rows" in exprs and "RESOURCE_EXHAUSTED" in exprs,
+          "alerts on queue saturation (vdm_queued_rows backlog and RESOURCE_EXHAUSTED)")
 
     print(f"{len(FAILURES)} check(s) failed" if FAILURES else "all manifest checks passed")
     return 1 if FAILURES else 0
