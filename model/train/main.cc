@@ -41,6 +41,8 @@ ABSL_FLAG(double, lr, 1e-3, "peak AdamW learning rate");
 ABSL_FLAG(double, weight_decay, 0.01,
           "AdamW decoupled weight decay (weights with >= 2 dims only)");
 ABSL_FLAG(int64_t, warmup_steps, 100, "linear learning-rate warm-up steps");
+ABSL_FLAG(int64_t, cooldown_steps, 0,
+          "linear learning-rate decay over the last N of --steps (0 = none)");
 ABSL_FLAG(double, grad_clip, 1.0, "max gradient L2 norm; <= 0 disables");
 ABSL_FLAG(double, ema_decay, 0.999, "EMA decay of the served weights");
 ABSL_FLAG(double, label_dropout, 0.1,
@@ -122,6 +124,7 @@ absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   o.lr = absl::GetFlag(FLAGS_lr);
   o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
+  o.cooldown_steps = absl::GetFlag(FLAGS_cooldown_steps);
   o.grad_clip = absl::GetFlag(FLAGS_grad_clip);
   o.ema_decay = absl::GetFlag(FLAGS_ema_decay);
   o.label_dropout = absl::GetFlag(FLAGS_label_dropout);

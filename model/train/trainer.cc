@@ -39,6 +39,7 @@ absl::Status CheckOptions(const Trainer::Options& o) {
   if (!(o.lr > 0)) return bad("lr must be > 0");
   if (o.weight_decay < 0) return bad("weight_decay must be >= 0");
   if (o.warmup_steps < 0) return bad("warmup_steps must be >= 0");
+  if (o.cooldown_steps < 0) return bad("cooldown_steps must be >= 0");
   if (!(o.ema_decay >= 0 && o.ema_decay < 1)) {
     return bad("ema_decay must be in [0, 1)");
   }
@@ -239,13 +240,23 @@ at::Tensor Trainer::DropLabels(const at::Tensor& labels) {
   return at::where(drop, none, labels.to(at::kLong));
 }
 
-void Trainer::SetLearningRate() {
+double Trainer::LearningRateAt(int64_t step) const {
   const double warm = options_.warmup_steps > 0
-                          ? std::min(1.0, (step_ + 1.0) / options_.warmup_steps)
+                          ? std::min(1.0, (step + 1.0) / options_.warmup_steps)
                           : 1.0;
+  const double cool =
+      options_.cooldown_steps > 0
+          ? std::clamp(static_cast<double>(options_.steps - step) /
+                           static_cast<double>(options_.cooldown_steps),
+                       1.0 / static_cast<double>(options_.cooldown_steps), 1.0)
+          : 1.0;
+  return options_.lr * std::min(warm, cool);
+}
+
+void Trainer::SetLearningRate() {
+  const double lr = LearningRateAt(step_);
   for (auto& group : optimizer_->param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options())
-        .lr(options_.lr * warm);
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
   }
 }
 
@@ -317,6 +328,7 @@ std::string Trainer::MetadataJson() const {
       {"lr", options_.lr},
       {"weight_decay", options_.weight_decay},
       {"warmup_steps", options_.warmup_steps},
+      {"cooldown_steps", options_.cooldown_steps},
       {"grad_clip", options_.grad_clip},
       {"ema_decay", options_.ema_decay},
       {"label_dropout", options_.label_dropout},

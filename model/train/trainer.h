@@ -58,6 +58,10 @@ class Trainer {
     double lr = 1e-3;            // peak AdamW learning rate
     double weight_decay = 0.01;  // decoupled; only on tensors with >= 2 dims
     int64_t warmup_steps = 100;  // linear warm-up from lr / warmup_steps
+    // Linear decay to lr / cooldown_steps over the last cooldown_steps of
+    // `steps` (0: constant lr after the warm-up). A resumed run may change
+    // steps and cooldown_steps: the schedule follows the current options.
+    int64_t cooldown_steps = 0;
     double grad_clip = 1.0;      // max global gradient L2 norm; <= 0: no clip
     // EMA decay; the effective decay is min(ema_decay, (1+n)/(10+n)) at
     // step n so that short runs are not dominated by the initial weights.
@@ -136,6 +140,9 @@ class Trainer {
   const std::string& state_path() const { return state_path_; }
 
   int64_t step() const { return step_; }
+  // The learning rate of the update at 0-based step `step`: the warm-up,
+  // then options.lr, then the cool-down.
+  double LearningRateAt(int64_t step) const;
   const Dataset& train_data() const { return train_; }
   const Dataset& validation_data() const { return validation_; }
   const Dataset& test_data() const { return test_; }
@@ -161,7 +168,7 @@ class Trainer {
   void NextBatch(at::Tensor& images, at::Tensor& labels);
   // Labels with the "no label" entry at rate label_dropout.
   at::Tensor DropLabels(const at::Tensor& labels);
-  void SetLearningRate();  // linear warm-up to options_.lr
+  void SetLearningRate();  // LearningRateAt(step_)
   void UpdateEma();
   std::string MetadataJson() const;
   void Log(const std::string& line) const;

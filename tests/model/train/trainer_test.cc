@@ -122,6 +122,43 @@ TEST_F(TrainerTest, FixedBatchTrainingLowersTheLoss) {
   EXPECT_LT(ema->bpd, before->bpd);
 }
 
+TEST_F(TrainerTest, LearningRateWarmsUpAndCoolsDown) {
+  Trainer::Options options = SmallOptions();
+  options.lr = 1e-3;
+  options.steps = 10;
+  options.warmup_steps = 2;
+  options.cooldown_steps = 4;
+  auto trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const std::vector<double> expected = {0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25};
+  for (int64_t step = 0; step < 10; ++step) {
+    EXPECT_NEAR((*trainer)->LearningRateAt(step), 1e-3 * expected[step], 1e-12)
+        << "step " << step;
+  }
+  // The optimizer gets that rate: the metrics log the rate of each step.
+  options.log_every = 1;
+  options.eval_every = 0;
+  options.test_images = 0;
+  options.samples_per_class = 0;
+  trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+  std::ifstream in(out_path() + ".metrics.jsonl");
+  std::vector<double> logged;
+  for (std::string line; std::getline(in, line);) {
+    const auto r = nlohmann::json::parse(line);
+    if (r.at("kind") == "train") logged.push_back(r.at("lr").get<double>());
+  }
+  ASSERT_EQ(logged.size(), 10u);
+  for (size_t i = 0; i < logged.size(); ++i) {
+    EXPECT_NEAR(logged[i], 1e-3 * expected[i], 1e-12) << "step " << i;
+  }
+
+  options.cooldown_steps = -1;
+  EXPECT_EQ(Trainer::Create(options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(TrainerTest, TrainsUnconditionalVPredictionModel) {
   Trainer::Options options = SmallOptions();
   options.init_path = std::string(VDM_TEST_MODELS_DIR) + "/tiny_uncond_v.pt";
