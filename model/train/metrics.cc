@@ -1,6 +1,7 @@
 #include "model/train/metrics.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -12,11 +13,9 @@
 namespace vdm {
 namespace {
 
-// The records of an existing metrics file with step <= max_step.
-std::vector<nlohmann::json> ReadRecords(const std::string& path,
-                                        int64_t max_step) {
+// The records of a metrics file with step <= max_step.
+std::vector<nlohmann::json> ReadRecords(std::istream& in, int64_t max_step) {
   std::vector<nlohmann::json> out;
-  std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
     nlohmann::json j =
@@ -32,6 +31,33 @@ std::vector<nlohmann::json> ReadRecords(const std::string& path,
 
 }  // namespace
 
+void LearningCurve::Add(const nlohmann::json& record, double step_offset) {
+  const std::string kind = record.value("kind", "");
+  const double step = record.value("step", 0.0) + step_offset;
+  if (kind == "train" && record.contains("loss")) {
+    loss.emplace_back(step, record["loss"].get<double>());
+  } else if (kind == "validation" && record.contains("bpd")) {
+    validation.emplace_back(step, record["bpd"].get<double>());
+  }
+}
+
+absl::StatusOr<LearningCurve> ReadLearningCurve(const std::string& path,
+                                                double step_offset) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat(
+        "cannot read metrics file ", path, ": ", std::strerror(errno)));
+  }
+  LearningCurve curve;
+  for (const auto& j : ReadRecords(in, INT64_MAX)) curve.Add(j, step_offset);
+  if (curve.loss.empty() && curve.validation.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, " has no train or validation records (a vdm-train metrics "
+              "file has one JSON object per line)"));
+  }
+  return curve;
+}
+
 MetricsLog::MetricsLog(std::string path, FILE* file)
     : path_(std::move(path)), file_(file) {}
 
@@ -41,7 +67,8 @@ absl::StatusOr<std::unique_ptr<MetricsLog>> MetricsLog::Open(
     const std::string& path, int64_t resume_step) {
   std::vector<nlohmann::json> kept;
   if (resume_step >= 0) {
-    kept = ReadRecords(path, resume_step);
+    std::ifstream in(path);
+    kept = ReadRecords(in, resume_step);
     std::string text;
     for (const auto& j : kept) absl::StrAppend(&text, j.dump(), "\n");
     absl::Status written = WriteFileAtomic(path, text);
@@ -53,18 +80,8 @@ absl::StatusOr<std::unique_ptr<MetricsLog>> MetricsLog::Open(
         "cannot open metrics file ", path, ": ", std::strerror(errno)));
   }
   std::unique_ptr<MetricsLog> log(new MetricsLog(path, file));
-  for (const auto& j : kept) log->Remember(j);
+  for (const auto& j : kept) log->curve_.Add(j);
   return log;
-}
-
-void MetricsLog::Remember(const nlohmann::json& record) {
-  const std::string kind = record.value("kind", "");
-  const double step = record.value("step", 0.0);
-  if (kind == "train" && record.contains("loss")) {
-    loss_.emplace_back(step, record["loss"].get<double>());
-  } else if (kind == "validation" && record.contains("bpd")) {
-    validation_.emplace_back(step, record["bpd"].get<double>());
-  }
 }
 
 absl::Status MetricsLog::Write(const nlohmann::json& record) {
@@ -74,7 +91,7 @@ absl::Status MetricsLog::Write(const nlohmann::json& record) {
     return absl::InternalError(
         absl::StrCat("writing ", path_, ": ", std::strerror(errno)));
   }
-  Remember(record);
+  curve_.Add(record);
   return absl::OkStatus();
 }
 

@@ -21,6 +21,24 @@
 
 namespace vdm {
 
+// A learning curve: (step, value) of the "train" losses and of the
+// "validation" BPDs, in file order.
+struct LearningCurve {
+  std::vector<std::pair<double, double>> loss;
+  std::vector<std::pair<double, double>> validation;
+
+  // Adds `record` if it is a train or validation record, at its step plus
+  // step_offset.
+  void Add(const nlohmann::json& record, double step_offset = 0);
+};
+
+// The learning curve of a metrics file, steps shifted by step_offset (to put
+// a continued run after the steps of the model it started from). Lines that
+// are not records (the torn last line of a killed run) are skipped; a file
+// that cannot be read, or has no train or validation record, is an error.
+absl::StatusOr<LearningCurve> ReadLearningCurve(const std::string& path,
+                                                double step_offset = 0);
+
 class MetricsLog {
  public:
   // Opens `path`. A new run (resume_step < 0) starts an empty file; a
@@ -34,22 +52,15 @@ class MetricsLog {
   // Appends one record (an object with "kind" and "step") and flushes.
   absl::Status Write(const nlohmann::json& record);
 
-  // (step, value) of every "train" record's loss and every "validation"
-  // record's bpd, in file order.
-  const std::vector<std::pair<double, double>>& loss() const { return loss_; }
-  const std::vector<std::pair<double, double>>& validation() const {
-    return validation_;
-  }
+  // Every "train" record's loss and every "validation" record's bpd.
+  const LearningCurve& curve() const { return curve_; }
   const std::string& path() const { return path_; }
 
  private:
   MetricsLog(std::string path, FILE* file);
-  void Remember(const nlohmann::json& record);
-
   const std::string path_;
   FILE* const file_;
-  std::vector<std::pair<double, double>> loss_;
-  std::vector<std::pair<double, double>> validation_;
+  LearningCurve curve_;
 };
 
 }  // namespace vdm

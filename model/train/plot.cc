@@ -230,4 +230,15 @@ absl::StatusOr<Image8> PlotCurves(const std::vector<PlotSeries>& series,
   return canvas.Take();
 }
 
+absl::StatusOr<Image8> PlotLearningCurve(
+    const std::vector<std::pair<double, double>>& loss,
+    const std::vector<std::pair<double, double>>& validation,
+    const std::string& loss_name) {
+  PlotSeries loss_series{"TRAINING LOSS (" + loss_name + ")", {40, 90, 200},
+                         loss};
+  PlotSeries validation_series{"VALIDATION BPD", {220, 60, 40}, validation,
+                               /*markers=*/true};
+  return PlotCurves({loss_series, validation_series});
+}
+
 }  // namespace vdm

@@ -38,6 +38,14 @@ struct PlotOptions {
 absl::StatusOr<Image8> PlotCurves(const std::vector<PlotSeries>& series,
                                   const PlotOptions& options = {});
 
+// The trainer's learning-curve picture: the training loss (legend
+// "TRAINING LOSS (<loss_name>)") and the validation BPD (with markers)
+// against steps. Fails when both are empty.
+absl::StatusOr<Image8> PlotLearningCurve(
+    const std::vector<std::pair<double, double>>& loss,
+    const std::vector<std::pair<double, double>>& validation,
+    const std::string& loss_name);
+
 // "Nice" tick positions (1, 2 or 5 times a power of ten) covering [lo, hi],
 // about `target` of them.
 std::vector<double> NiceTicks(double lo, double hi, int target);

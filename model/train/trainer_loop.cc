@@ -103,12 +103,9 @@ double Trainer::CurrentLr() const {
 
 absl::Status Trainer::WritePictures() {
   if (!options_.pictures || metrics_ == nullptr) return absl::OkStatus();
-  const std::string name = WeightingName(options_.weighting.kind);
-  PlotSeries loss{absl::StrCat("TRAINING LOSS (", name, ")"),
-                  {40, 90, 200}, metrics_->loss()};
-  PlotSeries val{"VALIDATION BPD", {220, 60, 40}, metrics_->validation(),
-                 /*markers=*/true};
-  absl::StatusOr<Image8> curve = PlotCurves({loss, val});
+  absl::StatusOr<Image8> curve = PlotLearningCurve(
+      metrics_->curve().loss, metrics_->curve().validation,
+      WeightingName(options_.weighting.kind));
   if (curve.ok()) {
     VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(*curve));
     VDM_RETURN_IF_ERROR(

@@ -61,13 +61,13 @@ TEST(MetricsLogTest, ResumeDropsTheStepsAfterTheCheckpoint) {
     }
     ASSERT_TRUE((*log)->Write({{"kind", "validation"}, {"step", 20},
                                {"bpd", 4.0}}).ok());
-    EXPECT_EQ((*log)->loss().size(), 3u);
+    EXPECT_EQ((*log)->curve().loss.size(), 3u);
   }
   std::ofstream(path, std::ios::app) << "{\"kind\":\"tr";  // torn line
   auto log = MetricsLog::Open(path, /*resume_step=*/20);
   ASSERT_TRUE(log.ok()) << log.status();
-  EXPECT_EQ((*log)->loss().size(), 2u);
-  EXPECT_EQ((*log)->validation().size(), 1u);
+  EXPECT_EQ((*log)->curve().loss.size(), 2u);
+  EXPECT_EQ((*log)->curve().validation.size(), 1u);
   ASSERT_TRUE((*log)->Write({{"kind", "train"}, {"step", 30},
                              {"loss", 2.5}}).ok());
   log->reset();
@@ -76,6 +76,38 @@ TEST(MetricsLogTest, ResumeDropsTheStepsAfterTheCheckpoint) {
   for (std::string line; std::getline(in, line);) ++lines;
   EXPECT_EQ(lines, 4);
   std::filesystem::remove(path);
+}
+
+TEST(MetricsLogTest, ReadsALearningCurveWithAStepOffset) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "vdm_curve_test.jsonl")
+          .string();
+  {
+    std::ofstream out(path);
+    out << R"({"kind":"train","step":25,"loss":3.5})" "\n"
+        << R"({"kind":"validation","step":50,"bpd":3.25})" "\n"
+        << R"({"kind":"test","step":50,"bpd":3.2})" "\n"
+        << R"({"kind":"train","step":50,"loss":3.0})" "\n"
+        << R"({"kind":"tr)";  // torn last line
+  }
+  auto curve = ReadLearningCurve(path, /*step_offset=*/1000);
+  ASSERT_TRUE(curve.ok()) << curve.status();
+  EXPECT_THAT(curve->loss, ElementsAre(std::pair<double, double>(1025, 3.5),
+                                       std::pair<double, double>(1050, 3.0)));
+  EXPECT_THAT(curve->validation,
+              ElementsAre(std::pair<double, double>(1050, 3.25)));
+  auto image = PlotLearningCurve(curve->loss, curve->validation, "ELBO");
+  ASSERT_TRUE(image.ok()) << image.status();
+  EXPECT_GT(CountColor(*image, {220, 60, 40}), 50);  // validation markers
+
+  std::ofstream(path) << "not a metrics file\n";
+  EXPECT_EQ(ReadLearningCurve(path).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::filesystem::remove(path);
+  auto missing = ReadLearningCurve(path);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(missing.status().message()),
+              ::testing::HasSubstr(path));
 }
 
 }  // namespace
