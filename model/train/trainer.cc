@@ -308,6 +308,11 @@ std::string Trainer::MetadataJson() const {
   const double wall = earlier_wall_seconds_ +
                       absl::ToDoubleSeconds(options_.now() - start_);
   meta["steps"] = init_steps_ + step_;
+  // The training blocks of the runs the initial model came from, oldest
+  // first, so that a continued run (or a steps=0 evaluation) keeps them.
+  nlohmann::json history = meta.value("training_history", nlohmann::json::array());
+  if (meta.contains("training")) history.push_back(meta["training"]);
+  if (!history.empty()) meta["training_history"] = std::move(history);
   meta["dataset"] = {
       {"name", std::filesystem::path(options_.data_dir).filename().string()},
       {"dir", options_.data_dir},

@@ -84,6 +84,25 @@ TEST_F(TrainerTest, TrainsAndWritesLoadableCheckpoint) {
   EXPECT_EQ(meta.at("training").at("interrupted").get<bool>(), false);
   EXPECT_EQ(meta.at("dataset").at("train_images").get<int64_t>(), 48);
   EXPECT_TRUE(meta.at("validation").contains("bpd"));
+
+  // A run from this checkpoint (here an evaluation, steps=0) keeps the
+  // first run's training block in training_history.
+  Trainer::Options again = SmallOptions();
+  again.init_path = out_path();
+  again.out_path = (dir() / "evaluated.pt").string();
+  again.steps = 0;
+  auto evaluation = Trainer::Create(again);
+  ASSERT_TRUE(evaluation.ok()) << evaluation.status();
+  ASSERT_TRUE((*evaluation)->Run().ok());
+  load.path = again.out_path;
+  auto evaluated = TorchScriptModel::Load(load);
+  ASSERT_TRUE(evaluated.ok()) << evaluated.status();
+  const auto meta2 = nlohmann::json::parse((*evaluated)->metadata());
+  EXPECT_EQ(meta2.at("steps").get<int64_t>(), 4);
+  EXPECT_EQ(meta2.at("training").at("steps").get<int64_t>(), 0);
+  ASSERT_EQ(meta2.at("training_history").size(), 1u);
+  EXPECT_EQ(meta2.at("training_history")[0].at("steps").get<int64_t>(), 4);
+  EXPECT_EQ(meta2.at("training_history")[0].at("batch").get<int64_t>(), 8);
 }
 
 TEST_F(TrainerTest, FixedBatchTrainingLowersTheLoss) {
