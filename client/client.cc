@@ -253,51 +253,18 @@ absl::StatusOr<ScoreResult> VdmClient::ScoreImages(
 // ---- Helpers
 // -----------------------------------------------------------------
 
-uint64_t ChunkSeed(uint64_t base, int64_t chunk) {
-  // Golden-ratio stride: distinct, well spread seeds for every chunk.
-  return base + static_cast<uint64_t>(chunk) * 0x9E3779B97F4A7C15ull;
-}
-
 absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name) {
-  const std::string lower = absl::AsciiStrToLower(name);
-  if (lower == "ddim") return vdm::v1::SAMPLER_DDIM;
-  if (lower == "ddpm") return vdm::v1::SAMPLER_DDPM;
-  if (lower == "euler_maruyama") return vdm::v1::SAMPLER_EULER_MARUYAMA;
-  if (lower == "heun") return vdm::v1::SAMPLER_HEUN;
-  if (lower == "dpm_solver_2m") return vdm::v1::SAMPLER_DPM_SOLVER_2M;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown sampler \"", name,
-      "\" (want ddim, ddpm, euler_maruyama, heun or dpm_solver_2m)"));
+  VDM_ASSIGN_OR_RETURN(SamplerType type, ParseSamplerType(std::string(name)));
+  return SamplerToProto(type);
 }
 
 absl::StatusOr<vdm::v1::TimeGrid> ParseTimeGrid(absl::string_view name) {
-  const std::string lower = absl::AsciiStrToLower(name);
-  if (lower == "uniform_t") return vdm::v1::TIME_GRID_UNIFORM_T;
-  if (lower == "uniform_log_snr") return vdm::v1::TIME_GRID_UNIFORM_LOG_SNR;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown time grid \"", name, "\" (want uniform_t or uniform_log_snr)"));
+  VDM_ASSIGN_OR_RETURN(TimeGrid grid, vdm::ParseTimeGrid(std::string(name)));
+  return TimeGridToProto(grid);
 }
 
 std::string ServingStatusName(ServingStatus status) {
   return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(status);
-}
-
-absl::StatusOr<Image8> ImageFromProto(const vdm::v1::Image& image,
-                                      vdm::v1::ImageFormat format) {
-  if (format != vdm::v1::IMAGE_FORMAT_RAW) return DecodePng(image.data());
-  Image8 out;
-  out.channels = image.channels();
-  out.height = image.height();
-  out.width = image.width();
-  const int64_t want = int64_t{out.channels} * out.height * out.width;
-  if (out.channels <= 0 || out.height <= 0 || out.width <= 0 ||
-      static_cast<int64_t>(image.data().size()) != want) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "raw image of shape %dx%dx%d has %d bytes", out.channels, out.height,
-        out.width, image.data().size()));
-  }
-  out.pixels.assign(image.data().begin(), image.data().end());
-  return out;
 }
 
 ScoreInput RawInput(const std::vector<Image8>& images) {
@@ -305,11 +272,9 @@ ScoreInput RawInput(const std::vector<Image8>& images) {
   input.format = vdm::v1::IMAGE_FORMAT_RAW;
   input.images.reserve(images.size());
   for (const Image8& image : images) {
-    vdm::v1::Image& proto = input.images.emplace_back();
-    proto.set_channels(image.channels);
-    proto.set_height(image.height);
-    proto.set_width(image.width);
-    proto.set_data(image.pixels.data(), image.pixels.size());
+    // Raw images cannot fail to encode.
+    (void)ImageToProto(image, vdm::v1::IMAGE_FORMAT_RAW,
+                       &input.images.emplace_back());
   }
   return input;
 }

@@ -24,6 +24,8 @@
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/request.h"
+#include "proto/convert.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
 namespace vdm {
@@ -185,21 +187,13 @@ class VdmClient {
   const std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
 };
 
-// The seed of chunk `chunk` (> 0) of an independent-noise score whose chunk 0
-// used `base`; ChunkSeed(base, 0) == base.
-uint64_t ChunkSeed(uint64_t base, int64_t chunk);
-
-// "ddim" or "ddpm" (any case).
+// A sampler or time grid by its library name (model/vdm/sampler_config.h:
+// "ddim", "heun", ..., "uniform_t", "uniform_log_snr"; any case).
 absl::StatusOr<vdm::v1::Sampler> ParseSampler(absl::string_view name);
-// "uniform_t" or "uniform_log_snr".
 absl::StatusOr<vdm::v1::TimeGrid> ParseTimeGrid(absl::string_view name);
 
 // "SERVING", "NOT_SERVING", ...
 std::string ServingStatusName(ServingStatus status);
-
-// Decodes one image of a response (PNG, or raw with its shape set).
-absl::StatusOr<Image8> ImageFromProto(const vdm::v1::Image& image,
-                                      vdm::v1::ImageFormat format);
 
 // Raw wire images of `images`.
 ScoreInput RawInput(const std::vector<Image8>& images);

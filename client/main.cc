@@ -13,8 +13,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "model/vdm/sampler_config.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address HOST:PORT.");
 ABSL_FLAG(double, timeout_s, 600.0, "Deadline of each RPC, in seconds.");
@@ -33,9 +35,9 @@ ABSL_FLAG(int, max_attempts, 3,
 // sample
 ABSL_FLAG(int, num, 16, "sample: number of images.");
 ABSL_FLAG(std::string, sampler, "ddim",
-          "sample: ddim, ddpm, euler_maruyama, heun or dpm_solver_2m.");
+          "sample: the sampler (the names are listed in the usage).");
 ABSL_FLAG(std::string, time_grid, "uniform_t",
-          "sample: uniform_t or uniform_log_snr.");
+          "sample: the time grid (the names are listed in the usage).");
 ABSL_FLAG(int, steps, 50, "sample: number of sampling steps.");
 ABSL_FLAG(double, eta, 0.0, "sample: DDIM eta in [0, 1] (0 = deterministic).");
 ABSL_FLAG(std::optional<double>, guidance, std::nullopt,
@@ -73,8 +75,8 @@ constexpr int kUsage = 2;
 constexpr char kUsageText[] = R"(a command-line client for vdm-serve.
 
 Usage:
-  vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=ddim|ddpm|euler_maruyama|heun|dpm_solver_2m]
-      [--time_grid=uniform_t|uniform_log_snr] [--steps=S] [--eta=E]
+  vdm-client [--target=HOST:PORT] sample [--num=N] [--sampler=SAMPLERS]
+      [--time_grid=GRIDS] [--steps=S] [--eta=E]
       [--guidance=G] [--label=L] [--seed=S]
       [--out=grid.png] [--out_dir=DIR] [--repeat=N]
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
@@ -90,8 +92,15 @@ resolves to all of them with --lb_policy=round_robin, e.g.
   --target=ipv4:127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003
 Run with --helpfull for every flag.)";
 
+// kUsageText with the sampler and grid names of the library's table.
+std::string UsageText() {
+  return absl::StrReplaceAll(kUsageText,
+                             {{"SAMPLERS", vdm::SamplerNameList("|")},
+                              {"GRIDS", vdm::TimeGridNameList("|")}});
+}
+
 int Usage(const std::string& problem) {
-  std::cerr << "vdm-client: " << problem << "\n\nvdm-client: " << kUsageText
+  std::cerr << "vdm-client: " << problem << "\n\nvdm-client: " << UsageText()
             << "\n";
   return kUsage;
 }
@@ -274,7 +283,7 @@ int RunHealth(const VdmClient& client) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(kUsageText);
+  absl::SetProgramUsageMessage(UsageText());
   const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) return Usage("missing command");
   const std::string command = positional[1];

@@ -5,25 +5,98 @@
 
 #include <algorithm>
 #include <deque>
+#include <functional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "model/vdm/denoiser.h"
+#include "model/vdm/request.h"
 #include "server/metrics.h"
 #include "server/tasks.h"
 
 namespace vdm {
 
-// One device: a model replica and the thread that batches for it.
-// Admit/load/Stop are thread-safe; everything else runs on the worker thread.
+// Runs closures in order, on one thread of its own (threaded mode) or at
+// once on the caller's thread (manual mode). One thread keeps every
+// request's progress messages before its result.
+class CompletionQueue {
+ public:
+  explicit CompletionQueue(bool threaded) {
+    if (threaded) thread_ = std::thread([this] { Run(); });
+  }
+  ~CompletionQueue() { Stop(); }
+
+  void Post(std::function<void()> fn) {
+    if (!thread_.joinable()) {
+      fn();
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    queue_.push_back(std::move(fn));
+  }
+
+  // Runs what is queued, then joins the thread. Idempotent.
+  void Stop() {
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  bool WaitEmpty(absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    auto empty = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return queue_.empty() && running_ == 0;
+    };
+    return mu_.AwaitWithDeadline(absl::Condition(&empty), deadline);
+  }
+
+ private:
+  void Run() {
+    absl::MutexLock lock(&mu_);
+    while (true) {
+      auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !queue_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stopping and drained
+      std::function<void()> fn = std::move(queue_.front());
+      queue_.pop_front();
+      ++running_;
+      mu_.Unlock();
+      fn();
+      mu_.Lock();
+      --running_;
+    }
+  }
+
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  int running_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+// Rows evaluated by all workers, with a condition to wait on.
+struct EvaluationCounter {
+  absl::Mutex mu;
+  int64_t rows ABSL_GUARDED_BY(mu) = 0;
+  int64_t admitted ABSL_GUARDED_BY(mu) = 0;  // jobs ever admitted
+};
+
+// One device: a model replica and the loop that batches for it. Admit,
+// load, WaitIdle, Stop and stats are thread-safe; everything else runs on
+// the worker's thread (or the manual caller's).
 class Worker {
  public:
   Worker(int index, std::unique_ptr<Denoiser> model,
-         const Engine::Options& options, Metrics* metrics)
+         const Engine::Options& options, Metrics* metrics,
+         CompletionQueue* completions, EvaluationCounter* counter)
       : index_(index), model_(std::move(model)), options_(options),
-        metrics_(metrics) {
-    thread_ = std::thread([this] { Run(); });
+        metrics_(metrics), completions_(completions), counter_(counter) {
+    if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
 
@@ -39,6 +112,8 @@ class Worker {
     }
     queued_rows_ += rows;
     incoming_.push_back({std::move(task), rows});
+    absl::MutexLock count(&counter_->mu);
+    ++counter_->admitted;
     return absl::OkStatus();
   }
 
@@ -53,14 +128,24 @@ class Worker {
     };
     return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
   }
-  int64_t evaluations() const { return evaluations_.load(); }
+  WorkerStats stats() const {
+    absl::MutexLock lock(&mu_);
+    return stats_;
+  }
+
+  // One iteration (see Engine::Step).
+  bool Step();
 
   void Stop() {
     {
       absl::MutexLock lock(&mu_);
       stopping_ = true;
     }
-    if (thread_.joinable()) thread_.join();
+    if (thread_.joinable()) {
+      thread_.join();  // Run fails what is left
+    } else if (!options_.threaded) {
+      FailAll();
+    }
   }
 
  private:
@@ -70,22 +155,29 @@ class Worker {
   };
 
   void Run();
-  bool TakeIncoming();
-  void Sweep();
-  void RunBatch();
+  void FailAll();
+  // Moves newly admitted tasks into the live set and starts them. With
+  // `wait` (threaded): first waits for work when nothing is live; returns
+  // false when the worker must stop. Without: returns whether any arrived.
+  bool TakeIncoming(bool wait);
+  bool Sweep();
+  bool RunBatch();
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
+  absl::Time Now() const { return options_.clock->Now(); }
 
   const int index_;
   std::unique_ptr<Denoiser> model_;
   const Engine::Options options_;
   Metrics* const metrics_;
-  std::atomic<int64_t> evaluations_{0};
+  CompletionQueue* const completions_;
+  EvaluationCounter* const counter_;
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
   int64_t queued_rows_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  WorkerStats stats_ ABSL_GUARDED_BY(mu_);
 
   // Worker thread only.
   std::vector<Entry> live_;
@@ -94,12 +186,30 @@ class Worker {
 };
 
 void Worker::Run() {
-  while (TakeIncoming()) {
+  while (TakeIncoming(/*wait=*/true)) {
+    const absl::Time start = Now();
     Sweep();
-    if (!live_.empty()) RunBatch();
+    RunBatch();
     UpdateGauges();
+    absl::MutexLock lock(&mu_);
+    // Host time of this iteration: everything but the forward pass.
+    stats_.host_seconds += absl::ToDoubleSeconds(Now() - start);
   }
-  // Stopping: fail whatever has not finished.
+  FailAll();
+}
+
+bool Worker::Step() {
+  const absl::Time start = Now();
+  const bool took = TakeIncoming(/*wait=*/false);
+  bool worked = Sweep();
+  worked = RunBatch() || worked;
+  UpdateGauges();
+  absl::MutexLock lock(&mu_);
+  stats_.host_seconds += absl::ToDoubleSeconds(Now() - start);
+  return took || worked;
+}
+
+void Worker::FailAll() {
   while (!live_.empty()) {
     Retire(live_.size() - 1, absl::UnavailableError("server is shutting down"));
   }
@@ -109,23 +219,23 @@ void Worker::Run() {
     rest.swap(incoming_);
   }
   for (Entry& e : rest) {
-    e.task->Finish(absl::UnavailableError("server is shutting down"));
+    live_.push_back(std::move(e));
+    Retire(live_.size() - 1, absl::UnavailableError("server is shutting down"));
   }
 }
 
-// Moves newly admitted tasks into the live set (waiting when idle) and starts
-// them. Returns false when the worker must stop.
-bool Worker::TakeIncoming() {
+bool Worker::TakeIncoming(bool wait) {
   std::deque<Entry> fresh;
   {
     absl::MutexLock lock(&mu_);
     auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
       return stopping_ || !incoming_.empty();
     };
-    if (live_.empty()) mu_.Await(absl::Condition(&ready));
-    if (stopping_) return false;
+    if (wait && live_.empty()) mu_.Await(absl::Condition(&ready));
+    if (wait && stopping_) return false;
     fresh.swap(incoming_);
   }
+  const bool took = !fresh.empty();
   for (Entry& e : fresh) {
     absl::Status started;
     try {
@@ -137,26 +247,33 @@ bool Worker::TakeIncoming() {
     live_.push_back(std::move(e));
     if (!started.ok()) Retire(live_.size() - 1, started);
   }
-  return true;
+  return wait || took;
 }
 
 // Removes cancelled and expired requests before they cost another row.
-void Worker::Sweep() {
-  const absl::Time now = absl::Now();
+bool Worker::Sweep() {
+  const absl::Time now = Now();
+  bool removed = false;
   for (size_t i = live_.size(); i-- > 0;) {
     const RequestControl& c = live_[i].task->control();
-    if (c.is_cancelled && c.is_cancelled()) {
-      if (metrics_) metrics_->AddCancelled("cancelled");
-      Retire(i, absl::CancelledError("request cancelled by the client"));
-    } else if (now > c.deadline) {
+    // The deadline first: gRPC also marks a call whose deadline passed as
+    // cancelled, and the caller saw DEADLINE_EXCEEDED.
+    if (now >= c.deadline) {
       if (metrics_) metrics_->AddCancelled("deadline");
       Retire(i, absl::DeadlineExceededError(
                     "deadline expired before the request finished"));
+      removed = true;
+    } else if (c.is_cancelled && c.is_cancelled()) {
+      if (metrics_) metrics_->AddCancelled("cancelled");
+      Retire(i, absl::CancelledError("request cancelled by the client"));
+      removed = true;
     }
   }
+  return removed;
 }
 
-void Worker::RunBatch() {
+bool Worker::RunBatch() {
+  if (live_.empty()) return false;
   // Gather order: rotate the starting point so every request gets rows even
   // when one alone could fill the batch; scores first when prioritized.
   std::vector<size_t> order(live_.size());
@@ -170,45 +287,65 @@ void Worker::RunBatch() {
     });
   }
   std::vector<std::pair<size_t, int64_t>> parts;  // task index, rows
-  std::vector<at::Tensor> z, gamma, label;
+  std::vector<Rows> rows;
   int64_t room = options_.max_batch;
   for (size_t i : order) {
     if (room == 0) break;
-    Rows rows = live_[i].task->Take(room);
-    if (!rows.z.defined() || rows.z.size(0) == 0) continue;
-    room -= rows.z.size(0);
-    parts.emplace_back(i, rows.z.size(0));
-    z.push_back(rows.z);
-    gamma.push_back(rows.gamma);
-    label.push_back(rows.label);
+    Rows r = live_[i].task->Take(room);
+    if (r.empty()) continue;
+    room -= r.size();
+    parts.emplace_back(i, r.size());
+    rows.push_back(std::move(r));
   }
-  if (parts.empty()) return;
+  if (parts.empty()) return false;
   const int64_t total = options_.max_batch - room;
-  const absl::Time start = absl::Now();
+  const absl::Time start = Now();
   absl::StatusOr<at::Tensor> eps;
   {
     torch::NoGradGuard no_grad;
-    eps = model_->Denoise(at::cat(z), at::cat(gamma), at::cat(label));
+    try {
+      eps = Evaluate(*model_, Rows::Cat(rows));
+      if (eps.ok()) *eps = eps->to(at::kCPU);  // once per batch
+    } catch (const std::exception& e) {
+      eps = absl::InternalError(absl::StrCat("forward pass: ", e.what()));
+    }
   }
-  const absl::Time end = absl::Now();
-  evaluations_ += total;
+  const absl::Time end = Now();
+  const double forward = absl::ToDoubleSeconds(end - start);
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.batches += 1;
+    stats_.rows += total;
+    stats_.forward_seconds += forward;
+    stats_.host_seconds -= forward;  // Run/Step add the whole iteration
+  }
+  {
+    absl::MutexLock lock(&counter_->mu);
+    counter_->rows += total;
+  }
   if (metrics_) {
-    metrics_->RecordBatch(static_cast<int>(total), options_.max_batch,
-                          absl::ToDoubleSeconds(end - start));
+    metrics_->RecordBatch(static_cast<int>(total), options_.max_batch, forward);
   }
   int64_t offset = 0;
   std::vector<std::pair<size_t, absl::Status>> finished;
   for (const auto& [i, m] : parts) {
     Task& task = *live_[i].task;
-    if (task.first_forward() == absl::InfinitePast() && metrics_) {
+    if (!task.started_forward() && metrics_) {
       metrics_->RecordQueueTime(task.method(),
                                 absl::ToDoubleSeconds(start - task.arrival()));
     }
     task.MarkForward(start);
     task.AddEvaluations(m);
-    absl::Status given =
-        eps.ok() ? task.Give(eps->narrow(0, offset, m).to(at::kCPU))
-                 : eps.status();
+    absl::Status given;
+    if (eps.ok()) {
+      try {
+        given = task.Give(eps->narrow(0, offset, m));
+      } catch (const std::exception& e) {
+        given = absl::InternalError(absl::StrCat("request step: ", e.what()));
+      }
+    } else {
+      given = eps.status();
+    }
     offset += m;
     if (!given.ok() || task.done()) finished.emplace_back(i, given);
   }
@@ -216,18 +353,23 @@ void Worker::RunBatch() {
   std::sort(finished.begin(), finished.end(),
             [](const auto& a, const auto& b) { return a.first > b.first; });
   for (auto& [i, status] : finished) Retire(i, std::move(status));
+  return true;
 }
 
-// Finishes live_[index] with `status` (OK = deliver the result) and releases
-// its admitted rows.
+// Takes live_[index] out, releases its admitted rows and hands it to the
+// completion queue, which delivers the result (status OK) or the error.
 void Worker::Retire(size_t index, absl::Status status) {
   Entry entry = std::move(live_[index]);
   live_.erase(live_.begin() + static_cast<std::ptrdiff_t>(index));
-  try {
-    entry.task->Finish(std::move(status));
-  } catch (const std::exception& err) {
-    entry.task->Finish(absl::InternalError(err.what()));
-  }
+  const absl::Time now = Now();
+  std::shared_ptr<Task> task(std::move(entry.task));
+  completions_->Post([task, status = std::move(status), now]() mutable {
+    try {
+      task->Finish(std::move(status), now);
+    } catch (const std::exception& err) {
+      task->Finish(absl::InternalError(err.what()), now);
+    }
+  });
   absl::MutexLock lock(&mu_);
   queued_rows_ -= entry.rows;
 }
@@ -254,18 +396,31 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   std::unique_ptr<Engine> engine(new Engine(options));
   for (auto& model : replicas) {
     const int index = static_cast<int>(engine->workers_.size());
-    engine->workers_.push_back(
-        std::make_unique<Worker>(index, std::move(model), options, metrics));
+    engine->workers_.push_back(std::make_unique<Worker>(
+        index, std::move(model), engine->options_, metrics,
+        engine->completions_.get(), engine->counter_.get()));
   }
   return engine;
 }
 
-Engine::Engine(const Options& options) : options_(options) {}
+Engine::Engine(const Options& options)
+    : options_(options),
+      completions_(std::make_unique<CompletionQueue>(options.threaded)),
+      counter_(std::make_unique<EvaluationCounter>()) {
+  if (options_.clock == nullptr) options_.clock = Clock::Real();
+}
 
 Engine::~Engine() { Stop(); }
 
 void Engine::Stop() {
   for (auto& w : workers_) w->Stop();
+  completions_->Stop();
+}
+
+bool Engine::Step() {
+  bool worked = false;
+  for (auto& w : workers_) worked = w->Step() || worked;
+  return worked;
 }
 
 Worker* Engine::LeastLoaded() {
@@ -278,35 +433,68 @@ Worker* Engine::LeastLoaded() {
   return best;
 }
 
-absl::Status Engine::SubmitSample(const SampleJob& job, RequestControl control,
+absl::Status Engine::SubmitSample(SampleJob job, RequestControl control,
                                   SampleCallback done) {
   Worker* worker = LeastLoaded();
-  const int64_t rows = SampleJobRows(job, worker->model().num_classes());
-  return worker->Admit(
-      MakeSampleTask(job, std::move(control), std::move(done), absl::Now()),
-      rows);
+  const int64_t rows =
+      SampleRowCost(job.sampler, job.num_images, job.conditioning,
+                    worker->model().num_classes());
+  if (job.progress) {
+    // Progress goes through the completion queue too: off the worker, and
+    // in order with the result.
+    job.progress = [queue = completions_.get(),
+                    report = std::move(job.progress)](SampleProgress p) {
+      queue->Post([report, p = std::move(p)]() mutable {
+        report(std::move(p));
+      });
+    };
+  }
+  return worker->Admit(MakeSampleTask(std::move(job), std::move(control),
+                                      std::move(done), options_.clock->Now()),
+                       rows);
 }
 
 absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
                                  ScoreCallback done) {
   Worker* worker = LeastLoaded();
   const int64_t rows =
-      static_cast<int64_t>(job.images.size()) * job.timesteps;
+      ScoreRowCost(static_cast<int64_t>(job.images.size()), job.timesteps);
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
-                                     std::move(done), absl::Now()),
+                                     std::move(done), options_.clock->Now()),
                        rows);
 }
 
 bool Engine::WaitIdle(absl::Time deadline) {
   bool idle = true;
   for (auto& w : workers_) idle = w->WaitIdle(deadline) && idle;
-  return idle;
+  return completions_->WaitEmpty(deadline) && idle;
+}
+
+bool Engine::AwaitEvaluations(int64_t rows, absl::Time deadline) {
+  absl::MutexLock lock(&counter_->mu);
+  auto reached = [this, rows]() ABSL_SHARED_LOCKS_REQUIRED(counter_->mu) {
+    return counter_->rows >= rows;
+  };
+  return counter_->mu.AwaitWithDeadline(absl::Condition(&reached), deadline);
+}
+
+bool Engine::AwaitAdmitted(int64_t jobs, absl::Time deadline) {
+  absl::MutexLock lock(&counter_->mu);
+  auto reached = [this, jobs]() ABSL_SHARED_LOCKS_REQUIRED(counter_->mu) {
+    return counter_->admitted >= jobs;
+  };
+  return counter_->mu.AwaitWithDeadline(absl::Condition(&reached), deadline);
 }
 
 int64_t Engine::network_evaluations() const {
-  int64_t total = 0;
-  for (const auto& w : workers_) total += w->evaluations();
-  return total;
+  absl::MutexLock lock(&counter_->mu);
+  return counter_->rows;
+}
+
+std::vector<WorkerStats> Engine::worker_stats() const {
+  std::vector<WorkerStats> stats;
+  for (const auto& w : workers_) stats.push_back(w->stats());
+  return stats;
 }
 
 }  // namespace vdm

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "model/vdm/status_macros.h"
+#include "proto/convert.h"
 
 namespace vdm {
 
@@ -23,25 +24,11 @@ RequestControl ControlOf(grpc::CallbackServerContext* context) {
   return control;
 }
 
-absl::Status EncodeImage(const Image8& image, v1::ImageFormat format,
-                         v1::Image* out) {
-  out->set_channels(image.channels);
-  out->set_height(image.height);
-  out->set_width(image.width);
-  if (format == v1::IMAGE_FORMAT_RAW) {
-    out->set_data(std::string(image.pixels.begin(), image.pixels.end()));
-    return absl::OkStatus();
-  }
-  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(image));
-  out->set_data(std::move(png));
-  return absl::OkStatus();
-}
-
 absl::Status FillSampleResponse(const SampleResult& result,
                                 v1::ImageFormat format, uint64_t seed,
                                 v1::SampleResponse* response) {
   for (const Image8& image : result.images) {
-    VDM_RETURN_IF_ERROR(EncodeImage(image, format, response->add_images()));
+    VDM_RETURN_IF_ERROR(ImageToProto(image, format, response->add_images()));
   }
   response->set_seed(seed);
   response->set_network_evaluations(result.network_evaluations);

@@ -1,12 +1,11 @@
 // Small conversions shared by the RPC handlers: status codes, deadlines and
-// cancellation, images and responses. Stateless and thread-safe.
+// cancellation, and responses. Stateless and thread-safe.
 #ifndef VDM_SERVER_RPC_UTIL_H_
 #define VDM_SERVER_RPC_UTIL_H_
 
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
-#include "model/vdm/image_io.h"
-#include "server/engine.h"
+#include "server/jobs.h"
 #include "vdm/v1/vdm.pb.h"
 
 namespace vdm {
@@ -17,10 +16,6 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // The call's cancellation and deadline, for the engine to poll. The context
 // must outlive the request's task (it does: the RPC finishes from the task).
 RequestControl ControlOf(grpc::CallbackServerContext* context);
-
-// An image as PNG or raw bytes.
-absl::Status EncodeImage(const Image8& image, v1::ImageFormat format,
-                         v1::Image* out);
 
 // Fills a SampleResponse from the engine's result.
 absl::Status FillSampleResponse(const SampleResult& result,

@@ -3,6 +3,7 @@
 #include <deque>
 
 #include "absl/synchronization/mutex.h"
+#include "proto/convert.h"
 #include "server/rpc_util.h"
 #include "server/service.h"
 
@@ -24,7 +25,7 @@ class SampleStreamReactor
     progress->set_step(p.step);
     progress->set_total_steps(p.total_steps);
     for (const Image8& image : p.previews) {
-      if (!EncodeImage(image, format, progress->add_previews()).ok()) break;
+      if (!ImageToProto(image, format, progress->add_previews()).ok()) break;
     }
     absl::MutexLock lock(&mu_);
     if (!pending_.empty() && pending_.back().has_progress() &&

@@ -3,6 +3,7 @@
 #include <torch/script.h>
 
 #include <future>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -108,7 +109,8 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
       server->metrics_.get());
   VDM_RETURN_IF_ERROR(server->Listen(options));
   server->SetServing(false);
-  VDM_RETURN_IF_ERROR(server->WarmUp());
+  VDM_RETURN_IF_ERROR(
+      server->WarmUp(static_cast<int>(options.devices.size())));
   server->SetServing(true);
   return server;
 }
@@ -132,21 +134,26 @@ absl::Status VdmServer::Listen(const Options& options) {
 
 VdmServer::~VdmServer() { Shutdown(absl::ZeroDuration()); }
 
-// One small request through the whole engine, so the first real caller does
-// not pay for lazy initialisation.
-absl::Status VdmServer::WarmUp() {
-  SampleJob job;
-  job.num_images = 1;
-  job.sampler.steps = 2;
-  std::promise<absl::Status> done;
-  VDM_RETURN_IF_ERROR(engine_->SubmitSample(
-      job, RequestControl{}, [&done](absl::StatusOr<SampleResult> r) {
-        done.set_value(r.status());
-      }));
-  absl::Status status = done.get_future().get();
-  if (!status.ok()) {
-    return absl::Status(status.code(),
-                        absl::StrCat("warm-up failed: ", status.message()));
+// One small request per replica through the whole engine, so the first real
+// caller does not pay for lazy initialisation. Submitted together, they go
+// to different workers (each goes to the least loaded one).
+absl::Status VdmServer::WarmUp(int replicas) {
+  std::vector<std::promise<absl::Status>> done(replicas);
+  for (int i = 0; i < replicas; ++i) {
+    SampleJob job;
+    job.num_images = 1;
+    job.sampler.steps = 2;
+    VDM_RETURN_IF_ERROR(engine_->SubmitSample(
+        job, RequestControl{}, [&done, i](absl::StatusOr<SampleResult> r) {
+          done[i].set_value(r.status());
+        }));
+  }
+  for (auto& d : done) {
+    const absl::Status status = d.get_future().get();
+    if (!status.ok()) {
+      return absl::Status(status.code(),
+                          absl::StrCat("warm-up failed: ", status.message()));
+    }
   }
   return absl::OkStatus();
 }
@@ -158,10 +165,15 @@ void VdmServer::SetServing(bool serving) {
   health->SetServingStatus(kServiceName, serving);
 }
 
-void VdmServer::Shutdown(absl::Duration grace) {
-  if (shut_down_.exchange(true)) return;
+void VdmServer::StartDraining() {
+  if (draining_.exchange(true)) return;
   if (server_) SetServing(false);
   if (service_) service_->StartDraining();
+}
+
+void VdmServer::Shutdown(absl::Duration grace) {
+  if (shut_down_.exchange(true)) return;
+  StartDraining();
   if (engine_) {
     engine_->WaitIdle(absl::Now() + grace);
     engine_->Stop();  // what is left fails with UNAVAILABLE

@@ -46,16 +46,19 @@ class VdmServer {
   Metrics& metrics() { return *metrics_; }
   Engine& engine() { return *engine_; }
 
-  // Graceful shutdown: health goes NOT_SERVING and new calls get
-  // UNAVAILABLE; in-flight calls get until `grace` to finish; the rest fail
-  // with UNAVAILABLE; then the gRPC server stops. Idempotent.
+  // The first half of Shutdown, at once: health goes NOT_SERVING and new
+  // calls get UNAVAILABLE. Idempotent.
+  void StartDraining();
+  // Graceful shutdown: StartDraining; in-flight calls get until `grace` to
+  // finish; the rest fail with UNAVAILABLE; then the gRPC server stops.
+  // Idempotent.
   void Shutdown(absl::Duration grace);
   // Blocks until the gRPC server has shut down.
   void Wait();
 
  private:
   VdmServer() = default;
-  absl::Status WarmUp();
+  absl::Status WarmUp(int replicas);
   absl::Status Listen(const Options& options);
   void SetServing(bool serving);
 
@@ -64,6 +67,7 @@ class VdmServer {
   std::unique_ptr<VdmServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  std::atomic<bool> draining_{false};
   std::atomic<bool> shut_down_{false};
 };
 

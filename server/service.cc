@@ -1,7 +1,5 @@
 #include "server/service.h"
 
-#include "server/rpc_util.h"
-
 #include <cmath>
 #include <random>
 
@@ -9,6 +7,8 @@
 #include "absl/strings/str_format.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
+#include "proto/convert.h"
+#include "server/rpc_util.h"
 
 namespace vdm {
 namespace {
@@ -48,11 +48,6 @@ class Finisher {
   const char* method_;
   absl::Time start_;
 };
-
-bool ValidFormat(v1::ImageFormat f) {
-  return f == v1::IMAGE_FORMAT_UNSPECIFIED || f == v1::IMAGE_FORMAT_PNG ||
-         f == v1::IMAGE_FORMAT_RAW;
-}
 
 }  // namespace
 
@@ -109,30 +104,8 @@ absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
                                    options_.max_images_per_request));
   }
   job.num_images = r.num_images();
-  switch (r.sampler()) {
-    case v1::SAMPLER_UNSPECIFIED:
-    case v1::SAMPLER_DDIM: job.sampler.type = SamplerType::kDdim; break;
-    case v1::SAMPLER_DDPM: job.sampler.type = SamplerType::kDdpm; break;
-    case v1::SAMPLER_EULER_MARUYAMA:
-      job.sampler.type = SamplerType::kEulerMaruyama;
-      break;
-    case v1::SAMPLER_HEUN: job.sampler.type = SamplerType::kHeun; break;
-    case v1::SAMPLER_DPM_SOLVER_2M:
-      job.sampler.type = SamplerType::kDpmSolver2M;
-      break;
-    default:
-      return Invalid(absl::StrCat("sampler: unknown value ", r.sampler(),
-                                  "; see enum vdm.v1.Sampler"));
-  }
-  switch (r.time_grid()) {
-    case v1::TIME_GRID_UNSPECIFIED:
-    case v1::TIME_GRID_UNIFORM_T: job.sampler.grid = TimeGrid::kUniformT; break;
-    case v1::TIME_GRID_UNIFORM_LOG_SNR:
-      job.sampler.grid = TimeGrid::kUniformLogSnr;
-      break;
-    default:
-      return Invalid(absl::StrCat("time_grid: unknown value ", r.time_grid()));
-  }
+  VDM_ASSIGN_OR_RETURN(job.sampler.type, SamplerFromProto(r.sampler()));
+  VDM_ASSIGN_OR_RETURN(job.sampler.grid, TimeGridFromProto(r.time_grid()));
   job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
   if (job.sampler.steps < 1 || job.sampler.steps > options_.max_steps) {
     return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
@@ -142,58 +115,24 @@ absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
     return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
   }
   job.sampler.eta = r.eta();
-  VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
+  VDM_ASSIGN_OR_RETURN(job.conditioning.label,
+                       CheckLabel(r.has_label(), r.label()));
   if (r.has_guidance_scale()) {
     const float g = r.guidance_scale();
     if (!(g >= 0.0f && g <= kMaxGuidance)) {
       return Invalid(absl::StrCat("guidance_scale: ", g,
                                   " is out of range [0, ", kMaxGuidance, "]"));
     }
-    if (job.label < 0 && g != 1.0f) {
+    if (job.conditioning.label < 0 && g != 1.0f) {
       return Invalid("guidance_scale: classifier-free guidance needs a label");
     }
-    job.guidance_scale = g;
+    job.conditioning.guidance_scale = g;
   }
-  if (!ValidFormat(r.format())) {
+  if (!IsKnownFormat(r.format())) {
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
   job.seed = PickSeed(r.has_seed(), r.seed());
   return job;
-}
-
-absl::StatusOr<Image8> VdmServiceImpl::DecodeImage(const v1::Image& image,
-                                                   v1::ImageFormat format,
-                                                   int index) const {
-  const ImageShape& s = model_.shape;
-  const std::string field = absl::StrCat("images[", index, "]");
-  const std::string want =
-      absl::StrFormat("%dx%dx%d (CxHxW)", s.channels, s.height, s.width);
-  Image8 out;
-  if (format == v1::IMAGE_FORMAT_RAW) {
-    if (static_cast<int64_t>(image.data().size()) != s.dims()) {
-      return Invalid(absl::StrFormat(
-          "%s: raw data has %d bytes, the model expects %d (%s)", field,
-          image.data().size(), s.dims(), want));
-    }
-    out.channels = s.channels;
-    out.height = s.height;
-    out.width = s.width;
-    out.pixels.assign(image.data().begin(), image.data().end());
-  } else {
-    absl::StatusOr<Image8> decoded = DecodePng(image.data(), s.channels);
-    if (!decoded.ok()) {
-      return Invalid(absl::StrCat(field, ": not a valid PNG: ",
-                                  decoded.status().message()));
-    }
-    out = *std::move(decoded);
-  }
-  if (out.channels != s.channels || out.height != s.height ||
-      out.width != s.width) {
-    return Invalid(absl::StrFormat("%s: image is %dx%dx%d, the model expects %s",
-                                   field, out.channels, out.height, out.width,
-                                   want));
-  }
-  return out;
 }
 
 absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
@@ -204,7 +143,7 @@ absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
     return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
                                    options_.max_images_per_request));
   }
-  if (!ValidFormat(r.format())) {
+  if (!IsKnownFormat(r.format())) {
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
   job.timesteps = r.timesteps() == 0 ? kDefaultTimesteps : r.timesteps();
@@ -214,8 +153,12 @@ absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
   }
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
   for (int i = 0; i < n; ++i) {
-    VDM_ASSIGN_OR_RETURN(Image8 image, DecodeImage(r.images(i), r.format(), i));
-    job.images.push_back(std::move(image));
+    absl::StatusOr<Image8> image =
+        ImageFromProto(r.images(i), r.format(), &model_.shape);
+    if (!image.ok()) {
+      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
+    }
+    job.images.push_back(*std::move(image));
   }
   job.seed = PickSeed(r.has_seed(), r.seed());
   job.shared_noise = r.shared_noise();
@@ -240,7 +183,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
   const uint64_t seed = job->seed;
   Metrics* metrics = metrics_;
   absl::Status admitted = engine_->SubmitSample(
-      *job, ControlOf(context),
+      *std::move(job), ControlOf(context),
       [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return finish(r.status());
         absl::Status s = FillSampleResponse(*r, format, seed, response);

@@ -11,7 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
-#include "model/vdm/denoiser.h"
+#include "model/vdm/image.h"
 #include "server/engine.h"
 #include "server/metrics.h"
 #include "vdm/v1/vdm.grpc.pb.h"
@@ -75,8 +75,6 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   // UNAVAILABLE while draining, UNAUTHENTICATED without the right token.
   absl::Status Admit(const grpc::CallbackServerContext& context) const;
   absl::StatusOr<int> CheckLabel(bool has_label, int label) const;
-  absl::StatusOr<Image8> DecodeImage(const v1::Image& image,
-                                     v1::ImageFormat format, int index) const;
 
   const Options options_;
   const ModelDescription model_;

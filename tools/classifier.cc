@@ -159,8 +159,8 @@ absl::StatusOr<GuidedCheckResult> CheckGuidedSamples(
       SampleOptions s;
       s.sampler = options.sampler;
       s.num_images = std::min(batch, options.per_class - done);
-      s.label = cls;
-      s.guidance_scale = options.guidance;
+      s.conditioning.label = cls;
+      s.conditioning.guidance_scale = options.guidance;
       s.seed = options.seed + 1000 * static_cast<uint64_t>(cls) + chunk;
       VDM_ASSIGN_OR_RETURN(at::Tensor images, SampleImages(generator, s));
       VDM_ASSIGN_OR_RETURN(at::Tensor predicted, classifier.Classify(images));

@@ -1,5 +1,5 @@
 // vdm-oracle-report: the VDM maths measured against exact oracles
-// (tests/model/vdm/oracle.h). Prints the markdown tables of docs/oracle.md:
+// (model/vdm/testing/oracle.h). Prints the markdown tables of docs/oracle.md:
 // sampler TV distance vs steps, classifier-free guidance, the exact VLB gap
 // and the discrete-time VLB, BPD error and standard error vs K, shared vs
 // independent noise, and parameterization invariance. Deterministic for a
@@ -22,7 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/samplers.h"
-#include "tests/model/vdm/oracle.h"
+#include "model/vdm/testing/oracle.h"
 
 ABSL_FLAG(int64_t, images, 2000, "images sampled per TV measurement");
 ABSL_FLAG(int, seeds, 200, "seeds per standard-error measurement");
@@ -70,8 +70,8 @@ at::Tensor Sample(Denoiser& model, SamplerConfig c, int64_t label = -1,
   o.sampler = c;
   o.num_images = absl::GetFlag(FLAGS_images);
   o.seed = absl::GetFlag(FLAGS_seed);
-  o.label = label;
-  o.guidance_scale = scale;
+  o.conditioning.label = label;
+  o.conditioning.guidance_scale = scale;
   return SampleImages(model, o).value();
 }
 
@@ -196,8 +196,8 @@ Spread OverSeeds(OracleDenoiser& oracle, const at::Tensor& x,
   for (int s = 0; s < absl::GetFlag(FLAGS_seeds); ++s) {
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
         absl::GetFlag(FLAGS_seed) * 7919 + s);
-    auto plan = LikelihoodPlan::Create(x, lo, ScheduleOf(oracle), gen).value();
-    const ScoreRows r = plan->Rows(0, plan->rows()).value();
+    auto plan = LikelihoodPlan::Create(x, at::Tensor(), lo, ScheduleOf(oracle), gen).value();
+    const Rows r = plan->RowsAt(0, plan->rows()).value();
     const at::Tensor label = at::zeros({plan->rows()}, at::kLong);
     (void)plan->Consume(0, oracle.Denoise(r.z, r.gamma, label).value());
     const BpdScores b = plan->Result().value();

@@ -1,6 +1,7 @@
 // Sample grids for looking at a model while it trains: deterministic DDIM
-// (eta = 0) with classifier-free guidance, one row per class. Plain
-// functions over a module the caller owns: thread-compatible.
+// (eta = 0) with classifier-free guidance, one row per class, drawn with the
+// library's SamplingPlan (model/vdm/samplers.h) exactly as the server would.
+// Plain functions over a module the caller owns: thread-compatible.
 #ifndef VDM_MODEL_TRAIN_PREVIEW_H_
 #define VDM_MODEL_TRAIN_PREVIEW_H_
 

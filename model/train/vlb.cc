@@ -11,7 +11,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "model/vdm/diffusion.h"
+#include "model/vdm/likelihood.h"
+#include "model/vdm/request.h"
 #include "model/vdm/status_macros.h"
+#include "model/vdm/torchscript_model.h"
 
 namespace vdm {
 namespace {
@@ -46,33 +49,6 @@ at::Tensor LossWeight(const Weighting& weighting, const at::Tensor& gamma) {
   return at::sigmoid(gamma + weighting.bias);
 }
 
-absl::StatusOr<std::pair<at::Tensor, at::Tensor>> GammaWithDerivative(
-    torch::jit::Module& module, const at::Tensor& t, bool create_graph) {
-  try {
-    torch::AutoGradMode grad_mode(true);
-    at::Tensor tt = t.detach().to(at::kFloat).requires_grad_(true);
-    at::Tensor gamma = module.run_method("gamma", tt).toTensor();
-    if (gamma.sizes() != tt.sizes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gamma(t) returned shape ", c10::str(gamma.sizes()),
-                       " for t of shape ", c10::str(tt.sizes())));
-    }
-    if (!gamma.requires_grad()) {
-      return absl::InvalidArgumentError("gamma(t) does not depend on t");
-    }
-    std::vector<at::Tensor> grads = torch::autograd::grad(
-        {gamma}, {tt}, {at::ones_like(gamma)}, /*retain_graph=*/create_graph,
-        create_graph, /*allow_unused=*/true);
-    if (!grads[0].defined()) {
-      return absl::InvalidArgumentError("gamma(t) does not depend on t");
-    }
-    if (create_graph) return std::make_pair(gamma, grads[0]);
-    return std::make_pair(gamma.detach(), grads[0].detach());
-  } catch (const c10::Error& e) {
-    return TorchError("gamma(t)", e);
-  }
-}
-
 absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
@@ -86,8 +62,8 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
   const int64_t k = t.size(0) / b;
   const bool create_graph = at::GradMode::is_enabled();
   VDM_ASSIGN_OR_RETURN(
-      auto gamma_t,
-      GammaWithDerivative(module, t.to(info.device), create_graph));
+      const GammaValues gamma_t,
+      GammaWithDerivative(module, t, info.device, create_graph));
   try {
     VlbTerms terms;
     at::Tensor xd = x.to(info.device);
@@ -105,22 +81,22 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
 
     at::Tensor f_rep = k > 1 ? f.repeat_interleave(k, 0) : f;
     at::Tensor eps = Randn(f_rep.sizes(), gen, info.device);
-    at::Tensor z = Diffuse(f_rep, gamma_t.first, eps);
+    at::Tensor z = Diffuse(f_rep, gamma_t.gamma, eps);
     at::Tensor label = labels.to(info.device).to(at::kLong);
     if (k > 1) label = label.repeat_interleave(k, 0);
-    at::Tensor out = module.forward({z, gamma_t.first, label}).toTensor();
+    at::Tensor out = module.forward({z, gamma_t.gamma, label}).toTensor();
     if (out.sizes() != z.sizes()) {
       return absl::InvalidArgumentError(
           absl::StrCat("forward returned shape ", c10::str(out.sizes()),
                        ", expected ", c10::str(z.sizes())));
     }
-    at::Tensor eps_hat = ToEps(info.prediction, out, z, gamma_t.first);
-    at::Tensor rows = DiffusionLossContinuous(eps, eps_hat, gamma_t.second);
+    at::Tensor eps_hat = ToEps(info.prediction, out, z, gamma_t.gamma);
+    at::Tensor rows = DiffusionLossContinuous(eps, eps_hat, gamma_t.dgamma_dt);
     terms.diffusion = rows.view({b, k}).mean(1);
     terms.weighted_diffusion =
         weighting.kind == Weighting::Kind::kElbo
             ? terms.diffusion
-            : (rows * LossWeight(weighting, gamma_t.first.detach()))
+            : (rows * LossWeight(weighting, gamma_t.gamma.detach()))
                   .view({b, k})
                   .mean(1);
     return terms;
@@ -132,40 +108,46 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
 absl::StatusOr<EvalResult> EvaluateBpd(torch::jit::Module& module,
                                        const ModelInfo& info,
                                        const Dataset& data,
-                                       const EvalOptions& options) {
+                                       const EvalOptions& options,
+                                       at::Tensor* per_image) {
   const int64_t n = data.size();
-  const int k = std::max(1, options.times);
   if (n == 0) return absl::InvalidArgumentError("evaluation set is empty");
-  const int64_t chunk = std::max<int64_t>(1, options.batch_rows / k);
-  const int64_t dims = info.shape.dims();
-  at::Generator gen = at::detail::createCPUGenerator(options.seed);
+  // The same module, seen through the library's Denoiser interface.
+  TorchScriptModel::Options model_options;
+  model_options.device = info.device.str();
+  model_options.check_forward = false;
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
+                       TorchScriptModel::FromModule(module, model_options));
+  const bool conditional = options.conditional && info.num_classes > 0;
+  ScoreOptions score;
+  score.likelihood.times = std::max(1, options.times);
+  score.batch_rows = std::max<int64_t>(1, options.batch_rows);
+  score.stop = options.stop;
+  const int64_t chunk = std::max<int64_t>(1, options.chunk_images);
   torch::NoGradGuard no_grad;
   std::vector<at::Tensor> prior, recon, diffusion;
-  for (int64_t begin = 0; begin < n; begin += chunk) {
+  for (int64_t begin = 0, c = 0; begin < n; begin += chunk, ++c) {
     if (options.stop != nullptr && options.stop->load()) {
       return absl::CancelledError("evaluation interrupted");
     }
     const Dataset part = data.Slice(begin, std::min(n, begin + chunk));
-    const int64_t b = part.size();
-    // An independent offset u per image: t_ik = (k + u_i) / K.
-    at::Tensor u = at::rand({b, 1}, gen, at::TensorOptions(at::kFloat));
-    at::Tensor t =
-        ((at::arange(k, at::kFloat).view({1, k}) + u) / k).reshape({b * k});
-    at::Tensor labels = options.conditional && info.num_classes > 0
-                            ? part.labels
-                            : at::full({b}, info.num_classes, at::kLong);
-    VDM_ASSIGN_OR_RETURN(VlbTerms terms,
-                         ComputeVlb(module, info, part.images, labels, t, gen));
-    prior.push_back(NatsToBpd(terms.prior, dims).to(at::kDouble).cpu());
-    recon.push_back(NatsToBpd(terms.recon, dims).to(at::kDouble).cpu());
-    diffusion.push_back(NatsToBpd(terms.diffusion, dims).to(at::kDouble).cpu());
+    score.seed = ChunkSeed(options.seed, c);
+    score.labels = conditional
+                       ? part.labels
+                       : at::full({part.size()}, info.num_classes, at::kLong);
+    VDM_ASSIGN_OR_RETURN(BpdScores s,
+                         ScoreImages(*model, part.images, score));
+    prior.push_back(s.prior);
+    recon.push_back(s.recon);
+    diffusion.push_back(s.diffusion);
   }
   at::Tensor p = at::cat(prior), r = at::cat(recon), d = at::cat(diffusion);
   at::Tensor total = p + r + d;
+  if (per_image != nullptr) *per_image = total;
   EvalResult result;
   result.images = n;
-  result.times = k;
-  result.conditional = options.conditional && info.num_classes > 0;
+  result.times = score.likelihood.times;
+  result.conditional = conditional;
   result.bpd = total.mean().item<double>();
   result.prior = p.mean().item<double>();
   result.recon = r.mean().item<double>();

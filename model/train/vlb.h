@@ -1,7 +1,9 @@
-// The continuous-time VDM variational bound (design.md section 4) of a
-// TorchScript model on a batch of images, for training (differentiable) and
-// for evaluation (dataset BPD with stratified times and standard error).
-// Plain functions over a module the caller owns: thread-compatible.
+// The continuous-time VDM variational bound (docs/design.md, "The maths") of
+// a TorchScript model on a batch of images: the differentiable training loss
+// (ComputeVlb), and the dataset BPD of evaluation (EvaluateBpd), which scores
+// with the library's LikelihoodPlan (model/vdm/likelihood.h), the same code,
+// seed layout and estimator the server's ScoreBPD uses. Plain functions over
+// a module the caller owns: thread-compatible.
 #ifndef VDM_MODEL_TRAIN_VLB_H_
 #define VDM_MODEL_TRAIN_VLB_H_
 
@@ -26,12 +28,6 @@ struct ModelInfo {
   std::string prediction;  // "eps", "v" or "x"
   torch::Device device = torch::kCPU;
 };
-
-// gamma(t) and d gamma / dt by autograd on t [B] f32. With create_graph the
-// derivative stays differentiable w.r.t. the schedule's parameters (learned
-// endpoints) and gamma's graph is kept for a later backward.
-absl::StatusOr<std::pair<at::Tensor, at::Tensor>> GammaWithDerivative(
-    torch::jit::Module& module, const at::Tensor& t, bool create_graph);
 
 // The weighting of the diffusion loss over log-SNR lambda = -gamma (VDM++,
 // Kingma & Gao 2023): L_w = 0.5 E_t[w(lambda_t) gamma'(t) ||eps - eps_hat||^2].
@@ -77,16 +73,21 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const Weighting& weighting = {});
 
 struct EvalOptions {
-  int times = 1;             // K stratified times per image
+  int times = 1;             // K times per image (LikelihoodOptions::times)
   int64_t batch_rows = 256;  // network rows (images * K) per forward pass
   bool conditional = false;  // true: the images' labels; false: "no label"
-  uint64_t seed = 0;         // same seed => same estimate
+  // Chunk c of chunk_images images is scored with seed ChunkSeed(seed, c)
+  // (model/vdm/request.h), as `vdm-client score --chunk` does; a set of at
+  // most chunk_images images gets exactly the scores ScoreBPD returns for
+  // the same images, K and seed (independent noise, no label or the label).
+  uint64_t seed = 0;
+  int64_t chunk_images = 256;
   const std::atomic<bool>* stop = nullptr;  // set => Cancelled between batches
 };
 
 // A dataset's mean BPD and its parts; stderr_bpd is the standard error of
 // the mean over images (each image's estimate averages its K times, each
-// image has its own time offset u).
+// image has its own time offsets).
 struct EvalResult {
   int64_t images = 0;
   int times = 0;
@@ -98,11 +99,13 @@ struct EvalResult {
   double stderr_bpd = 0;
 };
 
-// Evaluates `data` without parameter gradients.
+// Evaluates `data` without parameter gradients. Per-image scores are
+// returned through `per_image` when it is not null ([n] float64 BPD).
 absl::StatusOr<EvalResult> EvaluateBpd(torch::jit::Module& module,
                                        const ModelInfo& info,
                                        const Dataset& data,
-                                       const EvalOptions& options);
+                                       const EvalOptions& options,
+                                       at::Tensor* per_image = nullptr);
 
 }  // namespace vdm
 

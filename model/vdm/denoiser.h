@@ -10,15 +10,9 @@
 #include <cstdint>
 
 #include "absl/status/statusor.h"
+#include "model/vdm/image.h"
 
 namespace vdm {
-
-struct ImageShape {
-  int channels = 0;
-  int height = 0;
-  int width = 0;
-  int64_t dims() const { return int64_t{channels} * height * width; }
-};
 
 // A gamma schedule evaluated at a vector of times, with its time derivative.
 struct GammaValues {

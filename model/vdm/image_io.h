@@ -9,16 +9,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/vdm/image.h"
 
 namespace vdm {
-
-// An 8-bit image in planar CHW order (channel planes, then rows).
-struct Image8 {
-  int channels = 0;
-  int height = 0;
-  int width = 0;
-  std::vector<uint8_t> pixels;  // channels * height * width bytes
-};
 
 // Encodes 1 (gray) or 3 (RGB) channel images as PNG bytes.
 absl::StatusOr<std::string> EncodePng(const Image8& image);

@@ -65,12 +65,19 @@ absl::Status CheckInputs(const at::Tensor& x, const LikelihoodOptions& o) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<LikelihoodPlan>> LikelihoodPlan::Create(
-    const at::Tensor& x_uint8, const LikelihoodOptions& options,
-    const ScheduleFn& schedule, at::Generator gen) {
+    const at::Tensor& x_uint8, const at::Tensor& labels,
+    const LikelihoodOptions& options, const ScheduleFn& schedule,
+    at::Generator gen) {
   VDM_RETURN_IF_ERROR(CheckInputs(x_uint8, options));
   if (!gen.defined()) return absl::InvalidArgumentError("no generator");
+  if (labels.defined() && labels.numel() != x_uint8.size(0)) {
+    return absl::InvalidArgumentError("labels must have one entry per image");
+  }
   std::unique_ptr<LikelihoodPlan> plan(new LikelihoodPlan(
       x_uint8.to(at::kCPU).to(at::kByte).contiguous(), options));
+  if (labels.defined()) {
+    plan->labels_ = labels.to(at::kCPU).to(at::kLong).reshape({-1});
+  }
   absl::Status drawn;
   try {
     drawn = plan->Draw(schedule, gen);
@@ -116,18 +123,19 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   return absl::OkStatus();
 }
 
-absl::StatusOr<ScoreRows> LikelihoodPlan::Rows(int64_t begin,
-                                               int64_t count) const {
+absl::StatusOr<Rows> LikelihoodPlan::RowsAt(int64_t begin,
+                                            int64_t count) const {
   if (begin < 0 || count < 1 || begin + count > rows()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "rows [", begin, ", ", begin + count, ") outside [0, ", rows(), ")"));
   }
-  ScoreRows rows;
-  rows.image =
+  const at::Tensor image =
       at::arange(begin, begin + count, at::kLong).div(options_.times, "floor");
+  Rows rows;
   rows.gamma = gamma_.narrow(0, begin, count).to(at::kFloat);
-  rows.z = Diffuse(f_.index_select(0, rows.image), rows.gamma,
+  rows.z = Diffuse(f_.index_select(0, image), rows.gamma,
                    eps_.narrow(0, begin, count));
+  if (labels_.defined()) rows.label = labels_.index_select(0, image);
   return rows;
 }
 
@@ -224,24 +232,23 @@ absl::StatusOr<BpdScores> ScoreImages(Denoiser& model,
   if (options.batch_rows < 1) {
     return absl::InvalidArgumentError("batch_rows must be >= 1");
   }
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-  VDM_ASSIGN_OR_RETURN(std::unique_ptr<LikelihoodPlan> plan,
-                       LikelihoodPlan::Create(x_uint8, options.likelihood,
-                                              ScheduleOf(model), gen));
-  const int64_t n = plan->num_images();
+  const int64_t n = x_uint8.defined() && x_uint8.dim() > 0 ? x_uint8.size(0) : 0;
   const at::Tensor labels =
       options.labels.defined()
-          ? options.labels.to(at::kCPU).to(at::kLong).reshape({-1})
+          ? options.labels
           : at::full({n}, int64_t{model.num_classes()}, at::kLong);
-  if (labels.numel() != n) {
-    return absl::InvalidArgumentError("labels must have one entry per image");
-  }
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<LikelihoodPlan> plan,
+                       LikelihoodPlan::Create(x_uint8, labels,
+                                              options.likelihood,
+                                              ScheduleOf(model), gen));
   for (int64_t begin = 0; begin < plan->rows(); begin += options.batch_rows) {
+    if (options.stop != nullptr && options.stop->load()) {
+      return absl::CancelledError("scoring interrupted");
+    }
     const int64_t m = std::min(options.batch_rows, plan->rows() - begin);
-    VDM_ASSIGN_OR_RETURN(const ScoreRows rows, plan->Rows(begin, m));
-    VDM_ASSIGN_OR_RETURN(
-        at::Tensor eps_hat,
-        model.Denoise(rows.z, rows.gamma, labels.index_select(0, rows.image)));
+    VDM_ASSIGN_OR_RETURN(const Rows rows, plan->RowsAt(begin, m));
+    VDM_ASSIGN_OR_RETURN(at::Tensor eps_hat, Evaluate(model, rows));
     VDM_RETURN_IF_ERROR(plan->Consume(begin, eps_hat));
   }
   return plan->Result();

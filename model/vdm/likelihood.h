@@ -1,4 +1,4 @@
-// Per-image likelihood (design.md section 4): bits per dimension of the VDM
+// Per-image likelihood (docs/design.md, "Scoring"): bits per dimension of the VDM
 // variational bound, prior + reconstruction + diffusion, the diffusion term
 // estimated at K stratified times per image, with an honest standard error.
 //
@@ -13,6 +13,7 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "model/vdm/denoiser.h"
+#include "model/vdm/rows.h"
 #include "model/vdm/schedule.h"
 
 namespace vdm {
@@ -79,31 +81,28 @@ struct BpdScores {
   at::Tensor stderr_bpd;
 };
 
-// Network rows of a plan. Row r = i * K + k is image i at its k-th time.
-struct ScoreRows {
-  at::Tensor z;      // [m, C, H, W] float32
-  at::Tensor gamma;  // [m] float32
-  at::Tensor image;  // [m] int64: the image of each row (to pick labels)
-};
-
 // The likelihood of n images. Not thread-safe (one caller at a time); all
 // tensors live on the CPU.
 class LikelihoodPlan {
  public:
-  // x_uint8 [n, C, H, W] (any integer dtype, values 0..255). Draws, from
+  // x_uint8 [n, C, H, W] (any integer dtype, values 0..255); labels [n]
+  // int64, the label each image's rows carry (num_classes = "no label"), or
+  // undefined (rows without labels: Evaluate gives them "no label"). Draws, from
   // `gen` in this order: the offsets u [n or 1, G], the noise eps of every
   // row, the
   // reconstruction noise eps0; evaluates `schedule` once at the rows' times
   // (and their predecessors s for discrete time) and once at t = {0, 1}.
   static absl::StatusOr<std::unique_ptr<LikelihoodPlan>> Create(
-      const at::Tensor& x_uint8, const LikelihoodOptions& options,
-      const ScheduleFn& schedule, at::Generator gen);
+      const at::Tensor& x_uint8, const at::Tensor& labels,
+      const LikelihoodOptions& options, const ScheduleFn& schedule,
+      at::Generator gen);
 
   int64_t num_images() const { return x_.size(0); }
   int times() const { return options_.times; }
   int64_t rows() const { return num_images() * options_.times; }
   // Rows [begin, begin + count) (0 <= begin, begin + count <= rows()).
-  absl::StatusOr<ScoreRows> Rows(int64_t begin, int64_t count) const;
+  // Row r = i * K + k is image i at its k-th time.
+  absl::StatusOr<vdm::Rows> RowsAt(int64_t begin, int64_t count) const;
   // eps_hat [m, C, H, W] (any float dtype, any device) for rows [begin,
   // begin + m). Each row must be given exactly once.
   absl::Status Consume(int64_t begin, const at::Tensor& eps_hat);
@@ -122,6 +121,7 @@ class LikelihoodPlan {
   void LossesFor(int64_t begin, const at::Tensor& eps_hat);
 
   const at::Tensor x_;  // [n, C, H, W] uint8
+  at::Tensor labels_;   // [n] int64 or undefined
   const LikelihoodOptions options_;
   at::Tensor f_;              // [n, C, H, W] float32 model space
   at::Tensor gamma_;          // [n K] float64 gamma at the rows' t
@@ -140,6 +140,7 @@ struct ScoreOptions {
   int64_t batch_rows = 256;  // network rows per forward pass
   // Per-image labels [n] int64; undefined = "no label" (num_classes).
   at::Tensor labels;
+  const std::atomic<bool>* stop = nullptr;  // set => Cancelled between batches
 };
 
 // Scores images x_uint8 [n, C, H, W] with `model`, synchronously.

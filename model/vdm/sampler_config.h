@@ -1,11 +1,16 @@
 // The choice of sampler and time grid, free of torch so that request
-// handling (server/engine.h, server/service.cc) can name them without the
+// handling (server/, client/, proto/convert.h) can name them without the
 // tensor headers. The samplers themselves are in samplers.h.
+//
+// The names below are the one table of sampler spellings: the CLI flags use
+// them as they are, and the proto enums are their upper-case forms with a
+// prefix (SAMPLER_DDIM, TIME_GRID_UNIFORM_T), mapped in proto/convert.cc.
 #ifndef VDM_MODEL_VDM_SAMPLER_CONFIG_H_
 #define VDM_MODEL_VDM_SAMPLER_CONFIG_H_
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -31,15 +36,23 @@ struct SamplerConfig {
   TimeGrid grid = TimeGrid::kUniformT;
 };
 
+// Every sampler and time grid, in table order.
+const std::vector<SamplerType>& AllSamplerTypes();
+const std::vector<TimeGrid>& AllTimeGrids();
+
 // "ddim", "ddpm", "euler_maruyama", "heun", "dpm_solver_2m".
 std::string SamplerName(SamplerType type);
+// Case-insensitive; the error lists the valid names.
 absl::StatusOr<SamplerType> ParseSamplerType(const std::string& name);
 // "uniform_t", "uniform_log_snr".
 std::string TimeGridName(TimeGrid grid);
 absl::StatusOr<TimeGrid> ParseTimeGrid(const std::string& name);
+// "ddim|ddpm|..." and "uniform_t|uniform_log_snr", for help texts.
+std::string SamplerNameList(const std::string& separator = "|");
+std::string TimeGridNameList(const std::string& separator = "|");
 
 // Network evaluations per row for the whole trajectory (known before
-// starting, for admission control); a guided request costs twice this.
+// starting, for admission control); request.h says what guidance adds.
 int64_t SamplerEvaluations(const SamplerConfig& config);
 
 }  // namespace vdm

@@ -12,7 +12,7 @@
 namespace vdm {
 namespace {
 
-// DDIM(eta) (eta = 1: DDPM ancestral), design.md section 4, via DdimStep.
+// DDIM(eta) (eta = 1: DDPM ancestral), via DdimStep (diffusion.h).
 class DdimSampler : public Sampler {
  public:
   DdimSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen, double eta)
@@ -62,10 +62,12 @@ class HeunSampler : public Sampler {
   HeunSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
       : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
 
-  NetworkInput Next() const override {
+  Rows Next() const override {
     if (!predicted_.defined()) return Sampler::Next();
-    return {predicted_.to(at::kFloat),
-            GammaAt(step_ + 1).to(at::kFloat).expand({z_.size(0)})};
+    Rows rows;
+    rows.z = predicted_.to(at::kFloat);
+    rows.gamma = GammaAt(step_ + 1).to(at::kFloat).expand({z_.size(0)});
+    return rows;
   }
 
  private:
@@ -162,9 +164,11 @@ absl::StatusOr<at::Tensor> MakeGrid(const SamplerConfig& config,
 Sampler::Sampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
     : z_(std::move(z1)), gammas_(std::move(gammas)), gen_(std::move(gen)) {}
 
-NetworkInput Sampler::Next() const {
-  return {z_.to(at::kFloat),
-          GammaAt(step_).to(at::kFloat).expand({z_.size(0)})};
+Rows Sampler::Next() const {
+  Rows rows;
+  rows.z = z_.to(at::kFloat);
+  rows.gamma = GammaAt(step_).to(at::kFloat).expand({z_.size(0)});
+  return rows;
 }
 
 absl::Status Sampler::Consume(const at::Tensor& eps_hat) {
@@ -237,85 +241,96 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
   return s;
 }
 
+absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
+    const SamplerConfig& sampler, int64_t num_images,
+    const Conditioning& conditioning, const ImageShape& shape,
+    int num_classes, uint64_t seed, const ScheduleFn& schedule,
+    const at::Tensor& labels) {
+  if (num_images < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_images must be >= 1, got ", num_images));
+  }
+  Conditioning c = conditioning;
+  if (c.label >= num_classes && num_classes > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "label ", c.label, " is out of range [0, ", num_classes, ")"));
+  }
+  std::unique_ptr<SamplingPlan> plan(new SamplingPlan());
+  plan->n_ = num_images;
+  plan->uncond_label_ = num_classes;
+  plan->scale_ = c.guidance_scale;
+  try {
+    if (labels.defined()) {
+      const at::Tensor l = labels.to(at::kCPU).to(at::kLong).reshape({-1});
+      if (l.numel() != num_images || num_classes == 0 ||
+          (l.numel() > 0 && (l.min().item<int64_t>() < 0 ||
+                             l.max().item<int64_t>() >= num_classes))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "labels must be ", num_images, " values in [0, ", num_classes,
+            ")"));
+      }
+      plan->labels_ = l;
+      c.label = 0;  // every image has a label
+    } else {
+      plan->labels_ =
+          at::full({num_images}, RowLabel(c, num_classes), at::kLong);
+    }
+    plan->guided_ = IsGuided(c, num_classes);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    const at::Tensor z1 = at::randn(
+        {num_images, shape.channels, shape.height, shape.width}, gen,
+        at::kFloat);
+    VDM_ASSIGN_OR_RETURN(plan->sampler_,
+                         MakeSampler(sampler, z1, schedule, gen));
+  } catch (const std::exception& e) {  // c10::Error: no exception leaves
+    return absl::InternalError(absl::StrCat("sampling plan: ", e.what()));
+  }
+  return plan;
+}
+
+Rows SamplingPlan::Next() const {
+  Rows rows = sampler_->Next();
+  rows.label = labels_;
+  if (!guided_) return rows;
+  Rows uncond = rows;
+  uncond.label = at::full({n_}, uncond_label_, at::kLong);
+  return Rows::Cat({rows, uncond});
+}
+
+absl::Status SamplingPlan::Consume(const at::Tensor& eps_hat) {
+  if (!eps_hat.defined() || eps_hat.dim() < 1 ||
+      eps_hat.size(0) != rows_per_evaluation()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "eps_hat must have ", rows_per_evaluation(), " rows"));
+  }
+  if (!guided_) return sampler_->Consume(eps_hat);
+  at::Tensor guided;
+  try {
+    const at::Tensor eps = eps_hat.to(at::kCPU);
+    guided = Guide(eps.narrow(0, n_, n_), eps.narrow(0, 0, n_),
+                   at::full({1}, scale_, eps.options()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("guidance: ", e.what()));
+  }
+  return sampler_->Consume(guided);
+}
+
 absl::StatusOr<at::Tensor> SampleImages(Denoiser& model,
                                         const SampleOptions& options) {
-  const ImageShape shape = model.shape();
-  const int64_t n = options.num_images;
-  const int64_t classes = model.num_classes();
-  if (n < 1) return absl::InvalidArgumentError("num_images must be >= 1");
-  if (options.label >= classes && classes > 0) {
-    return absl::InvalidArgumentError("label out of range");
-  }
-  const bool conditional = options.label >= 0 && classes > 0;
-  const bool guided = conditional && options.guidance_scale != 1.0;
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-  const at::Tensor z1 = at::randn(
-      {n, shape.channels, shape.height, shape.width}, gen, at::kFloat);
   VDM_ASSIGN_OR_RETURN(
-      std::unique_ptr<Sampler> sampler,
-      MakeSampler(options.sampler, z1, ScheduleOf(model), gen));
-  const at::Tensor cond =
-      at::full({n}, conditional ? options.label : classes, at::kLong);
-  const at::Tensor uncond = at::full({n}, classes, at::kLong);
-  const at::Tensor scale = at::full({1}, options.guidance_scale, at::kFloat);
-  while (!sampler->done()) {
-    NetworkInput in = sampler->Next();
-    if (!guided) {
-      VDM_ASSIGN_OR_RETURN(at::Tensor eps, model.Denoise(in.z, in.gamma, cond));
-      VDM_RETURN_IF_ERROR(sampler->Consume(eps));
-      continue;
+      std::unique_ptr<SamplingPlan> plan,
+      SamplingPlan::Create(options.sampler, options.num_images,
+                           options.conditioning, model.shape(),
+                           model.num_classes(), options.seed,
+                           ScheduleOf(model), options.labels));
+  while (!plan->done()) {
+    if (options.stop != nullptr && options.stop->load()) {
+      return absl::CancelledError("sampling interrupted");
     }
-    VDM_ASSIGN_OR_RETURN(
-        at::Tensor eps,
-        model.Denoise(at::cat({in.z, in.z}), at::cat({in.gamma, in.gamma}),
-                      at::cat({cond, uncond})));
-    eps = eps.to(at::kCPU);
-    VDM_RETURN_IF_ERROR(sampler->Consume(
-        Guide(eps.narrow(0, n, n), eps.narrow(0, 0, n), scale)));
+    VDM_ASSIGN_OR_RETURN(at::Tensor eps, Evaluate(model, plan->Next()));
+    VDM_RETURN_IF_ERROR(plan->Consume(eps));
   }
-  return sampler->Images();
-}
-
-int64_t SamplerEvaluations(const SamplerConfig& config) {
-  const int64_t per_step = config.type == SamplerType::kHeun ? 2 : 1;
-  return per_step * config.steps;
-}
-
-std::string SamplerName(SamplerType type) {
-  switch (type) {
-    case SamplerType::kDdim:
-      return "ddim";
-    case SamplerType::kDdpm:
-      return "ddpm";
-    case SamplerType::kEulerMaruyama:
-      return "euler_maruyama";
-    case SamplerType::kHeun:
-      return "heun";
-    case SamplerType::kDpmSolver2M:
-      return "dpm_solver_2m";
-  }
-  return "unknown";
-}
-
-absl::StatusOr<SamplerType> ParseSamplerType(const std::string& name) {
-  for (SamplerType t :
-       {SamplerType::kDdim, SamplerType::kDdpm, SamplerType::kEulerMaruyama,
-        SamplerType::kHeun, SamplerType::kDpmSolver2M}) {
-    if (name == SamplerName(t)) return t;
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown sampler \"", name, "\""));
-}
-
-std::string TimeGridName(TimeGrid grid) {
-  return grid == TimeGrid::kUniformT ? "uniform_t" : "uniform_log_snr";
-}
-
-absl::StatusOr<TimeGrid> ParseTimeGrid(const std::string& name) {
-  if (name == "uniform_t") return TimeGrid::kUniformT;
-  if (name == "uniform_log_snr") return TimeGrid::kUniformLogSnr;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown time grid \"", name, "\""));
+  return plan->Images();
 }
 
 }  // namespace vdm

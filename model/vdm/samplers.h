@@ -1,10 +1,12 @@
-// The VDM samplers (design.md section 4) as per-trajectory state machines for
-// a continuous-batching engine: one Sampler per request of n rows says what
+// The VDM samplers (docs/design.md, "Sampling") as per-trajectory state
+// machines for a continuous-batching engine. A Sampler of n images says what
 // the network must evaluate next (Next) and advances when given eps_hat
 // (Consume), so rows of different requests at different steps can share a
-// forward pass. Classifier-free guidance is the caller's business: it
-// evaluates the conditional and unconditional rows and passes the guided
-// eps_hat (Guide in diffusion.h) to Consume.
+// forward pass. A SamplingPlan wraps a Sampler with its conditioning: it
+// labels the rows and, with classifier-free guidance, pairs each image with
+// a "no label" row and combines the two predictions (the only place that
+// does). The engine, SampleImages and the trainer's previews all sample
+// through a SamplingPlan.
 //
 // All maths is in gamma (log-SNR lambda = -gamma / 2); the network is
 // conditioned on gamma, so a time grid is a sequence of gammas from gamma(1)
@@ -16,23 +18,20 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/vdm/request.h"
 #include "model/vdm/denoiser.h"
+#include "model/vdm/rows.h"
 #include "model/vdm/sampler_config.h"
 #include "model/vdm/schedule.h"
 
 namespace vdm {
-
-// Inputs of one network evaluation of a sampler's n rows.
-struct NetworkInput {
-  at::Tensor z;      // [n, C, H, W] float32
-  at::Tensor gamma;  // [n] float32
-};
 
 // One sampling trajectory of n images. Not thread-safe: one caller at a time
 // (a request lives on one worker thread). Tensors live on the CPU; the state
@@ -43,8 +42,9 @@ class Sampler {
   Sampler(const Sampler&) = delete;
   Sampler& operator=(const Sampler&) = delete;
 
-  // Inputs of the next network evaluation (valid while !done()).
-  virtual NetworkInput Next() const;
+  // The n rows of the next network evaluation (valid while !done()); their
+  // label is left undefined (the SamplingPlan sets it).
+  virtual Rows Next() const;
   // eps_hat [n, C, H, W] (any float dtype, any device) for the rows of the
   // last Next(); advances the state. Draws noise from the sampler's own
   // generator, so the result does not depend on what shares the batch.
@@ -92,15 +92,57 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
     const SamplerConfig& config, const at::Tensor& z1,
     const ScheduleFn& schedule, at::Generator gen);
 
+// A sampling request: a Sampler for n images plus what it is conditioned
+// on. Next() returns every row of the next evaluation (n rows, or 2n with
+// guidance: rows [0, n) carry the labels, rows [n, 2n) "no label"); Consume
+// takes eps_hat for all of them, combines guided pairs and advances. Not
+// thread-safe (one caller at a time).
+class SamplingPlan {
+ public:
+  // Draws z1 ~ N(0, I) [n, C, H, W] from a generator seeded with `seed` and
+  // keeps drawing the sampler's noise from it (so the result depends only on
+  // the seed). `labels` [n] int64, when defined, gives each image its own
+  // label in [0, num_classes) and overrides conditioning.label.
+  static absl::StatusOr<std::unique_ptr<SamplingPlan>> Create(
+      const SamplerConfig& sampler, int64_t num_images,
+      const Conditioning& conditioning, const ImageShape& shape,
+      int num_classes, uint64_t seed, const ScheduleFn& schedule,
+      const at::Tensor& labels = at::Tensor());
+
+  int64_t num_images() const { return n_; }
+  bool guided() const { return guided_; }
+  // Rows of every evaluation: n or 2n.
+  int64_t rows_per_evaluation() const { return guided_ ? 2 * n_ : n_; }
+  Rows Next() const;
+  absl::Status Consume(const at::Tensor& eps_hat);
+
+  const Sampler& sampler() const { return *sampler_; }
+  bool done() const { return sampler_->done(); }
+  // Uint8 [n, C, H, W]: the samples once done().
+  at::Tensor Images() const { return sampler_->Images(); }
+
+ private:
+  SamplingPlan() = default;
+
+  int64_t n_ = 0;
+  bool guided_ = false;
+  double scale_ = 1.0;
+  at::Tensor labels_;  // [n] int64 (num_classes = "no label")
+  int64_t uncond_label_ = 0;
+  std::unique_ptr<Sampler> sampler_;
+};
+
 // A synchronous sampling run (tests, the trainer's previews, tools).
 struct SampleOptions {
   SamplerConfig sampler;
   int64_t num_images = 1;
-  int64_t label = -1;  // -1 = "no label" (num_classes)
-  // With a label: classifier-free guidance eps_u + s (eps_c - eps_u), two
-  // rows per image unless s == 1.
-  double guidance_scale = 1.0;
+  // label -1 = "no label"; with a label, classifier-free guidance
+  // eps_u + s (eps_c - eps_u) unless s == 1 (request.h).
+  Conditioning conditioning;
+  // [num_images] int64 per-image labels; overrides conditioning.label.
+  at::Tensor labels;
   uint64_t seed = 0;  // z1 and all noise come from this seed
+  const std::atomic<bool>* stop = nullptr;  // set => Cancelled between steps
 };
 
 // Samples images (uint8 [n, C, H, W]) with `model`, in one batch per step.

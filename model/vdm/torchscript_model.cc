@@ -145,11 +145,6 @@ absl::Status TorchScriptModel::CheckForward() {
   const at::Tensor t = torch::tensor({0.0f, 1.0f}, f32);
   absl::StatusOr<GammaValues> g = Gamma(t);
   if (!g.ok()) return g.status();
-  if (g->gamma.sizes() != t.sizes()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "model contract: gamma(t) must return shape [2], returned [",
-        absl::StrJoin(g->gamma.sizes(), ","), "]"));
-  }
   if (!(g->gamma[1].item<float>() > g->gamma[0].item<float>())) {
     return absl::InvalidArgumentError(
         "model contract: gamma(t) must increase from t=0 to t=1");
@@ -176,35 +171,54 @@ absl::StatusOr<at::Tensor> TorchScriptModel::Denoise(const at::Tensor& z,
                                                      const at::Tensor& gamma,
                                                      const at::Tensor& label) {
   try {
-    c10::IValue out = module_.forward({z, gamma, label});
+    // One transfer each way per batch (no-ops when z is on the device).
+    const at::Tensor zd = z.to(device_), gd = gamma.to(device_);
+    c10::IValue out = module_.forward({zd, gd, label.to(device_)});
     if (!out.isTensor()) {
       return absl::InvalidArgumentError(
           "model contract: forward must return a Tensor");
     }
     at::Tensor output = out.toTensor();
     if (output.sizes() != z.sizes()) return output;  // CheckForward reports.
-    return ToEps(prediction_, output.to(torch::kFloat), z, gamma);
+    return ToEps(prediction_, output.to(torch::kFloat), zd, gd).to(z.device());
   } catch (const std::exception& e) {
     return FromTorch(e, "model forward failed");
   }
 }
 
 absl::StatusOr<GammaValues> TorchScriptModel::Gamma(const at::Tensor& t) {
+  VDM_ASSIGN_OR_RETURN(GammaValues g,
+                       GammaWithDerivative(module_, t, device_, false));
+  return GammaValues{g.gamma.to(t.device()), g.dgamma_dt.to(t.device())};
+}
+
+absl::StatusOr<GammaValues> GammaWithDerivative(torch::jit::Module& module,
+                                                const at::Tensor& t,
+                                                const torch::Device& device,
+                                                bool create_graph) {
   try {
-    // d gamma / dt by autograd on t, whatever the schedule's form.
-    torch::AutoGradMode enable(true);
-    at::Tensor tt = t.detach().to(device_, torch::kFloat).requires_grad_(true);
-    at::Tensor gamma = module_.run_method("gamma", tt).toTensor();
+    torch::AutoGradMode grad_mode(true);
+    at::Tensor tt = t.detach().to(device, torch::kFloat).requires_grad_(true);
+    at::Tensor gamma = module.run_method("gamma", tt).toTensor();
     if (gamma.sizes() != tt.sizes()) {
-      return GammaValues{gamma.detach(), torch::zeros_like(tt)};
+      return absl::InvalidArgumentError(absl::StrCat(
+          "model contract: gamma(t) must return t's shape [",
+          absl::StrJoin(tt.sizes(), ","), "], returned [",
+          absl::StrJoin(gamma.sizes(), ","), "]"));
     }
-    at::Tensor grad;
+    std::vector<at::Tensor> grads;
     if (gamma.requires_grad()) {
-      grad = torch::autograd::grad({gamma.sum()}, {tt})[0];
-    } else {
-      grad = torch::zeros_like(tt);
+      grads = torch::autograd::grad({gamma}, {tt}, {torch::ones_like(gamma)},
+                                    /*retain_graph=*/create_graph,
+                                    create_graph, /*allow_unused=*/true);
     }
-    return GammaValues{gamma.detach(), grad.detach()};
+    if (grads.empty() || !grads[0].defined()) {
+      return absl::InvalidArgumentError(
+          "model contract: gamma(t) does not depend on t (autograd gives no "
+          "derivative, so the diffusion term would read as 0)");
+    }
+    if (create_graph) return GammaValues{gamma, grads[0]};
+    return GammaValues{gamma.detach(), grads[0].detach()};
   } catch (const std::exception& e) {
     return FromTorch(e, "model gamma(t) failed");
   }

@@ -1,5 +1,6 @@
-// Loads a TorchScript VDM (.pt) and checks the model contract of design.md
-// section 3; serves it as a Denoiser. Thread-compatible (one caller at a time).
+// Loads a TorchScript VDM (.pt) and checks the model contract
+// (docs/design.md, "Model contract"); serves it as a Denoiser.
+// Thread-compatible (one caller at a time).
 #ifndef VDM_MODEL_VDM_TORCHSCRIPT_MODEL_H_
 #define VDM_MODEL_VDM_TORCHSCRIPT_MODEL_H_
 
@@ -32,6 +33,8 @@ class TorchScriptModel : public Denoiser {
 
   ImageShape shape() const override { return shape_; }
   int num_classes() const override { return num_classes_; }
+  // Moves the rows to the model's device once, runs forward, converts the
+  // output to eps and returns it on z's device.
   absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
                                      const at::Tensor& gamma,
                                      const at::Tensor& label) override;
@@ -59,6 +62,17 @@ class TorchScriptModel : public Denoiser {
   std::string prediction_;
   std::string metadata_;
 };
+
+// gamma(t) and d gamma / dt by autograd on t (any device; moved to the
+// module's `device`), the one implementation of the schedule's derivative.
+// Fails when gamma(t) has the wrong shape or does not depend on t (its
+// derivative would read as 0 and drop the diffusion term). With create_graph
+// the derivative stays differentiable w.r.t. the schedule's parameters and
+// gamma's graph is kept (training); otherwise both are detached.
+absl::StatusOr<GammaValues> GammaWithDerivative(torch::jit::Module& module,
+                                                const at::Tensor& t,
+                                                const torch::Device& device,
+                                                bool create_graph);
 
 // Sets the number of intra-op threads torch uses (Debian's libtorch defaults
 // to one); n <= 0 means the number of cores.

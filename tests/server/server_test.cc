@@ -81,10 +81,11 @@ TEST(ServerTest, GracefulShutdownFinishesShortCallsAndFailsLongOnes) {
                               [&] { return Sample(*stub, Request(8, 1000)); });
   auto short_call = std::async(std::launch::async,
                                [&] { return Sample(*stub, Request(1, 60)); });
-  absl::SleepFor(absl::Milliseconds(300));  // both are in flight
+  // Both are admitted (after the warm-up job) before the drain starts.
+  ASSERT_TRUE(server->engine().AwaitAdmitted(3, absl::Now() + absl::Seconds(60)));
+  server->StartDraining();
   auto shutdown = std::async(std::launch::async,
                              [&] { server->Shutdown(absl::Seconds(4)); });
-  absl::SleepFor(absl::Milliseconds(200));  // draining now
   EXPECT_EQ(Health(channel), HealthResponse::NOT_SERVING);
   const grpc::Status late = Sample(*stub, Request(1, 2));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE);

@@ -19,7 +19,7 @@
 #include <cmath>
 
 #include "model/vdm/diffusion.h"
-#include "tests/model/vdm/oracle.h"
+#include "model/vdm/testing/oracle.h"
 
 namespace vdm {
 namespace {
@@ -210,8 +210,8 @@ TEST(LikelihoodTest, StandardErrorIsHonestWhenTheLossVariesStronglyWithT) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(12);
   LikelihoodOptions lo;
   lo.times = k;
-  auto plan = LikelihoodPlan::Create(x, lo, ScheduleOf(*oracle), gen).value();
-  const ScoreRows rows = plan->Rows(0, k).value();
+  auto plan = LikelihoodPlan::Create(x, at::Tensor(), lo, ScheduleOf(*oracle), gen).value();
+  const Rows rows = plan->RowsAt(0, k).value();
   ASSERT_TRUE(
       plan->Consume(
               0, oracle->Denoise(rows.z, rows.gamma, at::zeros({k}, at::kLong))
@@ -311,11 +311,14 @@ TEST(LikelihoodPlanTest, AnyChunkingGivesTheSameResultAndMisuseIsRefused) {
   lo.times = 8;
   auto run = [&](std::vector<std::pair<int64_t, int64_t>> chunks) {
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
-    auto plan = LikelihoodPlan::Create(x, lo, ScheduleOf(*oracle), gen).value();
+    // Each image carries its own label: rows name the image they belong to.
+    auto plan = LikelihoodPlan::Create(x, at::arange(3, at::kLong), lo,
+                                       ScheduleOf(*oracle), gen)
+                    .value();
     for (auto [begin, m] : chunks) {
       EXPECT_FALSE(plan->complete());
-      const ScoreRows r = plan->Rows(begin, m).value();
-      EXPECT_EQ(r.image[0].item<int64_t>(), begin / 8);
+      const Rows r = plan->RowsAt(begin, m).value();
+      EXPECT_EQ(r.label[0].item<int64_t>(), begin / 8);
       auto eps = oracle->Denoise(r.z, r.gamma, at::zeros({m}, at::kLong));
       EXPECT_TRUE(plan->Consume(begin, eps.value()).ok());
     }
@@ -331,26 +334,26 @@ TEST(LikelihoodPlanTest, AnyChunkingGivesTheSameResultAndMisuseIsRefused) {
     const at::Tensor x2 = Data(*oracle, 2, 22);
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(23);
     lo.times = 4;
-    auto bad = LikelihoodPlan::Create(x2, lo, ScheduleOf(*oracle), gen).value();
+    auto bad = LikelihoodPlan::Create(x2, at::Tensor(), lo, ScheduleOf(*oracle), gen).value();
     EXPECT_EQ(bad->Result().status().code(),
               absl::StatusCode::kFailedPrecondition);
-    const ScoreRows r = bad->Rows(0, 2).value();
+    const Rows r = bad->RowsAt(0, 2).value();
     const at::Tensor eps =
         oracle->Denoise(r.z, r.gamma, at::zeros({2}, at::kLong)).value();
     EXPECT_TRUE(bad->Consume(0, eps).ok());
     EXPECT_FALSE(bad->Consume(1, eps).ok()) << "row 1 given twice";
     EXPECT_FALSE(bad->Consume(7, eps).ok()) << "past the end";
     EXPECT_FALSE(bad->Consume(2, eps.narrow(3, 0, 2)).ok()) << "wrong shape";
-    EXPECT_FALSE(bad->Rows(6, 3).ok()) << "past the end";
-    EXPECT_FALSE(bad->Rows(-1, 1).ok());
+    EXPECT_FALSE(bad->RowsAt(6, 3).ok()) << "past the end";
+    EXPECT_FALSE(bad->RowsAt(-1, 1).ok());
     lo.times = 0;
-    EXPECT_FALSE(LikelihoodPlan::Create(x2, lo, ScheduleOf(*oracle), gen).ok());
+    EXPECT_FALSE(LikelihoodPlan::Create(x2, at::Tensor(), lo, ScheduleOf(*oracle), gen).ok());
     lo.times = 4;
     EXPECT_FALSE(
-        LikelihoodPlan::Create(x2.to(at::kFloat), lo, ScheduleOf(*oracle), gen)
+        LikelihoodPlan::Create(x2.to(at::kFloat), at::Tensor(), lo, ScheduleOf(*oracle), gen)
             .ok());
     lo.replicates = 5;
-    EXPECT_FALSE(LikelihoodPlan::Create(x2, lo, ScheduleOf(*oracle), gen).ok());
+    EXPECT_FALSE(LikelihoodPlan::Create(x2, at::Tensor(), lo, ScheduleOf(*oracle), gen).ok());
   }
 }
 

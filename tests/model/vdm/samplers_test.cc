@@ -13,7 +13,7 @@
 #include <string>
 
 #include "model/vdm/diffusion.h"
-#include "tests/model/vdm/oracle.h"
+#include "model/vdm/testing/oracle.h"
 
 namespace vdm {
 namespace {
@@ -36,8 +36,8 @@ at::Tensor Sample(Denoiser& model, SamplerConfig config, int64_t n = kImages,
   o.sampler = config;
   o.num_images = n;
   o.seed = seed;
-  o.label = label;
-  o.guidance_scale = scale;
+  o.conditioning.label = label;
+  o.conditioning.guidance_scale = scale;
   auto x = SampleImages(model, o);
   EXPECT_TRUE(x.ok()) << x.status();
   return std::move(x).value();
@@ -178,7 +178,7 @@ std::unique_ptr<Sampler> Make(OracleDenoiser& oracle, SamplerConfig c,
 // Runs a sampler alone; returns its final z.
 at::Tensor RunAlone(OracleDenoiser& oracle, Sampler& s) {
   while (!s.done()) {
-    const NetworkInput in = s.Next();
+    const Rows in = s.Next();
     const int64_t n = in.z.size(0);
     EXPECT_TRUE(
         s.Consume(
@@ -198,7 +198,7 @@ TEST(SamplerStateTest, CountsEvaluationsAndFollowsItsGrid) {
     EXPECT_NEAR(s->Next().gamma[0].item<float>(), g1, 1e-5);
     int64_t calls = 0;
     while (!s->done()) {
-      const NetworkInput in = s->Next();
+      const Rows in = s->Next();
       EXPECT_EQ(in.z.sizes(), (std::vector<int64_t>{3, 1, 4, 4}));
       EXPECT_EQ(in.gamma.sizes(), (std::vector<int64_t>{3}));
       ASSERT_TRUE(
@@ -270,7 +270,7 @@ TEST(SamplerStateTest, RequestsSharingABatchGetTheirOwnResults) {
     }
     std::vector<at::Tensor> z, g;
     for (Sampler* s : live) {
-      const NetworkInput in = s->Next();
+      const Rows in = s->Next();
       z.push_back(in.z);
       g.push_back(in.gamma);
     }

@@ -1,4 +1,4 @@
-#include "tests/model/vdm/oracle.h"
+#include "model/vdm/testing/oracle.h"
 
 #include <ATen/ATen.h>
 

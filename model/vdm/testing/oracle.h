@@ -11,8 +11,8 @@
 // sigma^2) couples the pixels of an image. eps_hat = (z - alpha x_hat) /
 // sigma is then the MMSE-optimal prediction. Everything is computed in
 // float64 with log-sum-exp.
-#ifndef VDM_TESTS_MODEL_VDM_ORACLE_H_
-#define VDM_TESTS_MODEL_VDM_ORACLE_H_
+#ifndef VDM_MODEL_VDM_TESTING_ORACLE_H_
+#define VDM_MODEL_VDM_TESTING_ORACLE_H_
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -144,4 +144,4 @@ double PixelTvDistance(const at::Tensor& x_uint8, const at::Tensor& pmf);
 
 }  // namespace vdm
 
-#endif  // VDM_TESTS_MODEL_VDM_ORACLE_H_
+#endif  // VDM_MODEL_VDM_TESTING_ORACLE_H_

@@ -1,0 +1,44 @@
+// What a request asks of the library, free of torch: what it is conditioned
+// on, what it costs and how its seeds are laid out. The one place that says
+// when classifier-free guidance applies (and so how many network rows an
+// image needs per evaluation) and how many rows a Sample or ScoreBPD request
+// costs in total. The engine uses the costs for admission control; the
+// samplers use the rule to pair rows (samplers.h).
+#ifndef VDM_MODEL_VDM_REQUEST_H_
+#define VDM_MODEL_VDM_REQUEST_H_
+
+#include <cstdint>
+
+#include "model/vdm/sampler_config.h"
+
+namespace vdm {
+
+// The class a sampling request asks for and how strongly.
+struct Conditioning {
+  int label = -1;               // -1 = unconditional ("no label")
+  double guidance_scale = 1.0;  // used only with a label
+};
+
+// Classifier-free guidance eps_u + s (eps_c - eps_u) applies when the model
+// is class-conditional, a label is given and s != 1: two rows per image
+// (conditional, then "no label"). Otherwise one row per image.
+bool IsGuided(const Conditioning& c, int num_classes);
+int RowsPerImage(const Conditioning& c, int num_classes);
+
+// The label value rows carry for `c` on a model with `num_classes` classes:
+// the label, or num_classes ("no label").
+int64_t RowLabel(const Conditioning& c, int num_classes);
+
+// Network rows a whole request costs.
+int64_t SampleRowCost(const SamplerConfig& sampler, int64_t num_images,
+                      const Conditioning& c, int num_classes);
+int64_t ScoreRowCost(int64_t num_images, int timesteps);
+
+// The seed of chunk `chunk` of a dataset scored in chunks whose chunk 0 uses
+// `base` (the client's chunked ScoreBPD and the trainer's evaluation):
+// ChunkSeed(base, 0) == base.
+uint64_t ChunkSeed(uint64_t base, int64_t chunk);
+
+}  // namespace vdm
+
+#endif  // VDM_MODEL_VDM_REQUEST_H_

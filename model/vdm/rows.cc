@@ -1,0 +1,39 @@
+#include "model/vdm/rows.h"
+
+#include <ATen/ATen.h>
+
+namespace vdm {
+
+Rows Rows::Slice(int64_t begin, int64_t count) const {
+  Rows r;
+  r.z = z.narrow(0, begin, count);
+  r.gamma = gamma.narrow(0, begin, count);
+  if (label.defined()) r.label = label.narrow(0, begin, count);
+  return r;
+}
+
+Rows Rows::Cat(const std::vector<Rows>& parts) {
+  if (parts.size() == 1) return parts.front();
+  std::vector<at::Tensor> z, gamma, label;
+  for (const Rows& p : parts) {
+    z.push_back(p.z);
+    gamma.push_back(p.gamma);
+    if (p.label.defined()) label.push_back(p.label);
+  }
+  Rows r;
+  if (z.empty()) return r;
+  r.z = at::cat(z);
+  r.gamma = at::cat(gamma);
+  if (label.size() == parts.size()) r.label = at::cat(label);
+  return r;
+}
+
+absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows) {
+  const at::Tensor label =
+      rows.label.defined()
+          ? rows.label
+          : at::full({rows.size()}, int64_t{model.num_classes()}, at::kLong);
+  return model.Denoise(rows.z, rows.gamma, label);
+}
+
+}  // namespace vdm

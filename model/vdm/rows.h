@@ -1,0 +1,42 @@
+// Network rows: the unit of work everything above the network is built
+// from. A row is one image-sized input of the denoiser, the noisy image z at
+// log-noise gamma with a class label. A sampler hands out the rows of its
+// next step, a likelihood plan the rows of its K times per image, and the
+// engine concatenates rows of many requests into one forward pass (see
+// docs/design.md, "Rows").
+#ifndef VDM_MODEL_VDM_ROWS_H_
+#define VDM_MODEL_VDM_ROWS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/vdm/denoiser.h"
+
+namespace vdm {
+
+// m rows for one forward pass. All tensors live on the CPU.
+struct Rows {
+  at::Tensor z;      // [m, C, H, W] float32
+  at::Tensor gamma;  // [m] float32
+  // [m] int64: 0..num_classes-1, or num_classes for "no label". A bare
+  // Sampler (samplers.h) leaves it undefined; SamplingPlan and
+  // LikelihoodPlan always set it.
+  at::Tensor label;
+
+  int64_t size() const { return z.defined() ? z.size(0) : 0; }
+  bool empty() const { return size() == 0; }
+  // Rows [begin, begin + count).
+  Rows Slice(int64_t begin, int64_t count) const;
+  // The rows of `parts`, in order (parts must all have labels or none).
+  static Rows Cat(const std::vector<Rows>& parts);
+};
+
+// eps_hat [m, C, H, W] for `rows`; rows without labels get "no label".
+absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows);
+
+}  // namespace vdm
+
+#endif  // VDM_MODEL_VDM_ROWS_H_

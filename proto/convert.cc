@@ -1,0 +1,140 @@
+#include "proto/convert.h"
+
+#include <string>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/vdm/image_io.h"
+#include "model/vdm/status_macros.h"
+
+namespace vdm {
+namespace {
+
+constexpr char kSamplerPrefix[] = "SAMPLER_";
+constexpr char kGridPrefix[] = "TIME_GRID_";
+
+// "SAMPLER_EULER_MARUYAMA" -> "euler_maruyama" (empty when the prefix is
+// missing, i.e. an unknown enum number).
+std::string LibraryName(const std::string& enum_name, const char* prefix) {
+  if (!absl::StartsWith(enum_name, prefix)) return "";
+  return absl::AsciiStrToLower(enum_name.substr(std::string(prefix).size()));
+}
+
+std::string ShapeText(const ImageShape& s) {
+  return absl::StrFormat("%dx%dx%d (CxHxW)", s.channels, s.height, s.width);
+}
+
+}  // namespace
+
+absl::StatusOr<SamplerType> SamplerFromProto(v1::Sampler sampler) {
+  if (sampler == v1::SAMPLER_UNSPECIFIED) return SamplerType::kDdim;
+  const std::string name = LibraryName(v1::Sampler_Name(sampler), kSamplerPrefix);
+  absl::StatusOr<SamplerType> type = ParseSamplerType(name);
+  if (name.empty() || !type.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sampler: unknown value ", static_cast<int>(sampler),
+        "; see enum vdm.v1.Sampler"));
+  }
+  return type;
+}
+
+v1::Sampler SamplerToProto(SamplerType type) {
+  v1::Sampler out = v1::SAMPLER_UNSPECIFIED;
+  v1::Sampler_Parse(absl::StrCat(kSamplerPrefix,
+                                 absl::AsciiStrToUpper(SamplerName(type))),
+                    &out);
+  return out;
+}
+
+absl::StatusOr<TimeGrid> TimeGridFromProto(v1::TimeGrid grid) {
+  if (grid == v1::TIME_GRID_UNSPECIFIED) return TimeGrid::kUniformT;
+  const std::string name = LibraryName(v1::TimeGrid_Name(grid), kGridPrefix);
+  absl::StatusOr<TimeGrid> parsed = ParseTimeGrid(name);
+  if (name.empty() || !parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "time_grid: unknown value ", static_cast<int>(grid),
+        "; see enum vdm.v1.TimeGrid"));
+  }
+  return parsed;
+}
+
+v1::TimeGrid TimeGridToProto(TimeGrid grid) {
+  v1::TimeGrid out = v1::TIME_GRID_UNSPECIFIED;
+  v1::TimeGrid_Parse(
+      absl::StrCat(kGridPrefix, absl::AsciiStrToUpper(TimeGridName(grid))),
+      &out);
+  return out;
+}
+
+bool IsKnownFormat(v1::ImageFormat f) {
+  return f == v1::IMAGE_FORMAT_UNSPECIFIED || f == v1::IMAGE_FORMAT_PNG ||
+         f == v1::IMAGE_FORMAT_RAW;
+}
+
+absl::Status ImageToProto(const Image8& image, v1::ImageFormat format,
+                          v1::Image* out) {
+  out->set_channels(image.channels);
+  out->set_height(image.height);
+  out->set_width(image.width);
+  if (format == v1::IMAGE_FORMAT_RAW) {
+    out->set_data(image.pixels.data(), image.pixels.size());
+    return absl::OkStatus();
+  }
+  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(image));
+  out->set_data(std::move(png));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
+                                      v1::ImageFormat format,
+                                      const ImageShape* expect) {
+  Image8 out;
+  const ImageShape fields{image.channels(), image.height(), image.width()};
+  const bool has_fields =
+      fields.channels != 0 || fields.height != 0 || fields.width != 0;
+  if (format == v1::IMAGE_FORMAT_RAW) {
+    if (expect != nullptr) {
+      if (has_fields && fields != *expect) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "raw image says it is %dx%dx%d, the model expects %s",
+            fields.channels, fields.height, fields.width, ShapeText(*expect)));
+      }
+      if (static_cast<int64_t>(image.data().size()) != expect->dims()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "raw data has %d bytes, the model expects %d (%s)",
+            image.data().size(), expect->dims(), ShapeText(*expect)));
+      }
+      out.channels = expect->channels;
+      out.height = expect->height;
+      out.width = expect->width;
+    } else {
+      if (fields.channels <= 0 || fields.height <= 0 || fields.width <= 0 ||
+          static_cast<int64_t>(image.data().size()) != fields.dims()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "raw image of shape %dx%dx%d has %d bytes", fields.channels,
+            fields.height, fields.width, image.data().size()));
+      }
+      out.channels = fields.channels;
+      out.height = fields.height;
+      out.width = fields.width;
+    }
+    out.pixels.assign(image.data().begin(), image.data().end());
+    return out;
+  }
+  absl::StatusOr<Image8> decoded =
+      DecodePng(image.data(), expect != nullptr ? expect->channels : 0);
+  if (!decoded.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a valid PNG: ", decoded.status().message()));
+  }
+  if (expect != nullptr && decoded->shape() != *expect) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "image is %dx%dx%d, the model expects %s", decoded->channels,
+        decoded->height, decoded->width, ShapeText(*expect)));
+  }
+  return decoded;
+}
+
+}  // namespace vdm

@@ -1,0 +1,42 @@
+// Conversions between the vdm.v1 messages and the library's plain types,
+// shared by the server and the client so that each exists once: images on
+// the wire (PNG or raw) <-> Image8, and the Sampler / TimeGrid enums <->
+// the library's table in model/vdm/sampler_config.h (enum SAMPLER_X is the
+// library's sampler "x"). Stateless and thread-safe; free of torch.
+#ifndef VDM_PROTO_CONVERT_H_
+#define VDM_PROTO_CONVERT_H_
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/vdm/image.h"
+#include "model/vdm/sampler_config.h"
+#include "vdm/v1/vdm.pb.h"
+
+namespace vdm {
+
+// UNSPECIFIED is the default (DDIM, uniform t); an unknown number is
+// INVALID_ARGUMENT naming the field.
+absl::StatusOr<SamplerType> SamplerFromProto(v1::Sampler sampler);
+v1::Sampler SamplerToProto(SamplerType type);
+absl::StatusOr<TimeGrid> TimeGridFromProto(v1::TimeGrid grid);
+v1::TimeGrid TimeGridToProto(TimeGrid grid);
+
+// Whether `format` is a known ImageFormat value (UNSPECIFIED = PNG).
+bool IsKnownFormat(v1::ImageFormat format);
+
+// Writes `image` as PNG or raw bytes with its shape fields set.
+absl::Status ImageToProto(const Image8& image, v1::ImageFormat format,
+                          v1::Image* out);
+
+// Decodes a wire image. Without `expect`, a raw image needs its shape
+// fields and a PNG keeps its own channels. With `expect` (a model's shape),
+// a raw image must have expect's size and no contradicting shape fields, a
+// PNG is converted to expect's channels, and the result must have expect's
+// shape; errors say what was found and what the model expects.
+absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
+                                      v1::ImageFormat format,
+                                      const ImageShape* expect = nullptr);
+
+}  // namespace vdm
+
+#endif  // VDM_PROTO_CONVERT_H_

@@ -1,0 +1,79 @@
+// The engine's vocabulary, free of torch and gRPC: what the service asks the
+// engine to do (jobs), what comes back (results, progress) and how the
+// caller's state is polled (RequestControl). The service builds jobs from
+// requests (service.cc), the engine runs them as tasks (tasks.h), and the
+// callbacks carry the results back. See docs/design.md, "Data path".
+#ifndef VDM_SERVER_JOBS_H_
+#define VDM_SERVER_JOBS_H_
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "model/vdm/image.h"
+#include "model/vdm/request.h"
+#include "model/vdm/sampler_config.h"
+
+namespace vdm {
+
+// Progress of a sampling request, reported after each step.
+struct SampleProgress {
+  int step = 0;
+  int total_steps = 0;
+  std::vector<Image8> previews;  // x_hat per image, when a preview is due
+};
+
+struct SampleJob {
+  int num_images = 1;
+  SamplerConfig sampler;      // type, steps, eta (DDIM), time grid
+  Conditioning conditioning;  // label (-1 = none) and guidance scale
+  uint64_t seed = 0;
+  // Called after each step when set, off the worker thread, in order and
+  // before the result; previews of x_hat every `preview_every` steps
+  // (0 = none).
+  std::function<void(SampleProgress)> progress;
+  int preview_every = 0;
+};
+
+struct SampleResult {
+  std::vector<Image8> images;
+  int64_t network_evaluations = 0;
+  double queue_seconds = 0;
+  double compute_seconds = 0;
+};
+
+struct ScoreJob {
+  std::vector<Image8> images;  // each of the model's shape
+  int timesteps = 16;          // K >= 2 stratified times
+  uint64_t seed = 0;
+  int label = -1;              // -1 = "no label"
+  bool shared_noise = false;   // common random numbers across images
+};
+
+// Per-image bits per dimension and its parts.
+struct ImageBpd {
+  double bpd = 0, prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
+};
+
+struct ScoreResult {
+  std::vector<ImageBpd> scores;
+  int64_t network_evaluations = 0;
+  double queue_seconds = 0;
+  double compute_seconds = 0;
+};
+
+// How the caller's request is doing: polled by the worker every iteration.
+struct RequestControl {
+  std::function<bool()> is_cancelled;  // may be empty
+  absl::Time deadline = absl::InfiniteFuture();
+};
+
+// Run exactly once per admitted job, off the worker thread.
+using SampleCallback = std::function<void(absl::StatusOr<SampleResult>)>;
+using ScoreCallback = std::function<void(absl::StatusOr<ScoreResult>)>;
+
+}  // namespace vdm
+
+#endif  // VDM_SERVER_JOBS_H_

@@ -1,0 +1,114 @@
+// proto/convert.h: the one mapping between vdm.v1 messages and library
+// types. Every enum value of the proto maps to the library's table and back,
+// so a sampler added to one and not the other fails here.
+#include "proto/convert.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "google/protobuf/descriptor.h"
+#include "model/vdm/image_io.h"
+
+namespace vdm {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ConvertTest, EverySamplerMapsBothWays) {
+  const auto* e = v1::Sampler_descriptor();
+  int mapped = 0;
+  for (int i = 0; i < e->value_count(); ++i) {
+    const auto value = static_cast<v1::Sampler>(e->value(i)->number());
+    if (value == v1::SAMPLER_UNSPECIFIED) continue;
+    absl::StatusOr<SamplerType> type = SamplerFromProto(value);
+    ASSERT_TRUE(type.ok()) << e->value(i)->name();
+    EXPECT_EQ(SamplerToProto(*type), value);
+    ++mapped;
+  }
+  EXPECT_EQ(mapped, static_cast<int>(AllSamplerTypes().size()));
+  for (SamplerType t : AllSamplerTypes()) {
+    EXPECT_NE(SamplerToProto(t), v1::SAMPLER_UNSPECIFIED) << SamplerName(t);
+    EXPECT_EQ(*ParseSamplerType(SamplerName(t)), t);
+  }
+  EXPECT_EQ(*SamplerFromProto(v1::SAMPLER_UNSPECIFIED), SamplerType::kDdim);
+  const absl::StatusOr<SamplerType> bad =
+      SamplerFromProto(static_cast<v1::Sampler>(99));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("sampler"));
+}
+
+TEST(ConvertTest, EveryTimeGridMapsBothWays) {
+  const auto* e = v1::TimeGrid_descriptor();
+  int mapped = 0;
+  for (int i = 0; i < e->value_count(); ++i) {
+    const auto value = static_cast<v1::TimeGrid>(e->value(i)->number());
+    if (value == v1::TIME_GRID_UNSPECIFIED) continue;
+    absl::StatusOr<TimeGrid> grid = TimeGridFromProto(value);
+    ASSERT_TRUE(grid.ok()) << e->value(i)->name();
+    EXPECT_EQ(TimeGridToProto(*grid), value);
+    ++mapped;
+  }
+  EXPECT_EQ(mapped, static_cast<int>(AllTimeGrids().size()));
+  EXPECT_FALSE(TimeGridFromProto(static_cast<v1::TimeGrid>(7)).ok());
+}
+
+TEST(ConvertTest, NamesAreCaseInsensitiveAndErrorsListTheChoices) {
+  EXPECT_EQ(*ParseSamplerType("HEUN"), SamplerType::kHeun);
+  const auto bad = ParseSamplerType("euler");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("dpm_solver_2m"));
+  EXPECT_EQ(SamplerNameList("|"), "ddim|ddpm|euler_maruyama|heun|dpm_solver_2m");
+}
+
+TEST(ConvertTest, ImagesRoundTripInBothFormats) {
+  const Image8 image{1, 3, 2, {0, 50, 100, 150, 200, 255}};
+  for (v1::ImageFormat f : {v1::IMAGE_FORMAT_RAW, v1::IMAGE_FORMAT_PNG}) {
+    v1::Image proto;
+    ASSERT_TRUE(ImageToProto(image, f, &proto).ok());
+    EXPECT_EQ(proto.height(), 3);
+    const ImageShape shape = image.shape();
+    for (const ImageShape* expect : {static_cast<const ImageShape*>(nullptr), &shape}) {
+      absl::StatusOr<Image8> back = ImageFromProto(proto, f, expect);
+      ASSERT_TRUE(back.ok()) << back.status();
+      EXPECT_EQ(back->pixels, image.pixels);
+      EXPECT_EQ(back->shape(), shape);
+    }
+  }
+}
+
+TEST(ConvertTest, ImagesThatContradictTheModelAreRefusedWithBothShapes) {
+  const ImageShape model{1, 2, 2};
+  v1::Image raw;
+  raw.set_data(std::string(4, 'x'));
+  EXPECT_TRUE(ImageFromProto(raw, v1::IMAGE_FORMAT_RAW, &model).ok())
+      << "unset shape fields take the model's";
+  raw.set_channels(4);
+  raw.set_height(1);
+  raw.set_width(1);
+  auto contradicts = ImageFromProto(raw, v1::IMAGE_FORMAT_RAW, &model);
+  ASSERT_FALSE(contradicts.ok());
+  EXPECT_THAT(std::string(contradicts.status().message()), HasSubstr("4x1x1"));
+  EXPECT_THAT(std::string(contradicts.status().message()), HasSubstr("1x2x2"));
+  raw.clear_channels();
+  raw.clear_height();
+  raw.clear_width();
+  raw.set_data("xyz");
+  EXPECT_THAT(
+      std::string(ImageFromProto(raw, v1::IMAGE_FORMAT_RAW, &model).status().message()),
+      HasSubstr("3 bytes"));
+  v1::Image png;
+  ASSERT_TRUE(ImageToProto({1, 3, 3, std::vector<uint8_t>(9, 7)},
+                           v1::IMAGE_FORMAT_PNG, &png)
+                  .ok());
+  auto wrong = ImageFromProto(png, v1::IMAGE_FORMAT_PNG, &model);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(std::string(wrong.status().message()), HasSubstr("1x3x3"));
+  png.set_data("not a png");
+  EXPECT_THAT(std::string(ImageFromProto(png, v1::IMAGE_FORMAT_PNG, &model)
+                              .status()
+                              .message()),
+              HasSubstr("PNG"));
+}
+
+}  // namespace
+}  // namespace vdm

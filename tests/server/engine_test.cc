@@ -1,0 +1,423 @@
+// The engine's batching rules, proved on a fake Denoiser that records every
+// forward pass, in manual mode (no threads: the test drives each iteration
+// with Engine::Step) and on a FakeClock (no sleeping). Every request gets a
+// label of its own, so the labels of a batch say which request each row came
+// from; "no label" (10) marks the unconditional half of a guided pair.
+#include "server/engine.h"
+
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "model/vdm/denoiser.h"
+#include "model/vdm/samplers.h"
+#include "model/vdm/tensor_image.h"
+
+namespace vdm {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
+
+constexpr int kClasses = 10;  // label 10 = "no label"
+
+// One forward pass as the fake saw it.
+struct Batch {
+  std::vector<int64_t> labels;
+  std::vector<float> gammas;
+};
+
+// A deterministic stand-in network: eps_hat = 0.1 z + 0.01 label, on a
+// linear schedule gamma(t) = -5 + 10 t. Each forward pass costs
+// `fixed + per_row * rows` on the fake clock (if any). Records every batch.
+class FakeDenoiser : public Denoiser {
+ public:
+  explicit FakeDenoiser(FakeClock* clock = nullptr,
+                        absl::Duration fixed = absl::ZeroDuration(),
+                        absl::Duration per_row = absl::ZeroDuration())
+      : clock_(clock), fixed_(fixed), per_row_(per_row) {}
+
+  ImageShape shape() const override { return {1, 2, 2}; }
+  int num_classes() const override { return kClasses; }
+
+  absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
+                                     const at::Tensor& gamma,
+                                     const at::Tensor& label) override {
+    Batch b;
+    const at::Tensor l = label.contiguous();
+    const at::Tensor g = gamma.contiguous().to(at::kFloat);
+    b.labels.assign(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + l.numel());
+    b.gammas.assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+    {
+      absl::MutexLock lock(&mu_);
+      batches_.push_back(std::move(b));
+      forward_thread_ = std::this_thread::get_id();
+    }
+    if (clock_ != nullptr) clock_->Advance(fixed_ + per_row_ * z.size(0));
+    return 0.1 * z + 0.01 * label.to(at::kFloat).view({-1, 1, 1, 1});
+  }
+
+  absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override {
+    return GammaValues{-5.0 + 10.0 * t, at::full_like(t, 10.0)};
+  }
+
+  std::vector<Batch> batches() const {
+    absl::MutexLock lock(&mu_);
+    return batches_;
+  }
+  std::thread::id forward_thread() const {
+    absl::MutexLock lock(&mu_);
+    return forward_thread_;
+  }
+
+ private:
+  FakeClock* const clock_;
+  const absl::Duration fixed_, per_row_;
+  mutable absl::Mutex mu_;
+  std::vector<Batch> batches_ ABSL_GUARDED_BY(mu_);
+  std::thread::id forward_thread_ ABSL_GUARDED_BY(mu_);
+};
+
+SampleJob Sample(int n, int steps, int label, double scale = 1.0,
+                 SamplerType type = SamplerType::kDdim) {
+  SampleJob job;
+  job.num_images = n;
+  job.sampler.type = type;
+  job.sampler.steps = steps;
+  job.conditioning.label = label;
+  job.conditioning.guidance_scale = scale;
+  job.seed = 1000 + label;
+  return job;
+}
+
+ScoreJob Score(int n, int k, int label) {
+  ScoreJob job;
+  for (int i = 0; i < n; ++i) {
+    job.images.push_back(
+        {1, 2, 2, {uint8_t(10 * i), 100, 200, uint8_t(255 - i)}});
+  }
+  job.timesteps = k;
+  job.label = label;
+  job.seed = 7;
+  return job;
+}
+
+// What a callback delivered.
+template <typename Result>
+struct Outcome {
+  int calls = 0;
+  absl::StatusOr<Result> result = absl::UnknownError("not called");
+  std::function<void(absl::StatusOr<Result>)> Callback() {
+    return [this](absl::StatusOr<Result> r) {
+      ++calls;
+      result = std::move(r);
+    };
+  }
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void Make(Engine::Options options = {}, absl::Duration fixed = {},
+            absl::Duration per_row = {}) {
+    options.threaded = false;
+    options.clock = &clock_;
+    auto model = std::make_unique<FakeDenoiser>(&clock_, fixed, per_row);
+    model_ = model.get();
+    std::vector<std::unique_ptr<Denoiser>> replicas;
+    replicas.push_back(std::move(model));
+    engine_ = *Engine::Create(options, std::move(replicas), nullptr);
+  }
+
+  // Labels of batch i.
+  std::vector<int64_t> Labels(size_t i) const {
+    return model_->batches().at(i).labels;
+  }
+  size_t Batches() const { return model_->batches().size(); }
+
+  FakeClock clock_;
+  FakeDenoiser* model_ = nullptr;
+  std::unique_ptr<Engine> engine_;
+};
+
+TEST_F(EngineTest, RowsOfDifferentSamplersAndKindsShareABatch) {
+  Make();
+  Outcome<SampleResult> a, b;
+  Outcome<ScoreResult> c;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 3, 2, 1.0, SamplerType::kHeun),
+                                    {}, b.Callback())
+                  .ok());
+  ASSERT_TRUE(engine_->SubmitScore(Score(1, 4, 3), {}, c.Callback()).ok());
+  ASSERT_TRUE(engine_->Step());
+  // One forward pass: DDIM's 2 rows, Heun's 1, the score's 4 times.
+  EXPECT_THAT(Labels(0), ElementsAre(1, 1, 2, 3, 3, 3, 3));
+  // Each row is at its own request's time: DDIM and Heun start at
+  // gamma(1) = 5; the score's rows are at four stratified times.
+  const std::vector<float> g = model_->batches()[0].gammas;
+  EXPECT_FLOAT_EQ(g[0], 5.0f);
+  EXPECT_FLOAT_EQ(g[2], 5.0f);
+  EXPECT_LT(g[3], 5.0f);
+  EXPECT_EQ(c.calls, 1) << "the score needed one pass";
+  ASSERT_TRUE(c.result.ok()) << c.result.status();
+  EXPECT_EQ(c.result->network_evaluations, 4);
+  while (engine_->Step()) {
+  }
+  // DDIM-3: 3 passes; Heun-3: 6 (2 per step).
+  EXPECT_EQ(Batches(), 6u);
+  ASSERT_TRUE(a.result.ok() && b.result.ok());
+  EXPECT_EQ(a.result->network_evaluations, 2 * 3);
+  EXPECT_EQ(b.result->network_evaluations, 6);
+  EXPECT_THAT(Labels(3), ElementsAre(2)) << "only Heun is left";
+}
+
+TEST_F(EngineTest, NewRequestJoinsAtTheNextIterationAndLeavesWhenDone) {
+  Make();
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 4, 1), {}, a.Callback()).ok());
+  engine_->Step();
+  EXPECT_THAT(Labels(0), ElementsAre(1));
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 2, 2), {}, b.Callback()).ok());
+  engine_->Step();
+  engine_->Step();
+  EXPECT_THAT(Labels(1), ElementsAre(2, 2, 1));
+  EXPECT_THAT(Labels(2), ElementsAre(1, 2, 2)) << "the start rotates";
+  EXPECT_EQ(b.calls, 1) << "B's 2 steps are done: it leaves at once";
+  EXPECT_EQ(a.calls, 0);
+  engine_->Step();
+  EXPECT_THAT(Labels(3), ElementsAre(1));
+  EXPECT_EQ(a.calls, 1);
+  EXPECT_FALSE(engine_->Step()) << "idle";
+  EXPECT_EQ(Batches(), 4u);
+}
+
+TEST_F(EngineTest, GuidedRequestsEvaluateBothHalvesInOnePass) {
+  Make();
+  Outcome<SampleResult> a;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 1, 4, 3.0), {}, a.Callback()).ok());
+  engine_->Step();
+  EXPECT_THAT(Labels(0), ElementsAre(4, 4, kClasses, kClasses));
+  ASSERT_TRUE(a.result.ok());
+  EXPECT_EQ(a.result->network_evaluations, 4);
+}
+
+TEST_F(EngineTest, ResultsDoNotDependOnWhatSharesTheBatch) {
+  // Two guided requests batched together, and max_batch splitting a pair
+  // across passes, give the images SampleImages gives each one alone.
+  Engine::Options options;
+  options.max_batch = 3;
+  Make(options);
+  Outcome<SampleResult> a, b;
+  const SampleJob ja = Sample(2, 5, 1, 2.0), jb = Sample(3, 4, 2);
+  ASSERT_TRUE(engine_->SubmitSample(ja, {}, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(jb, {}, b.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  ASSERT_TRUE(a.result.ok() && b.result.ok());
+  for (const auto& [job, out] : {std::make_pair(ja, &a), std::make_pair(jb, &b)}) {
+    FakeDenoiser alone;
+    SampleOptions o;
+    o.sampler = job.sampler;
+    o.num_images = job.num_images;
+    o.conditioning = job.conditioning;
+    o.seed = job.seed;
+    const std::vector<Image8> want = ToImages(*SampleImages(alone, o));
+    ASSERT_EQ(out->result->images.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(out->result->images[i].pixels, want[i].pixels);
+    }
+  }
+  for (size_t i = 0; i < Batches(); ++i) EXPECT_LE(Labels(i).size(), 3u);
+}
+
+TEST_F(EngineTest, CancelledRequestLeavesAtTheNextIteration) {
+  Make();
+  std::atomic<bool> cancelled{false};
+  RequestControl control;
+  control.is_cancelled = [&cancelled] { return cancelled.load(); };
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 100, 1), control, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 3, 2), {}, b.Callback()).ok());
+  engine_->Step();
+  cancelled = true;
+  engine_->Step();
+  EXPECT_THAT(Labels(0), ElementsAre(1, 2));
+  EXPECT_THAT(Labels(1), ElementsAre(2)) << "A is gone before the next pass";
+  EXPECT_EQ(a.calls, 1);
+  EXPECT_EQ(a.result.status().code(), absl::StatusCode::kCancelled);
+  while (engine_->Step()) {
+  }
+  EXPECT_EQ(engine_->network_evaluations(), 1 + 3);
+  // A's admitted rows were released.
+  EXPECT_TRUE(engine_->WaitIdle(absl::Now()));
+}
+
+TEST_F(EngineTest, DeadlineOnTheClockStopsTheRequest) {
+  // Each pass costs 400 ms of fake time; a 1 s deadline allows three.
+  Make({}, absl::Milliseconds(400));
+  RequestControl control;
+  control.deadline = clock_.Now() + absl::Seconds(1);
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 50, 1), control, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 5, 2), {}, b.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  EXPECT_EQ(a.result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  int a_rows = 0;
+  for (size_t i = 0; i < Batches(); ++i) {
+    for (int64_t l : Labels(i)) a_rows += l == 1;
+  }
+  EXPECT_EQ(a_rows, 3);
+  // B ran from t = 0 to the end of its fifth pass: 5 x 400 ms.
+  ASSERT_TRUE(b.result.ok());
+  EXPECT_DOUBLE_EQ(b.result->queue_seconds, 0.0);
+  EXPECT_DOUBLE_EQ(b.result->compute_seconds, 2.0);
+}
+
+TEST_F(EngineTest, QueueTimeIsMeasuredOnTheClock) {
+  Make({}, absl::Milliseconds(100));
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 2, 1), {}, a.Callback()).ok());
+  engine_->Step();  // t = 0.1 s
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 1, 2), {}, b.Callback()).ok());
+  clock_.Advance(absl::Milliseconds(50));  // B waits 50 ms for the next pass
+  engine_->Step();
+  ASSERT_TRUE(b.result.ok());
+  EXPECT_NEAR(b.result->queue_seconds, 0.05, 1e-9);
+  EXPECT_NEAR(b.result->compute_seconds, 0.1, 1e-9);
+}
+
+TEST_F(EngineTest, ScorePriorityPutsScoreRowsFirst) {
+  for (bool priority : {true, false}) {
+    Engine::Options options;
+    options.max_batch = 4;
+    options.score_priority = priority;
+    Make(options);
+    Outcome<SampleResult> s;
+    Outcome<ScoreResult> c;
+    ASSERT_TRUE(engine_->SubmitSample(Sample(4, 10, 1), {}, s.Callback()).ok());
+    engine_->Step();  // the sample fills the batch
+    ASSERT_TRUE(engine_->SubmitScore(Score(1, 8, 3), {}, c.Callback()).ok());
+    engine_->Step();
+    engine_->Step();
+    if (priority) {
+      EXPECT_THAT(Labels(1), ElementsAre(3, 3, 3, 3));
+      EXPECT_THAT(Labels(2), ElementsAre(3, 3, 3, 3));
+      EXPECT_EQ(c.calls, 1) << "done after two passes";
+    } else {
+      // Rotation: the score leads every other pass.
+      EXPECT_THAT(Labels(1), ElementsAre(3, 3, 3, 3));
+      EXPECT_THAT(Labels(2), ElementsAre(1, 1, 1, 1));
+      EXPECT_EQ(c.calls, 0);
+    }
+    engine_->Stop();
+  }
+}
+
+TEST_F(EngineTest, FullQueueIsRefusedAtOnceAndFreedRowsAreReused) {
+  Engine::Options options;
+  options.max_queued_rows = 50;
+  Make(options);
+  Outcome<SampleResult> a, b, c;
+  absl::Status too_big = engine_->SubmitSample(Sample(4, 20, 1), {}, a.Callback());
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(too_big.message()), ::testing::HasSubstr("limit 50"));
+  ASSERT_TRUE(engine_->SubmitSample(Sample(4, 10, 2), {}, b.Callback()).ok());
+  EXPECT_EQ(engine_->SubmitSample(Sample(1, 20, 3), {}, c.Callback()).code(),
+            absl::StatusCode::kResourceExhausted);
+  while (engine_->Step()) {
+  }
+  EXPECT_TRUE(engine_->SubmitSample(Sample(1, 20, 3), {}, c.Callback()).ok());
+  engine_->Stop();
+  EXPECT_EQ(a.calls, 0) << "a refused job's callback never runs";
+  EXPECT_EQ(c.result.status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(EngineTest, MaxBatchIsRespectedAndLargeRequestsShareFairly) {
+  Engine::Options options;
+  options.max_batch = 8;
+  Make(options);
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(8, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(Sample(8, 3, 2), {}, b.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  ASSERT_EQ(Batches(), 6u);
+  for (size_t i = 0; i < Batches(); ++i) {
+    EXPECT_THAT(Labels(i), ElementsAreArray(std::vector<int64_t>(8, i % 2 + 1)));
+  }
+}
+
+TEST_F(EngineTest, ProgressArrivesInOrderBeforeTheResult) {
+  Make();
+  std::vector<std::string> events;
+  SampleJob job = Sample(2, 4, 1);
+  job.preview_every = 2;
+  job.progress = [&events](SampleProgress p) {
+    events.push_back(absl::StrCat("step ", p.step, "/", p.total_steps,
+                                  " previews ", p.previews.size()));
+  };
+  ASSERT_TRUE(engine_
+                  ->SubmitSample(job, {},
+                                 [&events](absl::StatusOr<SampleResult> r) {
+                                   events.push_back(r.ok() ? "result" : "error");
+                                 })
+                  .ok());
+  while (engine_->Step()) {
+  }
+  EXPECT_THAT(events, ElementsAre("step 1/4 previews 0", "step 2/4 previews 2",
+                                  "step 3/4 previews 0", "step 4/4 previews 0",
+                                  "result"));
+}
+
+TEST_F(EngineTest, StopFailsWhatIsLeftWithUnavailable) {
+  Make();
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 10, 1), {}, a.Callback()).ok());
+  engine_->Step();
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 10, 2), {}, b.Callback()).ok());
+  engine_->Stop();
+  EXPECT_EQ(a.result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(b.result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(a.calls + b.calls, 2);
+  EXPECT_EQ(engine_->SubmitSample(Sample(1, 1, 3), {}, a.Callback()).code(),
+            absl::StatusCode::kUnavailable);
+}
+
+TEST(ThreadedEngineTest, CallbacksRunOffTheWorkerThread) {
+  auto model = std::make_unique<FakeDenoiser>();
+  FakeDenoiser* fake = model.get();
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  replicas.push_back(std::move(model));
+  auto engine = *Engine::Create({}, std::move(replicas), nullptr);
+  absl::Mutex mu;
+  std::thread::id callback_thread;
+  bool done = false;
+  ASSERT_TRUE(engine
+                  ->SubmitSample(Sample(2, 3, 1), {},
+                                 [&](absl::StatusOr<SampleResult> r) {
+                                   absl::MutexLock lock(&mu);
+                                   EXPECT_TRUE(r.ok()) << r.status();
+                                   callback_thread = std::this_thread::get_id();
+                                   done = true;
+                                 })
+                  .ok());
+  ASSERT_TRUE(engine->WaitIdle(absl::Now() + absl::Seconds(60)));
+  absl::MutexLock lock(&mu);
+  ASSERT_TRUE(done) << "WaitIdle waits for the callbacks too";
+  EXPECT_NE(callback_thread, fake->forward_thread());
+  EXPECT_NE(callback_thread, std::this_thread::get_id());
+  const std::vector<WorkerStats> stats = engine->worker_stats();
+  ASSERT_EQ(stats.size(), 1u);
+  EXPECT_EQ(stats[0].batches, 3);
+  EXPECT_EQ(stats[0].rows, 6);
+}
+
+}  // namespace
+}  // namespace vdm
