@@ -33,6 +33,8 @@ ABSL_FLAG(double, duration_s, 120, "stop issuing calls after this long");
 ABSL_FLAG(double, score_fraction, 0.5, "share of ScoreBPD calls in the mix");
 ABSL_FLAG(int, sample_images, 4, "images per Sample call");
 ABSL_FLAG(int, sample_steps, 20, "DDIM steps per Sample call");
+ABSL_FLAG(bool, sample_png, false,
+          "Sample calls ask for PNG images (else raw bytes)");
 ABSL_FLAG(int, guidance_every, 2,
           "every k-th Sample call is guided (label + scale 3); 0 = never");
 ABSL_FLAG(int, score_images, 8, "images per ScoreBPD call");
@@ -77,7 +79,8 @@ Outcome CallOnce(vdm::v1::VdmService::Stub& stub, int index, bool score,
     r.set_num_images(absl::GetFlag(FLAGS_sample_images));
     r.set_steps(absl::GetFlag(FLAGS_sample_steps));
     r.set_seed(index);
-    r.set_format(vdm::v1::IMAGE_FORMAT_RAW);
+    r.set_format(absl::GetFlag(FLAGS_sample_png) ? vdm::v1::IMAGE_FORMAT_PNG
+                                                 : vdm::v1::IMAGE_FORMAT_RAW);
     const int every = absl::GetFlag(FLAGS_guidance_every);
     if (every > 0 && index % every == 0) {
       r.set_label(index % 10);

@@ -22,7 +22,7 @@ namespace vdm {
 // request's progress messages before its result.
 class CompletionQueue {
  public:
-  explicit CompletionQueue(bool threaded) {
+  CompletionQueue(bool threaded, Metrics* metrics) : metrics_(metrics) {
     if (threaded) thread_ = std::thread([this] { Run(); });
   }
   ~CompletionQueue() { Stop(); }
@@ -43,6 +43,11 @@ class CompletionQueue {
       stopping_ = true;
     }
     if (thread_.joinable()) thread_.join();
+  }
+
+  double busy_seconds() {
+    absl::MutexLock lock(&mu_);
+    return busy_seconds_;
   }
 
   bool WaitEmpty(absl::Time deadline) {
@@ -66,15 +71,21 @@ class CompletionQueue {
       queue_.pop_front();
       ++running_;
       mu_.Unlock();
+      const absl::Time start = absl::Now();
       fn();
+      const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+      if (metrics_) metrics_->AddCompletionSeconds(seconds);
       mu_.Lock();
+      busy_seconds_ += seconds;
       --running_;
     }
   }
 
+  Metrics* const metrics_;
   absl::Mutex mu_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   int running_ ABSL_GUARDED_BY(mu_) = 0;
+  double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
@@ -160,8 +171,11 @@ class Worker {
   // `wait` (threaded): first waits for work when nothing is live; returns
   // false when the worker must stop. Without: returns whether any arrived.
   bool TakeIncoming(bool wait);
+  // One iteration after TakeIncoming (see Engine::Step).
+  bool Iterate(absl::Time start, bool took);
   bool Sweep();
-  bool RunBatch();
+  // Gathers, evaluates and hands out one batch; adds its forward time.
+  bool RunBatch(double* forward_seconds);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
   absl::Time Now() const { return options_.clock->Now(); }
@@ -186,26 +200,26 @@ class Worker {
 };
 
 void Worker::Run() {
-  while (TakeIncoming(/*wait=*/true)) {
-    const absl::Time start = Now();
-    Sweep();
-    RunBatch();
-    UpdateGauges();
-    absl::MutexLock lock(&mu_);
-    // Host time of this iteration: everything but the forward pass.
-    stats_.host_seconds += absl::ToDoubleSeconds(Now() - start);
-  }
+  while (TakeIncoming(/*wait=*/true)) Iterate(Now(), /*took=*/false);
   FailAll();
 }
 
 bool Worker::Step() {
   const absl::Time start = Now();
-  const bool took = TakeIncoming(/*wait=*/false);
+  return Iterate(start, TakeIncoming(/*wait=*/false));
+}
+
+bool Worker::Iterate(absl::Time start, bool took) {
   bool worked = Sweep();
-  worked = RunBatch() || worked;
+  double forward = 0;
+  worked = RunBatch(&forward) || worked;
   UpdateGauges();
+  // Host time: the whole iteration (from after the wait for work) but the
+  // forward pass.
+  const double host = absl::ToDoubleSeconds(Now() - start) - forward;
+  if (metrics_) metrics_->AddWorkerSeconds(index_, forward, host);
   absl::MutexLock lock(&mu_);
-  stats_.host_seconds += absl::ToDoubleSeconds(Now() - start);
+  stats_.host_seconds += host;
   return took || worked;
 }
 
@@ -272,7 +286,7 @@ bool Worker::Sweep() {
   return removed;
 }
 
-bool Worker::RunBatch() {
+bool Worker::RunBatch(double* forward_seconds) {
   if (live_.empty()) return false;
   // Gather order: rotate the starting point so every request gets rows even
   // when one alone could fill the batch; scores first when prioritized.
@@ -312,12 +326,12 @@ bool Worker::RunBatch() {
   }
   const absl::Time end = Now();
   const double forward = absl::ToDoubleSeconds(end - start);
+  *forward_seconds += forward;
   {
     absl::MutexLock lock(&mu_);
     stats_.batches += 1;
     stats_.rows += total;
     stats_.forward_seconds += forward;
-    stats_.host_seconds -= forward;  // Run/Step add the whole iteration
   }
   {
     absl::MutexLock lock(&counter_->mu);
@@ -393,7 +407,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.max_batch < 1) {
     return absl::InvalidArgumentError("max_batch must be >= 1");
   }
-  std::unique_ptr<Engine> engine(new Engine(options));
+  std::unique_ptr<Engine> engine(new Engine(options, metrics));
   for (auto& model : replicas) {
     const int index = static_cast<int>(engine->workers_.size());
     engine->workers_.push_back(std::make_unique<Worker>(
@@ -403,9 +417,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   return engine;
 }
 
-Engine::Engine(const Options& options)
+Engine::Engine(const Options& options, Metrics* metrics)
     : options_(options),
-      completions_(std::make_unique<CompletionQueue>(options.threaded)),
+      completions_(
+          std::make_unique<CompletionQueue>(options.threaded, metrics)),
       counter_(std::make_unique<EvaluationCounter>()) {
   if (options_.clock == nullptr) options_.clock = Clock::Real();
 }
@@ -489,6 +504,10 @@ bool Engine::AwaitAdmitted(int64_t jobs, absl::Time deadline) {
 int64_t Engine::network_evaluations() const {
   absl::MutexLock lock(&counter_->mu);
   return counter_->rows;
+}
+
+double Engine::completion_seconds() const {
+  return completions_->busy_seconds();
 }
 
 std::vector<WorkerStats> Engine::worker_stats() const {

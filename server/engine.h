@@ -91,9 +91,11 @@ class Engine {
   bool AwaitEvaluations(int64_t rows, absl::Time deadline);
   bool AwaitAdmitted(int64_t jobs, absl::Time deadline);
   std::vector<WorkerStats> worker_stats() const;
+  // Real seconds the completion thread spent delivering results.
+  double completion_seconds() const;
 
  private:
-  explicit Engine(const Options& options);
+  Engine(const Options& options, Metrics* metrics);
   Worker* LeastLoaded();
   absl::Status Admit(Worker* worker, std::unique_ptr<class Task> task,
                      int64_t rows);

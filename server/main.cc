@@ -97,6 +97,20 @@ int main(int argc, char** argv) {
                signal_number, absl::GetFlag(FLAGS_drain_seconds));
   (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
   (*server)->Wait();
+  // Where the time went (docs/performance.md, "Worker busy fraction").
+  const double wall = absl::ToDoubleSeconds(absl::Now() - start);
+  const std::vector<vdm::WorkerStats> stats = (*server)->engine().worker_stats();
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const vdm::WorkerStats& w = stats[i];
+    std::fprintf(stderr,
+                 "vdm-server: worker %zu: %lld batches, %lld rows, forward "
+                 "%.2f s, host %.2f s of %.1f s up\n",
+                 i, static_cast<long long>(w.batches),
+                 static_cast<long long>(w.rows), w.forward_seconds,
+                 w.host_seconds, wall);
+  }
+  std::fprintf(stderr, "vdm-server: completion thread: %.2f s\n",
+               (*server)->engine().completion_seconds());
   std::fprintf(stderr, "vdm-server: stopped\n");
   return 0;
 }

@@ -49,6 +49,20 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                       .Name("vdm_queued_rows")
                       .Help("Rows admitted but not yet evaluated, by worker")
                       .Register(r);
+  worker_seconds_ = &BuildCounter()
+                         .Name("vdm_worker_seconds_total")
+                         .Help("Worker time by phase: forward (the network) "
+                               "or host (gathering rows, advancing and "
+                               "retiring requests); their sum over wall time "
+                               "is the worker's busy fraction")
+                         .Register(r);
+  completion_seconds_ = &BuildCounter()
+                             .Name("vdm_completion_seconds_total")
+                             .Help("Time the completion thread spent "
+                                   "delivering results and progress (PNG "
+                                   "encoding, responses), off the workers")
+                             .Register(r)
+                             .Add({});
   batch_rows_ = &BuildHistogram()
                      .Name("vdm_batch_rows")
                      .Help("Rows per forward pass")
@@ -124,6 +138,12 @@ void Metrics::RecordBatch(int rows, int max_batch, double forward_seconds) {
                                      : 0.0);
   forward_seconds_->Observe(forward_seconds);
   evaluations_->Increment(rows);
+}
+
+void Metrics::AddWorkerSeconds(int worker, double forward, double host) {
+  const std::string w = std::to_string(worker);
+  worker_seconds_->Add({{"worker", w}, {"phase", "forward"}}).Increment(forward);
+  worker_seconds_->Add({{"worker", w}, {"phase", "host"}}).Increment(host);
 }
 
 void Metrics::SetWorkerLoad(int worker, double queued_requests,

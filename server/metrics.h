@@ -42,6 +42,9 @@ class Metrics {
   // --max_queued_rows for saturation).
   void SetWorkerLoad(int worker, double queued_requests, double live_requests,
                      double queued_rows);
+  // Seconds a worker spent in the forward pass and around it.
+  void AddWorkerSeconds(int worker, double forward, double host);
+  void AddCompletionSeconds(double s) { completion_seconds_->Increment(s); }
   void AddImagesGenerated(double n) { images_generated_->Increment(n); }
   void AddImagesScored(double n) { images_scored_->Increment(n); }
   void AddCancelled(const std::string& reason);
@@ -56,6 +59,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* queue_depth_;
   prometheus::Family<prometheus::Gauge>* live_requests_;
   prometheus::Family<prometheus::Gauge>* queued_rows_;
+  prometheus::Family<prometheus::Counter>* worker_seconds_;
+  prometheus::Counter* completion_seconds_;
   prometheus::Histogram* batch_rows_;
   prometheus::Histogram* batch_fill_;
   prometheus::Histogram* forward_seconds_;

@@ -36,7 +36,7 @@ CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 
 
 def to_model_space(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> the VDM's model space f = 2*(x+0.5)/256 - 1 (design.md section 4)."""
+    """uint8 pixels -> the VDM's model space f = 2*(x+0.5)/256 - 1 (docs/design.md, "The maths")."""
     return 2.0 * (x.float() + 0.5) / 256.0 - 1.0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Reference VDM training loop in plain PyTorch: the speed (and sanity) baseline for the C++
 trainer `vdm-train`. It trains an exported TorchScript model with the continuous-time VDM
-loss of design.md section 4, in bits per dimension:
+loss of docs/design.md ("The maths"), in bits per dimension:
 
   /usr/bin/python3 model/net/train_reference.py --model=model.pt --steps=50 --batch=64 \
       --threads=2 [--out=trained.pt]
@@ -58,7 +58,7 @@ def load_fashion_mnist(data_dir: str, split: str = "train") -> Tuple[torch.Tenso
 
 def to_eps(prediction: str, out: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
            sigma: torch.Tensor) -> torch.Tensor:
-    """The network output as an eps prediction (design.md section 4)."""
+    """The network output as an eps prediction (docs/design.md, "The maths")."""
     if prediction == "eps":
         return out
     if prediction == "v":

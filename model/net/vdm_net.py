@@ -1,6 +1,6 @@
 """A small class-conditional U-Net for Variational Diffusion Models (VDM).
 
-The module honours the vdm-serve model contract (design.md section 3) once it
+The module honours the vdm-serve model contract (docs/design.md, "Model contract") once it
 is compiled with torch.jit.script:
 
   forward(z [B,C,H,W] f32, gamma [B] f32, label [B] i64) -> [B,C,H,W]

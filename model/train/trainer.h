@@ -1,4 +1,4 @@
-// Trains a TorchScript VDM (design.md section 3) in place on an image
+// Trains a TorchScript VDM (docs/design.md, "Model contract") in place on an image
 // dataset (IDX files or a folder of PNGs) with the continuous-time VLB, or a
 // VDM++ weighting of it: AdamW with linear warm-up, gradient-norm clipping
 // and an EMA of the parameters; the EMA weights are evaluated (validation and

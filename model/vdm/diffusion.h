@@ -1,4 +1,4 @@
-// The maths of a Variational Diffusion Model (design.md section 4), on
+// The maths of a Variational Diffusion Model (docs/design.md, "The maths"), on
 // tensors, independent of any network. Every function takes per-row vectors
 // of gamma or t, so one batch can hold rows at different times. Pure
 // functions: thread-safe. Results keep the dtype of their inputs (tests use
@@ -63,7 +63,7 @@ at::Tensor NatsToBpd(const at::Tensor& nats, int64_t dims);
 at::Tensor StratifiedTimes(int64_t k, double u);
 
 // ---- Samplers. -------------------------------------------------------------
-// One DDIM(eta) step from t to s < t per row (design.md section 4):
+// One DDIM(eta) step from t to s < t per row (docs/design.md, "The maths"):
 // z_s = alpha_s x_hat + sqrt(sigma_s^2 - s2) eps_hat + sqrt(s2) xi,
 // s2 = eta^2 sigma_s^2 c, c = -expm1(gamma_s - gamma_t). eta is per row [B]
 // (or one element); eta = 1 is DDPM ancestral sampling. No clipping.
