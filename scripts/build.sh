@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
+# ccache keys on paths below the checkout relative to it, so every clone
+# (CI builds a fresh one) shares the cache.
+export CCACHE_BASEDIR="$PWD"
 if [ ! -f build/CMakeCache.txt ]; then
   echo "build: configuring build/ (RelWithDebInfo)"
   cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null

@@ -116,6 +116,12 @@ class Worker {
   absl::Status Admit(std::unique_ptr<Task> task, int64_t rows) {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::UnavailableError("server is shutting down");
+    if (rows > options_.max_queued_rows) {
+      // Not retryable: it would not fit into an empty queue either.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request too large: ", rows, " network rows, more than the queue "
+          "holds (", options_.max_queued_rows, ")"));
+    }
     if (queued_rows_ + rows > options_.max_queued_rows) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "queue full: ", queued_rows_, " rows admitted, limit ",

@@ -63,8 +63,9 @@ class Engine {
       std::vector<std::unique_ptr<Denoiser>> replicas, Metrics* metrics);
   ~Engine();  // Stops the workers; unfinished requests fail with UNAVAILABLE.
 
-  // Admits a job or returns RESOURCE_EXHAUSTED (queue full) / UNAVAILABLE
-  // (stopped) at once. The callback runs exactly once, off the worker
+  // Admits a job or returns at once RESOURCE_EXHAUSTED (the queue is full
+  // now: retry later), INVALID_ARGUMENT (the job costs more rows than the
+  // whole queue holds: it never fits) or UNAVAILABLE (stopped). The callback runs exactly once, off the worker
   // thread, unless Submit returned an error.
   absl::Status SubmitSample(SampleJob job, RequestControl control,
                             SampleCallback done);

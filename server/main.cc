@@ -64,11 +64,22 @@ int main(int argc, char** argv) {
   options.limits.max_steps = absl::GetFlag(FLAGS_max_steps);
   options.limits.max_timesteps = absl::GetFlag(FLAGS_max_timesteps);
   options.limits.max_batch = options.engine.max_batch;
-  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_mb) << 20;
+  options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+
+  if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
+    std::fprintf(stderr, "vdm-server: --drain_seconds: %d must be >= 0\n",
+                 absl::GetFlag(FLAGS_drain_seconds));
+    return 1;
+  }
+  if (absl::Status valid = vdm::ValidateOptions(options); !valid.ok()) {
+    std::fprintf(stderr, "vdm-server: %s\n",
+                 std::string(valid.message()).c_str());
+    return 1;
+  }
 
   // SIGTERM/SIGINT are blocked in every thread and taken by sigwait below,
   // so shutdown runs in ordinary code rather than in a signal handler.

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -76,13 +78,59 @@ absl::StatusOr<std::string> ReadToken(const std::string& path) {
   return token;
 }
 
+// "--flag: value is out of range [lo, hi]" unless lo <= value <= hi.
+absl::Status InRange(const char* flag, int64_t value, int64_t lo, int64_t hi) {
+  if (value >= lo && value <= hi) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", flag, ": ", value, " is out of range [", lo, ", ", hi,
+                   "]"));
+}
+
+absl::Status CheckAddress(const char* flag, const std::string& address) {
+  if (absl::StartsWith(address, "unix:")) return absl::OkStatus();
+  const size_t colon = address.rfind(':');
+  const std::string host = colon == std::string::npos ? "" : address.substr(0, colon);
+  const std::string port = colon == std::string::npos ? "" : address.substr(colon + 1);
+  int value = -1;
+  const bool bracketed = !host.empty() && host.front() == '[';
+  if (host.empty() || port.empty() || !absl::SimpleAtoi(port, &value) ||
+      value < 0 || value > 65535 ||
+      (bracketed && host.back() != ']') ||
+      (!bracketed && host.find(':') != std::string::npos)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", flag, ": '", address,
+        "' is not HOST:PORT with PORT in [0, 65535] (IPv6: [::1]:PORT)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::Status ValidateOptions(const VdmServer::Options& o) {
+  constexpr int64_t kBig = int64_t{1} << 40;
+  VDM_RETURN_IF_ERROR(CheckAddress("address", o.address));
+  if (!o.metrics_address.empty()) {
+    VDM_RETURN_IF_ERROR(CheckAddress("metrics_address", o.metrics_address));
+  }
+  if (o.devices.empty()) {
+    return absl::InvalidArgumentError("--devices: at least one device is needed");
+  }
+  VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
+  VDM_RETURN_IF_ERROR(InRange("max_batch", o.engine.max_batch, 1, 1 << 16));
+  VDM_RETURN_IF_ERROR(
+      InRange("max_queued_rows", o.engine.max_queued_rows, 1, kBig));
+  VDM_RETURN_IF_ERROR(InRange("max_images_per_request",
+                              o.limits.max_images_per_request, 1, 1 << 16));
+  VDM_RETURN_IF_ERROR(InRange("max_steps", o.limits.max_steps, 1, 1 << 20));
+  VDM_RETURN_IF_ERROR(
+      InRange("max_timesteps", o.limits.max_timesteps, 2, 1 << 16));
+  VDM_RETURN_IF_ERROR(InRange("max_message_mb", o.max_message_mb, 1, 2047));
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
     const Options& options) {
-  if (options.devices.empty()) {
-    return absl::InvalidArgumentError("devices: at least one device is needed");
-  }
+  VDM_RETURN_IF_ERROR(ValidateOptions(options));
   SetTorchThreads(options.threads);
   std::unique_ptr<VdmServer> server(new VdmServer());
   server->metrics_ = std::make_unique<Metrics>();
@@ -103,6 +151,7 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
                        Engine::Create(options.engine, std::move(replicas),
                                       server->metrics_.get()));
   VdmServiceImpl::Options limits = options.limits;
+  limits.max_request_rows = options.engine.max_queued_rows;
   VDM_ASSIGN_OR_RETURN(limits.auth_token, ReadToken(options.auth_token_file));
   server->service_ = std::make_unique<VdmServiceImpl>(
       limits, *std::move(description), server->engine_.get(),
@@ -121,8 +170,8 @@ absl::Status VdmServer::Listen(const Options& options) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.address, credentials, &port_);
-  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
-  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.SetMaxReceiveMessageSize(options.max_message_mb << 20);
+  builder.SetMaxSendMessageSize(options.max_message_mb << 20);
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {

@@ -28,7 +28,7 @@ class VdmServer {
     int threads = 0;                        // torch intra-op threads; 0 = cores
     Engine::Options engine;
     VdmServiceImpl::Options limits;
-    int max_message_bytes = 64 << 20;       // gRPC receive/send limit
+    int max_message_mb = 64;                // gRPC receive/send limit, MiB
     // TLS: PEM files; both empty = plaintext. With a client CA, clients must
     // present a certificate it signed (mTLS).
     std::string tls_cert_file, tls_key_file, tls_client_ca_file;
@@ -37,6 +37,8 @@ class VdmServer {
     std::string auth_token_file;
   };
 
+  // Fails, before loading anything, on options that ValidateOptions
+  // refuses.
   static absl::StatusOr<std::unique_ptr<VdmServer>> Create(
       const Options& options);
   ~VdmServer();
@@ -70,6 +72,12 @@ class VdmServer {
   std::atomic<bool> draining_{false};
   std::atomic<bool> shut_down_{false};
 };
+
+// Checks every start-up setting and names the vdm-server flag at fault:
+// limits must be positive (a server that refuses everything is a
+// misconfiguration), --max_message_mb in [1, 2047], and addresses HOST:PORT
+// (or [IPv6]:PORT, or unix:PATH) with PORT in [0, 65535].
+absl::Status ValidateOptions(const VdmServer::Options& options);
 
 }  // namespace vdm
 

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/request.h"
 #include "model/vdm/status_macros.h"
 #include "proto/convert.h"
 #include "server/rpc_util.h"
@@ -131,6 +132,17 @@ absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
   if (!IsKnownFormat(r.format())) {
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
+  const int64_t rows = SampleRowCost(job.sampler, job.num_images,
+                                     job.conditioning, model_.num_classes);
+  if (rows > options_.max_request_rows) {
+    return Invalid(absl::StrFormat(
+        "request too large: %d images x %d network evaluations%s = %d rows, "
+        "more than this server admits for one request (%d, "
+        "--max_queued_rows); ask for fewer images or steps",
+        job.num_images, SamplerEvaluations(job.sampler),
+        IsGuided(job.conditioning, model_.num_classes) ? " x 2 (guidance)" : "",
+        rows, options_.max_request_rows));
+  }
   job.seed = PickSeed(r.has_seed(), r.seed());
   return job;
 }
@@ -152,6 +164,14 @@ absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
                                    r.timesteps(), options_.max_timesteps));
   }
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
+  const int64_t rows = ScoreRowCost(n, job.timesteps);
+  if (rows > options_.max_request_rows) {
+    return Invalid(absl::StrFormat(
+        "request too large: %d images x %d timesteps = %d rows, more than "
+        "this server admits for one request (%d, --max_queued_rows); send "
+        "fewer images per call",
+        n, job.timesteps, rows, options_.max_request_rows));
+  }
   for (int i = 0; i < n; ++i) {
     absl::StatusOr<Image8> image =
         ImageFromProto(r.images(i), r.format(), &model_.shape);

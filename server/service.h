@@ -39,6 +39,11 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
     int max_steps = 1000;             // Sample steps
     int max_timesteps = 256;          // ScoreBPD K
     int max_batch = 64;               // reported in GetModelInfo
+    // The largest network-row cost of one request (the engine's
+    // max_queued_rows): a request that costs more could never be admitted,
+    // so it is refused at validation (INVALID_ARGUMENT naming the limit)
+    // instead of being told to retry.
+    int64_t max_request_rows = 100000;
     // When set, every VdmService call must carry the metadata
     // "authorization: Bearer <auth_token>" (health and reflection stay open).
     std::string auth_token;

@@ -5,7 +5,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <future>
+#include <vector>
 
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/image_io.h"
@@ -191,6 +193,55 @@ TEST(ServerTest, SampleStreamSendsProgressPreviewsAndTheResult) {
   EXPECT_EQ(last_step, 12);
   EXPECT_EQ(previews, 2);  // steps 4 and 8 (none at the final step)
   EXPECT_EQ(results, 1);
+}
+
+}  // namespace
+}  // namespace vdm
+
+namespace vdm {
+namespace {
+
+struct BadOption {
+  std::function<void(VdmServer::Options&)> edit;
+  const char* flag;
+};
+
+TEST(ServerOptionsTest, BadStartUpSettingsAreRefusedNamingTheFlag) {
+  const std::vector<BadOption> cases = {
+      {[](VdmServer::Options& o) { o.max_message_mb = 4096; }, "--max_message_mb"},
+      {[](VdmServer::Options& o) { o.max_message_mb = 0; }, "--max_message_mb"},
+      {[](VdmServer::Options& o) { o.engine.max_batch = 0; }, "--max_batch"},
+      {[](VdmServer::Options& o) { o.engine.max_queued_rows = -5; }, "--max_queued_rows"},
+      {[](VdmServer::Options& o) { o.limits.max_images_per_request = 0; },
+       "--max_images_per_request"},
+      {[](VdmServer::Options& o) { o.limits.max_steps = -1; }, "--max_steps"},
+      {[](VdmServer::Options& o) { o.limits.max_timesteps = 1; }, "--max_timesteps"},
+      {[](VdmServer::Options& o) { o.threads = -2; }, "--threads"},
+      {[](VdmServer::Options& o) { o.address = "127.0.0.1:99999"; }, "--address"},
+      {[](VdmServer::Options& o) { o.address = "127.0.0.1"; }, "--address"},
+      {[](VdmServer::Options& o) { o.address = "::1:50051"; }, "--address"},
+      {[](VdmServer::Options& o) { o.metrics_address = "localhost:http"; },
+       "--metrics_address"},
+      {[](VdmServer::Options& o) { o.devices.clear(); }, "--devices"},
+  };
+  for (const BadOption& c : cases) {
+    VdmServer::Options options = TinyOptions();
+    c.edit(options);
+    const absl::Status s = ValidateOptions(options);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.flag;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(c.flag));
+    // Create refuses them before loading anything.
+    EXPECT_EQ(VdmServer::Create(options).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << c.flag;
+  }
+  VdmServer::Options good = TinyOptions();
+  EXPECT_TRUE(ValidateOptions(good).ok());
+  good.address = "[::1]:0";
+  good.metrics_address = "[::]:9090";
+  EXPECT_TRUE(ValidateOptions(good).ok());
+  good.address = "unix:/tmp/vdm.sock";
+  EXPECT_TRUE(ValidateOptions(good).ok());
 }
 
 }  // namespace

@@ -403,7 +403,7 @@ TEST_F(ServiceTest, MetricsCountRequestsByMethodAndCode) {
   EXPECT_GT(server_->metrics_port(), 0);
 }
 
-TEST(ServiceLimitsTest, FullQueueAnswersResourceExhausted) {
+TEST(ServiceLimitsTest, RequestThatCanNeverFitIsRefusedAtValidation) {
   VdmServer::Options options = TinyOptions();
   options.engine.max_queued_rows = 50;
   auto server = VdmServer::Create(options);
@@ -417,8 +417,19 @@ TEST(ServiceLimitsTest, FullQueueAnswersResourceExhausted) {
   v1::SampleResponse response;
   grpc::ClientContext context;
   const grpc::Status s = stub->Sample(&context, request, &response);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("queue full"));
+  // Not RESOURCE_EXHAUSTED ("retry later"): it would never fit.
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("80 rows"));
+  EXPECT_THAT(s.error_message(), HasSubstr("--max_queued_rows"));
+  v1::ScoreRequest score;
+  score.set_format(v1::IMAGE_FORMAT_RAW);
+  score.set_timesteps(26);  // 2 x 26 = 52 rows > 50
+  for (int i = 0; i < 2; ++i) score.add_images()->set_data(std::string(784, 'x'));
+  v1::ScoreResponse scores;
+  grpc::ClientContext score_context;
+  const grpc::Status t = stub->ScoreBPD(&score_context, score, &scores);
+  EXPECT_EQ(t.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(t.error_message(), HasSubstr("52 rows"));
 }
 
 // Score priority and the other batching rules are proved on a fake model
