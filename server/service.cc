@@ -75,6 +75,10 @@ absl::Status VdmServiceImpl::Admit(
     return absl::UnauthenticatedError(
         "missing metadata 'authorization: Bearer <token>'");
   }
+  if (metadata.count("authorization") > 1) {
+    return absl::UnauthenticatedError(
+        "more than one 'authorization' metadata entry; send exactly one");
+  }
   const absl::string_view given(it->second.data(), it->second.size());
   if (!ConstantTimeEquals(given, "Bearer " + options_.auth_token)) {
     return absl::UnauthenticatedError("wrong bearer token");
@@ -114,6 +118,12 @@ absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
   }
   if (!(r.eta() >= 0.0f && r.eta() <= 1.0f)) {
     return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
+  }
+  if (r.eta() != 0.0f && job.sampler.type != SamplerType::kDdim) {
+    return Invalid(absl::StrCat(
+        "eta: ", r.eta(), " applies to the ddim sampler only, not ",
+        SamplerName(job.sampler.type),
+        " (ddpm is DDIM with eta = 1); leave eta unset"));
   }
   job.sampler.eta = r.eta();
   VDM_ASSIGN_OR_RETURN(job.conditioning.label,

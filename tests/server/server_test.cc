@@ -117,6 +117,14 @@ TEST(ServerTest, BearerTokenIsRequiredExceptForHealth) {
   const grpc::Status wrong = Sample(*stub, Request(1, 2), "s3cret-tokem");
   EXPECT_EQ(wrong.error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_TRUE(Sample(*stub, Request(1, 2), "s3cret-token").ok());
+  // A right token followed by a second authorization entry is refused.
+  grpc::ClientContext twice;
+  twice.AddMetadata("authorization", "Bearer s3cret-token");
+  twice.AddMetadata("authorization", "Bearer other");
+  v1::SampleResponse response;
+  const grpc::Status doubled = stub->Sample(&twice, Request(1, 2), &response);
+  EXPECT_EQ(doubled.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_THAT(doubled.error_message(), HasSubstr("more than one"));
 }
 
 TEST(ServerTest, ConstantTimeEqualsComparesWholeStrings) {

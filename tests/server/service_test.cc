@@ -307,6 +307,11 @@ TEST_F(ServiceTest, InvalidSampleFieldsAreNamed) {
        "guidance_scale"},
       {[](v1::SampleRequest* r) { r->set_sampler(static_cast<v1::Sampler>(9)); },
        "sampler"},
+      {[](v1::SampleRequest* r) {
+         r->set_sampler(v1::SAMPLER_DDPM);
+         r->set_eta(0.5f);
+       },
+       "eta"},
   };
   for (const BadSample& c : cases) {
     v1::SampleRequest request = SampleRequest(1, 2, 1);
