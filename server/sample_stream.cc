@@ -6,6 +6,7 @@
 #include "proto/convert.h"
 #include "server/rpc_util.h"
 #include "server/service.h"
+#include "server/validation.h"
 
 namespace vdm {
 namespace {
@@ -106,7 +107,7 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
     reactor->FinishWith(s);
     return reactor;
   }
-  absl::StatusOr<SampleJob> job = ToSampleJob(*request);
+  absl::StatusOr<SampleJob> job = ToSampleJob(*request, options_, model_);
   if (job.ok() && request->preview_every() < 0) {
     job = absl::InvalidArgumentError("preview_every: must be >= 0");
   }

@@ -1,7 +1,6 @@
 #include "server/service.h"
 
 #include <cmath>
-#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -10,23 +9,10 @@
 #include "model/vdm/status_macros.h"
 #include "proto/convert.h"
 #include "server/rpc_util.h"
+#include "server/validation.h"
 
 namespace vdm {
 namespace {
-
-constexpr int kDefaultSteps = 50;
-constexpr int kDefaultTimesteps = 16;
-constexpr float kMaxGuidance = 20.0f;
-
-absl::Status Invalid(const std::string& message) {
-  return absl::InvalidArgumentError(message);
-}
-
-uint64_t PickSeed(bool has_seed, uint64_t seed) {
-  if (has_seed) return seed;
-  std::random_device rd;
-  return (uint64_t{rd()} << 32) ^ rd();
-}
 
 // Finishes an RPC and records it in the metrics.
 class Finisher {
@@ -86,115 +72,6 @@ absl::Status VdmServiceImpl::Admit(
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> VdmServiceImpl::CheckLabel(bool has_label,
-                                               int label) const {
-  if (!has_label) return -1;
-  if (model_.num_classes == 0) {
-    return Invalid("label: the served model is unconditional (num_classes = 0);"
-                   " leave label unset");
-  }
-  if (label < 0 || label >= model_.num_classes) {
-    return Invalid(absl::StrFormat("label: %d is out of range [0, %d)", label,
-                                   model_.num_classes));
-  }
-  return label;
-}
-
-absl::StatusOr<SampleJob> VdmServiceImpl::ToSampleJob(
-    const v1::SampleRequest& r) const {
-  SampleJob job;
-  if (r.num_images() < 1 || r.num_images() > options_.max_images_per_request) {
-    return Invalid(absl::StrFormat("num_images: %d is out of range [1, %d]",
-                                   r.num_images(),
-                                   options_.max_images_per_request));
-  }
-  job.num_images = r.num_images();
-  VDM_ASSIGN_OR_RETURN(job.sampler.type, SamplerFromProto(r.sampler()));
-  VDM_ASSIGN_OR_RETURN(job.sampler.grid, TimeGridFromProto(r.time_grid()));
-  job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
-  if (job.sampler.steps < 1 || job.sampler.steps > options_.max_steps) {
-    return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
-                                   r.steps(), options_.max_steps));
-  }
-  if (!(r.eta() >= 0.0f && r.eta() <= 1.0f)) {
-    return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
-  }
-  if (r.eta() != 0.0f && job.sampler.type != SamplerType::kDdim) {
-    return Invalid(absl::StrCat(
-        "eta: ", r.eta(), " applies to the ddim sampler only, not ",
-        SamplerName(job.sampler.type),
-        " (ddpm is DDIM with eta = 1); leave eta unset"));
-  }
-  job.sampler.eta = r.eta();
-  VDM_ASSIGN_OR_RETURN(job.conditioning.label,
-                       CheckLabel(r.has_label(), r.label()));
-  if (r.has_guidance_scale()) {
-    const float g = r.guidance_scale();
-    if (!(g >= 0.0f && g <= kMaxGuidance)) {
-      return Invalid(absl::StrCat("guidance_scale: ", g,
-                                  " is out of range [0, ", kMaxGuidance, "]"));
-    }
-    if (job.conditioning.label < 0 && g != 1.0f) {
-      return Invalid("guidance_scale: classifier-free guidance needs a label");
-    }
-    job.conditioning.guidance_scale = g;
-  }
-  if (!IsKnownFormat(r.format())) {
-    return Invalid(absl::StrCat("format: unknown value ", r.format()));
-  }
-  const int64_t rows = SampleRowCost(job.sampler, job.num_images,
-                                     job.conditioning, model_.num_classes);
-  if (rows > options_.max_request_rows) {
-    return Invalid(absl::StrFormat(
-        "request too large: %d images x %d network evaluations%s = %d rows, "
-        "more than this server admits for one request (%d, "
-        "--max_queued_rows); ask for fewer images or steps",
-        job.num_images, SamplerEvaluations(job.sampler),
-        IsGuided(job.conditioning, model_.num_classes) ? " x 2 (guidance)" : "",
-        rows, options_.max_request_rows));
-  }
-  job.seed = PickSeed(r.has_seed(), r.seed());
-  return job;
-}
-
-absl::StatusOr<ScoreJob> VdmServiceImpl::ToScoreJob(
-    const v1::ScoreRequest& r) const {
-  ScoreJob job;
-  const int n = r.images_size();
-  if (n < 1 || n > options_.max_images_per_request) {
-    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
-                                   options_.max_images_per_request));
-  }
-  if (!IsKnownFormat(r.format())) {
-    return Invalid(absl::StrCat("format: unknown value ", r.format()));
-  }
-  job.timesteps = r.timesteps() == 0 ? kDefaultTimesteps : r.timesteps();
-  if (job.timesteps < 2 || job.timesteps > options_.max_timesteps) {
-    return Invalid(absl::StrFormat("timesteps: %d is out of range [2, %d]",
-                                   r.timesteps(), options_.max_timesteps));
-  }
-  VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(r.has_label(), r.label()));
-  const int64_t rows = ScoreRowCost(n, job.timesteps);
-  if (rows > options_.max_request_rows) {
-    return Invalid(absl::StrFormat(
-        "request too large: %d images x %d timesteps = %d rows, more than "
-        "this server admits for one request (%d, --max_queued_rows); send "
-        "fewer images per call",
-        n, job.timesteps, rows, options_.max_request_rows));
-  }
-  for (int i = 0; i < n; ++i) {
-    absl::StatusOr<Image8> image =
-        ImageFromProto(r.images(i), r.format(), &model_.shape);
-    if (!image.ok()) {
-      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
-    }
-    job.images.push_back(*std::move(image));
-  }
-  job.seed = PickSeed(r.has_seed(), r.seed());
-  job.shared_noise = r.shared_noise();
-  return job;
-}
-
 grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     grpc::CallbackServerContext* context, const v1::SampleRequest* request,
     v1::SampleResponse* response) {
@@ -204,7 +81,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     finish(s);
     return reactor;
   }
-  absl::StatusOr<SampleJob> job = ToSampleJob(*request);
+  absl::StatusOr<SampleJob> job = ToSampleJob(*request, options_, model_);
   if (!job.ok()) {
     finish(job.status());
     return reactor;
@@ -233,7 +110,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     finish(s);
     return reactor;
   }
-  absl::StatusOr<ScoreJob> job = ToScoreJob(*request);
+  absl::StatusOr<ScoreJob> job = ToScoreJob(*request, options_, model_);
   if (!job.ok()) {
     finish(job.status());
     return reactor;

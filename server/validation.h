@@ -1,0 +1,55 @@
+// Request validation, free of torch and of the RPC machinery: a vdm.v1
+// request and the served model's description in, an engine job (jobs.h) or
+// INVALID_ARGUMENT naming the field and its allowed range out. The service
+// calls it on the gRPC handler thread; the request fuzzer
+// (tests/fuzz/validation_fuzzer.cc) calls it on arbitrary bytes.
+// Stateless and thread-safe.
+#ifndef VDM_SERVER_VALIDATION_H_
+#define VDM_SERVER_VALIDATION_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/vdm/image.h"
+#include "server/jobs.h"
+#include "vdm/v1/vdm.pb.h"
+
+namespace vdm {
+
+// What the service knows about the served model.
+struct ModelDescription {
+  ImageShape shape;
+  int num_classes = 0;
+  std::string prediction;
+  std::string metadata;  // JSON
+  std::string path;
+  std::string device;
+  float gamma_min = 0, gamma_max = 0;
+  // The model's own test-set BPD (metadata "test_bpd"), the reference of the
+  // anomaly score; 0 when unknown.
+  double reference_bpd = 0;
+};
+
+// Per-request limits (vdm-server flags of the same names).
+struct RequestLimits {
+  int max_images_per_request = 64;  // Sample num_images and ScoreBPD images
+  int max_steps = 1000;             // Sample steps
+  int max_timesteps = 256;          // ScoreBPD K
+  // The largest network-row cost of one request (the engine's
+  // max_queued_rows): a request that costs more could never be admitted, so
+  // it is refused here (INVALID_ARGUMENT naming the limit) instead of being
+  // told to retry.
+  int64_t max_request_rows = 100000;
+};
+
+absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& request,
+                                      const RequestLimits& limits,
+                                      const ModelDescription& model);
+absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& request,
+                                    const RequestLimits& limits,
+                                    const ModelDescription& model);
+
+}  // namespace vdm
+
+#endif  // VDM_SERVER_VALIDATION_H_
