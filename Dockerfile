@@ -25,6 +25,9 @@ COPY proto proto
 COPY model model
 COPY server server
 COPY client client
+# CMakeLists.txt names targets in bench/ and tools/ too.
+COPY bench bench
+COPY tools tools
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DVDM_BUILD_TESTS=OFF \
  && cmake --build build -j"$(nproc)" --target vdm-server vdm-client vdm-train \
  && strip --strip-debug build/vdm-server build/vdm-client build/vdm-train
@@ -35,7 +38,7 @@ FROM ${DEBIAN_IMAGE} AS runtime
 # this list in step with the binaries' NEEDED libraries). libopenblas0-pthread
 # is installed first so that it, not the reference BLAS, provides libblas.so.3
 # for libtorch (about 50x faster fp32 matmul).
-ARG RUNTIME_PACKAGES="libtorch1.13 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libprometheus-cpp-core1.0 libpng16-16 zlib1g"
+ARG RUNTIME_PACKAGES="libtorch1.13 libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libprometheus-cpp-core1.0 libcpp-httplib0.11 libssl3 libgoogle-glog0v6 libpng16-16 zlib1g"
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libopenblas0-pthread \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${RUNTIME_PACKAGES} \
@@ -52,6 +55,9 @@ RUN groupadd --system --gid 10001 vdm \
 # the working directory.
 WORKDIR /opt/vdm
 COPY model/checkpoints/fmnist.pt model/checkpoints/fmnist.pt
+# Its anomaly calibration (vdm-calibrate), which vdm-server loads from beside
+# the model.
+COPY model/checkpoints/fmnist.pt.calibration.json model/checkpoints/fmnist.pt.calibration.json
 USER 10001:10001
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

@@ -36,6 +36,12 @@ ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
   row.diffusion_bpd = score.diffusion_bpd();
   row.stderr_bpd = score.stderr_bpd();
   row.anomaly_score = score.anomaly_score();
+  row.complexity_bpd = score.complexity_bpd();
+  row.band_bpd.assign(score.band_bpd().begin(), score.band_bpd().end());
+  if (score.has_p_value()) row.p_value = score.p_value();
+  if (score.has_is_anomaly()) row.is_anomaly = score.is_anomaly();
+  row.anomaly_map.assign(score.anomaly_map().begin(), score.anomaly_map().end());
+  row.anomaly_map_png = score.anomaly_map_png();
   return row;
 }
 
@@ -92,8 +98,31 @@ absl::StatusOr<std::unique_ptr<VdmClient>> VdmClient::Create(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   args.SetServiceConfigJSON(service_config);
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      grpc::InsecureChannelCredentials();
+  const bool has_cert = !options.tls_cert_file.empty();
+  if (has_cert != !options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "client: --tls_cert and --tls_key go together");
+  }
+  if (!options.tls_ca_file.empty() || has_cert) {
+    if (options.tls_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "client: a client certificate needs --tls_ca (the server's CA)");
+    }
+    grpc::SslCredentialsOptions ssl;
+    VDM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.tls_ca_file));
+    if (has_cert) {
+      VDM_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadFile(options.tls_cert_file));
+      VDM_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadFile(options.tls_key_file));
+    }
+    credentials = grpc::SslCredentials(ssl);
+    if (!options.tls_server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls_server_name);
+    }
+  }
   std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-      options.target, grpc::InsecureChannelCredentials(), args);
+      options.target, credentials, args);
   return std::make_unique<VdmClient>(std::move(channel), options);
 }
 
@@ -147,6 +176,12 @@ absl::StatusOr<SampleResult> VdmClient::Sample(
   if (params.label.has_value()) request.set_label(*params.label);
   if (params.seed.has_value()) request.set_seed(*params.seed);
   request.set_format(params.format);
+  if (params.negative_label) request.set_negative_label(*params.negative_label);
+  if (!params.init_image_png.empty()) {
+    request.mutable_init_image()->set_data(params.init_image_png);
+  }
+  if (params.strength) request.set_strength(*params.strength);
+  if (!params.mask_png.empty()) request.mutable_mask()->set_data(params.mask_png);
 
   grpc::ClientContext context;
   Prepare(&context);
@@ -187,6 +222,10 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
   if (seed.has_value()) request.set_seed(*seed);
   if (params.label.has_value()) request.set_label(*params.label);
   request.set_shared_noise(params.shared_noise);
+  if (params.false_positive_rate.has_value()) {
+    request.set_false_positive_rate(*params.false_positive_rate);
+  }
+  request.set_anomaly_map(params.anomaly_map);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }
@@ -352,13 +391,48 @@ std::string FormatSampleSummary(const SampleResult& result) {
 }
 
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
-  std::string csv = "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd\n";
+  std::string csv =
+      "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,"
+      "band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,"
+      "is_anomaly\n";
   for (const ScoreRow& row : rows) {
-    absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f\n", row.index,
+    absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f", row.index,
                           row.bpd, row.prior_bpd, row.recon_bpd,
-                          row.diffusion_bpd, row.stderr_bpd);
+                          row.diffusion_bpd, row.stderr_bpd,
+                          row.complexity_bpd);
+    for (int b = 0; b < 4; ++b) {
+      if (b < static_cast<int>(row.band_bpd.size())) {
+        absl::StrAppendFormat(&csv, ",%.6f", row.band_bpd[b]);
+      } else {
+        csv += ",";
+      }
+    }
+    absl::StrAppendFormat(&csv, ",%.6f,", row.anomaly_score);
+    if (row.p_value) absl::StrAppendFormat(&csv, "%.6f", *row.p_value);
+    csv += ",";
+    if (row.is_anomaly) csv += *row.is_anomaly ? "1" : "0";
+    csv += "\n";
   }
   return csv;
+}
+
+absl::Status WriteAnomalyMaps(const std::vector<ScoreRow>& rows,
+                              const std::string& dir) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  for (const ScoreRow& row : rows) {
+    if (row.anomaly_map_png.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("image ", row.index, " has no anomaly map"));
+    }
+    VDM_RETURN_IF_ERROR(WriteFileAtomic(
+        absl::StrFormat("%s/map_%05d.png", dir, row.index), row.anomaly_map_png));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,

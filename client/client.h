@@ -57,6 +57,14 @@ struct ClientOptions {
   // Every vdm.v1 and health RPC is free of side effects, so retrying is
   // safe. 1 = no retries.
   int max_attempts = 1;
+  // TLS: PEM files. tls_ca set = TLS, verifying the server against that CA
+  // (the server's certificate must name the target's host). tls_cert and
+  // tls_key (both or neither) = a client certificate for mTLS. All empty =
+  // plaintext.
+  std::string tls_ca_file, tls_cert_file, tls_key_file;
+  // Overrides the name checked against the server's certificate (e.g. when
+  // the target is an IP address); empty = the target's host.
+  std::string tls_server_name;
 };
 
 // The gRPC service config (JSON) for options.lb_policy and
@@ -78,6 +86,12 @@ struct SampleParams {
   std::optional<uint64_t> seed;  // unset = chosen by the server
   // Wire format of the returned images; both are decoded into Image8.
   vdm::v1::ImageFormat format = vdm::v1::IMAGE_FORMAT_RAW;
+  std::optional<int> negative_label;  // negative-label guidance
+  // Editing: the image to edit as PNG bytes, the SDEdit strength and the
+  // inpainting mask as PNG bytes (white = known).
+  std::string init_image_png;
+  std::optional<float> strength;
+  std::string mask_png;
 };
 
 // What came back from Sample.
@@ -107,6 +121,8 @@ struct ScoreParams {
   std::optional<int> label;      // unset = "no label"
   bool shared_noise = false;     // common random numbers across all images
   int chunk_size = 100;          // images per RPC
+  std::optional<float> false_positive_rate;  // unset = the server's (0.01)
+  bool anomaly_map = false;      // also the per-pixel maps
 };
 
 // One scored image. `index` is its position in the ScoreInput.
@@ -119,6 +135,12 @@ struct ScoreRow {
   double diffusion_bpd = 0.0;
   double stderr_bpd = 0.0;
   double anomaly_score = 0.0;
+  double complexity_bpd = 0.0;
+  std::vector<double> band_bpd;
+  std::optional<double> p_value;    // calibrated models only
+  std::optional<bool> is_anomaly;   // calibrated models only
+  std::vector<float> anomaly_map;   // H x W bits, when asked for
+  std::string anomaly_map_png;      // the same as a PNG heat map
 };
 
 // What came back from ScoreImages, over all chunks.
@@ -225,10 +247,16 @@ absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
 // Seed, network evaluations and times, one per line.
 std::string FormatSampleSummary(const SampleResult& result);
 
-// CSV with header index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd.
+// CSV with header index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,
+// complexity_bpd,band_bpd_0..3,anomaly_score,p_value,is_anomaly (p_value and
+// is_anomaly empty for an uncalibrated model; is_anomaly as 0 or 1).
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows);
 absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,
                             const std::string& path);
+
+// Writes each row's anomaly map PNG to dir/map_NNNNN.png (creating dir).
+absl::Status WriteAnomalyMaps(const std::vector<ScoreRow>& rows,
+                              const std::string& dir);
 
 // An aligned table: index, bpd, prior, recon, diffusion, stderr (and the
 // file name when there is one).

@@ -32,6 +32,14 @@ ABSL_FLAG(int, max_attempts, 3,
           "Attempts per RPC (1..5): a call that fails with UNAVAILABLE before "
           "any response is retried with backoff, on another replica under "
           "round_robin. 1 = no retries.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA to verify the server with: talk TLS (empty = plaintext).");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM client certificate for mTLS (with --tls_key and --tls_ca).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name to check the server's certificate against (default: the "
+          "target's host).");
 // sample
 ABSL_FLAG(int, num, 16, "sample: number of images.");
 ABSL_FLAG(std::string, sampler, "ddim",
@@ -47,6 +55,15 @@ ABSL_FLAG(int, label, -1,
           "sample/score: class label; -1 = none (unconditional).");
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt,
           "sample/score: random seed; unset = chosen by the server.");
+ABSL_FLAG(int, negative_label, -1,
+          "sample/edit/inpaint: negative-label guidance away from this class "
+          "(needs --guidance other than 1); -1 = none.");
+ABSL_FLAG(std::string, image, "", "edit/inpaint: the PNG image to edit.");
+ABSL_FLAG(double, strength, 0.5,
+          "edit: image-to-image strength in (0, 1]: how far into the noise "
+          "the image is taken before sampling back (small keeps it).");
+ABSL_FLAG(std::string, mask, "",
+          "inpaint: gray PNG of the image's size, white = known pixels.");
 ABSL_FLAG(std::string, out, "samples.png", "sample: PNG grid of all images.");
 ABSL_FLAG(std::string, out_dir, "",
           "sample: also write each image as DIR/sample_NNN.png.");
@@ -61,6 +78,12 @@ ABSL_FLAG(std::string, csv, "",
 ABSL_FLAG(std::string, idx, "", "score: IDX images file (gzip or plain).");
 ABSL_FLAG(int64_t, limit, 0, "score: only the first N images of --idx.");
 ABSL_FLAG(int, chunk, 100, "score: images per RPC.");
+ABSL_FLAG(std::optional<double>, false_positive_rate, std::nullopt,
+          "score: flag images (is_anomaly) at this false-positive rate, in "
+          "(0, 0.5]; unset = the server's default, 0.01 (calibrated models).");
+ABSL_FLAG(std::string, map_dir, "",
+          "score: write each image's per-pixel anomaly heat map as "
+          "DIR/map_NNNNN.png.");
 ABSL_FLAG(bool, shared_noise, false,
           "score: same times and noise for every image (to rank images).");
 
@@ -79,12 +102,19 @@ Usage:
       [--time_grid=GRIDS] [--steps=S] [--eta=E]
       [--guidance=G] [--label=L] [--seed=S]
       [--out=grid.png] [--out_dir=DIR] [--repeat=N]
+  vdm-client [--target=HOST:PORT] sample ... --negative_label=L --guidance=G
+  vdm-client [--target=HOST:PORT] edit --image=X.png [--strength=0.5]
+      [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
+  vdm-client [--target=HOST:PORT] inpaint --image=X.png --mask=M.png (white = known)
+      [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
-      [--shared_noise] [--chunk=N] [--csv=OUT.csv] (--idx=FILE [--limit=N] | FILE.png ...)
+      [--shared_noise] [--chunk=N] [--csv=OUT.csv] [--false_positive_rate=F]
+      [--map_dir=DIR] (--idx=FILE [--limit=N] | FILE.png ...)
   vdm-client [--target=HOST:PORT] info
   vdm-client [--target=HOST:PORT] health     (exit 0 only when SERVING)
 
 Every command takes --timeout_s (deadline of each RPC), --token,
+--tls_ca [--tls_cert --tls_key] [--tls_server_name] (TLS, mTLS),
 --lb_policy=pick_first|round_robin and --max_attempts=N (retries on
 UNAVAILABLE; default 3). To balance over several replicas, give a target that
 resolves to all of them with --lb_policy=round_robin, e.g.
@@ -148,7 +178,8 @@ absl::StatusOr<vdm::client::SampleResult> SampleRepeatedly(
   return *std::move(last);
 }
 
-int RunSample(const VdmClient& client) {
+// sample, edit (image-to-image) and inpaint share everything but the edit.
+int RunSample(const VdmClient& client, const std::string& command) {
   absl::StatusOr<vdm::v1::Sampler> sampler =
       vdm::client::ParseSampler(absl::GetFlag(FLAGS_sampler));
   if (!sampler.ok()) return Usage(std::string(sampler.status().message()));
@@ -167,6 +198,23 @@ int RunSample(const VdmClient& client) {
   }
   params.label = LabelFlag();
   params.seed = absl::GetFlag(FLAGS_seed);
+  if (absl::GetFlag(FLAGS_negative_label) >= 0) {
+    params.negative_label = absl::GetFlag(FLAGS_negative_label);
+  }
+  if (command == "edit" || command == "inpaint") {
+    if (absl::GetFlag(FLAGS_image).empty()) return Usage(command + " needs --image");
+    absl::StatusOr<std::string> image = vdm::ReadFile(absl::GetFlag(FLAGS_image));
+    if (!image.ok()) return Fail(image.status());
+    params.init_image_png = *std::move(image);
+    if (command == "edit") {
+      params.strength = static_cast<float>(absl::GetFlag(FLAGS_strength));
+    } else {
+      if (absl::GetFlag(FLAGS_mask).empty()) return Usage("inpaint needs --mask");
+      absl::StatusOr<std::string> mask = vdm::ReadFile(absl::GetFlag(FLAGS_mask));
+      if (!mask.ok()) return Fail(mask.status());
+      params.mask_png = *std::move(mask);
+    }
+  }
   const std::string out = absl::GetFlag(FLAGS_out);
   const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
   const int repeat = absl::GetFlag(FLAGS_repeat);
@@ -235,6 +283,11 @@ int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
   params.seed = absl::GetFlag(FLAGS_seed);
   params.label = LabelFlag();
   params.shared_noise = absl::GetFlag(FLAGS_shared_noise);
+  if (const auto fpr = absl::GetFlag(FLAGS_false_positive_rate)) {
+    params.false_positive_rate = static_cast<float>(*fpr);
+  }
+  const std::string map_dir = absl::GetFlag(FLAGS_map_dir);
+  params.anomaly_map = !map_dir.empty();
   const int64_t total = static_cast<int64_t>(input->images.size());
   absl::StatusOr<int> chunk = ChunkSize(client, total);
   if (!chunk.ok()) return Fail(chunk.status());
@@ -260,6 +313,12 @@ int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
     const absl::Status written = vdm::client::WriteScoresCsv(result->rows, csv);
     if (!written.ok()) return Fail(written);
     std::cout << "wrote " << csv << "\n";
+  }
+  if (!map_dir.empty()) {
+    const absl::Status maps = vdm::client::WriteAnomalyMaps(result->rows, map_dir);
+    if (!maps.ok()) return Fail(maps);
+    std::cout << "wrote " << result->rows.size() << " anomaly maps to "
+              << map_dir << "\n";
   }
   std::cout << vdm::client::FormatScoresSummary(*result);
   return kOk;
@@ -288,8 +347,8 @@ int main(int argc, char** argv) {
   if (positional.size() < 2) return Usage("missing command");
   const std::string command = positional[1];
   const std::vector<std::string> args(positional.begin() + 2, positional.end());
-  if (command != "sample" && command != "score" && command != "info" &&
-      command != "health") {
+  if (command != "sample" && command != "edit" && command != "inpaint" &&
+      command != "score" && command != "info" && command != "health") {
     return Usage(absl::StrCat("unknown command \"", command, "\""));
   }
   if (command != "score" && !args.empty()) {
@@ -303,13 +362,19 @@ int main(int argc, char** argv) {
   options.target = absl::GetFlag(FLAGS_target);
   options.timeout = absl::Seconds(timeout_s);
   options.auth_token = absl::GetFlag(FLAGS_token);
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
   options.lb_policy = absl::GetFlag(FLAGS_lb_policy);
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   absl::StatusOr<std::unique_ptr<VdmClient>> client =
       VdmClient::Create(options);
   if (!client.ok()) return Usage(std::string(client.status().message()));
 
-  if (command == "sample") return RunSample(**client);
+  if (command == "sample" || command == "edit" || command == "inpaint") {
+    return RunSample(**client, command);
+  }
   if (command == "score") return RunScore(**client, args);
   if (command == "info") return RunInfo(**client);
   return RunHealth(**client);

@@ -110,7 +110,11 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
       out.height = expect->height;
       out.width = expect->width;
     } else {
+      // Bounded first, so the product cannot overflow.
+      constexpr int kMaxSide = 1 << 16;
       if (fields.channels <= 0 || fields.height <= 0 || fields.width <= 0 ||
+          fields.channels > 4 || fields.height > kMaxSide ||
+          fields.width > kMaxSide ||
           static_cast<int64_t>(image.data().size()) != fields.dims()) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "raw image of shape %dx%dx%d has %d bytes", fields.channels,
@@ -123,8 +127,9 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
     out.pixels.assign(image.data().begin(), image.data().end());
     return out;
   }
-  absl::StatusOr<Image8> decoded =
-      DecodePng(image.data(), expect != nullptr ? expect->channels : 0);
+  absl::StatusOr<Image8> decoded = expect != nullptr
+                                       ? DecodePngAs(image.data(), *expect)
+                                       : DecodePng(image.data());
   if (!decoded.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("not a valid PNG: ", decoded.status().message()));

@@ -31,8 +31,9 @@ absl::Status ImageToProto(const Image8& image, v1::ImageFormat format,
 // Decodes a wire image. Without `expect`, a raw image needs its shape
 // fields and a PNG keeps its own channels. With `expect` (a model's shape),
 // a raw image must have expect's size and no contradicting shape fields, a
-// PNG is converted to expect's channels, and the result must have expect's
-// shape; errors say what was found and what the model expects.
+// PNG goes through DecodePngAs (its header must match: size, no alpha, no
+// color for a gray model; refused before any allocation); errors say what
+// was found and what the model expects.
 absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
                                       v1::ImageFormat format,
                                       const ImageShape* expect = nullptr);

@@ -13,7 +13,10 @@ packages=(
   libopenblas0-pthread
   dataset-fashion-mnist
   nlohmann-json3-dev
+  libcpp-httplib-dev libssl-dev libgoogle-glog-dev
   yamllint
+  clang libclang-rt-14-dev
+  python3-grpcio python3-protobuf python3-numpy python3-pil
 )
 optional=(ccache)
 

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -30,6 +31,12 @@ struct SampleJob {
   SamplerConfig sampler;      // type, steps, eta (DDIM), time grid
   Conditioning conditioning;  // label (-1 = none) and guidance scale
   uint64_t seed = 0;
+  // Editing (SampleEdit in model/vdm/samplers.h): the reference image,
+  // SDEdit strength (1 = none) and the inpainting mask (1 where known,
+  // H x W), when set.
+  std::optional<Image8> reference;
+  double strength = 1.0;
+  std::vector<uint8_t> known;
   // Called after each step when set, off the worker thread, in order and
   // before the result; previews of x_hat every `preview_every` steps
   // (0 = none).
@@ -50,11 +57,16 @@ struct ScoreJob {
   uint64_t seed = 0;
   int label = -1;              // -1 = "no label"
   bool shared_noise = false;   // common random numbers across images
+  bool pixel_map = false;      // also the per-pixel diffusion term
 };
 
-// Per-image bits per dimension and its parts.
+// Per-image bits per dimension, its parts and the anomaly features
+// (model/vdm/anomaly.h).
 struct ImageBpd {
   double bpd = 0, prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
+  double complexity = 0;          // PNG bits per dimension
+  std::vector<double> band;       // kBands, sums to `diffusion`
+  std::vector<float> pixel_bits;  // H x W, when ScoreJob::pixel_map
 };
 
 struct ScoreResult {

@@ -1,20 +1,31 @@
 // vdm-server: serves a TorchScript VDM over gRPC. See README.md.
-#include <pthread.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <csignal>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <glog/logging.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt",
           "TorchScript model (.pt) to serve");
+ABSL_FLAG(std::string, calibration, "",
+          "anomaly calibration JSON (vdm-calibrate); empty = "
+          "MODEL.calibration.json when it exists; none = uncalibrated");
 ABSL_FLAG(std::string, address, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9090",
           "Prometheus /metrics listen address; empty disables it");
@@ -42,15 +53,64 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(int, drain_seconds, 20,
           "on SIGTERM/SIGINT: seconds in-flight calls get to finish");
 
+namespace {
+
+// SIGTERM and SIGINT, in whichever thread they land (OpenBLAS starts threads
+// before main, so masking signals in main cannot cover every thread), only
+// write their number to this pipe; the main thread reads it.
+int g_signal_pipe[2] = {-1, -1};
+
+extern "C" void OnTerminationSignal(int signal_number) {
+  const int saved = errno;
+  const char byte = static_cast<char>(signal_number);
+  (void)!write(g_signal_pipe[1], &byte, 1);
+  errno = saved;
+}
+
+bool InstallSignalHandlers() {
+  if (pipe2(g_signal_pipe, O_CLOEXEC) != 0) return false;
+  struct sigaction action {};
+  action.sa_handler = OnTerminationSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  return sigaction(SIGTERM, &action, nullptr) == 0 &&
+         sigaction(SIGINT, &action, nullptr) == 0;
+}
+
+// Blocks until a termination signal arrives; returns its number.
+int WaitForSignal() {
+  char byte = 0;
+  while (read(g_signal_pipe[0], &byte, 1) != 1) {
+    if (errno != EINTR) return 0;
+  }
+  return static_cast<unsigned char>(byte);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  // Few malloc arenas: every gRPC, worker and torch thread otherwise gets
+  // its own, and freed memory stays spread over them (the engine also trims
+  // after finished requests; docs/performance.md, "Soak").
+  mallopt(M_ARENA_MAX, 2);
+  // First of all, so a signal during start-up is not fatal either.
+  if (!InstallSignalHandlers()) {
+    std::perror("vdm-server: cannot install signal handlers");
+    return 1;
+  }
   absl::SetProgramUsageMessage(
       "Serves a TorchScript Variational Diffusion Model over gRPC.\n"
       "  vdm-server --model=PATH.pt --address=HOST:PORT "
       "--metrics_address=HOST:PORT --threads=N");
   absl::ParseCommandLine(argc, argv);
+  // Logs go to stderr (the container runtime collects them), one line per
+  // request from server/request_log.cc.
+  FLAGS_logtostderr = true;
+  google::InitGoogleLogging(argv[0]);
 
   vdm::VdmServer::Options options;
   options.model_path = absl::GetFlag(FLAGS_model);
+  options.calibration_path = absl::GetFlag(FLAGS_calibration);
   options.address = absl::GetFlag(FLAGS_address);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',
@@ -81,14 +141,6 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  // SIGTERM/SIGINT are blocked in every thread and taken by sigwait below,
-  // so shutdown runs in ordinary code rather than in a signal handler.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
   const absl::Time start = absl::Now();
   auto server = vdm::VdmServer::Create(options);
   if (!server.ok()) {
@@ -96,16 +148,23 @@ int main(int argc, char** argv) {
                  std::string(server.status().message()).c_str());
     return 1;
   }
-  std::fprintf(stderr,
-               "vdm-server: serving %s on port %d (metrics port %d), "
-               "ready in %.1f s\n",
-               options.model_path.c_str(), (*server)->port(),
-               (*server)->metrics_port(),
-               absl::ToDoubleSeconds(absl::Now() - start));
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-  std::fprintf(stderr, "vdm-server: signal %d, draining (up to %d s)\n",
-               signal_number, absl::GetFlag(FLAGS_drain_seconds));
+  LOG(INFO) << absl::StrFormat(
+      "vdm-server: serving %s on port %d (metrics port %d), ready in %.1f s",
+      options.model_path, (*server)->port(), (*server)->metrics_port(),
+      absl::ToDoubleSeconds(absl::Now() - start));
+  const int signal_number = WaitForSignal();
+  LOG(INFO) << absl::StrFormat("vdm-server: signal %d, draining (up to %d s)",
+                               signal_number,
+                               absl::GetFlag(FLAGS_drain_seconds));
+  // A second signal shortens the drain (in-flight calls fail with
+  // UNAVAILABLE at once); it never skips it: the process still stops cleanly.
+  vdm::VdmServer* raw = server->get();
+  std::thread([raw] {
+    const int again = WaitForSignal();
+    LOG(WARNING) << absl::StrFormat(
+        "vdm-server: signal %d again, cutting the drain short", again);
+    raw->HurryShutdown();
+  }).detach();
   (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
   (*server)->Wait();
   // Where the time went (docs/performance.md, "Worker busy fraction").
@@ -113,15 +172,13 @@ int main(int argc, char** argv) {
   const std::vector<vdm::WorkerStats> stats = (*server)->engine().worker_stats();
   for (size_t i = 0; i < stats.size(); ++i) {
     const vdm::WorkerStats& w = stats[i];
-    std::fprintf(stderr,
-                 "vdm-server: worker %zu: %lld batches, %lld rows, forward "
-                 "%.2f s, host %.2f s of %.1f s up\n",
-                 i, static_cast<long long>(w.batches),
-                 static_cast<long long>(w.rows), w.forward_seconds,
-                 w.host_seconds, wall);
+    LOG(INFO) << absl::StrFormat(
+        "vdm-server: worker %d: %d batches, %d rows, forward %.2f s, host "
+        "%.2f s of %.1f s up",
+        i, w.batches, w.rows, w.forward_seconds, w.host_seconds, wall);
   }
-  std::fprintf(stderr, "vdm-server: completion thread: %.2f s\n",
-               (*server)->engine().completion_seconds());
-  std::fprintf(stderr, "vdm-server: stopped\n");
+  LOG(INFO) << absl::StrFormat("vdm-server: completion thread: %.2f s",
+                               (*server)->engine().completion_seconds());
+  LOG(INFO) << "vdm-server: stopped";
   return 0;
 }

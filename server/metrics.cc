@@ -95,6 +95,30 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Help("Images scored by ScoreBPD")
                         .Register(r)
                         .Add({});
+  anomaly_ = &BuildHistogram()
+                  .Name("vdm_anomaly_score")
+                  .Help("Calibrated anomaly scores returned by ScoreBPD "
+                        "(negative log-density; drift shows as a shift)")
+                  .Register(r)
+                  .Add({}, Histogram::BucketBoundaries{-20, -15, -10, -5, 0,
+                                                       5, 10, 20, 50, 100});
+  flagged_ = &BuildCounter()
+                  .Name("vdm_flagged_images_total")
+                  .Help("Images ScoreBPD flagged as anomalous (is_anomaly)")
+                  .Register(r)
+                  .Add({});
+  build_info_ = &BuildGauge()
+                     .Name("vdm_build_info")
+                     .Help("Always 1: the server's version and the served "
+                           "model (path, prediction, parameter count)")
+                     .Register(r);
+  ready_gauge_ = &BuildGauge()
+                     .Name("vdm_ready")
+                     .Help("1 while the server is ready to serve (model "
+                           "loaded, warmed up, not draining), else 0; "
+                           "/readyz answers 200 exactly then")
+                     .Register(r)
+                     .Add({});
   bpd_ = &BuildHistogram()
               .Name("vdm_returned_bpd")
               .Help("Bits per dimension returned by ScoreBPD (drift monitor)")
@@ -109,10 +133,26 @@ Metrics::~Metrics() {
 
 absl::Status Metrics::Expose(const std::string& address) {
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
-      MetricsHttpServer::Start(address, [this] { return Scrape(); });
+      MetricsHttpServer::Start(
+          address, {[this] { return Scrape(); }, [this] { return ready(); }});
   if (!http.ok()) return http.status();
   http_ = *std::move(http);
   return absl::OkStatus();
+}
+
+void Metrics::SetBuildInfo(const std::string& version, const std::string& model,
+                           const std::string& prediction, int64_t parameters) {
+  build_info_
+      ->Add({{"version", version},
+             {"model", model},
+             {"prediction", prediction},
+             {"parameters", std::to_string(parameters)}})
+      .Set(1);
+}
+
+void Metrics::SetReady(bool ready) {
+  ready_ = ready;
+  ready_gauge_->Set(ready ? 1 : 0);
 }
 
 int Metrics::port() const { return http_ ? http_->port() : 0; }

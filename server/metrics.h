@@ -1,9 +1,10 @@
 // Prometheus metrics of the server (prometheus-cpp), served on their own
-// port. One Metrics object per server; all methods are thread-safe
+// port with the /livez and /readyz probes (metrics_http.h). One Metrics object per server; all methods are thread-safe
 // (prometheus-cpp metrics are atomic).
 #ifndef VDM_SERVER_METRICS_H_
 #define VDM_SERVER_METRICS_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -24,6 +25,13 @@ class Metrics {
 
   // Serves /metrics on `address` (HOST:PORT; port 0 picks a free one).
   absl::Status Expose(const std::string& address);
+  // vdm_build_info{version, model, prediction, parameters} = 1.
+  void SetBuildInfo(const std::string& version, const std::string& model,
+                    const std::string& prediction, int64_t parameters);
+  // Readiness as /readyz and vdm_ready report it (the server sets it when
+  // it reports SERVING on the health service, and clears it when draining).
+  void SetReady(bool ready);
+  bool ready() const { return ready_; }
   // The port /metrics listens on, or 0 when not exposed.
   int port() const;
   // The text exposition format of every metric, as /metrics serves it.
@@ -33,6 +41,11 @@ class Metrics {
   void RecordRequest(const std::string& method, const std::string& code,
                      double latency_seconds);
   void RecordBpd(double bpd) { bpd_->Observe(bpd); }
+  // A calibrated anomaly score, and whether the image was flagged.
+  void RecordAnomaly(double score, bool flagged) {
+    anomaly_->Observe(score);
+    if (flagged) flagged_->Increment();
+  }
 
   // Engine.
   void RecordQueueTime(const std::string& method, double seconds);
@@ -68,6 +81,11 @@ class Metrics {
   prometheus::Counter* images_generated_;
   prometheus::Counter* images_scored_;
   prometheus::Histogram* bpd_;
+  prometheus::Gauge* ready_gauge_;
+  prometheus::Histogram* anomaly_;
+  prometheus::Counter* flagged_;
+  prometheus::Family<prometheus::Gauge>* build_info_;
+  std::atomic<bool> ready_{false};
 };
 
 }  // namespace vdm

@@ -1,18 +1,19 @@
-// A minimal HTTP/1.1 endpoint that serves GET /metrics (and GET /healthz)
-// from a Metrics registry.
+// The HTTP side of the server, on its own port: GET /metrics (Prometheus
+// text format), /livez (the process answers), /readyz (200 only while the
+// server is ready to serve: model loaded, warmed up, not draining; 503
+// otherwise) and /healthz (kept as an alias of /readyz for old probes).
 //
-// Why not prometheus::Exposer: Debian's civetweb 1.15 (behind prometheus-cpp's
-// Exposer) refuses to start ("null context when constructing CivetServer")
-// in any process that links Debian's libtorch_cpu, although the port binds;
-// a three-line program with and without libtorch_cpu shows it. Until that is
-// understood, this endpoint serves the same text exposition format.
+// Served by cpp-httplib (Debian's libcpp-httplib) with a thread pool and
+// read/write timeouts, so one slow or stuck client cannot block the others.
+// Why not prometheus::Exposer: Debian's civetweb starts its threads with a
+// fixed 100 KiB stack, and a process that links libtorch_cpu, OpenBLAS and
+// glog needs about 106 KiB of static thread-local storage, so its
+// pthread_create fails; std::thread (cpp-httplib) uses the default stack.
 //
-// Thread-safe: one accept thread serves requests one at a time (scrapes are
-// rare and small); Stop() may be called from any thread.
+// Thread-safe: Stop() may be called from any thread, once or more.
 #ifndef VDM_SERVER_METRICS_HTTP_H_
 #define VDM_SERVER_METRICS_HTTP_H_
 
-#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -20,28 +21,32 @@
 
 #include "absl/status/statusor.h"
 
+namespace httplib {
+class Server;
+}
+
 namespace vdm {
 
 class MetricsHttpServer {
  public:
-  // Listens on `address` (HOST:PORT, IPv4 or a name; port 0 picks a free
-  // port) and answers GET /metrics with `scrape()`.
+  struct Handlers {
+    std::function<std::string()> scrape;  // the /metrics body
+    std::function<bool()> ready;          // /readyz: 200 when true
+  };
+  // Listens on `address` (HOST:PORT, [IPv6]:PORT or *:PORT; port 0 picks a
+  // free port).
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
-      const std::string& address, std::function<std::string()> scrape);
+      const std::string& address, Handlers handlers);
   ~MetricsHttpServer();
 
   int port() const { return port_; }
   void Stop();
 
  private:
-  MetricsHttpServer(int fd, int port, std::function<std::string()> scrape);
-  void Serve();
-  void Answer(int client);
+  MetricsHttpServer() = default;
 
-  const int fd_;
-  const int port_;
-  const std::function<std::string()> scrape_;
-  std::atomic<bool> stopping_{false};
+  std::unique_ptr<httplib::Server> http_;
+  int port_ = 0;
   std::thread thread_;
 };
 

@@ -4,6 +4,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "proto/convert.h"
+#include "server/request_log.h"
 #include "server/rpc_util.h"
 #include "server/service.h"
 #include "server/validation.h"
@@ -18,7 +19,9 @@ namespace {
 class SampleStreamReactor
     : public grpc::ServerWriteReactor<v1::SampleStreamResponse> {
  public:
-  SampleStreamReactor(Metrics* metrics) : metrics_(metrics), start_(absl::Now()) {}
+  SampleStreamReactor(grpc::CallbackServerContext* context, Metrics* metrics)
+      : log_(context, "SampleStream", metrics) {}
+  RequestLog& log() { return log_; }
 
   void PushProgress(const SampleProgress& p, v1::ImageFormat format) {
     v1::SampleStreamResponse message;
@@ -77,17 +80,12 @@ class SampleStreamReactor
     }
     if (finishing_) {
       finished_ = true;
-      if (metrics_) {
-        metrics_->RecordRequest(
-            "SampleStream", absl::StatusCodeToString(final_status_.code()),
-            absl::ToDoubleSeconds(absl::Now() - start_));
-      }
+      log_.Done(final_status_);
       Finish(ToGrpcStatus(final_status_));
     }
   }
 
-  Metrics* const metrics_;
-  const absl::Time start_;
+  RequestLog log_;  // written under mu_ or before the engine runs the job
   absl::Mutex mu_;
   std::deque<v1::SampleStreamResponse> pending_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -102,7 +100,7 @@ class SampleStreamReactor
 grpc::ServerWriteReactor<v1::SampleStreamResponse>*
 VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
                              const v1::SampleRequest* request) {
-  auto* reactor = new SampleStreamReactor(metrics_);
+  auto* reactor = new SampleStreamReactor(context, metrics_);
   if (absl::Status s = Admit(*context); !s.ok()) {
     reactor->FinishWith(s);
     return reactor;
@@ -117,6 +115,7 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
   }
   const v1::ImageFormat format = request->format();
   const uint64_t seed = job->seed;
+  reactor->log().SetImages(job->num_images);
   job->preview_every = request->preview_every();
   job->progress = [reactor, format](SampleProgress p) {
     reactor->PushProgress(p, format);
@@ -126,6 +125,8 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
       *job, ControlOf(context),
       [reactor, format, seed, metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return reactor->FinishWith(r.status());
+        reactor->log().SetResult(r->network_evaluations, r->queue_seconds,
+                                 r->compute_seconds);
         v1::SampleResponse response;
         absl::Status s = FillSampleResponse(*r, format, seed, &response);
         if (s.ok()) {

@@ -1,9 +1,16 @@
 #include "server/server.h"
 
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <torch/script.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <future>
 #include <vector>
+
+#include <glog/logging.h>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -20,6 +27,7 @@ namespace vdm {
 namespace {
 
 constexpr char kServiceName[] = "vdm.v1.VdmService";
+constexpr char kVersion[] = "0.2.0";
 
 // Describes the loaded model for GetModelInfo and the anomaly score.
 absl::StatusOr<ModelDescription> Describe(TorchScriptModel& model,
@@ -35,12 +43,58 @@ absl::StatusOr<ModelDescription> Describe(TorchScriptModel& model,
                        model.Gamma(torch::tensor({0.0f, 1.0f})));
   d.gamma_min = g.gamma[0].item<float>();
   d.gamma_max = g.gamma[1].item<float>();
-  const auto meta = nlohmann::json::parse(d.metadata, nullptr, false);
-  if (meta.is_object() && meta.contains("test_bpd") &&
-      meta["test_bpd"].is_number()) {
-    d.reference_bpd = meta["test_bpd"].get<double>();
-  }
   return d;
+}
+
+// The anomaly calibration: `path`, or beside the model
+// (<model>.calibration.json) when `path` is empty and that file exists;
+// "none" = no calibration.
+absl::StatusOr<std::shared_ptr<const Calibration>> LoadCalibration(
+    const std::string& path, const std::string& model_path) {
+  std::string file = path;
+  if (file == "none") return nullptr;
+  if (file.empty()) {
+    file = model_path + ".calibration.json";
+    std::error_code ignored;
+    if (!std::filesystem::exists(file, ignored)) return nullptr;
+  }
+  VDM_ASSIGN_OR_RETURN(const std::string text, ReadFile(file));
+  absl::StatusOr<Calibration> c = Calibration::FromJson(text);
+  if (!c.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--calibration ", file, ": ", c.status().message()));
+  }
+  LOG(INFO) << "vdm-server: anomaly calibration " << file << " ("
+            << c->size() << " images, K = " << c->setup().timesteps << ")";
+  return std::make_shared<const Calibration>(*std::move(c));
+}
+
+// gRPC reports a bad certificate or key only as "cannot listen"; OpenSSL
+// says which file is wrong.
+absl::Status CheckKeyPair(const std::string& cert_pem,
+                          const std::string& key_pem) {
+  BIO* cert_bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
+  X509* cert = PEM_read_bio_X509(cert_bio, nullptr, nullptr, nullptr);
+  BIO_free(cert_bio);
+  BIO* key_bio = BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size()));
+  EVP_PKEY* key = PEM_read_bio_PrivateKey(key_bio, nullptr, nullptr, nullptr);
+  BIO_free(key_bio);
+  absl::Status status;
+  if (cert == nullptr) {
+    status = absl::InvalidArgumentError(
+        "--tls_cert: not a PEM certificate");
+  } else if (key == nullptr) {
+    status = absl::InvalidArgumentError(
+        "--tls_key: not a PEM private key (or it is encrypted)");
+  } else if (X509_check_private_key(cert, key) != 1) {
+    status = absl::InvalidArgumentError(
+        "--tls_key does not match --tls_cert (the key is not the "
+        "certificate's)");
+  }
+  X509_free(cert);
+  EVP_PKEY_free(key);
+  ERR_clear_error();
+  return status;
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
@@ -58,6 +112,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(
   grpc::SslServerCredentialsOptions ssl;
   VDM_ASSIGN_OR_RETURN(std::string cert, ReadFile(o.tls_cert_file));
   VDM_ASSIGN_OR_RETURN(std::string key, ReadFile(o.tls_key_file));
+  VDM_RETURN_IF_ERROR(CheckKeyPair(cert, key));
   ssl.pem_key_cert_pairs.push_back({key, cert});
   if (!o.tls_client_ca_file.empty()) {
     VDM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(o.tls_client_ca_file));
@@ -143,10 +198,21 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
     VDM_ASSIGN_OR_RETURN(
         std::unique_ptr<TorchScriptModel> model,
         TorchScriptModel::Load({options.model_path, device, true}));
-    if (replicas.empty()) description = Describe(*model, device);
+    if (replicas.empty()) {
+      description = Describe(*model, device);
+      int64_t parameters = 0;
+      for (const at::Tensor& p : model->module().parameters()) {
+        parameters += p.numel();
+      }
+      server->metrics_->SetBuildInfo(kVersion, options.model_path,
+                                     model->prediction(), parameters);
+    }
     replicas.push_back(std::move(model));
   }
   if (!description.ok()) return description.status();
+  VDM_ASSIGN_OR_RETURN(description->calibration,
+                       LoadCalibration(options.calibration_path,
+                                       options.model_path));
   VDM_ASSIGN_OR_RETURN(server->engine_,
                        Engine::Create(options.engine, std::move(replicas),
                                       server->metrics_.get()));
@@ -208,6 +274,7 @@ absl::Status VdmServer::WarmUp(int replicas) {
 }
 
 void VdmServer::SetServing(bool serving) {
+  if (metrics_) metrics_->SetReady(serving);
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
   health->SetServingStatus(serving);  // all services, "" included
@@ -224,7 +291,14 @@ void VdmServer::Shutdown(absl::Duration grace) {
   if (shut_down_.exchange(true)) return;
   StartDraining();
   if (engine_) {
-    engine_->WaitIdle(absl::Now() + grace);
+    // Wait for the in-flight calls until the grace period ends, checking
+    // every 50 ms whether HurryShutdown cut it short.
+    const absl::Time deadline = absl::Now() + grace;
+    while (!hurry_ && absl::Now() < deadline) {
+      if (engine_->WaitIdle(std::min(deadline, absl::Now() + absl::Milliseconds(50)))) {
+        break;
+      }
+    }
     engine_->Stop();  // what is left fails with UNAVAILABLE
   }
   // Every call has finished by now; a short deadline covers stragglers.

@@ -22,6 +22,9 @@ class VdmServer {
  public:
   struct Options {
     std::string model_path;
+    // Anomaly calibration (model/vdm/anomaly.h, written by vdm-calibrate):
+    // empty = <model_path>.calibration.json when it exists; "none" = none.
+    std::string calibration_path;
     std::string address = "0.0.0.0:50051";  // port 0 picks a free port
     std::string metrics_address;            // empty = no /metrics endpoint
     std::vector<std::string> devices = {"cpu"};  // one worker per device
@@ -55,6 +58,9 @@ class VdmServer {
   // finish; the rest fail with UNAVAILABLE; then the gRPC server stops.
   // Idempotent.
   void Shutdown(absl::Duration grace);
+  // Ends the grace period of a Shutdown in progress (or the next one) now:
+  // what is still running fails with UNAVAILABLE. Thread-safe.
+  void HurryShutdown() { hurry_ = true; }
   // Blocks until the gRPC server has shut down.
   void Wait();
 
@@ -70,6 +76,7 @@ class VdmServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::atomic<bool> draining_{false};
+  std::atomic<bool> hurry_{false};
   std::atomic<bool> shut_down_{false};
 };
 

@@ -1,40 +1,59 @@
 #include "server/service.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/vdm/anomaly.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/request.h"
 #include "model/vdm/status_macros.h"
 #include "proto/convert.h"
+#include "server/request_log.h"
 #include "server/rpc_util.h"
 #include "server/validation.h"
 
 namespace vdm {
 namespace {
 
-// Finishes an RPC and records it in the metrics.
+// Finishes a unary RPC and records it (request_log.h). Copies share the
+// record.
 class Finisher {
  public:
-  Finisher(grpc::ServerUnaryReactor* reactor, Metrics* metrics,
+  Finisher(grpc::CallbackServerContext* context, Metrics* metrics,
            const char* method)
-      : reactor_(reactor), metrics_(metrics), method_(method),
-        start_(absl::Now()) {}
+      : reactor_(context->DefaultReactor()),
+        log_(std::make_shared<RequestLog>(context, method, metrics)) {}
+  grpc::ServerUnaryReactor* reactor() const { return reactor_; }
+  RequestLog& log() const { return *log_; }
   void operator()(const absl::Status& status) const {
-    if (metrics_) {
-      metrics_->RecordRequest(method_, absl::StatusCodeToString(status.code()),
-                              absl::ToDoubleSeconds(absl::Now() - start_));
-    }
+    log_->Done(status);
     reactor_->Finish(ToGrpcStatus(status));
   }
 
  private:
   grpc::ServerUnaryReactor* reactor_;
-  Metrics* metrics_;
-  const char* method_;
-  absl::Time start_;
+  std::shared_ptr<RequestLog> log_;
 };
+
+// The per-pixel map as floats and as a gray PNG scaled to its maximum.
+absl::Status FillAnomalyMap(const std::vector<float>& bits,
+                            const ImageShape& shape, v1::ImageScore* out) {
+  float top = 0;
+  for (float b : bits) {
+    out->add_anomaly_map(b);
+    top = std::max(top, b);
+  }
+  Image8 heat{1, shape.height, shape.width, std::vector<uint8_t>(bits.size())};
+  for (size_t i = 0; i < bits.size(); ++i) {
+    heat.pixels[i] = static_cast<uint8_t>(
+        top > 0 ? std::lround(255.0f * std::max(0.0f, bits[i]) / top) : 0);
+  }
+  VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(heat));
+  out->set_anomaly_map_png(std::move(png));
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -75,8 +94,8 @@ absl::Status VdmServiceImpl::Admit(
 grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     grpc::CallbackServerContext* context, const v1::SampleRequest* request,
     v1::SampleResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const Finisher finish(reactor, metrics_, "Sample");
+  const Finisher finish(context, metrics_, "Sample");
+  grpc::ServerUnaryReactor* reactor = finish.reactor();
   if (absl::Status s = Admit(*context); !s.ok()) {
     finish(s);
     return reactor;
@@ -88,11 +107,14 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
   }
   const v1::ImageFormat format = request->format();
   const uint64_t seed = job->seed;
+  finish.log().SetImages(job->num_images);
   Metrics* metrics = metrics_;
   absl::Status admitted = engine_->SubmitSample(
       *std::move(job), ControlOf(context),
       [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return finish(r.status());
+        finish.log().SetResult(r->network_evaluations, r->queue_seconds,
+                               r->compute_seconds);
         absl::Status s = FillSampleResponse(*r, format, seed, response);
         if (s.ok() && metrics) metrics->AddImagesGenerated(r->images.size());
         finish(s);
@@ -104,8 +126,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
 grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     grpc::CallbackServerContext* context, const v1::ScoreRequest* request,
     v1::ScoreResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const Finisher finish(reactor, metrics_, "ScoreBPD");
+  const Finisher finish(context, metrics_, "ScoreBPD");
+  grpc::ServerUnaryReactor* reactor = finish.reactor();
   if (absl::Status s = Admit(*context); !s.ok()) {
     finish(s);
     return reactor;
@@ -116,12 +138,28 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     return reactor;
   }
   const uint64_t seed = job->seed;
-  const double reference = model_.reference_bpd;
+  finish.log().SetImages(static_cast<int64_t>(job->images.size()));
+  // The calibration applies when the request is scored as the calibration
+  // set was (same K and noise option).
+  const Calibration* calibration = model_.calibration.get();
+  if (calibration != nullptr &&
+      (calibration->setup().timesteps != job->timesteps ||
+       calibration->setup().shared_noise != job->shared_noise)) {
+    calibration = nullptr;
+  }
+  const double fpr = request->has_false_positive_rate()
+                         ? request->false_positive_rate()
+                         : kDefaultFalsePositiveRate;
+  const ImageShape shape = model_.shape;
   Metrics* metrics = metrics_;
   absl::Status admitted = engine_->SubmitScore(
       *std::move(job), ControlOf(context),
-      [finish, seed, reference, response, metrics](absl::StatusOr<ScoreResult> r) {
+      [finish, seed, calibration, fpr, shape, response,
+       metrics](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
+        finish.log().SetResult(r->network_evaluations, r->queue_seconds,
+                               r->compute_seconds);
+        std::vector<double> scores;
         for (const ImageBpd& s : r->scores) {
           v1::ImageScore* out = response->add_scores();
           out->set_bpd(s.bpd);
@@ -129,8 +167,28 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
           out->set_recon_bpd(s.recon);
           out->set_diffusion_bpd(s.diffusion);
           out->set_stderr_bpd(s.stderr_bpd);
-          out->set_anomaly_score(s.bpd - reference);
+          out->set_complexity_bpd(s.complexity);
+          for (double b : s.band) out->add_band_bpd(b);
+          if (calibration != nullptr) {
+            const double score =
+                calibration->Score(AnomalyFeatures(s.bpd, s.complexity, s.band));
+            const double p = calibration->PValue(score);
+            out->set_anomaly_score(score);
+            out->set_p_value(p);
+            out->set_is_anomaly(p <= fpr);
+            scores.push_back(score);
+            if (metrics) metrics->RecordAnomaly(score, p <= fpr);
+          } else {
+            out->set_anomaly_score(s.bpd - s.complexity);
+          }
+          if (!s.pixel_bits.empty()) {
+            const absl::Status map = FillAnomalyMap(s.pixel_bits, shape, out);
+            if (!map.ok()) return finish(map);
+          }
           if (metrics) metrics->RecordBpd(s.bpd);
+        }
+        if (calibration != nullptr && scores.size() >= 2) {
+          response->set_batch_p_value(calibration->BatchPValue(scores));
         }
         response->set_seed(seed);
         response->set_network_evaluations(r->network_evaluations);
@@ -146,9 +204,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
 grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
     grpc::CallbackServerContext* context, const v1::ModelInfoRequest*,
     v1::ModelInfo* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const Finisher finish(context, metrics_, "GetModelInfo");
+  grpc::ServerUnaryReactor* reactor = finish.reactor();
   if (absl::Status s = Admit(*context); !s.ok()) {
-    Finisher(reactor, metrics_, "GetModelInfo")(s);
+    finish(s);
     return reactor;
   }
   response->set_image_channels(model_.shape.channels);
@@ -165,7 +224,15 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_max_images_per_request(options_.max_images_per_request);
   response->set_max_steps(options_.max_steps);
   response->set_max_timesteps(options_.max_timesteps);
-  Finisher(reactor, metrics_, "GetModelInfo")(absl::OkStatus());
+  if (model_.calibration) {
+    response->set_calibrated(true);
+    response->set_calibration_timesteps(model_.calibration->setup().timesteps);
+    response->set_calibration_shared_noise(
+        model_.calibration->setup().shared_noise);
+    response->set_calibration_images(
+        static_cast<int>(model_.calibration->size()));
+  }
+  finish(absl::OkStatus());
   return reactor;
 }
 

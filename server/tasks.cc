@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/samplers.h"
@@ -39,10 +40,21 @@ class SampleTask : public Task {
 
   absl::Status Start(Denoiser& model) override {
     const ImageShape s = model.shape();
+    SampleEdit edit;
+    if (job_.reference) {
+      VDM_ASSIGN_OR_RETURN(edit.reference, ToTensor({*job_.reference}, s));
+      edit.strength = job_.strength;
+      if (!job_.known.empty()) {
+        edit.known = at::from_blob(const_cast<uint8_t*>(job_.known.data()),
+                                   {1, 1, s.height, s.width}, at::kByte)
+                         .to(at::kBool);
+      }
+    }
     VDM_ASSIGN_OR_RETURN(
         plan_, SamplingPlan::Create(job_.sampler, job_.num_images,
                                     job_.conditioning, s, model.num_classes(),
-                                    job_.seed, ScheduleOf(model)));
+                                    job_.seed, ScheduleOf(model), at::Tensor(),
+                                    edit));
     eps_ = at::empty(
         {plan_->rows_per_evaluation(), s.channels, s.height, s.width},
         at::kFloat);
@@ -160,7 +172,17 @@ class ScoreTask : public Task {
       b.recon = s->recon[i].item<double>();
       b.diffusion = s->diffusion[i].item<double>();
       b.stderr_bpd = s->stderr_bpd[i].item<double>();
-      result.scores.push_back(b);
+      const at::Tensor band = s->band[i].contiguous();
+      b.band.assign(band.data_ptr<double>(), band.data_ptr<double>() + band.numel());
+      absl::StatusOr<double> complexity = ComplexityBpd(job_.images[i]);
+      if (!complexity.ok()) return done_cb_(complexity.status());
+      b.complexity = *complexity;
+      if (job_.pixel_map) {
+        const at::Tensor map = s->pixel_bits[i].to(at::kFloat).contiguous();
+        b.pixel_bits.assign(map.data_ptr<float>(),
+                            map.data_ptr<float>() + map.numel());
+      }
+      result.scores.push_back(std::move(b));
     }
     result.network_evaluations = evaluations();
     result.queue_seconds = QueueSeconds();

@@ -40,6 +40,56 @@ absl::StatusOr<int> CheckLabel(const ModelDescription& model, bool has_label,
   return label;
 }
 
+// An input image in either wire format: PNG when it has the PNG signature,
+// else raw bytes of `shape`.
+absl::StatusOr<Image8> InputImage(const v1::Image& image,
+                                  const ImageShape& shape) {
+  const bool png = image.data().size() >= 8 &&
+                   image.data().compare(0, 8, "\x89PNG\r\n\x1a\n", 8) == 0;
+  return ImageFromProto(image, png ? v1::IMAGE_FORMAT_PNG : v1::IMAGE_FORMAT_RAW,
+                        &shape);
+}
+
+// init_image, strength and mask.
+absl::Status CheckEdit(const v1::SampleRequest& r,
+                       const ModelDescription& model, SampleJob& job) {
+  const bool has_image = r.has_init_image() && !r.init_image().data().empty();
+  const bool has_mask = r.has_mask() && !r.mask().data().empty();
+  if (r.has_strength() && !(r.strength() > 0.0f && r.strength() <= 1.0f)) {
+    return Invalid(
+        absl::StrCat("strength: ", r.strength(), " is out of range (0, 1]"));
+  }
+  if (!has_image) {
+    if (r.has_strength()) return Invalid("strength: needs an init_image");
+    if (has_mask) return Invalid("mask: needs an init_image");
+    return absl::OkStatus();
+  }
+  if (!has_mask && (!r.has_strength() || r.strength() == 1.0f)) {
+    return Invalid(
+        "init_image: give a strength < 1 (image-to-image) or a mask "
+        "(inpainting)");
+  }
+  absl::StatusOr<Image8> image = InputImage(r.init_image(), model.shape);
+  if (!image.ok()) {
+    return Invalid(absl::StrCat("init_image: ", image.status().message()));
+  }
+  job.reference = *std::move(image);
+  job.strength = r.has_strength() ? r.strength() : 1.0;
+  if (has_mask) {
+    const ImageShape gray{1, model.shape.height, model.shape.width};
+    absl::StatusOr<Image8> mask = InputImage(r.mask(), gray);
+    if (!mask.ok()) {
+      return Invalid(absl::StrCat("mask: ", mask.status().message(),
+                                  " (a gray image, white = known)"));
+    }
+    job.known.resize(mask->pixels.size());
+    for (size_t i = 0; i < mask->pixels.size(); ++i) {
+      job.known[i] = mask->pixels[i] >= 128 ? 1 : 0;
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
@@ -71,20 +121,39 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
   job.sampler.eta = r.eta();
   VDM_ASSIGN_OR_RETURN(job.conditioning.label,
                        CheckLabel(model, r.has_label(), r.label()));
+  if (r.has_negative_label()) {
+    absl::StatusOr<int> negative =
+        CheckLabel(model, true, r.negative_label());
+    if (!negative.ok()) {
+      return Invalid(absl::StrCat("negative_label: ", negative.status().message()));
+    }
+    if (*negative == job.conditioning.label) {
+      return Invalid("negative_label: must differ from label");
+    }
+    if (!r.has_guidance_scale() || r.guidance_scale() == 1.0f) {
+      return Invalid(
+          "guidance_scale: negative_label needs a guidance scale other than 1");
+    }
+    job.conditioning.negative_label = *negative;
+  }
   if (r.has_guidance_scale()) {
     const float g = r.guidance_scale();
     if (!(g >= 0.0f && g <= kMaxGuidance)) {
       return Invalid(absl::StrCat("guidance_scale: ", g,
                                   " is out of range [0, ", kMaxGuidance, "]"));
     }
-    if (job.conditioning.label < 0 && g != 1.0f) {
-      return Invalid("guidance_scale: classifier-free guidance needs a label");
+    if (job.conditioning.label < 0 && job.conditioning.negative_label < 0 &&
+        g != 1.0f) {
+      return Invalid(
+          "guidance_scale: classifier-free guidance needs a label or a "
+          "negative_label");
     }
     job.conditioning.guidance_scale = g;
   }
   if (!IsKnownFormat(r.format())) {
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
+  VDM_RETURN_IF_ERROR(CheckEdit(r, model, job));
   const int64_t rows = SampleRowCost(job.sampler, job.num_images,
                                      job.conditioning, model.num_classes);
   if (rows > limits.max_request_rows) {
@@ -134,8 +203,15 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
     }
     job.images.push_back(*std::move(image));
   }
+  if (r.has_false_positive_rate() &&
+      !(r.false_positive_rate() > 0.0f && r.false_positive_rate() <= 0.5f)) {
+    return Invalid(absl::StrCat("false_positive_rate: ",
+                                r.false_positive_rate(),
+                                " is out of range (0, 0.5]"));
+  }
   job.seed = PickSeed(r.has_seed(), r.seed());
   job.shared_noise = r.shared_noise();
+  job.pixel_map = r.anomaly_map();
   return job;
 }
 

@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <string>
 
+#include <memory>
+
 #include "absl/status/statusor.h"
+#include "model/vdm/anomaly.h"
 #include "model/vdm/image.h"
 #include "server/jobs.h"
 #include "vdm/v1/vdm.pb.h"
@@ -26,10 +29,12 @@ struct ModelDescription {
   std::string path;
   std::string device;
   float gamma_min = 0, gamma_max = 0;
-  // The model's own test-set BPD (metadata "test_bpd"), the reference of the
-  // anomaly score; 0 when unknown.
-  double reference_bpd = 0;
+  // The anomaly calibration loaded with the model (anomaly.h), or null.
+  std::shared_ptr<const Calibration> calibration;
 };
+
+// false_positive_rate of a ScoreRequest when unset.
+constexpr double kDefaultFalsePositiveRate = 0.01;
 
 // Per-request limits (vdm-server flags of the same names).
 struct RequestLimits {

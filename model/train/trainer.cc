@@ -310,7 +310,12 @@ std::string Trainer::MetadataJson() const {
   meta["steps"] = init_steps_ + step_;
   // The training blocks of the runs the initial model came from, oldest
   // first, so that a continued run (or a steps=0 evaluation) keeps them.
-  nlohmann::json history = meta.value("training_history", nlohmann::json::array());
+  // A model whose metadata holds something else under the name starts a
+  // new history (value() would hand back a non-array, and push_back throw).
+  nlohmann::json history = nlohmann::json::array();
+  if (meta.contains("training_history") && meta["training_history"].is_array()) {
+    history = meta["training_history"];
+  }
   if (meta.contains("training")) history.push_back(meta["training"]);
   if (!history.empty()) meta["training_history"] = std::move(history);
   meta["dataset"] = {

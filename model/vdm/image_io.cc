@@ -21,8 +21,12 @@
 namespace vdm {
 namespace {
 
-// Largest PNG side we agree to decode (untrusted input reaches DecodePng).
+// Largest PNG side and pixel count DecodePng agrees to decode, and the most
+// memory one ancillary chunk (zTXt, iCCP, ...) may take when decompressed:
+// a small file must not make it allocate gigabytes.
 constexpr uint32_t kMaxPngSide = 16384;
+constexpr uint64_t kMaxPngPixels = uint64_t{1} << 26;
+constexpr png_alloc_size_t kMaxPngChunkBytes = png_alloc_size_t{8} << 20;
 // Largest IDX payload we agree to read.
 constexpr int64_t kMaxIdxBytes = int64_t{1} << 34;
 // IDX data type code of unsigned bytes.
@@ -107,7 +111,11 @@ void SetReadTransforms(png_structp png, png_infop info, int want_channels) {
 }
 
 // Decodes into `image`; on failure returns false with `error` set.
-bool DecodePngRaw(const std::string& data, int want_channels, Image8* image,
+// With `expect` (untrusted input of a known shape), the header alone
+// decides: a different size, an alpha channel or color for a gray shape is
+// refused before anything is allocated, and trailing chunks are not read.
+bool DecodePngRaw(const std::string& data, int want_channels,
+                  const ImageShape* expect, Image8* image,
                   PngErrorBuffer* error) {
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, error,
                                            PngError, PngWarning);
@@ -121,8 +129,56 @@ bool DecodePngRaw(const std::string& data, int want_channels, Image8* image,
     return false;
   }
   png_set_user_limits(png, kMaxPngSide, kMaxPngSide);
+  png_set_chunk_malloc_max(png, kMaxPngChunkBytes);
   png_set_read_fn(png, &reader, PngRead);
   png_read_info(png, info);
+  {
+    const uint64_t w = png_get_image_width(png, info);
+    const uint64_t h = png_get_image_height(png, info);
+    const int type = png_get_color_type(png, info);
+    if (expect == nullptr && w * h > kMaxPngPixels) {
+      std::snprintf(error->message, sizeof(error->message),
+                    "PNG declares %llux%llu pixels, more than %llu",
+                    static_cast<unsigned long long>(w),
+                    static_cast<unsigned long long>(h),
+                    static_cast<unsigned long long>(kMaxPngPixels));
+      png_longjmp(png, 1);
+    }
+    if (expect != nullptr) {
+      const char* problem = nullptr;
+      if (w != static_cast<uint64_t>(expect->width) ||
+          h != static_cast<uint64_t>(expect->height)) {
+        problem = "size";
+      } else if ((type & PNG_COLOR_MASK_ALPHA) != 0 ||
+                 png_get_valid(png, info, PNG_INFO_tRNS) != 0) {
+        problem = "alpha";
+      } else if (expect->channels == 1 &&
+                 (type & PNG_COLOR_MASK_COLOR) != 0) {
+        problem = "color";
+      }
+      // Only snprintf here: png_longjmp skips destructors, so no object
+      // that owns memory may be alive past this point.
+      if (problem != nullptr) {
+        if (problem[0] == 's') {
+          std::snprintf(error->message, sizeof(error->message),
+                        "image is %llux%llu (HxW), the model expects "
+                        "%dx%dx%d (CxHxW)",
+                        static_cast<unsigned long long>(h),
+                        static_cast<unsigned long long>(w), expect->channels,
+                        expect->height, expect->width);
+        } else if (problem[0] == 'a') {
+          std::snprintf(error->message, sizeof(error->message), "%s",
+                        "PNG has an alpha channel (transparency), which the "
+                        "model has no use for; send an opaque image");
+        } else {
+          std::snprintf(error->message, sizeof(error->message), "%s",
+                        "PNG is in color, the model takes 1-channel (gray) "
+                        "images; convert it to gray first");
+        }
+        png_longjmp(png, 1);
+      }
+    }
+  }
   SetReadTransforms(png, info, want_channels);
   const int channels = png_get_channels(png, info);
   const uint32_t height = png_get_image_height(png, info);
@@ -136,7 +192,7 @@ bool DecodePngRaw(const std::string& data, int want_channels, Image8* image,
     rows[y] = interleaved.data() + static_cast<size_t>(y) * width * channels;
   }
   png_read_image(png, rows.data());
-  png_read_end(png, nullptr);
+  if (expect == nullptr) png_read_end(png, nullptr);
   png_destroy_read_struct(&png, &info, nullptr);
   image->channels = channels;
   image->height = static_cast<int>(height);
@@ -148,7 +204,7 @@ bool DecodePngRaw(const std::string& data, int want_channels, Image8* image,
 }
 
 // Encodes interleaved rows; on failure returns false with `error` set.
-bool EncodePngRaw(const Image8& image, std::string* out,
+bool EncodePngRaw(const Image8& image, int level, std::string* out,
                   PngErrorBuffer* error) {
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, error,
                                             PngError, PngWarning);
@@ -168,6 +224,7 @@ bool EncodePngRaw(const Image8& image, std::string* out,
     return false;
   }
   png_set_write_fn(png, out, PngWrite, PngFlush);
+  if (level >= 0) png_set_compression_level(png, level);
   png_set_IHDR(png, info, image.width, image.height, 8,
                image.channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB,
                PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
@@ -311,11 +368,16 @@ absl::StatusOr<std::vector<int64_t>> ReadIdxHeader(gzFile file,
 
 }  // namespace
 
-absl::StatusOr<std::string> EncodePng(const Image8& image) {
+absl::StatusOr<std::string> EncodePng(const Image8& image,
+                                      int compression_level) {
   VDM_RETURN_IF_ERROR(CheckImage(image, "EncodePng"));
+  if (compression_level < -1 || compression_level > 9) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "EncodePng: compression level must be -1..9, got ", compression_level));
+  }
   std::string out;
   PngErrorBuffer error;
-  if (!EncodePngRaw(image, &out, &error)) {
+  if (!EncodePngRaw(image, compression_level, &out, &error)) {
     return absl::InternalError(
         absl::StrCat("EncodePng: libpng failed: ", error.message));
   }
@@ -334,9 +396,28 @@ absl::StatusOr<Image8> DecodePng(const std::string& png, int want_channels) {
   }
   Image8 image;
   PngErrorBuffer error;
-  if (!DecodePngRaw(png, want_channels, &image, &error)) {
+  if (!DecodePngRaw(png, want_channels, nullptr, &image, &error)) {
     return absl::InvalidArgumentError(
         absl::StrCat("DecodePng: invalid PNG: ", error.message));
+  }
+  return image;
+}
+
+absl::StatusOr<Image8> DecodePngAs(const std::string& png,
+                                   const ImageShape& shape) {
+  if (shape.channels != 1 && shape.channels != 3) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "DecodePngAs: the shape must have 1 or 3 channels, has %d",
+        shape.channels));
+  }
+  if (png.size() < 8 ||
+      png_sig_cmp(reinterpret_cast<png_const_bytep>(png.data()), 0, 8) != 0) {
+    return absl::InvalidArgumentError("data is not a PNG file (bad signature)");
+  }
+  Image8 image;
+  PngErrorBuffer error;
+  if (!DecodePngRaw(png, shape.channels, &shape, &image, &error)) {
+    return absl::InvalidArgumentError(error.message);
   }
   return image;
 }

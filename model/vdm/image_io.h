@@ -14,11 +14,25 @@
 namespace vdm {
 
 // Encodes 1 (gray) or 3 (RGB) channel images as PNG bytes.
-absl::StatusOr<std::string> EncodePng(const Image8& image);
+// compression_level: zlib's 0..9, -1 = its default (6).
+absl::StatusOr<std::string> EncodePng(const Image8& image,
+                                      int compression_level = -1);
 
 // Decodes PNG bytes. `want_channels` 1 converts to gray, 3 to RGB, 0 keeps the
 // file's own (gray or RGB; alpha is dropped, 16-bit is reduced to 8).
+// Files larger than 2^26 pixels or 16384 on a side are refused from their
+// header.
 absl::StatusOr<Image8> DecodePng(const std::string& png, int want_channels = 0);
+
+// Decodes untrusted PNG bytes that must have `shape` (1 or 3 channels). The
+// header alone decides, before any pixel memory is allocated: a different
+// width or height, an alpha channel (or tRNS) and a color image for a gray
+// shape are refused with a message saying what was found; gray is expanded
+// to RGB for a 3-channel shape. Ancillary chunks are bounded (8 MiB each
+// decompressed) and trailing chunks are not read, so the work is bounded by
+// the shape, not by what the file claims.
+absl::StatusOr<Image8> DecodePngAs(const std::string& png,
+                                   const ImageShape& shape);
 
 // Tiles equally shaped images into a grid with `columns` columns and a
 // `pad`-pixel border of value `pad_value`.

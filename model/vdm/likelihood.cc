@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/status_macros.h"
 
@@ -97,6 +98,7 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   const at::Tensor u =
       at::rand({shared ? 1 : n, ReplicatesFor(options_)}, gen, at::kDouble);
   const at::Tensor t = ReplicatedTimes(k, u).expand({n, k}).reshape({-1});
+  t_ = t.clone();
   eps_ = at::randn(RowShape(shared ? k : n * k, f_), gen, at::kFloat);
   if (shared) eps_ = eps_.repeat({n, 1, 1, 1});
   const at::Tensor eps0 =
@@ -119,6 +121,7 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   prior_ = PriorKl(f_.to(at::kDouble), ends.gamma.narrow(0, 1, 1));
   recon_ = ReconstructionNll(x_, ends.gamma.narrow(0, 0, 1), eps0);
   losses_ = at::zeros({n * k}, at::kDouble);
+  pixel_ = at::zeros(f_.sizes(), at::kDouble);
   got_.assign(n * k, false);
   return absl::OkStatus();
 }
@@ -150,6 +153,17 @@ void LikelihoodPlan::LossesFor(int64_t begin, const at::Tensor& eps_hat) {
                                   gamma_s_.narrow(0, begin, m),
                                   options_.discrete_steps);
   losses_.narrow(0, begin, m).copy_(loss);
+  // The same loss per element (it sums to `loss` over an image's elements),
+  // accumulated per image for the pixel map.
+  const at::Tensor sq = (eps - eps_hat64).pow(2);
+  const at::Tensor per_dim = sq * (loss / sq.flatten(1).sum(1).clamp_min(1e-300))
+                                      .view({m, 1, 1, 1});
+  const at::Tensor rows = at::arange(begin, begin + m, at::kLong);
+  const at::Tensor weight =
+      RowWeights(options_.times, ReplicatesFor(options_))
+          .index_select(0, rows.remainder(options_.times));
+  pixel_.index_add_(0, rows.div(options_.times, "floor"),
+                    per_dim * weight.view({m, 1, 1, 1}));
 }
 
 absl::Status LikelihoodPlan::Consume(int64_t begin, const at::Tensor& eps_hat) {
@@ -192,7 +206,30 @@ absl::StatusOr<BpdScores> LikelihoodPlan::Result() const {
   s.diffusion = NatsToBpd(e.mean, dims);
   s.stderr_bpd = NatsToBpd(at::sqrt(e.variance), dims);
   s.bpd = s.prior + s.recon + s.diffusion;
+  s.band = NatsToBpd(BandProfile(row_losses(), row_times(), kBands,
+                                 RowWeights(options_.times,
+                                            ReplicatesFor(options_))),
+                     dims);
+  s.pixel_bits = (pixel_ / std::log(2.0)).sum(1);
   return s;
+}
+
+at::Tensor BandProfile(const at::Tensor& losses, const at::Tensor& times,
+                       int bands, const at::Tensor& weights) {
+  const int64_t n = losses.size(0);
+  const at::Tensor band =
+      (times * bands).floor().clamp(0, bands - 1).to(at::kLong);
+  at::Tensor out = at::zeros({n, bands}, losses.options());
+  out.scatter_add_(1, band, losses * weights.to(losses.dtype()).view({1, -1}));
+  return out;
+}
+
+at::Tensor RowWeights(int times, int replicates) {
+  const at::Tensor k = at::arange(times, at::kLong);
+  const at::Tensor r = k.remainder(replicates);
+  const at::Tensor count =
+      (times - r + replicates - 1).div(replicates, "floor").to(at::kDouble);
+  return 1.0 / (count * replicates);
 }
 
 int ReplicatesFor(const LikelihoodOptions& options) {

@@ -79,7 +79,25 @@ struct BpdScores {
   at::Tensor recon;
   at::Tensor diffusion;
   at::Tensor stderr_bpd;
+  // [n, kBands] (anomaly.h): the diffusion term by band of t, [b/B,
+  // (b+1)/B); each row sums to `diffusion`.
+  at::Tensor band;
+  // [n, H, W]: the diffusion term per pixel in bits (summed over channels,
+  // averaged over the K times): where the model finds the image unlikely.
+  at::Tensor pixel_bits;
 };
+
+// The band profile [n, bands] in the units of `losses` [n, K], from the
+// rows' times [n, K]: row k adds weights[k] losses[k] to the band of its
+// time. With the estimator's weights (RowWeights) the bands sum to its
+// estimate.
+at::Tensor BandProfile(const at::Tensor& losses, const at::Tensor& times,
+                       int bands, const at::Tensor& weights);
+
+// The weight [K] float64 of each of the K rows of an image in the
+// replicated estimate: 1 / (G n_r) for a row of replicate r with n_r points
+// (1 / K when the replicates are of equal size); they sum to 1.
+at::Tensor RowWeights(int times, int replicates);
 
 // The likelihood of n images. Not thread-safe (one caller at a time); all
 // tensors live on the CPU.
@@ -110,8 +128,10 @@ class LikelihoodPlan {
   bool complete() const { return received_ == rows(); }
   // The scores once complete().
   absl::StatusOr<BpdScores> Result() const;
-  // Per-row diffusion losses in nats [n, K] (valid once complete()).
+  // Per-row diffusion losses in nats [n, K] (valid once complete()) and the
+  // rows' times t [n, K].
   at::Tensor row_losses() const { return losses_.reshape({num_images(), -1}); }
+  at::Tensor row_times() const { return t_.reshape({num_images(), -1}); }
 
  private:
   LikelihoodPlan(at::Tensor x, const LikelihoodOptions& options)
@@ -130,6 +150,8 @@ class LikelihoodPlan {
   at::Tensor eps_;            // [n K, C, H, W] float32
   at::Tensor prior_, recon_;  // [n] float64 nats
   at::Tensor losses_;         // [n K] float64 nats
+  at::Tensor t_;              // [n K] float64 times
+  at::Tensor pixel_;          // [n, C, H, W] float64 nats, summed over rows
   std::vector<bool> got_;     // rows received
   int64_t received_ = 0;
 };

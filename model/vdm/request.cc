@@ -3,7 +3,8 @@
 namespace vdm {
 
 bool IsGuided(const Conditioning& c, int num_classes) {
-  return num_classes > 0 && c.label >= 0 && c.guidance_scale != 1.0;
+  return num_classes > 0 && ((c.label >= 0 && c.guidance_scale != 1.0) ||
+                             c.negative_label >= 0);
 }
 
 int RowsPerImage(const Conditioning& c, int num_classes) {
@@ -12,6 +13,11 @@ int RowsPerImage(const Conditioning& c, int num_classes) {
 
 int64_t RowLabel(const Conditioning& c, int num_classes) {
   return (num_classes > 0 && c.label >= 0) ? c.label : num_classes;
+}
+
+int64_t SecondRowLabel(const Conditioning& c, int num_classes) {
+  return (num_classes > 0 && c.negative_label >= 0) ? c.negative_label
+                                                    : num_classes;
 }
 
 int64_t SampleRowCost(const SamplerConfig& sampler, int64_t num_images,

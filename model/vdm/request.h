@@ -16,18 +16,26 @@ namespace vdm {
 // The class a sampling request asks for and how strongly.
 struct Conditioning {
   int label = -1;               // -1 = unconditional ("no label")
-  double guidance_scale = 1.0;  // used only with a label
+  double guidance_scale = 1.0;  // used with a label or a negative label
+  // Negative-label guidance: the negative label's prediction takes the
+  // place of the unconditional one, eps_neg + s (eps_c - eps_neg); without
+  // a label, eps_c is the unconditional prediction (steer away from it).
+  int negative_label = -1;      // -1 = none
 };
 
-// Classifier-free guidance eps_u + s (eps_c - eps_u) applies when the model
-// is class-conditional, a label is given and s != 1: two rows per image
-// (conditional, then "no label"). Otherwise one row per image.
+// Classifier-free guidance eps_2 + s (eps_1 - eps_2) applies when the model
+// is class-conditional and either a label is given with s != 1 or a
+// negative label is given: two rows per image, the first labelled
+// RowLabel, the second SecondRowLabel. Otherwise one row per image.
 bool IsGuided(const Conditioning& c, int num_classes);
 int RowsPerImage(const Conditioning& c, int num_classes);
 
 // The label value rows carry for `c` on a model with `num_classes` classes:
 // the label, or num_classes ("no label").
 int64_t RowLabel(const Conditioning& c, int num_classes);
+// The label of the second row of a guided pair: the negative label, or
+// "no label".
+int64_t SecondRowLabel(const Conditioning& c, int num_classes);
 
 // Network rows a whole request costs.
 int64_t SampleRowCost(const SamplerConfig& sampler, int64_t num_images,

@@ -34,6 +34,8 @@ struct SamplerConfig {
   int steps = 50;    // N >= 1
   double eta = 0.0;  // DDIM only, in [0, 1]
   TimeGrid grid = TimeGrid::kUniformT;
+  // The grid runs from t_start down to 0 (image-to-image starts below 1).
+  double t_start = 1.0;
 };
 
 // Every sampler and time grid, in table order.

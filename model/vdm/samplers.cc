@@ -134,12 +134,15 @@ absl::StatusOr<at::Tensor> MakeGrid(const SamplerConfig& config,
   const int n = config.steps;
   at::Tensor gammas;
   if (config.grid == TimeGrid::kUniformT) {
-    VDM_ASSIGN_OR_RETURN(GammaValues g,
-                         schedule(at::linspace(1.0, 0.0, n + 1, at::kFloat)));
+    VDM_ASSIGN_OR_RETURN(
+        GammaValues g,
+        schedule(at::linspace(config.t_start, 0.0, n + 1, at::kFloat)));
     gammas = g.gamma;
   } else {
-    VDM_ASSIGN_OR_RETURN(GammaValues g,
-                         schedule(at::tensor({1.0f, 0.0f}, at::kFloat)));
+    VDM_ASSIGN_OR_RETURN(
+        GammaValues g,
+        schedule(at::tensor({static_cast<float>(config.t_start), 0.0f},
+                            at::kFloat)));
     const at::Tensor ends = g.gamma.to(at::kCPU).to(at::kDouble);
     if (ends.numel() != 2) {
       return absl::InvalidArgumentError("schedule returned a wrong shape");
@@ -186,6 +189,10 @@ absl::Status Sampler::Consume(const at::Tensor& eps_hat) {
   return absl::OkStatus();
 }
 
+void Sampler::Blend(const at::Tensor& known, const at::Tensor& z_known) {
+  z_ = at::where(known, z_known.to(z_.scalar_type()), z_);
+}
+
 at::Tensor Sampler::Images() const {
   return DecodeMostLikely(z_, GammaAt(step_));
 }
@@ -205,6 +212,10 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
       !(config.eta >= 0.0 && config.eta <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("eta must be in [0, 1], got ", config.eta));
+  }
+  if (!(config.t_start > 0.0 && config.t_start <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("t_start must be in (0, 1], got ", config.t_start));
   }
   if (!z1.defined() || z1.dim() != 4 || !z1.is_floating_point()) {
     return absl::InvalidArgumentError("z1 must be a float [n, C, H, W] tensor");
@@ -245,20 +256,33 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
     const SamplerConfig& sampler, int64_t num_images,
     const Conditioning& conditioning, const ImageShape& shape,
     int num_classes, uint64_t seed, const ScheduleFn& schedule,
-    const at::Tensor& labels) {
+    const at::Tensor& labels, const SampleEdit& edit) {
   if (num_images < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_images must be >= 1, got ", num_images));
   }
   Conditioning c = conditioning;
-  if (c.label >= num_classes && num_classes > 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "label ", c.label, " is out of range [0, ", num_classes, ")"));
+  for (int l : {c.label, c.negative_label}) {
+    if (l >= num_classes && num_classes > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "label ", l, " is out of range [0, ", num_classes, ")"));
+    }
+  }
+  const bool has_reference = edit.reference.defined();
+  if ((edit.known.defined() || edit.strength < 1.0) && !has_reference) {
+    return absl::InvalidArgumentError(
+        "image-to-image and inpainting need a reference image");
+  }
+  if (!(edit.strength > 0.0 && edit.strength <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("strength must be in (0, 1], got ", edit.strength));
   }
   std::unique_ptr<SamplingPlan> plan(new SamplingPlan());
   plan->n_ = num_images;
-  plan->uncond_label_ = num_classes;
+  plan->second_label_ = SecondRowLabel(c, num_classes);
   plan->scale_ = c.guidance_scale;
+  plan->replace_gen_ =
+      at::make_generator<at::CPUGeneratorImpl>(seed ^ 0x9E3779B97F4A7C15ull);
   try {
     if (labels.defined()) {
       const at::Tensor l = labels.to(at::kCPU).to(at::kLong).reshape({-1});
@@ -276,16 +300,53 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
           at::full({num_images}, RowLabel(c, num_classes), at::kLong);
     }
     plan->guided_ = IsGuided(c, num_classes);
+    const std::vector<int64_t> dims = {num_images, shape.channels,
+                                       shape.height, shape.width};
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-    const at::Tensor z1 = at::randn(
-        {num_images, shape.channels, shape.height, shape.width}, gen,
-        at::kFloat);
+    at::Tensor z1 = at::randn(dims, gen, at::kFloat);
+    SamplerConfig config = sampler;
+    if (has_reference) {
+      const at::Tensor ref = edit.reference.to(at::kCPU);
+      if (ref.dim() != 4 || ref.size(0) != 1 || ref.size(1) != shape.channels ||
+          ref.size(2) != shape.height || ref.size(3) != shape.width) {
+        return absl::InvalidArgumentError(
+            "the reference image must be uint8 [1, C, H, W] of the model's shape");
+      }
+      plan->reference_ = ref.to(at::kByte).expand(dims).contiguous();
+      plan->f_ = ToModelSpace(plan->reference_);
+      if (edit.known.defined()) {
+        plan->known_ = edit.known.to(at::kCPU).to(at::kBool).expand(dims).contiguous();
+      }
+      if (edit.strength < 1.0) {
+        // SDEdit: start from the reference noised to t = strength.
+        config.t_start = edit.strength;
+        VDM_ASSIGN_OR_RETURN(
+            GammaValues g,
+            schedule(at::full({1}, static_cast<float>(edit.strength), at::kFloat)));
+        z1 = Diffuse(plan->f_, g.gamma.to(at::kCPU).to(at::kFloat), z1);
+      }
+    }
     VDM_ASSIGN_OR_RETURN(plan->sampler_,
-                         MakeSampler(sampler, z1, schedule, gen));
+                         MakeSampler(config, z1, schedule, gen));
+    if (plan->known_.defined()) plan->ReplaceKnown();
   } catch (const std::exception& e) {  // c10::Error: no exception leaves
     return absl::InternalError(absl::StrCat("sampling plan: ", e.what()));
   }
   return plan;
+}
+
+void SamplingPlan::ReplaceKnown() {
+  // The replacement method: the known pixels become the reference noised to
+  // the sampler's current time, with fresh noise of the plan's own.
+  const at::Tensor gamma = sampler_->gammas().narrow(0, sampler_->step(), 1);
+  const at::Tensor eps = at::randn(f_.sizes(), replace_gen_, at::kFloat);
+  sampler_->Blend(known_, Diffuse(f_, gamma.to(at::kFloat), eps));
+}
+
+at::Tensor SamplingPlan::Images() const {
+  at::Tensor images = sampler_->Images();
+  if (known_.defined()) images = at::where(known_, reference_, images);
+  return images;
 }
 
 Rows SamplingPlan::Next() const {
@@ -293,7 +354,7 @@ Rows SamplingPlan::Next() const {
   rows.label = labels_;
   if (!guided_) return rows;
   Rows uncond = rows;
-  uncond.label = at::full({n_}, uncond_label_, at::kLong);
+  uncond.label = at::full({n_}, second_label_, at::kLong);
   return Rows::Cat({rows, uncond});
 }
 
@@ -303,7 +364,7 @@ absl::Status SamplingPlan::Consume(const at::Tensor& eps_hat) {
     return absl::InvalidArgumentError(absl::StrCat(
         "eps_hat must have ", rows_per_evaluation(), " rows"));
   }
-  if (!guided_) return sampler_->Consume(eps_hat);
+  if (!guided_) return Advance(eps_hat);
   at::Tensor guided;
   try {
     const at::Tensor eps = eps_hat.to(at::kCPU);
@@ -312,7 +373,20 @@ absl::Status SamplingPlan::Consume(const at::Tensor& eps_hat) {
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("guidance: ", e.what()));
   }
-  return sampler_->Consume(guided);
+  return Advance(guided);
+}
+
+absl::Status SamplingPlan::Advance(const at::Tensor& eps_hat) {
+  const int before = sampler_->step();
+  VDM_RETURN_IF_ERROR(sampler_->Consume(eps_hat));
+  if (known_.defined() && sampler_->step() > before) {
+    try {
+      ReplaceKnown();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("inpainting: ", e.what()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<at::Tensor> SampleImages(Denoiser& model,
@@ -322,7 +396,7 @@ absl::StatusOr<at::Tensor> SampleImages(Denoiser& model,
       SamplingPlan::Create(options.sampler, options.num_images,
                            options.conditioning, model.shape(),
                            model.num_classes(), options.seed,
-                           ScheduleOf(model), options.labels));
+                           ScheduleOf(model), options.labels, options.edit));
   while (!plan->done()) {
     if (options.stop != nullptr && options.stop->load()) {
       return absl::CancelledError("sampling interrupted");

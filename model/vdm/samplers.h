@@ -15,6 +15,7 @@
 #ifndef VDM_MODEL_VDM_SAMPLERS_H_
 #define VDM_MODEL_VDM_SAMPLERS_H_
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
@@ -63,8 +64,11 @@ class Sampler {
   // The images (uint8 [n, C, H, W]): the decoder's most likely value of the
   // current state; the samples once done().
   at::Tensor Images() const;
-  // The gamma grid [steps + 1], from gamma(1) down to gamma(0).
+  // The gamma grid [steps + 1], from gamma(t_start) down to gamma(0).
   const at::Tensor& gammas() const { return gammas_; }
+  // Overwrites the state where `known` (bool, z's shape) with z_known
+  // (inpainting). Between steps only.
+  void Blend(const at::Tensor& known, const at::Tensor& z_known);
 
  protected:
   Sampler(at::Tensor z1, at::Tensor gammas, at::Generator gen);
@@ -92,13 +96,30 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
     const SamplerConfig& config, const at::Tensor& z1,
     const ScheduleFn& schedule, at::Generator gen);
 
+// Editing an existing image (all optional; the default is plain sampling).
+struct SampleEdit {
+  // uint8 [1, C, H, W]: the image to edit.
+  at::Tensor reference;
+  // Image-to-image (SDEdit, Meng et al. 2022): start from the reference
+  // noised to t = strength and sample from there; 1 = plain sampling.
+  double strength = 1.0;
+  // Inpainting (the replacement method): bool [1, C, H, W] or [1, 1, H, W],
+  // true where the reference is known. After every step the known pixels
+  // are replaced by the reference noised to the new time; the returned
+  // images equal the reference exactly there.
+  at::Tensor known;
+};
+
 // A sampling request: a Sampler for n images plus what it is conditioned
 // on. Next() returns every row of the next evaluation (n rows, or 2n with
-// guidance: rows [0, n) carry the labels, rows [n, 2n) "no label"); Consume
+// guidance: rows [0, n) carry the labels, rows [n, 2n) "no label" or the
+// negative label); Consume
 // takes eps_hat for all of them, combines guided pairs and advances. Not
 // thread-safe (one caller at a time).
 class SamplingPlan {
  public:
+
+
   // Draws z1 ~ N(0, I) [n, C, H, W] from a generator seeded with `seed` and
   // keeps drawing the sampler's noise from it (so the result depends only on
   // the seed). `labels` [n] int64, when defined, gives each image its own
@@ -107,7 +128,7 @@ class SamplingPlan {
       const SamplerConfig& sampler, int64_t num_images,
       const Conditioning& conditioning, const ImageShape& shape,
       int num_classes, uint64_t seed, const ScheduleFn& schedule,
-      const at::Tensor& labels = at::Tensor());
+      const at::Tensor& labels = at::Tensor(), const SampleEdit& edit = SampleEdit());
 
   int64_t num_images() const { return n_; }
   bool guided() const { return guided_; }
@@ -118,18 +139,23 @@ class SamplingPlan {
 
   const Sampler& sampler() const { return *sampler_; }
   bool done() const { return sampler_->done(); }
-  // Uint8 [n, C, H, W]: the samples once done().
-  at::Tensor Images() const { return sampler_->Images(); }
+  // Uint8 [n, C, H, W]: the samples once done() (the reference where known).
+  at::Tensor Images() const;
 
  private:
   SamplingPlan() = default;
+  absl::Status Advance(const at::Tensor& eps_hat);
+  void ReplaceKnown();
 
   int64_t n_ = 0;
   bool guided_ = false;
   double scale_ = 1.0;
   at::Tensor labels_;  // [n] int64 (num_classes = "no label")
-  int64_t uncond_label_ = 0;
+  int64_t second_label_ = 0;  // the guided pair's second row
   std::unique_ptr<Sampler> sampler_;
+  at::Tensor reference_, f_, known_;  // edits: [n, C, H, W]
+  at::Generator replace_gen_ =
+      at::make_generator<at::CPUGeneratorImpl>(0x5eed);
 };
 
 // A synchronous sampling run (tests, the trainer's previews, tools).
@@ -141,6 +167,7 @@ struct SampleOptions {
   Conditioning conditioning;
   // [num_images] int64 per-image labels; overrides conditioning.label.
   at::Tensor labels;
+  SampleEdit edit;
   uint64_t seed = 0;  // z1 and all noise come from this seed
   const std::atomic<bool>* stop = nullptr;  // set => Cancelled between steps
 };

@@ -179,6 +179,22 @@ def check_dockerignore(repo, sources):
             check(os.path.exists(os.path.join(repo, src)), f"COPY source {src} exists")
 
 
+def check_build_inputs(repo, sources):
+    """Every source folder the top-level CMakeLists.txt builds from (outside
+    the tests) is copied into the build stage: a static check that would have
+    caught the missing tools/ folder."""
+    print("--- build inputs")
+    with open(os.path.join(repo, "CMakeLists.txt")) as f:
+        text = f.read()
+    # Drop the blocks that only the tests or the fuzzers configure.
+    text = re.sub(r"if\((VDM_BUILD_TESTS|VDM_FUZZ)\).*?endif\(\)", "", text, flags=re.S)
+    folders = set(re.findall(r"(?<![\w/$}])([a-z][a-z_]*)/[\w/.-]+\.cc\b", text))
+    copied = {src.rstrip("/").split("/")[0] for src in sources}
+    check(len(folders) >= 4, f"CMakeLists.txt builds from {sorted(folders)}")
+    for folder in sorted(folders):
+        check(folder in copied, f"the build stage copies {folder}/ (CMakeLists.txt compiles files in it)")
+
+
 def main():
     repo, server, client = sys.argv[1:4]
     server_flags = helpfull_flags(server)
@@ -199,6 +215,7 @@ def main():
         sources += s
         model_paths.add(model)
     check_dockerignore(repo, sources)
+    check_build_inputs(repo, sources)
 
     with open(os.path.join(repo, "deploy", "base", "server.flags")) as f:
         flag_model = re.search(r"^--model=(\S+)", f.read(), re.M)

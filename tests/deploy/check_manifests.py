@@ -136,14 +136,20 @@ def check_overlay(overlay, docs, helpfull):
     check(ports.get("metrics") == metrics_port,
           p + f"containerPort metrics ({ports.get('metrics')}) is --metrics_address's port "
           f"({metrics_port})")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Probes: HTTP on the metrics port; readiness and start-up ask /readyz
+    # (ready = loaded, warmed up, not draining), liveness asks /livez.
+    want_path = {"startupProbe": "/readyz", "readinessProbe": "/readyz",
+                 "livenessProbe": "/livez"}
+    for probe, path in want_path.items():
         pr = c.get(probe)
-        if not check(pr is not None and "grpc" in pr, p + f"{probe} is a gRPC probe"):
+        if not check(pr is not None and "httpGet" in pr, p + f"{probe} is an HTTP probe"):
             continue
-        check(pr["grpc"].get("port") == grpc_port,
-              p + f"{probe} port {pr['grpc'].get('port')} is the gRPC port {grpc_port}")
-        check(pr["grpc"].get("service", "") == "",
-              p + f"{probe} asks for the whole server's health (service \"\")")
+        port = pr["httpGet"].get("port")
+        check(port in ("metrics", metrics_port),
+              p + f"{probe} port {port} is the metrics port ({metrics_port})")
+        check(pr["httpGet"].get("path") == path, p + f"{probe} path is {path}")
+    check(flag("metrics_address") != "",
+          p + "--metrics_address is set (the probes are served there)")
     ann = pod["metadata"].get("annotations", {})
     check(ann.get("prometheus.io/scrape") == "true", p + "pod annotation prometheus.io/scrape")
     check(ann.get("prometheus.io/port") == str(metrics_port),

@@ -9,6 +9,7 @@
 #include <future>
 #include <vector>
 
+#include "client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/image_io.h"
 
@@ -160,6 +161,27 @@ TEST(ServerTest, ServesOverTlsAndRequiresClientCertificatesWithMtls) {
       Target(*server), grpc::InsecureChannelCredentials()));
   EXPECT_EQ(Sample(*plaintext, Request(1, 2)).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+
+  // The client library (vdm-client --tls_ca --tls_cert --tls_key): a TLS
+  // health probe that works, and one without a client certificate that the
+  // server refuses.
+  client::ClientOptions tls;
+  tls.target = "localhost:" + std::to_string(server->port());
+  tls.tls_ca_file = TestData("tls/ca.pem");
+  tls.tls_cert_file = TestData("tls/client.pem");
+  tls.tls_key_file = TestData("tls/client.key");
+  auto probe = client::VdmClient::Create(tls);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  auto health = (*probe)->CheckHealth();
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, HealthResponse::SERVING);
+  tls.tls_cert_file.clear();
+  tls.tls_key_file.clear();
+  EXPECT_FALSE((*client::VdmClient::Create(tls))->CheckHealth().ok());
+  tls.tls_cert_file = TestData("tls/client.pem");
+  EXPECT_EQ(client::VdmClient::Create(tls).status().code(),
+            absl::StatusCode::kInvalidArgument)
+      << "a certificate without its key";
 }
 
 TEST(ServerTest, TlsNeedsBothCertificateAndKey) {
@@ -168,6 +190,21 @@ TEST(ServerTest, TlsNeedsBothCertificateAndKey) {
   auto server = VdmServer::Create(options);
   ASSERT_FALSE(server.ok());
   EXPECT_THAT(std::string(server.status().message()), HasSubstr("tls_key"));
+}
+
+TEST(ServerTest, MismatchedOrBrokenTlsFilesAreNamed) {
+  VdmServer::Options options = TinyOptions();
+  options.tls_cert_file = TestData("tls/server.pem");
+  options.tls_key_file = TestData("tls/client.key");  // another pair's key
+  auto server = VdmServer::Create(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(server.status().message()),
+              HasSubstr("--tls_key does not match --tls_cert"));
+  options.tls_key_file = TestData("tls/server.pem");  // a certificate, no key
+  server = VdmServer::Create(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(std::string(server.status().message()), HasSubstr("--tls_key"));
 }
 
 TEST(ServerTest, SampleStreamSendsProgressPreviewsAndTheResult) {

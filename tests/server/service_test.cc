@@ -9,11 +9,17 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zlib.h>
 
+#include <cerrno>
 #include <future>
+#include <set>
 #include <thread>
 
 #include "client/client.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "model/vdm/anomaly.h"
+#include "model/vdm/image_io.h"
 #include "server/server.h"
 
 namespace vdm {
@@ -21,21 +27,41 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// Connects to the loopback address (IPv4, or ::1 with ipv6); -1 on failure.
+int ConnectLoopback(int port, bool ipv6 = false) {
+  const int fd = socket(ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
+  int rc = -1;
+  if (ipv6) {
+    sockaddr_in6 addr{};
+    addr.sin6_family = AF_INET6;
+    addr.sin6_port = htons(static_cast<uint16_t>(port));
+    addr.sin6_addr = in6addr_loopback;
+    rc = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } else {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    rc = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  }
+  if (rc != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 // A minimal HTTP GET on loopback; returns the whole response.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+std::string HttpGet(int port, const std::string& path, bool ipv6 = false) {
+  const int fd = ConnectLoopback(port, ipv6);
   std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n";
-    if (send(fd, request.data(), request.size(), 0) > 0) {
-      char buf[4096];
-      for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
-        response.append(buf, static_cast<size_t>(n));
-      }
+  if (fd < 0) return response;
+  const std::string request =
+      "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  if (send(fd, request.data(), request.size(), 0) > 0) {
+    char buf[4096];
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
+      response.append(buf, static_cast<size_t>(n));
     }
   }
   close(fd);
@@ -312,6 +338,32 @@ TEST_F(ServiceTest, InvalidSampleFieldsAreNamed) {
          r->set_eta(0.5f);
        },
        "eta"},
+      {[](v1::SampleRequest* r) {
+         r->set_label(3);
+         r->set_negative_label(3);
+         r->set_guidance_scale(2);
+       },
+       "negative_label"},
+      {[](v1::SampleRequest* r) { r->set_negative_label(2); }, "guidance_scale"},
+      {[](v1::SampleRequest* r) { r->set_negative_label(12); r->set_guidance_scale(2); },
+       "negative_label"},
+      {[](v1::SampleRequest* r) { r->set_strength(0.5f); }, "strength"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->set_strength(1.5f);
+       },
+       "strength"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+       },
+       "init_image"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->mutable_mask()->set_data(std::string(100, '\xff'));
+       },
+       "mask"},
+      {[](v1::SampleRequest* r) { r->mutable_mask()->set_data(std::string(784, 'x')); },
+       "mask"},
   };
   for (const BadSample& c : cases) {
     v1::SampleRequest request = SampleRequest(1, 2, 1);
@@ -405,7 +457,247 @@ TEST_F(ServiceTest, MetricsCountRequestsByMethodAndCode) {
   EXPECT_THAT(text, HasSubstr("vdm_images_generated_total 2"));
   EXPECT_THAT(text, HasSubstr("vdm_images_scored_total 2"));
   EXPECT_THAT(text, HasSubstr("vdm_returned_bpd_count 2"));
+  EXPECT_THAT(text, HasSubstr("vdm_build_info{"));
+  EXPECT_THAT(text, HasSubstr("prediction=\"eps\""));
   EXPECT_GT(server_->metrics_port(), 0);
+}
+
+TEST_F(ServiceTest, DecompressionBombsAreRefusedFromTheirHeaderAndHealthAnswers) {
+  // A valid PNG header claiming 16384 x 16384 pixels, with a few bytes of
+  // data: it must be refused from the header, never decoded.
+  std::string ihdr;
+  for (uint32_t v : {16384u, 16384u}) {
+    for (int shift = 24; shift >= 0; shift -= 8) ihdr += char(v >> shift);
+  }
+  ihdr += std::string("\x08\x00\x00\x00\x00", 5);
+  auto chunk = [](const std::string& type, const std::string& data) {
+    std::string out;
+    for (int shift = 24; shift >= 0; shift -= 8) out += char(data.size() >> shift);
+    const std::string body = type + data;
+    const uLong crc = crc32(0, reinterpret_cast<const Bytef*>(body.data()),
+                            static_cast<uInt>(body.size()));
+    out += body;
+    for (int shift = 24; shift >= 0; shift -= 8) out += char(crc >> shift);
+    return out;
+  };
+  const std::string bomb = std::string("\x89PNG\r\n\x1a\n", 8) +
+                           chunk("IHDR", ihdr) + chunk("IDAT", std::string(64, 'x'));
+  v1::ScoreRequest request;
+  request.set_format(v1::IMAGE_FORMAT_PNG);
+  for (int i = 0; i < 32; ++i) request.add_images()->set_data(bomb);
+  // Sixteen at once, as a hostile client would send them.
+  std::vector<std::future<grpc::Status>> calls;
+  for (int i = 0; i < 16; ++i) {
+    calls.push_back(std::async(std::launch::async, [&] {
+      v1::ScoreResponse response;
+      return CallScore(request, &response);
+    }));
+  }
+  auto health = client_->CheckHealth();
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, grpc::health::v1::HealthCheckResponse::SERVING);
+  for (auto& call : calls) {
+    const grpc::Status s = call.get();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("images[0]"));
+    EXPECT_THAT(s.error_message(), HasSubstr("16384x16384"));
+  }
+  EXPECT_EQ(server_->engine().network_evaluations(), 2) << "only the warm-up";
+}
+
+TEST_F(ServiceTest, EveryCallGetsARequestIdToQuote) {
+  std::set<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext context;
+    v1::SampleResponse response;
+    v1::SampleRequest request = SampleRequest(1, 2, 5);
+    if (i == 2) request.set_num_images(0);  // errors get one too
+    stub_->Sample(&context, request, &response);
+    const auto& meta = context.GetServerInitialMetadata();
+    const auto it = meta.find("x-request-id");
+    ASSERT_NE(it, meta.end());
+    const std::string id(it->second.data(), it->second.size());
+    EXPECT_EQ(id.size(), 16u);
+    EXPECT_EQ(id.find_first_not_of("0123456789abcdef"), std::string::npos);
+    ids.insert(id);
+  }
+  EXPECT_EQ(ids.size(), 3u);
+}
+
+TEST_F(ServiceTest, ProbesSayLiveAndReadyAndSlowClientsBlockNoOne) {
+  const int port = server_->metrics_port();
+  EXPECT_THAT(HttpGet(port, "/livez"), HasSubstr("200 OK"));
+  EXPECT_THAT(HttpGet(port, "/readyz"), HasSubstr("200 OK"));
+  // A client that sends half a request and stalls holds one connection...
+  const int slow = ConnectLoopback(port);
+  ASSERT_GE(slow, 0);
+  ASSERT_EQ(send(slow, "GET /met", 8, 0), 8);
+  // ...while /metrics is served to others on other threads, and the stalled
+  // connection is still open when they are answered (a one-at-a-time server
+  // would first have to give up on it).
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_THAT(HttpGet(port, "/metrics"), HasSubstr("vdm_ready 1"));
+  }
+  char byte;
+  EXPECT_EQ(recv(slow, &byte, 1, MSG_DONTWAIT), -1) << "closed already";
+  EXPECT_TRUE(errno == EAGAIN || errno == EWOULDBLOCK);
+  close(slow);
+  // Draining: not ready any more, still live.
+  server_->StartDraining();
+  EXPECT_THAT(HttpGet(port, "/readyz"), HasSubstr("503"));
+  EXPECT_THAT(HttpGet(port, "/livez"), HasSubstr("200 OK"));
+  EXPECT_THAT(server_->metrics().Scrape(), HasSubstr("vdm_ready 0"));
+}
+
+TEST(ServiceIpv6Test, MetricsListenOnIpv6) {
+  VdmServer::Options options = TinyOptions();
+  options.address = "[::1]:0";
+  options.metrics_address = "[::1]:0";
+  auto server = VdmServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_THAT(HttpGet((*server)->metrics_port(), "/metrics", /*ipv6=*/true),
+              HasSubstr("vdm_ready 1"));
+}
+
+TEST_F(ServiceTest, InpaintingKeepsTheKnownPixelsAndEditingKeepsTheImage) {
+  Image8 reference{1, 28, 28, std::vector<uint8_t>(28 * 28)};
+  for (int p = 0; p < 28 * 28; ++p) reference.pixels[p] = (p * 13) % 256;
+  Image8 mask{1, 28, 28, std::vector<uint8_t>(28 * 28, 0)};
+  for (int y = 0; y < 14; ++y) {
+    for (int x = 0; x < 28; ++x) mask.pixels[y * 28 + x] = 255;  // top known
+  }
+  v1::SampleRequest request = SampleRequest(3, 6, 8);
+  request.mutable_init_image()->set_data(*EncodePng(reference));
+  request.mutable_mask()->set_data(*EncodePng(mask));
+  request.set_label(4);
+  request.set_guidance_scale(2.0f);
+  v1::SampleResponse response;
+  ASSERT_TRUE(CallSample(request, &response).ok());
+  ASSERT_EQ(response.images_size(), 3);
+  for (const v1::Image& image : response.images()) {
+    const std::string& px = image.data();
+    EXPECT_EQ(px.substr(0, 14 * 28),
+              std::string(reference.pixels.begin(), reference.pixels.begin() + 14 * 28));
+    EXPECT_NE(px.substr(14 * 28), std::string(reference.pixels.begin() + 14 * 28,
+                                              reference.pixels.end()));
+  }
+  EXPECT_EQ(response.network_evaluations(), 3 * 6 * 2);
+  // Image-to-image at a small strength stays close to the image; it runs
+  // only the steps below that strength.
+  v1::SampleRequest edit = SampleRequest(2, 10, 8);
+  edit.mutable_init_image()->set_data(*EncodePng(reference));
+  edit.set_strength(0.05f);
+  ASSERT_TRUE(CallSample(edit, &response).ok());
+  int close = 0;
+  for (int p = 0; p < 28 * 28; ++p) {
+    close += std::abs(static_cast<uint8_t>(response.images(0).data()[p]) -
+                      reference.pixels[p]) <= 16;
+  }
+  EXPECT_GT(close, 28 * 28 * 3 / 4);
+}
+
+TEST_F(ServiceTest, UncalibratedScoresCarryComplexityBandsAndMaps) {
+  v1::ScoreRequest request = ScoreRequest(2, 16, 4);
+  request.set_anomaly_map(true);
+  v1::ScoreResponse response;
+  ASSERT_TRUE(CallScore(request, &response).ok());
+  for (const v1::ImageScore& s : response.scores()) {
+    EXPECT_GT(s.complexity_bpd(), 0);
+    ASSERT_EQ(s.band_bpd_size(), 4);
+    double bands = 0;
+    for (double b : s.band_bpd()) bands += b;
+    EXPECT_NEAR(bands, s.diffusion_bpd(), 1e-9);
+    // Uncalibrated: the complexity-corrected BPD, no p-value or flag.
+    EXPECT_DOUBLE_EQ(s.anomaly_score(), s.bpd() - s.complexity_bpd());
+    EXPECT_FALSE(s.has_p_value());
+    EXPECT_FALSE(s.has_is_anomaly());
+    ASSERT_EQ(s.anomaly_map_size(), 28 * 28);
+    double bits = 0;
+    for (float b : s.anomaly_map()) bits += b;
+    EXPECT_NEAR(bits / (28 * 28), s.diffusion_bpd(), 1e-4);
+    absl::StatusOr<Image8> heat = DecodePng(s.anomaly_map_png());
+    ASSERT_TRUE(heat.ok()) << heat.status();
+    EXPECT_EQ(heat->height, 28);
+  }
+  EXPECT_FALSE(response.has_batch_p_value());
+  request.set_false_positive_rate(0.7f);
+  EXPECT_EQ(CallScore(request, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  request.set_false_positive_rate(0.0f);
+  const grpc::Status zero = CallScore(request, &response);
+  EXPECT_EQ(zero.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(zero.error_message(), HasSubstr("false_positive_rate"));
+}
+
+TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
+  // A calibration fitted to the tiny model's own features of 40 images, as
+  // vdm-calibrate would (the same K and noise option as the requests).
+  VdmServer::Options options = TinyOptions();
+  options.calibration_path = "none";
+  auto plain = VdmServer::Create(options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  client::VdmClient plain_client(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*plain)->port()),
+                          grpc::InsecureChannelCredentials()),
+      client::ClientOptions{});
+  std::vector<Image8> images;
+  for (int i = 0; i < 40; ++i) {
+    Image8 im{1, 28, 28, std::vector<uint8_t>(28 * 28)};
+    for (int p = 0; p < 28 * 28; ++p) im.pixels[p] = static_cast<uint8_t>((p * (i % 7 + 2) + i) % 200);
+    images.push_back(im);
+  }
+  client::ScoreParams params;
+  params.timesteps = 8;
+  params.seed = 3;
+  params.chunk_size = 20;  // the server's limit is 32 images per call
+  auto calib_scores = plain_client.ScoreImages(client::RawInput(images), params);
+  ASSERT_TRUE(calib_scores.ok()) << calib_scores.status();
+  std::vector<std::vector<double>> features;
+  for (const auto& row : calib_scores->rows) {
+    features.push_back(AnomalyFeatures(row.bpd, row.complexity_bpd, row.band_bpd));
+  }
+  Calibration::Setup setup;
+  setup.timesteps = 8;
+  const std::string path = ::testing::TempDir() + "/tiny.calibration.json";
+  ASSERT_TRUE(WriteFileAtomic(path, Calibration::Fit(features, setup)->ToJson()).ok());
+
+  options.calibration_path = path;
+  auto server = VdmServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  client::VdmClient client(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()),
+                          grpc::InsecureChannelCredentials()),
+      client::ClientOptions{});
+  auto info = client.GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_TRUE(info->calibrated());
+  EXPECT_EQ(info->calibration_timesteps(), 8);
+  EXPECT_EQ(info->calibration_images(), 40);
+  // Calibration-like images and a flat one, far from them.
+  std::vector<Image8> probe(images.begin(), images.begin() + 3);
+  probe.push_back({1, 28, 28, std::vector<uint8_t>(28 * 28, 255)});
+  params.seed = 99;
+  params.false_positive_rate = 0.05f;
+  auto scored = client.ScoreImages(client::RawInput(probe), params);
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  for (const auto& row : scored->rows) {
+    ASSERT_TRUE(row.p_value.has_value());
+    ASSERT_TRUE(row.is_anomaly.has_value());
+    EXPECT_EQ(*row.is_anomaly, *row.p_value <= 0.05);
+  }
+  EXPECT_TRUE(*scored->rows[3].is_anomaly) << "the flat image";
+  EXPECT_LT(*scored->rows[3].p_value, *scored->rows[0].p_value);
+  // The CSV has every column, is_anomaly as 0/1.
+  const std::string csv = client::FormatScoresCsv(scored->rows);
+  EXPECT_THAT(csv, HasSubstr("complexity_bpd,band_bpd_0,band_bpd_1,band_bpd_2,"
+                             "band_bpd_3,anomaly_score,p_value,is_anomaly\n"));
+  EXPECT_THAT(csv, ::testing::EndsWith(",1\n"));
+  // Another K than the calibration's: uncalibrated fields.
+  params.timesteps = 16;
+  auto other = client.ScoreImages(client::RawInput(probe), params);
+  ASSERT_TRUE(other.ok());
+  EXPECT_FALSE(other->rows[0].p_value.has_value());
+  EXPECT_THAT((*server)->metrics().Scrape(), HasSubstr("vdm_flagged_images_total"));
 }
 
 TEST(ServiceLimitsTest, RequestThatCanNeverFitIsRefusedAtValidation) {

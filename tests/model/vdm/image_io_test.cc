@@ -173,6 +173,52 @@ TEST(PngTest, Decodes16BitGrayAlphaAndLowBitDepth) {
   EXPECT_EQ(image->pixels, (std::vector<uint8_t>{255}));
 }
 
+// A decompression bomb: a valid header claiming 16384 x 16384 pixels (256
+// MiB of gray) followed by only a few bytes of image data.
+std::string BombPng() {
+  return HandMadePng(16384, 16384, 8, /*gray=*/0, std::string(64, '\0'));
+}
+
+TEST(PngTest, UntrustedPngOfAnotherShapeIsRefusedFromItsHeader) {
+  const ImageShape model{1, 28, 28};
+  // The error names the declared size: it was refused from the header, before
+  // any pixel memory (a full decode of the truncated data would fail with
+  // another message).
+  absl::StatusOr<Image8> bomb = DecodePngAs(BombPng(), model);
+  ASSERT_FALSE(bomb.ok());
+  EXPECT_THAT(std::string(bomb.status().message()), HasSubstr("16384x16384"));
+  EXPECT_THAT(std::string(bomb.status().message()),
+              HasSubstr("the model expects 1x28x28"));
+  // The general decoder refuses it from the header too (2^28 pixels).
+  absl::StatusOr<Image8> general = DecodePng(BombPng());
+  ASSERT_FALSE(general.ok());
+  EXPECT_THAT(std::string(general.status().message()), HasSubstr("more than"));
+  // An image of the right shape decodes.
+  Image8 ok{1, 28, 28, std::vector<uint8_t>(28 * 28, 9)};
+  absl::StatusOr<Image8> back = DecodePngAs(*EncodePng(ok), model);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->pixels, ok.pixels);
+}
+
+TEST(PngTest, UntrustedPngIsNotSilentlyConverted) {
+  const ImageShape gray{1, 1, 1}, rgb{3, 1, 1};
+  const std::string rgba =
+      HandMadePng(1, 1, 8, /*rgba=*/6, std::string("\x00\xff\xff\xff\x10", 5));
+  const std::string color =
+      HandMadePng(1, 1, 8, /*rgb=*/2, std::string("\x00\xff\x00\x00", 4));
+  const std::string g = HandMadePng(1, 1, 8, /*gray=*/0, std::string("\x00\x80", 2));
+  EXPECT_THAT(std::string(DecodePngAs(rgba, gray).status().message()),
+              HasSubstr("alpha"));
+  EXPECT_THAT(std::string(DecodePngAs(color, gray).status().message()),
+              HasSubstr("color"));
+  // Lossless conversions are fine: gray to RGB, RGB as RGB.
+  absl::StatusOr<Image8> expanded = DecodePngAs(g, rgb);
+  ASSERT_TRUE(expanded.ok()) << expanded.status();
+  EXPECT_EQ(expanded->pixels, (std::vector<uint8_t>{128, 128, 128}));
+  EXPECT_TRUE(DecodePngAs(color, rgb).ok());
+  EXPECT_FALSE(DecodePngAs("not a png", gray).ok());
+}
+
 // ---- Grid ------------------------------------------------------------------
 
 TEST(GridTest, TilesImagesWithPadding) {

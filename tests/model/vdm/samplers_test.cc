@@ -144,6 +144,98 @@ TEST(SamplerTest, GuidanceScaleMovesFromMarginalToSharperClass) {
   EXPECT_GT(mode(s3), 0.75);
 }
 
+// The fraction of pixels of `x` equal to `value`.
+double Fraction(const at::Tensor& x, int value) {
+  return (x == value).to(at::kDouble).mean().item<double>();
+}
+
+TEST(EditTest, NegativeGuidanceMovesMassAwayFromTheNegativeClass) {
+  auto oracle = MakeOracle(Conditional());  // class 0 favours value 40
+  const SamplerConfig ddim{SamplerType::kDdim, 50, 0.0, TimeGrid::kUniformT};
+  const at::Tensor plain = Sample(*oracle, ddim, 1000, 3);
+  SampleOptions o;
+  o.sampler = ddim;
+  o.num_images = 1000;
+  o.seed = 3;
+  o.conditioning.negative_label = 0;
+  o.conditioning.guidance_scale = 2.0;
+  const at::Tensor away = *SampleImages(*oracle, o);
+  // Unconditional: P(40) = (0.7 + 0.1 + 0.1) / 3 = 0.3.
+  EXPECT_NEAR(Fraction(plain, 40), 0.3, 0.03);
+  EXPECT_LT(Fraction(away, 40), Fraction(plain, 40) - 0.1);
+  // With a positive label: the negative one pulls further than "no label".
+  o.conditioning.label = 2;
+  o.conditioning.negative_label = 1;  // class 1 favours 220
+  const at::Tensor toward_2 = *SampleImages(*oracle, o);
+  o.conditioning.negative_label = -1;
+  const at::Tensor plain_cfg = *SampleImages(*oracle, o);
+  EXPECT_LT(Fraction(toward_2, 220), Fraction(plain_cfg, 220));
+  // Guided pairs: 2 evaluations per image per step.
+  SampleOptions bad = o;
+  bad.conditioning.negative_label = 3;
+  EXPECT_FALSE(SampleImages(*oracle, bad).ok()) << "label out of range";
+}
+
+TEST(EditTest, InpaintingKeepsTheKnownPixelsAndSamplesTheRestFromTheMarginal) {
+  // Pixels are independent under the oracle, so the unknown pixels of an
+  // inpainted image must follow the per-pixel marginal, whatever the
+  // reference, and the known ones must be the reference's exactly.
+  auto oracle = MakeOracle();
+  at::Tensor reference = at::full({1, 1, 4, 4}, 40, at::kByte);
+  reference.narrow(2, 0, 2).fill_(220);  // top half 220, bottom half 40
+  at::Tensor known = at::zeros({1, 1, 4, 4}, at::kBool);
+  known.narrow(3, 0, 2).fill_(true);  // the left half is known
+  for (SamplerType type : {SamplerType::kDdpm, SamplerType::kHeun}) {
+    SampleOptions o;
+    o.sampler = {type, 40, 0.0, TimeGrid::kUniformT};
+    o.num_images = 1000;
+    o.seed = 9;
+    o.edit.reference = reference;
+    o.edit.known = known;
+    const at::Tensor x = *SampleImages(*oracle, o);
+    const at::Tensor expanded = reference.expand_as(x);
+    EXPECT_TRUE(at::equal(x.masked_select(known.expand_as(x)),
+                          expanded.masked_select(known.expand_as(x))))
+        << SamplerName(type);
+    const at::Tensor unknown = x.narrow(3, 2, 2).contiguous();
+    EXPECT_LT(PixelTvDistance(unknown, oracle->PixelPmf(0)), 0.06)
+        << SamplerName(type);
+  }
+}
+
+TEST(EditTest, ImageToImageKeepsTheImageAtLowStrengthAndSamplesAtFull) {
+  auto oracle = MakeOracle();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  const at::Tensor reference = oracle->Sample(1, 0, gen);
+  const SamplerConfig ddim{SamplerType::kDdim, 20, 0.0, TimeGrid::kUniformT};
+  auto edit = [&](double strength) {
+    SampleOptions o;
+    o.sampler = ddim;
+    o.num_images = 200;
+    o.seed = 5;
+    o.edit.reference = reference;
+    o.edit.strength = strength;
+    return *SampleImages(*oracle, o);
+  };
+  auto same = [&](const at::Tensor& x) {
+    return (x == reference.expand_as(x)).to(at::kDouble).mean().item<double>();
+  };
+  const double low = same(edit(0.2)), mid = same(edit(0.6));
+  const double full = same(edit(1.0));
+  EXPECT_GT(low, 0.95) << "a small strength keeps the image";
+  EXPECT_LT(mid, low);
+  // Strength 1 is plain sampling: about the chance agreement of two draws.
+  EXPECT_LT(full, 0.5);
+  EXPECT_TRUE(at::equal(edit(1.0), Sample(*oracle, ddim, 200, 5)));
+  SampleOptions bad;
+  bad.sampler = ddim;
+  bad.edit.strength = 0.5;  // no reference
+  EXPECT_FALSE(SampleImages(*oracle, bad).ok());
+  bad.edit.reference = reference;
+  bad.edit.strength = 1.5;
+  EXPECT_FALSE(SampleImages(*oracle, bad).ok());
+}
+
 TEST(SamplerTest, ParameterizationsGiveTheSameSamples) {
   auto oracle = MakeOracle();
   for (SamplerType type : {SamplerType::kDdpm, SamplerType::kDpmSolver2M}) {

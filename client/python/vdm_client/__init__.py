@@ -1,0 +1,32 @@
+"""vdm_client: a Python client for vdm-serve (Variational Diffusion Models).
+
+    import vdm_client
+    client = vdm_client.Client("localhost:50051")
+    images = client.sample(num_images=4, steps=10, seed=1)  # 4 numpy uint8 arrays
+    images.seed                                             # the seed used
+    rows = client.score(images, seed=1)                     # one dict per image
+    rows[0]["bpd"]
+
+Built by CMake into <build>/python (PYTHONPATH=build/python /usr/bin/python3);
+command line: python3 -m vdm_client --help.
+"""
+
+from vdm_client.client import (
+    CSV_FIELDS,
+    SAMPLERS,
+    TIME_GRIDS,
+    Client,
+    Progress,
+    SampleResult,
+    ScoreResult,
+    VdmError,
+    make_grid,
+    scores_to_csv,
+    write_csv,
+)
+
+__all__ = [
+    "CSV_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
+    "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
+    "write_csv",
+]

@@ -1,0 +1,554 @@
+"""The vdm-serve client: a thin, Pythonic layer over the generated vdm.v1 stubs.
+
+Images travel as IMAGE_FORMAT_RAW both ways (C x H x W planar bytes on the
+wire) and are numpy uint8 arrays here: H x W for a one-channel model,
+H x W x C otherwise. Every RPC failure is raised as VdmError; bad arguments
+that are caught before anything is sent raise ValueError.
+"""
+
+import dataclasses
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from vdm.v1 import vdm_pb2, vdm_pb2_grpc
+# The grpc.health.v1 stubs live inside this package so that they cannot
+# shadow the `grpc` module (see client/python/CMakeLists.txt).
+from vdm_client._health import health_pb2, health_pb2_grpc
+
+try:  # optional: PIL images as input, PNG files in the CLI
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover - depends on the machine
+    _PILImage = None
+
+__all__ = [
+    "CSV_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
+    "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
+    "write_csv",
+]
+
+_MASK64 = (1 << 64) - 1
+# model/vdm/request.cc ChunkSeed: the golden-ratio stride between the seeds
+# of consecutive ScoreBPD chunks, so that results match `vdm-client score`.
+_CHUNK_SEED_STRIDE = 0x9E3779B97F4A7C15
+_MAX_MESSAGE_BYTES = 256 << 20  # as the C++ client
+
+# The columns of `vdm-client score --csv` (client/client.cc FormatScoresCsv),
+# which are also the keys of score()'s records (plus "anomaly_map" on request).
+CSV_FIELDS = (
+    "index", "bpd", "prior_bpd", "recon_bpd", "diffusion_bpd", "stderr_bpd",
+    "complexity_bpd", "band_bpd_0", "band_bpd_1", "band_bpd_2", "band_bpd_3",
+    "anomaly_score", "p_value", "is_anomaly",
+)
+_NUM_BANDS = 4
+
+
+def _enum_names(enum, prefix: str) -> tuple:
+    """The library's names of a proto enum: SAMPLER_DPM_SOLVER_2M -> dpm_solver_2m.
+
+    The proto enums follow the one table of names (model/vdm/sampler_config.cc),
+    so the names are derived from the generated descriptor, not listed here.
+    """
+    return tuple(key[len(prefix):].lower() for key, value in enum.items()
+                 if value != 0)  # 0 is *_UNSPECIFIED
+
+
+# Valid `sampler` and `time_grid` names, e.g. "ddim", "uniform_log_snr".
+SAMPLERS = _enum_names(vdm_pb2.Sampler, "SAMPLER_")
+TIME_GRIDS = _enum_names(vdm_pb2.TimeGrid, "TIME_GRID_")
+
+
+def _enum_value(enum, prefix: str, name, what: str) -> int:
+    if isinstance(name, int) and not isinstance(name, bool):
+        if name in enum.values():
+            return name
+    elif isinstance(name, str) and name.lower() in _enum_names(enum, prefix):
+        return enum.Value(prefix + name.upper())
+    raise ValueError(f"unknown {what} {name!r} (want one of "
+                     f"{', '.join(_enum_names(enum, prefix))})")
+
+
+class VdmError(Exception):
+    """An RPC that failed.
+
+    code: the grpc.StatusCode (INVALID_ARGUMENT names the field and its range,
+    RESOURCE_EXHAUSTED means the queue is full now, UNAVAILABLE not ready or
+    draining, UNAUTHENTICATED a missing or wrong token, ...).
+    message: the server's message. request_id: the server's x-request-id
+    (to quote in a bug report), when it sent one. context: where in a
+    multi-request call it happened (e.g. "images 64..99 of 100"), or None.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 request_id: Optional[str] = None,
+                 context: Optional[str] = None):
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.context = context
+        text = f"{code.name}: {message}"
+        if context:
+            text = f"{context}: {text}"
+        super().__init__(text)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError,
+                       context: Optional[str] = None) -> "VdmError":
+        code = error.code() if hasattr(error, "code") else None
+        message = error.details() if hasattr(error, "details") else None
+        request_id = None
+        for getter in ("initial_metadata", "trailing_metadata"):
+            try:
+                for key, value in getattr(error, getter)() or ():
+                    if key == "x-request-id":
+                        request_id = value
+            except Exception:  # not a grpc.Call: no metadata
+                pass
+        return cls(code or grpc.StatusCode.UNKNOWN, message or str(error),
+                   request_id, context)
+
+
+@dataclasses.dataclass
+class Progress:
+    """A SampleStream progress event: `step` of `total_steps` done, and the
+    predicted final images x_hat when a preview was due (else empty)."""
+    step: int
+    total_steps: int
+    previews: List[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class SampleResult(list):
+    """The images of a Sample call, a list of numpy uint8 arrays (H x W, or
+    H x W x C), with what the server reported: `seed` (the seed used; pass it
+    back to reproduce the images), `network_evaluations`, `queue_seconds`,
+    `compute_seconds`."""
+
+    def __init__(self, images=(), seed: int = 0, network_evaluations: int = 0,
+                 queue_seconds: float = 0.0, compute_seconds: float = 0.0):
+        super().__init__(images)
+        self.seed = seed
+        self.network_evaluations = network_evaluations
+        self.queue_seconds = queue_seconds
+        self.compute_seconds = compute_seconds
+
+    def __repr__(self) -> str:
+        shape = self[0].shape if self else ()
+        return (f"SampleResult({len(self)} images of shape {shape}, "
+                f"seed={self.seed}, "
+                f"network_evaluations={self.network_evaluations})")
+
+
+class ScoreResult(list):
+    """The records of a score call, one dict per image in input order (keys
+    CSV_FIELDS, plus "anomaly_map" when asked), with `seed` (the base seed;
+    chunk c > 0 used the C++ client's ChunkSeed of it), `network_evaluations`,
+    `chunks` (requests sent) and `batch_p_values` (one per chunk, None when
+    the server sent none)."""
+
+    def __init__(self, rows=(), seed: int = 0, network_evaluations: int = 0,
+                 chunks: int = 0, batch_p_values=()):
+        super().__init__(rows)
+        self.seed = seed
+        self.network_evaluations = network_evaluations
+        self.chunks = chunks
+        self.batch_p_values = list(batch_p_values)
+
+    def __repr__(self) -> str:
+        return (f"ScoreResult({len(self)} images, seed={self.seed}, "
+                f"chunks={self.chunks})")
+
+
+def _chunk_seed(base: int, chunk: int) -> int:
+    return (base + chunk * _CHUNK_SEED_STRIDE) & _MASK64
+
+
+def _check_seed(seed) -> Optional[int]:
+    if seed is None:
+        return None
+    seed = int(seed)
+    if not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _image_from_proto(image) -> np.ndarray:
+    c, h, w = image.channels, image.height, image.width
+    pixels = np.frombuffer(image.data, dtype=np.uint8)
+    if c <= 0 or h <= 0 or w <= 0 or pixels.size != c * h * w:
+        raise VdmError(grpc.StatusCode.INTERNAL,
+                       f"the server sent a raw image of {pixels.size} bytes "
+                       f"for {c}x{h}x{w}")
+    planes = pixels.reshape(c, h, w)
+    if c == 1:
+        return planes[0].copy()
+    return np.ascontiguousarray(planes.transpose(1, 2, 0))
+
+
+def _pil_to_array(image) -> np.ndarray:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("L" if image.mode in ("1", "I", "I;16", "F", "LA")
+                              else "RGB")
+    return np.asarray(image)
+
+
+def _as_array(image, index: int) -> np.ndarray:
+    if _PILImage is not None and isinstance(image, _PILImage.Image):
+        image = _pil_to_array(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image {index}: dtype {array.dtype}, want uint8 "
+                         "(values 0..255)")
+    if array.ndim == 2:
+        array = array[:, :, np.newaxis]
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"image {index}: shape {array.shape}, want H x W or "
+                         "H x W x C")
+    return array
+
+
+def _image_to_proto(image, index: int):
+    """An image (numpy H x W [x C] uint8 or PIL) as a RAW vdm.v1.Image."""
+    array = _as_array(image, index)
+    h, w, c = array.shape
+    data = np.ascontiguousarray(array.transpose(2, 0, 1)).tobytes()
+    return vdm_pb2.Image(data=data, channels=c, height=h, width=w)
+
+
+def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None,
+              pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles equally shaped images into one array, as `vdm-client sample`
+    does: ceil(sqrt(n)) columns and a `pad`-pixel border of `pad_value`."""
+    if not images:
+        raise ValueError("make_grid: no images")
+    arrays = [_as_array(image, i) for i, image in enumerate(images)]
+    h, w, c = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape != (h, w, c):
+            raise ValueError(f"make_grid: image {i} is {a.shape}, image 0 is "
+                             f"{(h, w, c)}")
+    n = len(arrays)
+    if columns is None:
+        columns = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    rows = (n + columns - 1) // columns
+    grid = np.full((rows * h + (rows + 1) * pad, columns * w + (columns + 1) * pad,
+                    c), pad_value, dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        top = pad + (i // columns) * (h + pad)
+        left = pad + (i % columns) * (w + pad)
+        grid[top:top + h, left:left + w] = a
+    return grid[:, :, 0] if c == 1 else grid
+
+
+def scores_to_csv(rows: Sequence[Dict[str, Any]]) -> str:
+    """score()'s records as the CSV of `vdm-client score --csv`: the same
+    columns and number format (empty p_value / is_anomaly when absent)."""
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, (bool, np.bool_)):
+            return "1" if value else "0"
+        if isinstance(value, (int, np.integer)):
+            return str(int(value))
+        return f"{value:.6f}"
+    lines = [",".join(CSV_FIELDS)]
+    for row in rows:
+        lines.append(",".join(cell(row.get(name)) for name in CSV_FIELDS))
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(scores_to_csv(rows))
+
+
+def _tls_get(tls, name: str):
+    if isinstance(tls, dict):
+        return tls.get(name)
+    return getattr(tls, name, None)
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Client:
+    """A connection to a vdm-server.
+
+    target: HOST:PORT (any gRPC target string). token: a bearer token, sent
+    as `authorization: Bearer <token>` on every call. tls: None for
+    plaintext, or a dict (or object with attributes) with `ca` (PEM file of
+    the server's CA; None = the system roots), `cert` and `key` (PEM files:
+    mTLS) and optionally `server_name` (the name to check the certificate
+    against); True = TLS with the system roots. timeout: deadline of each RPC
+    in seconds. options: extra gRPC channel options [(key, value), ...].
+
+    Use it as a context manager, or call close(), to close the channel.
+    """
+
+    def __init__(self, target: str, token: Optional[str] = None, tls=None,
+                 timeout: float = 600.0, options: Sequence = ()):
+        if not target:
+            raise ValueError("target is empty")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.target = target
+        self.timeout = float(timeout)
+        self._metadata = ((("authorization", f"Bearer {token}"),) if token
+                          else ())
+        channel_options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ]
+        if tls is None or tls is False:
+            channel_options += list(options)
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            if tls is True:
+                tls = {}
+            cert, key = _tls_get(tls, "cert"), _tls_get(tls, "key")
+            if bool(cert) != bool(key):
+                raise ValueError("tls: cert and key go together")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(_tls_get(tls, "ca")),
+                private_key=_read(key), certificate_chain=_read(cert))
+            server_name = _tls_get(tls, "server_name")
+            if server_name:
+                channel_options.append(("grpc.ssl_target_name_override",
+                                        server_name))
+            channel_options += list(options)
+            self._channel = grpc.secure_channel(target, credentials,
+                                                options=channel_options)
+        self._stub = vdm_pb2_grpc.VdmServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ---- plumbing
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    def _call(self, method, request, timeout: Optional[float] = None,
+              context: Optional[str] = None):
+        try:
+            return method(request, timeout=timeout or self.timeout,
+                          metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise VdmError.from_rpc_error(error, context) from None
+
+    # ---- the RPCs
+
+    def info(self) -> Dict[str, Any]:
+        """GetModelInfo as a dict of every ModelInfo field (image_channels,
+        image_height, image_width, num_classes, max_images_per_request, ...)."""
+        info = self._call(self._stub.GetModelInfo, vdm_pb2.ModelInfoRequest())
+        return {field.name: getattr(info, field.name)
+                for field in info.DESCRIPTOR.fields}
+
+    def health(self, service: str = "", timeout: Optional[float] = None) -> str:
+        """The standard health check: "SERVING", "NOT_SERVING", ... (raises
+        VdmError, e.g. UNAVAILABLE, when the server cannot be reached)."""
+        response = self._call(self._health.Check,
+                              health_pb2.HealthCheckRequest(service=service),
+                              timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _sample_request(self, num_images, steps, sampler, eta, label, guidance,
+                        seed, time_grid, preview_every=0):
+        request = vdm_pb2.SampleRequest(
+            num_images=int(num_images), steps=int(steps),
+            sampler=_enum_value(vdm_pb2.Sampler, "SAMPLER_", sampler, "sampler"),
+            time_grid=_enum_value(vdm_pb2.TimeGrid, "TIME_GRID_", time_grid,
+                                  "time_grid"),
+            eta=float(eta), format=vdm_pb2.IMAGE_FORMAT_RAW,
+            preview_every=int(preview_every))
+        if label is not None:
+            request.label = int(label)
+        if guidance is not None:
+            request.guidance_scale = float(guidance)
+        seed = _check_seed(seed)
+        if seed is not None:
+            request.seed = seed
+        return request
+
+    @staticmethod
+    def _sample_result(response, num_images: int) -> SampleResult:
+        if len(response.images) != num_images:
+            raise VdmError(grpc.StatusCode.INTERNAL,
+                           f"asked for {num_images} images, the server "
+                           f"returned {len(response.images)}")
+        return SampleResult([_image_from_proto(i) for i in response.images],
+                            seed=response.seed,
+                            network_evaluations=response.network_evaluations,
+                            queue_seconds=response.queue_seconds,
+                            compute_seconds=response.compute_seconds)
+
+    def sample(self, num_images: int = 1, steps: int = 50,
+               sampler: Union[str, int] = "ddim", eta: float = 0.0,
+               label: Optional[int] = None, guidance: Optional[float] = None,
+               seed: Optional[int] = None,
+               time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+        """Draws `num_images` images: a SampleResult, a list of numpy uint8
+        arrays of the model's shape with `.seed` (the seed used) and
+        `.network_evaluations`.
+
+        sampler: one of SAMPLERS ("ddim", "ddpm", "euler_maruyama", "heun",
+        "dpm_solver_2m"); eta: DDIM's, in [0, 1]; label: a class (None =
+        unconditional); guidance: classifier-free guidance scale in [0, 20]
+        (needs a label; None = 1, plain conditional); seed: None = chosen by
+        the server; time_grid: one of TIME_GRIDS.
+        """
+        request = self._sample_request(num_images, steps, sampler, eta, label,
+                                       guidance, seed, time_grid)
+        response = self._call(self._stub.Sample, request)
+        return self._sample_result(response, request.num_images)
+
+    def sample_stream(self, num_images: int = 1, steps: int = 50,
+                      sampler: Union[str, int] = "ddim", eta: float = 0.0,
+                      label: Optional[int] = None,
+                      guidance: Optional[float] = None,
+                      seed: Optional[int] = None,
+                      time_grid: Union[str, int] = "uniform_t",
+                      preview_every: int = 0
+                      ) -> Iterator[Union[Progress, SampleResult]]:
+        """sample() with progress: an iterator of Progress events and, last,
+        the SampleResult. Progress comes after every step, in order; when the
+        reader is slower than the sampler the server keeps only the newest
+        waiting one, so steps can skip but always increase, the last one is
+        total_steps, and previews (x_hat every `preview_every` steps) are
+        never dropped. Leaving the loop early (or close() on the iterator)
+        cancels the call, and the server stops the work.
+
+            for event in client.sample_stream(num_images=4, steps=50):
+                if isinstance(event, vdm_client.Progress):
+                    print(f"{event.step}/{event.total_steps}")
+                else:
+                    images = event
+        """
+        # Built here, not in the generator, so bad arguments raise at once.
+        request = self._sample_request(num_images, steps, sampler, eta, label,
+                                       guidance, seed, time_grid, preview_every)
+        try:
+            call = self._stub.SampleStream(request, timeout=self.timeout,
+                                           metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise VdmError.from_rpc_error(error) from None
+        return self._stream_events(call, request.num_images)
+
+    def _stream_events(self, call, num_images: int):
+        try:
+            for message in call:
+                event = message.WhichOneof("event")
+                if event == "progress":
+                    p = message.progress
+                    yield Progress(p.step, p.total_steps,
+                                   [_image_from_proto(i) for i in p.previews])
+                elif event == "result":
+                    yield self._sample_result(message.result, num_images)
+        except grpc.RpcError as error:
+            raise VdmError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the call has finished
+
+    def score(self, images: Sequence, timesteps: int = 16,
+              seed: Optional[int] = None, label: Optional[int] = None,
+              shared_noise: bool = False,
+              false_positive_rate: Optional[float] = None,
+              anomaly_map: bool = False,
+              chunk: Optional[int] = None) -> ScoreResult:
+        """Bits per dimension and anomaly scores of `images` (numpy uint8
+        H x W or H x W x C arrays, or PIL images): a ScoreResult, one dict per
+        image with the keys of CSV_FIELDS (p_value and is_anomaly are None
+        unless the model is calibrated for this setup) and, with
+        anomaly_map=True, "anomaly_map" (numpy float32 H x W, bits per pixel).
+
+        The images go in requests of `chunk` images (default: the server's
+        max_images_per_request). With a seed, chunk c > 0 uses the seed
+        (seed + c * 0x9E3779B97F4A7C15) mod 2**64 (the same seed for every
+        chunk with shared_noise), as `vdm-client score` does, so the results
+        match it; without one, chunk 0's server-chosen seed is the base.
+        """
+        protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
+        if not protos:
+            raise ValueError("score: no images")
+        total = len(protos)
+        if chunk is None:
+            limit = self.info()["max_images_per_request"]
+            chunk = limit if limit > 0 else total
+        elif int(chunk) < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        chunk = int(chunk)
+        base = _check_seed(seed)
+        result = ScoreResult()
+        for c, begin in enumerate(range(0, total, chunk)):
+            end = min(total, begin + chunk)
+            request = vdm_pb2.ScoreRequest(
+                images=protos[begin:end], format=vdm_pb2.IMAGE_FORMAT_RAW,
+                timesteps=int(timesteps), shared_noise=bool(shared_noise),
+                anomaly_map=bool(anomaly_map))
+            if base is not None:
+                request.seed = base if shared_noise else _chunk_seed(base, c)
+            if label is not None:
+                request.label = int(label)
+            if false_positive_rate is not None:
+                request.false_positive_rate = float(false_positive_rate)
+            where = (f"images {begin}..{end - 1} of {total}" if total > chunk
+                     else None)
+            response = self._call(self._stub.ScoreBPD, request, context=where)
+            if len(response.scores) != end - begin:
+                raise VdmError(grpc.StatusCode.INTERNAL,
+                               f"sent {end - begin} images, the server "
+                               f"returned {len(response.scores)} scores",
+                               context=where)
+            if base is None:
+                base = response.seed
+            for i, score in zip(range(begin, end), response.scores):
+                result.append(self._record(score, i, protos[i], anomaly_map))
+            result.network_evaluations += response.network_evaluations
+            result.chunks += 1
+            result.batch_p_values.append(
+                response.batch_p_value if response.HasField("batch_p_value")
+                else None)
+        result.seed = base
+        return result
+
+    @staticmethod
+    def _record(score, index: int, image, anomaly_map: bool) -> Dict[str, Any]:
+        bands = list(score.band_bpd)
+        row = {
+            "index": index,
+            "bpd": score.bpd,
+            "prior_bpd": score.prior_bpd,
+            "recon_bpd": score.recon_bpd,
+            "diffusion_bpd": score.diffusion_bpd,
+            "stderr_bpd": score.stderr_bpd,
+            "complexity_bpd": score.complexity_bpd,
+        }
+        for b in range(_NUM_BANDS):
+            row[f"band_bpd_{b}"] = bands[b] if b < len(bands) else None
+        row["anomaly_score"] = score.anomaly_score
+        row["p_value"] = score.p_value if score.HasField("p_value") else None
+        row["is_anomaly"] = (bool(score.is_anomaly)
+                             if score.HasField("is_anomaly") else None)
+        if anomaly_map:
+            values = np.asarray(score.anomaly_map, dtype=np.float32)
+            if values.size != image.height * image.width:
+                raise VdmError(grpc.StatusCode.INTERNAL,
+                               f"image {index}: anomaly map of {values.size} "
+                               f"values for {image.height}x{image.width}")
+            row["anomaly_map"] = values.reshape(image.height, image.width)
+        return row

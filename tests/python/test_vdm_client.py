@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""The Python client (client/python/vdm_client) against a live vdm-server.
+
+Starts vdm-server with the tiny test model (1 x 28 x 28, 10 classes) on a
+free loopback port, waits (at most 60 s) until it is SERVING, runs the tests
+and stops it with SIGTERM. The server allows 4 images per request, so that
+score() has to split 6 images into chunks as `vdm-client score` does.
+
+Usage (ctest: python_client_test):
+  PYTHONPATH=build/python /usr/bin/python3 tests/python/test_vdm_client.py \
+    --server=build/vdm-server --client=build/vdm-client \
+    --model=build/tests/models/tiny.pt [unittest arguments, e.g. -k stream]
+The paths can also come from VDM_SERVER, VDM_CLIENT and VDM_MODEL. Standard
+library unittest only: the exit status is non-zero on any failure.
+"""
+
+import argparse
+import csv
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import grpc
+import numpy as np
+
+import vdm_client
+
+try:
+    from PIL import Image as PILImage
+except ImportError:
+    PILImage = None
+
+ARGS = None          # the parsed paths
+SERVER = None        # the main vdm-server, a Server
+TARGET = None        # its address, 127.0.0.1:PORT
+MAX_IMAGES = 4       # its --max_images_per_request
+SHAPE = (28, 28)
+TLS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                       "testdata", "tls")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """vdm-server with the tiny model on a free loopback port, SERVING once
+    the constructor returns (client_args: how vdm_client.Client reaches it);
+    stop() sends SIGTERM and checks that it exits 0."""
+
+    def __init__(self, client_args=None, *flags):
+        self.target = f"127.0.0.1:{free_port()}"
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [ARGS.server, f"--model={ARGS.model}", f"--address={self.target}",
+             "--metrics_address=", "--calibration=none", "--threads=1",
+             f"--max_images_per_request={MAX_IMAGES}", "--drain_seconds=5",
+             *flags],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        with vdm_client.Client(self.target, timeout=5,
+                               **(client_args or {})) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"vdm-server exited with {self.process.returncode}:\n"
+                        f"{self.output()}")
+                try:
+                    if client.health(timeout=2) == "SERVING":
+                        return
+                except vdm_client.VdmError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.process.kill()
+                    self.process.wait()
+                    raise RuntimeError("vdm-server not SERVING within 60 s:\n"
+                                       f"{self.output()}")
+                time.sleep(0.1)  # waiting for the process to start (bounded)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"vdm-server ignored SIGTERM:\n{self.output()}")
+        finally:
+            output = self.output()
+            self.log.close()
+        if code != 0:
+            raise RuntimeError(f"vdm-server exited with {code} on SIGTERM:\n"
+                               f"{output}")
+
+
+def setUpModule():
+    global SERVER, TARGET
+    SERVER = Server()
+    TARGET = SERVER.target
+
+
+def tearDownModule():
+    if SERVER is not None:
+        SERVER.stop()
+
+
+def noise_images(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, SHAPE, dtype=np.uint8) for _ in range(n)]
+
+
+def write_idx(path: str, images) -> None:
+    """An uncompressed IDX3 file (what `vdm-client score --idx` reads)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBBIII", 0, 0, 0x08, 3, len(images), *SHAPE))
+        for image in images:
+            f.write(image.tobytes())
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vdm_client",
+                           f"--target={TARGET}", *args],
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+class ClientTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.client = vdm_client.Client(TARGET, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+
+    # ---- info, health
+
+    def test_info(self):
+        info = self.client.info()
+        self.assertEqual(info["image_channels"], 1)
+        self.assertEqual((info["image_height"], info["image_width"]), SHAPE)
+        self.assertEqual(info["num_classes"], 10)
+        self.assertEqual(info["max_images_per_request"], MAX_IMAGES)
+        self.assertIn(info["prediction"], ("eps", "v", "x"))
+        self.assertFalse(info["calibrated"])
+
+    def test_health(self):
+        self.assertEqual(self.client.health(), "SERVING")
+
+    def test_unreachable_server_raises_unavailable(self):
+        with vdm_client.Client(f"127.0.0.1:{free_port()}", timeout=10) as c:
+            with self.assertRaises(vdm_client.VdmError) as caught:
+                c.health()
+        self.assertEqual(caught.exception.code, grpc.StatusCode.UNAVAILABLE)
+
+    # ---- sample
+
+    def test_sample_shape_and_seed_reproduces(self):
+        images = vdm_client.Client(TARGET).sample(num_images=4, steps=10, seed=1)
+        self.assertIsInstance(images, vdm_client.SampleResult)
+        self.assertEqual(len(images), 4)
+        for image in images:
+            self.assertEqual(image.shape, SHAPE)
+            self.assertEqual(image.dtype, np.uint8)
+        self.assertEqual(images.seed, 1)
+        self.assertEqual(images.network_evaluations, 4 * 10)
+        again = self.client.sample(num_images=4, steps=10, seed=1)
+        for a, b in zip(images, again):
+            np.testing.assert_array_equal(a, b)
+        other = self.client.sample(num_images=4, steps=10, seed=2)
+        self.assertFalse(all(np.array_equal(a, b) for a, b in zip(images, other)))
+
+    def test_server_chosen_seed_is_returned(self):
+        first = self.client.sample(num_images=2, steps=5)
+        again = self.client.sample(num_images=2, steps=5, seed=first.seed)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+
+    def test_guided_sample(self):
+        guided = self.client.sample(num_images=2, steps=8, label=3, guidance=3.0,
+                                    seed=4)
+        self.assertEqual(len(guided), 2)
+        self.assertEqual(guided[0].shape, SHAPE)
+        # Guidance evaluates a conditional and an unconditional row per image.
+        self.assertEqual(guided.network_evaluations, 2 * 2 * 8)
+
+    def test_sampler_names_follow_the_library_table(self):
+        usage = subprocess.run([ARGS.client], capture_output=True, text=True,
+                               timeout=30).stderr
+        listed = re.search(r"--sampler=([a-z0-9_|]+)", usage)
+        self.assertIsNotNone(listed, usage)
+        self.assertEqual(sorted(vdm_client.SAMPLERS),
+                         sorted(listed.group(1).split("|")))
+        for name in vdm_client.SAMPLERS:
+            with self.subTest(sampler=name):
+                images = self.client.sample(num_images=1, steps=2, sampler=name,
+                                            seed=5)
+                self.assertEqual(images[0].shape, SHAPE)
+        for grid in vdm_client.TIME_GRIDS:
+            with self.subTest(time_grid=grid):
+                self.assertEqual(len(self.client.sample(steps=2, time_grid=grid)),
+                                 1)
+        with self.assertRaisesRegex(ValueError, "dpm_solver_2m"):
+            self.client.sample(sampler="no_such_sampler")
+
+    def test_sample_invalid_argument(self):
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            self.client.sample(num_images=MAX_IMAGES + 1, steps=2)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("num_images", caught.exception.message)
+
+    # ---- sample_stream
+
+    def test_sample_stream_progress_then_result(self):
+        steps, every = 9, 3
+        events = list(self.client.sample_stream(num_images=2, steps=steps,
+                                                seed=6, preview_every=every))
+        progress, result = events[:-1], events[-1]
+        self.assertIsInstance(result, vdm_client.SampleResult)
+        self.assertTrue(progress)
+        self.assertTrue(all(isinstance(e, vdm_client.Progress) for e in progress))
+        stepped = [e.step for e in progress]
+        self.assertEqual(stepped, sorted(set(stepped)))  # strictly increasing
+        self.assertEqual(stepped[-1], steps)
+        self.assertTrue(all(e.total_steps == steps for e in progress))
+        previews = [e for e in progress if e.previews]
+        self.assertTrue(previews)
+        for event in previews:
+            self.assertEqual(event.step % every, 0)
+            self.assertEqual(len(event.previews), 2)
+            self.assertEqual(event.previews[0].shape, SHAPE)
+            self.assertEqual(event.previews[0].dtype, np.uint8)
+        self.assertEqual(len(result), 2)
+        self.assertEqual(result.seed, 6)
+        plain = self.client.sample(num_images=2, steps=steps, seed=6)
+        for a, b in zip(result, plain):
+            np.testing.assert_array_equal(a, b)
+
+    def test_sample_stream_error_surfaces_while_iterating(self):
+        events = self.client.sample_stream(num_images=0, steps=2)
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            list(events)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("num_images", caught.exception.message)
+
+    def test_sample_stream_stops_early(self):
+        events = self.client.sample_stream(num_images=1, steps=200)
+        first = next(events)
+        self.assertIsInstance(first, vdm_client.Progress)
+        events.close()  # cancels the call
+        self.assertEqual(self.client.health(), "SERVING")
+
+    # ---- score
+
+    def test_score_records(self):
+        images = list(self.client.sample(num_images=3, steps=5, seed=7))
+        images += noise_images(3)
+        rows = self.client.score(images, seed=11)
+        self.assertIsInstance(rows, vdm_client.ScoreResult)
+        self.assertEqual(len(rows), 6)
+        self.assertEqual(rows.chunks, 2)  # the server takes 4 per request
+        self.assertEqual(rows.seed, 11)
+        self.assertEqual([r["index"] for r in rows], list(range(6)))
+        for row in rows:
+            self.assertEqual(tuple(row), vdm_client.CSV_FIELDS)
+            self.assertAlmostEqual(
+                row["bpd"],
+                row["prior_bpd"] + row["recon_bpd"] + row["diffusion_bpd"],
+                delta=1e-6)
+            self.assertAlmostEqual(
+                sum(row[f"band_bpd_{b}"] for b in range(4)),
+                row["diffusion_bpd"], delta=1e-6)
+            self.assertGreater(row["stderr_bpd"], 0)
+            self.assertIsNone(row["p_value"])      # --calibration=none
+            self.assertIsNone(row["is_anomaly"])
+
+    def test_score_bad_timesteps(self):
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            self.client.score(noise_images(1), timesteps=1)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("timesteps", caught.exception.message)
+
+    def test_score_input_forms(self):
+        image = noise_images(1, seed=3)[0]
+        base = self.client.score([image], seed=2)[0]["bpd"]
+        self.assertEqual(self.client.score([image[:, :, None]], seed=2)[0]["bpd"],
+                         base)
+        if PILImage is not None:
+            pil = PILImage.fromarray(image)
+            self.assertEqual(self.client.score([pil], seed=2)[0]["bpd"], base)
+        with self.assertRaisesRegex(ValueError, "uint8"):
+            self.client.score([image.astype(np.float32)])
+        with self.assertRaises(ValueError):
+            self.client.score([])
+        with self.assertRaises(vdm_client.VdmError) as caught:  # wrong shape
+            self.client.score([np.zeros((27, 28), np.uint8)])
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_score_anomaly_map(self):
+        rows = self.client.score(noise_images(2), seed=1, anomaly_map=True)
+        for row in rows:
+            self.assertEqual(row["anomaly_map"].shape, SHAPE)
+            self.assertEqual(row["anomaly_map"].dtype, np.float32)
+            self.assertTrue(np.isfinite(row["anomaly_map"]).all())
+
+    def test_score_matches_cpp_client(self):
+        """The same images and seed through `vdm-client score --csv`: the same
+        columns and the same numbers, so the chunk seeds agree."""
+        images = list(self.client.sample(num_images=2, steps=5, seed=8))
+        images += noise_images(4, seed=1)
+        with tempfile.TemporaryDirectory() as tmp:
+            idx = os.path.join(tmp, "images.idx")
+            write_idx(idx, images)
+            for chunk in (None, 2):  # the server's limit (4), and 3 chunks
+                with self.subTest(chunk=chunk):
+                    out = os.path.join(tmp, f"cpp_{chunk}.csv")
+                    command = [ARGS.client, f"--target={TARGET}", "score",
+                               f"--idx={idx}", "--seed=12345", f"--csv={out}"]
+                    if chunk:
+                        command.append(f"--chunk={chunk}")
+                    done = subprocess.run(command, capture_output=True,
+                                          text=True, timeout=120)
+                    self.assertEqual(done.returncode, 0, done.stderr)
+                    with open(out, newline="") as f:
+                        reader = csv.DictReader(f)
+                        self.assertEqual(tuple(reader.fieldnames),
+                                         vdm_client.CSV_FIELDS)
+                        cpp = list(reader)
+                    rows = self.client.score(images, seed=12345, chunk=chunk)
+                    self.assertEqual(rows.chunks, 2 if chunk is None else 3)
+                    self.assertEqual(len(cpp), len(rows))
+                    for ours, theirs in zip(rows, cpp):
+                        self.assertEqual(ours["index"], int(theirs["index"]))
+                        for key in ("bpd", "prior_bpd", "recon_bpd",
+                                    "diffusion_bpd", "stderr_bpd"):
+                            self.assertAlmostEqual(ours[key], float(theirs[key]),
+                                                   delta=1e-6, msg=key)
+            # And the seeds matter: another seed changes the numbers.
+            other = self.client.score(images, seed=12346, chunk=2)
+            self.assertNotAlmostEqual(other[5]["bpd"], rows[5]["bpd"], delta=1e-6)
+
+    def test_scores_to_csv(self):
+        rows = self.client.score(noise_images(2), seed=3)
+        lines = vdm_client.scores_to_csv(rows).splitlines()
+        self.assertEqual(lines[0], ",".join(vdm_client.CSV_FIELDS))
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(lines[1].startswith("0,"))
+        self.assertTrue(lines[1].endswith(",,"))  # no p_value, no is_anomaly
+
+    # ---- the command line
+
+    def test_cli_info_and_health(self):
+        done = cli("info")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("image_height: 28", done.stdout)
+        done = cli("health")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.strip(), "SERVING")
+
+    def test_cli_sample_and_score(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "samples.npy")
+            done = cli("sample", "--num=3", "--steps=4", "--seed=1", f"--out={out}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(np.load(out).shape, (3,) + SHAPE)
+            scores = os.path.join(tmp, "scores.csv")
+            done = cli("score", out, "--seed=9", f"--csv={scores}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            with open(scores, newline="") as f:
+                self.assertEqual(len(list(csv.DictReader(f))), 3)
+            if PILImage is not None:
+                grid = os.path.join(tmp, "grid.png")
+                done = cli("sample", "--num=4", "--steps=2", f"--out={grid}")
+                self.assertEqual(done.returncode, 0, done.stderr)
+                with PILImage.open(grid) as image:  # 2 x 2, 2-pixel borders
+                    self.assertEqual(image.size, (2 * 28 + 6, 2 * 28 + 6))
+            done = cli("score", "--timesteps=1", out)
+            self.assertEqual(done.returncode, 1)
+            self.assertIn("INVALID_ARGUMENT", done.stderr)
+            self.assertIn("timesteps", done.stderr)
+
+
+class SecureServerTest(unittest.TestCase):
+    """A server with mTLS and a bearer token (tests/testdata/tls)."""
+
+    TOKEN = "s3cret-token"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        token_file = os.path.join(cls.tmp.name, "token")
+        with open(token_file, "w") as f:
+            f.write(cls.TOKEN + "\n")
+        cls.tls = {"ca": os.path.join(TLS_DIR, "ca.pem"),
+                   "cert": os.path.join(TLS_DIR, "client.pem"),
+                   "key": os.path.join(TLS_DIR, "client.key")}
+        cls.server = Server(
+            {"tls": cls.tls},
+            f"--tls_cert={os.path.join(TLS_DIR, 'server.pem')}",
+            f"--tls_key={os.path.join(TLS_DIR, 'server.key')}",
+            f"--tls_client_ca={os.path.join(TLS_DIR, 'ca.pem')}",
+            f"--auth_token_file={token_file}")
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.server.stop()
+        finally:
+            cls.tmp.cleanup()
+
+    def test_mtls_and_token(self):
+        with vdm_client.Client(self.server.target, token=self.TOKEN,
+                               tls=self.tls, timeout=60) as client:
+            self.assertEqual(client.info()["image_height"], 28)
+            self.assertEqual(len(client.sample(num_images=1, steps=2)), 1)
+
+    def test_missing_or_wrong_token_is_unauthenticated(self):
+        for token in (None, "s3cret-tokem"):
+            with self.subTest(token=token), vdm_client.Client(
+                    self.server.target, token=token, tls=self.tls,
+                    timeout=60) as client:
+                self.assertEqual(client.health(), "SERVING")  # probes stay open
+                with self.assertRaises(vdm_client.VdmError) as caught:
+                    client.info()
+                self.assertEqual(caught.exception.code,
+                                 grpc.StatusCode.UNAUTHENTICATED)
+
+    def test_tls_needs_a_client_certificate(self):
+        with vdm_client.Client(self.server.target, token=self.TOKEN,
+                               tls={"ca": self.tls["ca"]}, timeout=10) as client:
+            with self.assertRaises(vdm_client.VdmError) as caught:
+                client.info()
+        self.assertEqual(caught.exception.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_cert_without_key_is_refused_locally(self):
+        with self.assertRaisesRegex(ValueError, "cert and key"):
+            vdm_client.Client(self.server.target,
+                              tls={"ca": self.tls["ca"], "cert": self.tls["cert"]})
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", default=os.environ.get("VDM_SERVER"))
+    parser.add_argument("--client", default=os.environ.get("VDM_CLIENT"))
+    parser.add_argument("--model", default=os.environ.get("VDM_MODEL"))
+    ARGS, rest = parser.parse_known_args()
+    for name in ("server", "client", "model"):
+        path = getattr(ARGS, name)
+        if not path or not os.path.exists(path):
+            parser.error(f"--{name} (or VDM_{name.upper()}): no such file: {path}")
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+// Scoring a set of images for the anomaly tools (vdm-calibrate,
+// vdm-ood-eval) exactly as the server scores a ScoreBPD request: the
+// library's ScoreImages (LikelihoodPlan) in requests of `chunk` images with
+// seeds ChunkSeed(seed, c), "no label", independent noise, then the anomaly
+// features of model/vdm/anomaly.h. Thread-compatible.
+#ifndef VDM_TOOLS_ANOMALY_SCORING_H_
+#define VDM_TOOLS_ANOMALY_SCORING_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/vdm/denoiser.h"
+
+namespace vdm {
+
+struct ScoredImage {
+  double bpd = 0;
+  double complexity = 0;
+  std::vector<double> band;
+  std::vector<double> features;  // AnomalyFeatures(bpd, complexity, band)
+};
+
+struct SetScoring {
+  int timesteps = 16;
+  uint64_t seed = 0;
+  int64_t chunk = 64;  // images per request, as vdm-client sends them
+  std::function<void(int64_t done, int64_t total)> progress;
+};
+
+// images: uint8 [n, C, H, W].
+absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
+                                                  const at::Tensor& images,
+                                                  const SetScoring& options);
+
+}  // namespace vdm
+
+#endif  // VDM_TOOLS_ANOMALY_SCORING_H_
