@@ -162,8 +162,9 @@ absl::StatusOr<ServingStatus> VdmClient::CheckHealth(
   return response.status();
 }
 
-absl::StatusOr<SampleResult> VdmClient::Sample(
-    const SampleParams& params) const {
+namespace {
+
+vdm::v1::SampleRequest SampleRequestOf(const SampleParams& params) {
   vdm::v1::SampleRequest request;
   request.set_num_images(params.num_images);
   request.set_sampler(params.sampler);
@@ -182,16 +183,13 @@ absl::StatusOr<SampleResult> VdmClient::Sample(
   }
   if (params.strength) request.set_strength(*params.strength);
   if (!params.mask_png.empty()) request.mutable_mask()->set_data(params.mask_png);
+  return request;
+}
 
-  grpc::ClientContext context;
-  Prepare(&context);
-  const absl::Time start = absl::Now();
-  vdm::v1::SampleResponse response;
-  VDM_RETURN_IF_ERROR(
-      ToAbslStatus(stub_->Sample(&context, request, &response)));
-  SampleResult result;
-  result.wall_seconds = SecondsSince(start);
-  result.peer = context.peer();
+// Decodes a SampleResponse into `result`.
+absl::Status ReadSampleResponse(const vdm::v1::SampleResponse& response,
+                                const SampleParams& params,
+                                SampleResult* result) {
   if (response.images_size() != params.num_images) {
     return absl::InternalError(
         absl::StrFormat("Sample: asked for %d images, the server returned %d",
@@ -203,12 +201,68 @@ absl::StatusOr<SampleResult> VdmClient::Sample(
     if (!image.ok()) {
       return Annotate(image.status(), absl::StrCat("Sample: image ", i, ": "));
     }
-    result.images.push_back(*std::move(image));
+    result->images.push_back(*std::move(image));
   }
-  result.seed = response.seed();
-  result.network_evaluations = response.network_evaluations();
-  result.queue_seconds = response.queue_seconds();
-  result.compute_seconds = response.compute_seconds();
+  result->seed = response.seed();
+  result->network_evaluations = response.network_evaluations();
+  result->queue_seconds = response.queue_seconds();
+  result->compute_seconds = response.compute_seconds();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<SampleResult> VdmClient::Sample(
+    const SampleParams& params) const {
+  const vdm::v1::SampleRequest request = SampleRequestOf(params);
+  grpc::ClientContext context;
+  Prepare(&context);
+  const absl::Time start = absl::Now();
+  vdm::v1::SampleResponse response;
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(stub_->Sample(&context, request, &response)));
+  SampleResult result;
+  result.wall_seconds = SecondsSince(start);
+  result.peer = context.peer();
+  VDM_RETURN_IF_ERROR(ReadSampleResponse(response, params, &result));
+  return result;
+}
+
+absl::StatusOr<SampleResult> VdmClient::SampleStream(
+    const SampleParams& params, int preview_every,
+    const SampleStreamProgress& progress) const {
+  vdm::v1::SampleRequest request = SampleRequestOf(params);
+  request.set_preview_every(preview_every);
+  grpc::ClientContext context;
+  Prepare(&context);
+  const absl::Time start = absl::Now();
+  std::unique_ptr<grpc::ClientReader<vdm::v1::SampleStreamResponse>> reader =
+      stub_->SampleStream(&context, request);
+  vdm::v1::SampleStreamResponse message;
+  SampleResult result;
+  bool have_result = false;
+  absl::Status decoded;
+  while (reader->Read(&message)) {
+    if (message.has_result()) {
+      decoded = ReadSampleResponse(message.result(), params, &result);
+      have_result = true;
+    } else if (progress) {
+      std::vector<Image8> previews;
+      for (const vdm::v1::Image& p : message.progress().previews()) {
+        absl::StatusOr<Image8> image = ImageFromProto(p, params.format);
+        if (image.ok()) previews.push_back(*std::move(image));
+      }
+      progress(message.progress().step(), message.progress().total_steps(),
+               previews);
+    }
+  }
+  VDM_RETURN_IF_ERROR(ToAbslStatus(reader->Finish()));
+  VDM_RETURN_IF_ERROR(decoded);
+  if (!have_result) {
+    return absl::InternalError("SampleStream ended without a result");
+  }
+  result.wall_seconds = SecondsSince(start);
+  result.peer = context.peer();
   return result;
 }
 

@@ -152,6 +152,10 @@ struct ScoreResult {
   double wall_seconds = 0.0;
 };
 
+// Called after each sampling step: steps done, total steps, previews.
+using SampleStreamProgress = std::function<void(
+    int step, int total_steps, const std::vector<Image8>& previews)>;
+
 // Called after each chunk with the images scored so far and the total.
 using ScoreProgress = std::function<void(int64_t done, int64_t total)>;
 
@@ -183,6 +187,12 @@ class VdmClient {
   // Sample; checks that the right number of images came back and decodes
   // them.
   absl::StatusOr<SampleResult> Sample(const SampleParams& params) const;
+
+  // The same through SampleStream: `progress` (when set) gets every step
+  // as it completes, with x_hat previews every `preview_every` steps.
+  absl::StatusOr<SampleResult> SampleStream(
+      const SampleParams& params, int preview_every,
+      const SampleStreamProgress& progress) const;
 
   // ScoreBPD over `input` in chunks of params.chunk_size images, one RPC per
   // chunk, in order; stops at the first failed chunk (its error names the

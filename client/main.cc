@@ -1,7 +1,10 @@
 // vdm-client: a command-line client for vdm-serve (sample, score, info,
 // health). Exit status: 0 success, 1 failure (RPC or file error, or a server
 // that is not SERVING), 2 bad usage.
+#include <unistd.h>
+
 #include <cstdint>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -64,6 +67,10 @@ ABSL_FLAG(double, strength, 0.5,
           "the image is taken before sampling back (small keeps it).");
 ABSL_FLAG(std::string, mask, "",
           "inpaint: gray PNG of the image's size, white = known pixels.");
+ABSL_FLAG(std::string, preview_dir, "",
+          "sample/edit/inpaint: write the x_hat previews streamed while "
+          "sampling as DIR/step_SSSS_NNN.png (every --preview_every steps).");
+ABSL_FLAG(int, preview_every, 10, "sample: steps between previews.");
 ABSL_FLAG(std::string, out, "samples.png", "sample: PNG grid of all images.");
 ABSL_FLAG(std::string, out_dir, "",
           "sample: also write each image as DIR/sample_NNN.png.");
@@ -178,6 +185,59 @@ absl::StatusOr<vdm::client::SampleResult> SampleRepeatedly(
   return *std::move(last);
 }
 
+// One request through SampleStream, showing progress on stderr: a bar
+// redrawn in place on a terminal, a line every 10% otherwise; previews go to
+// --preview_dir.
+absl::StatusOr<vdm::client::SampleResult> SampleWithProgress(
+    const VdmClient& client, const vdm::client::SampleParams& params,
+    const std::string& out, const std::string& out_dir) {
+  const bool tty = isatty(STDERR_FILENO) != 0;
+  const std::string preview_dir = absl::GetFlag(FLAGS_preview_dir);
+  const int every = preview_dir.empty() ? 0 : absl::GetFlag(FLAGS_preview_every);
+  if (!preview_dir.empty()) {
+    std::error_code ignored;
+    std::filesystem::create_directories(preview_dir, ignored);
+  }
+  const absl::Time start = absl::Now();
+  int last_decile = -1;
+  absl::Status preview_error;
+  auto progress = [&](int step, int total,
+                      const std::vector<vdm::Image8>& previews) {
+    const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
+    const double rate = elapsed > 0 ? step / elapsed : 0;
+    const double eta = rate > 0 ? (total - step) / rate : 0;
+    if (tty) {
+      const int width = 30, filled = total > 0 ? width * step / total : 0;
+      std::cerr << absl::StrFormat(
+          "\rsample: [%s%s] %d/%d steps, %.1f steps/s, ETA %.0f s ",
+          std::string(filled, '#'), std::string(width - filled, '.'), step,
+          total, rate, eta);
+      if (step == total) std::cerr << "\n";
+    } else if (total > 0 && 10 * step / total > last_decile) {
+      last_decile = 10 * step / total;
+      std::cerr << absl::StrFormat(
+          "sample: %d/%d steps, %.1f steps/s, ETA %.0f s\n", step, total, rate,
+          eta);
+    }
+    for (size_t i = 0; i < previews.size() && preview_error.ok(); ++i) {
+      absl::StatusOr<std::string> png = vdm::EncodePng(previews[i]);
+      preview_error = png.ok() ? vdm::WriteFileAtomic(
+                                     absl::StrFormat("%s/step_%04d_%03d.png",
+                                                     preview_dir, step, i),
+                                     *png)
+                               : png.status();
+    }
+  };
+  absl::StatusOr<vdm::client::SampleResult> result =
+      client.SampleStream(params, every, progress);
+  if (!result.ok()) return result;
+  if (!preview_error.ok()) return preview_error;
+  const absl::Status written =
+      vdm::client::WriteSampleFiles(*result, out, out_dir);
+  if (!written.ok()) return written;
+  return result;
+}
+
 // sample, edit (image-to-image) and inpaint share everything but the edit.
 int RunSample(const VdmClient& client, const std::string& command) {
   absl::StatusOr<vdm::v1::Sampler> sampler =
@@ -220,7 +280,7 @@ int RunSample(const VdmClient& client, const std::string& command) {
   const int repeat = absl::GetFlag(FLAGS_repeat);
   if (repeat < 1) return Usage("--repeat must be at least 1");
   absl::StatusOr<vdm::client::SampleResult> result =
-      repeat == 1 ? vdm::client::SampleToFiles(client, params, out, out_dir)
+      repeat == 1 ? SampleWithProgress(client, params, out, out_dir)
                   : SampleRepeatedly(client, params, repeat, out, out_dir);
   if (!result.ok()) return Fail(result.status());
   std::cout << vdm::client::FormatSampleSummary(*result);

@@ -131,6 +131,7 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
                                        ? DecodePngAs(image.data(), *expect)
                                        : DecodePng(image.data());
   if (!decoded.ok()) {
+    if (expect != nullptr) return decoded.status();  // says what it found
     return absl::InvalidArgumentError(
         absl::StrCat("not a valid PNG: ", decoded.status().message()));
   }

@@ -32,7 +32,10 @@ class SampleStreamReactor
       if (!ImageToProto(image, format, progress->add_previews()).ok()) break;
     }
     absl::MutexLock lock(&mu_);
-    if (!pending_.empty() && pending_.back().has_progress() &&
+    // Never the front while it is being written: gRPC reads it until
+    // OnWriteDone, and overwriting it lost the message that replaced it.
+    const bool back_in_flight = writing_ && pending_.size() == 1;
+    if (!pending_.empty() && !back_in_flight && pending_.back().has_progress() &&
         pending_.back().progress().previews_size() == 0) {
       pending_.back() = std::move(message);  // coalesce plain progress
     } else {

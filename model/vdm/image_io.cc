@@ -14,6 +14,7 @@
 #include <memory>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/vdm/status_macros.h"
@@ -412,12 +413,19 @@ absl::StatusOr<Image8> DecodePngAs(const std::string& png,
   }
   if (png.size() < 8 ||
       png_sig_cmp(reinterpret_cast<png_const_bytep>(png.data()), 0, 8) != 0) {
-    return absl::InvalidArgumentError("data is not a PNG file (bad signature)");
+    return absl::InvalidArgumentError(
+        "not a valid PNG: data is not a PNG file (bad signature)");
   }
   Image8 image;
   PngErrorBuffer error;
   if (!DecodePngRaw(png, shape.channels, &shape, &image, &error)) {
-    return absl::InvalidArgumentError(error.message);
+    // The header checks say what they found; libpng's own errors mean the
+    // file is broken.
+    const absl::string_view message(error.message);
+    if (absl::StartsWith(message, "image is") || absl::StartsWith(message, "PNG ")) {
+      return absl::InvalidArgumentError(message);
+    }
+    return absl::InvalidArgumentError(absl::StrCat("not a valid PNG: ", message));
   }
   return image;
 }

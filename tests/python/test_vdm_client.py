@@ -67,24 +67,26 @@ class Server:
              *flags],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        with vdm_client.Client(self.target, timeout=5,
-                               **(client_args or {})) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"vdm-server exited with {self.process.returncode}:\n"
-                        f"{self.output()}")
-                try:
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"vdm-server exited with {self.process.returncode}:\n"
+                    f"{self.output()}")
+            # A fresh channel each time: a channel whose first connection
+            # failed waits out gRPC's reconnect backoff (1 s, 1.6 s, ...).
+            try:
+                with vdm_client.Client(self.target, timeout=5,
+                                       **(client_args or {})) as client:
                     if client.health(timeout=2) == "SERVING":
                         return
-                except vdm_client.VdmError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.process.kill()
-                    self.process.wait()
-                    raise RuntimeError("vdm-server not SERVING within 60 s:\n"
-                                       f"{self.output()}")
-                time.sleep(0.1)  # waiting for the process to start (bounded)
+            except vdm_client.VdmError:
+                pass
+            if time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait()
+                raise RuntimeError("vdm-server not SERVING within 60 s:\n"
+                                   f"{self.output()}")
+            time.sleep(0.1)  # waiting for the process to start (bounded)
 
     def output(self) -> str:
         self.log.flush()

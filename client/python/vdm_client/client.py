@@ -118,6 +118,10 @@ class Progress:
     total_steps: int
     previews: List[np.ndarray] = dataclasses.field(default_factory=list)
 
+    def __repr__(self) -> str:
+        return (f"Progress(step={self.step}, total_steps={self.total_steps}, "
+                f"previews={len(self.previews)})")
+
 
 class SampleResult(list):
     """The images of a Sample call, a list of numpy uint8 arrays (H x W, or
