@@ -100,6 +100,8 @@ class CompletionQueue {
   std::thread thread_;
 };
 
+constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
+
 // Rows evaluated by all workers, with a condition to wait on.
 struct EvaluationCounter {
   absl::Mutex mu;
@@ -287,13 +289,18 @@ bool Worker::Sweep() {
   for (size_t i = live_.size(); i-- > 0;) {
     const RequestControl& c = live_[i].task->control();
     // The deadline first: gRPC also marks a call whose deadline passed as
-    // cancelled, and the caller saw DEADLINE_EXCEEDED.
-    if (now >= c.deadline) {
+    // cancelled, and the caller saw DEADLINE_EXCEEDED. gRPC's timer and our
+    // clock may disagree by a little, so a cancellation within
+    // kDeadlineSlack of the deadline counts as the deadline.
+    const bool cancelled = c.is_cancelled && c.is_cancelled();
+    if (now >= c.deadline ||
+        (cancelled && c.deadline != absl::InfiniteFuture() &&
+         now >= c.deadline - kDeadlineSlack)) {
       if (metrics_) metrics_->AddCancelled("deadline");
       Retire(i, absl::DeadlineExceededError(
                     "deadline expired before the request finished"));
       removed = true;
-    } else if (c.is_cancelled && c.is_cancelled()) {
+    } else if (cancelled) {
       if (metrics_) metrics_->AddCancelled("cancelled");
       Retire(i, absl::CancelledError("request cancelled by the client"));
       removed = true;
