@@ -15,7 +15,9 @@ namespace {
 // Writes the stream's messages one at a time, in order. Progress messages
 // that pile up behind a slow reader are coalesced (only the newest waiting
 // one is kept); the result is always written. Thread-safe: the engine's
-// worker pushes, gRPC calls OnWriteDone/OnDone.
+// completion thread pushes, gRPC calls OnWriteDone/OnDone. Finish is called
+// after the mutex is released and is the last use of `this`: gRPC may run
+// OnDone (which deletes the reactor) on another thread at once.
 class SampleStreamReactor
     : public grpc::ServerWriteReactor<v1::SampleStreamResponse> {
  public:
@@ -31,7 +33,7 @@ class SampleStreamReactor
     for (const Image8& image : p.previews) {
       if (!ImageToProto(image, format, progress->add_previews()).ok()) break;
     }
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     // Never the front while it is being written: gRPC reads it until
     // OnWriteDone, and overwriting it lost the message that replaced it.
     const bool back_in_flight = writing_ && pending_.size() == 1;
@@ -41,51 +43,54 @@ class SampleStreamReactor
     } else {
       pending_.push_back(std::move(message));
     }
-    MaybeWriteLocked();
+    Next(lock);
   }
 
   void PushResult(v1::SampleResponse result) {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     v1::SampleStreamResponse message;
     *message.mutable_result() = std::move(result);
     pending_.push_back(std::move(message));
-    MaybeWriteLocked();
+    Next(lock);
   }
 
   // Finishes after the pending messages are written.
   void FinishWith(const absl::Status& status) {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     final_status_ = status;
     finishing_ = true;
-    MaybeWriteLocked();
+    Next(lock);
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     writing_ = false;
     pending_.pop_front();
     if (!ok) {  // the client is gone: drop the rest, the engine sees the cancel
       pending_.clear();
       broken_ = true;
     }
-    MaybeWriteLocked();
+    Next(lock);
   }
 
   void OnDone() override { delete this; }
 
  private:
-  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_) return;
+  // Starts the next write, or finishes when everything is written; releases
+  // `lock` in every case. After Finish nothing touches `this`.
+  void Next(absl::ReleasableMutexLock& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return lock.Release();
     if (!pending_.empty() && !broken_) {
       writing_ = true;
       StartWrite(&pending_.front());
-      return;
+      return lock.Release();
     }
-    if (finishing_) {
-      finished_ = true;
-      log_.Done(final_status_);
-      Finish(ToGrpcStatus(final_status_));
-    }
+    if (!finishing_) return lock.Release();
+    finished_ = true;
+    log_.Done(final_status_);
+    const grpc::Status status = ToGrpcStatus(final_status_);
+    lock.Release();
+    Finish(status);
   }
 
   RequestLog log_;  // written under mu_ or before the engine runs the job

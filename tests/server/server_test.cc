@@ -207,6 +207,32 @@ TEST(ServerTest, MismatchedOrBrokenTlsFilesAreNamed) {
   EXPECT_THAT(std::string(server.status().message()), HasSubstr("--tls_key"));
 }
 
+TEST(ServerTest, StreamsCancelledMidwayLeaveTheServerServing) {
+  // A reader that goes away after its first message, many times: the
+  // reactor finishes from whichever thread sees the end last (this once
+  // aborted the server: Finish ran under the reactor's mutex and OnDone
+  // deleted it at once).
+  auto server = StartServer(TinyOptions());
+  ASSERT_NE(server, nullptr);
+  auto channel = grpc::CreateChannel(Target(*server),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::VdmService::NewStub(channel);
+  for (int i = 0; i < 30; ++i) {
+    v1::SampleRequest request = Request(2, 200);
+    request.set_preview_every(1);
+    grpc::ClientContext context;
+    auto reader = stub->SampleStream(&context, request);
+    v1::SampleStreamResponse message;
+    EXPECT_TRUE(reader->Read(&message));
+    context.TryCancel();
+    while (reader->Read(&message)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  EXPECT_EQ(Health(channel), HealthResponse::SERVING);
+  EXPECT_TRUE(Sample(*stub, Request(1, 2)).ok());
+}
+
 TEST(ServerTest, SampleStreamSendsProgressPreviewsAndTheResult) {
   auto server = StartServer(TinyOptions());
   ASSERT_NE(server, nullptr);
