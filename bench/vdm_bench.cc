@@ -22,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "grpcpp/grpcpp.h"
 #include "model/vdm/torchscript_model.h"
+#include "bench/load_util.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "server address");
@@ -98,13 +99,6 @@ Outcome CallOnce(vdm::v1::VdmService::Stub& stub, int index, bool score,
   return out;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * v.size()));
-  return v[i];
-}
-
 // Rows per second of plain forwards at the engine's batch size.
 double RawForwardRowsPerSecond(const std::string& path) {
   vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
@@ -146,15 +140,8 @@ int main(int argc, char** argv) {
     std::printf("raw forward rows/s (batch %d): %.1f\n",
                 absl::GetFlag(FLAGS_batch), raw);
   }
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_target),
-                                     grpc::InsecureChannelCredentials());
-  if (!channel->WaitForConnected(std::chrono::system_clock::now() +
-                                 std::chrono::seconds(30))) {
-    std::fprintf(stderr, "vdm-bench: cannot connect to %s\n",
-                 absl::GetFlag(FLAGS_target).c_str());
-    return 1;
-  }
-  auto stub = vdm::v1::VdmService::NewStub(channel);
+  auto stub = vdm::bench::Connect(absl::GetFlag(FLAGS_target), "vdm-bench");
+  if (stub == nullptr) return 1;
   std::string pixels(28 * 28, '\0');
   for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<char>(i * 7);
 
@@ -203,8 +190,8 @@ int main(int argc, char** argv) {
               "p99 s", "max s");
   for (const auto& [kind, v] : latency) {
     std::printf("%-16s %6zu %9.3f %9.3f %9.3f %9.3f\n", kind.c_str(), v.size(),
-                Percentile(v, 0.5), Percentile(v, 0.9), Percentile(v, 0.99),
-                Percentile(v, 1.0));
+                vdm::bench::Percentile(v, 0.5), vdm::bench::Percentile(v, 0.9), vdm::bench::Percentile(v, 0.99),
+                vdm::bench::Percentile(v, 1.0));
   }
   if (raw > 0) std::printf("served/raw: %.3f\n", evaluations / wall / raw);
   return errors == 0 ? 0 : 1;

@@ -30,6 +30,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpcpp/grpcpp.h"
+#include "bench/load_util.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "server address");
@@ -213,12 +214,6 @@ Outcome Call(vdm::v1::VdmService::Stub& stub, int i) {
   return out;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
-
 const char* CodeName(StatusCode c) {
   switch (c) {
     case StatusCode::OK: return "OK";
@@ -240,15 +235,8 @@ int main(int argc, char** argv) {
       "Soak test of a running vdm-server: a bounded mixed load, errors by "
       "code, latency, and the server's RSS over time.");
   absl::ParseCommandLine(argc, argv);
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_target),
-                                     grpc::InsecureChannelCredentials());
-  if (!channel->WaitForConnected(std::chrono::system_clock::now() +
-                                 std::chrono::seconds(30))) {
-    std::fprintf(stderr, "vdm-soak: cannot connect to %s\n",
-                 absl::GetFlag(FLAGS_target).c_str());
-    return 1;
-  }
-  auto stub = vdm::v1::VdmService::NewStub(channel);
+  auto stub = vdm::bench::Connect(absl::GetFlag(FLAGS_target), "vdm-soak");
+  if (stub == nullptr) return 1;
   const int pid = absl::GetFlag(FLAGS_server_pid);
   const int total = absl::GetFlag(FLAGS_requests);
   const absl::Time stop_at =
@@ -294,7 +282,7 @@ int main(int argc, char** argv) {
   std::printf("%-14s %7s %9s %9s\n", "kind (OK)", "calls", "p50 s", "p99 s");
   for (const auto& [kind, v] : latency) {
     std::printf("%-14s %7zu %9.3f %9.3f\n", kind.c_str(), v.size(),
-                Percentile(v, 0.5), Percentile(v, 0.99));
+                vdm::bench::Percentile(v, 0.5), vdm::bench::Percentile(v, 0.99));
   }
   bool rss_ok = true;
   if (pid > 0) {

@@ -119,6 +119,7 @@ class Worker {
          CompletionQueue* completions, EvaluationCounter* counter)
       : index_(index), model_(std::move(model)), options_(options),
         metrics_(metrics), completions_(completions), counter_(counter) {
+    if (metrics_) seconds_ = metrics_->WorkerSecondsOf(index_);
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
@@ -204,6 +205,7 @@ class Worker {
   Metrics* const metrics_;
   CompletionQueue* const completions_;
   EvaluationCounter* const counter_;
+  Metrics::WorkerSeconds seconds_{};  // when metrics_
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
@@ -235,7 +237,10 @@ bool Worker::Iterate(absl::Time start, bool took) {
   // Host time: the whole iteration (from after the wait for work) but the
   // forward pass.
   const double host = absl::ToDoubleSeconds(Now() - start) - forward;
-  if (metrics_) metrics_->AddWorkerSeconds(index_, forward, host);
+  if (metrics_) {
+    seconds_.forward->Increment(forward);
+    seconds_.host->Increment(host);
+  }
   absl::MutexLock lock(&mu_);
   stats_.host_seconds += host;
   return took || worked;

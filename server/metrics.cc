@@ -180,10 +180,10 @@ void Metrics::RecordBatch(int rows, int max_batch, double forward_seconds) {
   evaluations_->Increment(rows);
 }
 
-void Metrics::AddWorkerSeconds(int worker, double forward, double host) {
+Metrics::WorkerSeconds Metrics::WorkerSecondsOf(int worker) {
   const std::string w = std::to_string(worker);
-  worker_seconds_->Add({{"worker", w}, {"phase", "forward"}}).Increment(forward);
-  worker_seconds_->Add({{"worker", w}, {"phase", "host"}}).Increment(host);
+  return {&worker_seconds_->Add({{"worker", w}, {"phase", "forward"}}),
+          &worker_seconds_->Add({{"worker", w}, {"phase", "host"}})};
 }
 
 void Metrics::SetWorkerLoad(int worker, double queued_requests,

@@ -55,8 +55,14 @@ class Metrics {
   // --max_queued_rows for saturation).
   void SetWorkerLoad(int worker, double queued_requests, double live_requests,
                      double queued_rows);
-  // Seconds a worker spent in the forward pass and around it.
-  void AddWorkerSeconds(int worker, double forward, double host);
+  // The counters of a worker's seconds in the forward pass and around it
+  // (vdm_worker_seconds_total{phase=forward|host}); the worker looks them
+  // up once and increments them every iteration.
+  struct WorkerSeconds {
+    prometheus::Counter* forward;
+    prometheus::Counter* host;
+  };
+  WorkerSeconds WorkerSecondsOf(int worker);
   void AddCompletionSeconds(double s) { completion_seconds_->Increment(s); }
   void AddImagesGenerated(double n) { images_generated_->Increment(n); }
   void AddImagesScored(double n) { images_scored_->Increment(n); }

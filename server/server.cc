@@ -21,7 +21,6 @@
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
-#include "nlohmann/json.hpp"
 
 namespace vdm {
 namespace {
