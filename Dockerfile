@@ -9,9 +9,9 @@
 #
 # Any vdm-server flag can follow the image name, e.g. --threads=4, or
 # --model=/models/my.pt with -v "$PWD/models:/models:ro".
-# The CUDA variant is Dockerfile.cuda. Neither image is built or run in this
-# repository's CI: its machines have no container engine (and no GPU).
-# tests/deploy/check_dockerfile.sh checks what can be checked without one.
+# The CUDA variant is Dockerfile.cuda (not built here: no GPU). This image is
+# built and run for real by scripts/container-check.sh (podman; not in CI);
+# tests/deploy/check_dockerfile.sh checks it statically in every test run.
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 
