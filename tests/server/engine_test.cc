@@ -203,8 +203,7 @@ TEST_F(EngineTest, EncodeRowsShareBatchesWithSamplingAndClimbInGamma) {
   ASSERT_TRUE(a.result.ok());
   // The encode's gammas climb step by step to the last step's gamma.
   std::vector<float> encode_gammas;
-  for (size_t i = 0; i < Batches(); ++i) {
-    const Batch& b = model_->batches()[i];
+  for (const Batch& b : model_->batches()) {
     for (size_t r = 0; r < b.labels.size(); ++r) {
       if (b.labels[r] == 5) encode_gammas.push_back(b.gammas[r]);
     }
