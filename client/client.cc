@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
 #include <utility>
@@ -10,6 +11,9 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/text_format.h"
 #include "model/vdm/status_macros.h"
@@ -183,6 +187,10 @@ vdm::v1::SampleRequest SampleRequestOf(const SampleParams& params) {
   }
   if (params.strength) request.set_strength(*params.strength);
   if (!params.mask_png.empty()) request.mutable_mask()->set_data(params.mask_png);
+  request.set_resample_rounds(params.resample_rounds);
+  for (const Latent& z : params.latents) {
+    LatentToProto(z.values, z.shape, request.add_latents());
+  }
   return request;
 }
 
@@ -211,6 +219,45 @@ absl::Status ReadSampleResponse(const vdm::v1::SampleResponse& response,
 }
 
 }  // namespace
+
+absl::StatusOr<EncodeResult> VdmClient::Encode(
+    const std::vector<Image8>& images, const EncodeParams& params) const {
+  vdm::v1::EncodeRequest request;
+  request.set_format(vdm::v1::IMAGE_FORMAT_RAW);
+  for (const Image8& image : images) {
+    VDM_RETURN_IF_ERROR(
+        ImageToProto(image, vdm::v1::IMAGE_FORMAT_RAW, request.add_images()));
+  }
+  request.set_steps(params.steps);
+  request.set_time_grid(params.time_grid);
+  if (params.label) request.set_label(*params.label);
+  grpc::ClientContext context;
+  Prepare(&context);
+  const absl::Time start = absl::Now();
+  vdm::v1::EncodeResponse response;
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(stub_->Encode(&context, request, &response)));
+  if (response.latents_size() != static_cast<int>(images.size())) {
+    return absl::InternalError(absl::StrFormat(
+        "Encode: sent %d images, the server returned %d latents",
+        images.size(), response.latents_size()));
+  }
+  EncodeResult result;
+  result.wall_seconds = SecondsSince(start);
+  for (const vdm::v1::Latent& z : response.latents()) {
+    Latent latent;
+    latent.shape = {z.channels(), z.height(), z.width()};
+    latent.values.assign(z.values().begin(), z.values().end());
+    if (static_cast<int64_t>(latent.values.size()) != latent.shape.dims()) {
+      return absl::InternalError("Encode: a latent does not match its shape");
+    }
+    result.latents.push_back(std::move(latent));
+  }
+  result.network_evaluations = response.network_evaluations();
+  result.queue_seconds = response.queue_seconds();
+  result.compute_seconds = response.compute_seconds();
+  return result;
+}
 
 absl::StatusOr<SampleResult> VdmClient::Sample(
     const SampleParams& params) const {
@@ -395,6 +442,111 @@ absl::StatusOr<ScoreInput> LoadIdxImages(const std::string& path,
   return RawInput(images);
 }
 
+absl::Status WriteLatentsNpy(const std::vector<Latent>& latents,
+                             const std::string& path) {
+  if (latents.empty()) return absl::InvalidArgumentError("no latents to write");
+  const ImageShape shape = latents[0].shape;
+  std::string header = absl::StrFormat(
+      "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }",
+      latents.size(), shape.channels, shape.height, shape.width);
+  // Magic (6) + version (2) + length (2) + header + '\n', padded to 64.
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header.push_back('\n');
+  std::string out("\x93NUMPY\x01\x00", 8);
+  out.push_back(static_cast<char>(header.size() & 0xff));
+  out.push_back(static_cast<char>(header.size() >> 8));
+  out += header;
+  for (const Latent& z : latents) {
+    if (!(z.shape == shape) ||
+        static_cast<int64_t>(z.values.size()) != shape.dims()) {
+      return absl::InvalidArgumentError("latents of different shapes");
+    }
+    out.append(reinterpret_cast<const char*>(z.values.data()),
+               z.values.size() * sizeof(float));  // little-endian hosts
+  }
+  return WriteFileAtomic(path, out);
+}
+
+absl::StatusOr<std::vector<Latent>> ReadLatentsNpy(const std::string& path) {
+  VDM_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a float32 (n, C, H, W) .npy file: ", why));
+  };
+  if (data.size() < 10 || data.compare(0, 6, "\x93NUMPY", 6) != 0) {
+    return bad("no .npy magic");
+  }
+  if (data[6] != 1) return bad("only format version 1.0 is read");
+  const size_t length = static_cast<uint8_t>(data[8]) |
+                        (static_cast<size_t>(static_cast<uint8_t>(data[9])) << 8);
+  if (data.size() < 10 + length) return bad("truncated header");
+  const std::string header = data.substr(10, length);
+  if (header.find("'descr': '<f4'") == std::string::npos ||
+      header.find("'fortran_order': False") == std::string::npos) {
+    return bad("dtype must be '<f4' in C order");
+  }
+  const size_t open = header.find("'shape': (");
+  const size_t close = header.find(')', open);
+  if (open == std::string::npos || close == std::string::npos) {
+    return bad("no shape");
+  }
+  std::vector<int64_t> dims;
+  for (absl::string_view part : absl::StrSplit(
+           header.substr(open + 10, close - open - 10), ',', absl::SkipWhitespace())) {
+    int64_t d = 0;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &d) || d < 1 ||
+        d > (1 << 20)) {
+      return bad("bad shape");
+    }
+    dims.push_back(d);
+  }
+  if (dims.size() != 4) return bad("the shape must have 4 dimensions");
+  const ImageShape shape{static_cast<int>(dims[1]), static_cast<int>(dims[2]),
+                         static_cast<int>(dims[3])};
+  const size_t bytes = static_cast<size_t>(dims[0] * shape.dims()) * sizeof(float);
+  if (data.size() != 10 + length + bytes) return bad("wrong data size");
+  std::vector<Latent> latents(dims[0]);
+  const char* p = data.data() + 10 + length;
+  for (Latent& z : latents) {
+    z.shape = shape;
+    z.values.resize(shape.dims());
+    std::memcpy(z.values.data(), p, z.values.size() * sizeof(float));
+    p += z.values.size() * sizeof(float);
+  }
+  return latents;
+}
+
+absl::StatusOr<std::vector<Latent>> SlerpPath(const Latent& a, const Latent& b,
+                                              int num) {
+  if (!(a.shape == b.shape) || a.values.size() != b.values.size()) {
+    return absl::InvalidArgumentError("slerp: the latents differ in shape");
+  }
+  if (num < 2) return absl::InvalidArgumentError("slerp: num must be >= 2");
+  double dot = 0, na = 0, nb = 0;
+  for (size_t i = 0; i < a.values.size(); ++i) {
+    dot += double{a.values[i]} * b.values[i];
+    na += double{a.values[i]} * a.values[i];
+    nb += double{b.values[i]} * b.values[i];
+  }
+  const double cosine =
+      na > 0 && nb > 0 ? std::clamp(dot / std::sqrt(na * nb), -1.0, 1.0) : 1.0;
+  const double theta = std::acos(cosine);
+  std::vector<Latent> path;
+  for (int k = 0; k < num; ++k) {
+    const double t = static_cast<double>(k) / (num - 1);
+    // Nearly parallel: linear interpolation is the limit.
+    const double wa = theta < 1e-6 ? 1 - t : std::sin((1 - t) * theta) / std::sin(theta);
+    const double wb = theta < 1e-6 ? t : std::sin(t * theta) / std::sin(theta);
+    Latent z{a.shape, std::vector<float>(a.values.size())};
+    for (size_t i = 0; i < z.values.size(); ++i) {
+      z.values[i] = static_cast<float>(wa * a.values[i] + wb * b.values[i]);
+    }
+    path.push_back(std::move(z));
+  }
+  return path;
+}
+
 int GridColumns(int n) {
   int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(n))));
   while (columns * columns < n) ++columns;  // guard against rounding
@@ -403,10 +555,10 @@ int GridColumns(int n) {
 
 absl::Status WriteSampleFiles(const SampleResult& result,
                               const std::string& grid_path,
-                              const std::string& out_dir) {
+                              const std::string& out_dir, int columns) {
   if (result.images.empty()) return absl::InvalidArgumentError("no images");
   if (!grid_path.empty()) {
-    const int columns = GridColumns(static_cast<int>(result.images.size()));
+    if (columns <= 0) columns = GridColumns(static_cast<int>(result.images.size()));
     VDM_ASSIGN_OR_RETURN(Image8 grid, MakeGrid(result.images, columns));
     VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(grid));
     VDM_RETURN_IF_ERROR(WriteFileAtomic(grid_path, png));

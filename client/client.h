@@ -72,6 +72,12 @@ struct ClientOptions {
 // outside 1..5.
 absl::StatusOr<std::string> ServiceConfigJson(const ClientOptions& options);
 
+// A latent z_1 of one image (Encode's output; Sample decodes it).
+struct Latent {
+  ImageShape shape;
+  std::vector<float> values;  // C x H x W, row-major
+};
+
 // What to sample; mirrors vdm.v1.SampleRequest.
 struct SampleParams {
   int num_images = 1;
@@ -92,6 +98,24 @@ struct SampleParams {
   std::string init_image_png;
   std::optional<float> strength;
   std::string mask_png;
+  int resample_rounds = 0;  // RePaint resampling (inpainting), 0..10
+  // Decoding: one image per latent (set num_images to latents.size(); the
+  // sampler must be DDIM with eta 0).
+  std::vector<Latent> latents;
+};
+
+// How to encode; mirrors vdm.v1.EncodeRequest. Decode with the same steps,
+// time grid and label.
+struct EncodeParams {
+  int steps = 0;  // 0 = the server's default (50)
+  vdm::v1::TimeGrid time_grid = vdm::v1::TIME_GRID_UNIFORM_T;
+  std::optional<int> label;
+};
+
+struct EncodeResult {
+  std::vector<Latent> latents;  // one per image, in order
+  int64_t network_evaluations = 0;
+  double queue_seconds = 0.0, compute_seconds = 0.0, wall_seconds = 0.0;
 };
 
 // What came back from Sample.
@@ -194,6 +218,10 @@ class VdmClient {
       const SampleParams& params, int preview_every,
       const SampleStreamProgress& progress) const;
 
+  // Encode: the latents of `images` (sent raw), checked to be one per image.
+  absl::StatusOr<EncodeResult> Encode(const std::vector<Image8>& images,
+                                      const EncodeParams& params) const;
+
   // ScoreBPD over `input` in chunks of params.chunk_size images, one RPC per
   // chunk, in order; stops at the first failed chunk (its error names the
   // images). Seeds: chunk 0 uses params.seed (or the server's choice); chunk
@@ -238,15 +266,28 @@ absl::StatusOr<ScoreInput> LoadPngFiles(const std::vector<std::string>& paths);
 absl::StatusOr<ScoreInput> LoadIdxImages(const std::string& path,
                                          int64_t limit = 0);
 
+// Latents as a NumPy .npy file: float32, shape (n, C, H, W), little-endian
+// (np.load reads it). Reading accepts exactly that layout.
+absl::Status WriteLatentsNpy(const std::vector<Latent>& latents,
+                             const std::string& path);
+absl::StatusOr<std::vector<Latent>> ReadLatentsNpy(const std::string& path);
+
+// Spherical interpolation between two latents (the norm of a Gaussian latent
+// concentrates, so straight lines would leave the shell): `num` >= 2 points
+// from a (t = 0) to b (t = 1) evenly in t. Fails on different shapes.
+absl::StatusOr<std::vector<Latent>> SlerpPath(const Latent& a, const Latent& b,
+                                              int num);
+
 // Columns of the sample grid: ceil(sqrt(n)).
 int GridColumns(int n);
 
 // Writes one PNG grid of all images to `grid_path` (unless empty) and, when
 // `out_dir` is non-empty, one PNG per image: out_dir/sample_000.png, ...
 // (creating out_dir if needed).
+// `columns` 0 = GridColumns.
 absl::Status WriteSampleFiles(const SampleResult& result,
                               const std::string& grid_path,
-                              const std::string& out_dir);
+                              const std::string& out_dir, int columns = 0);
 
 // Sample, then WriteSampleFiles.
 absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,

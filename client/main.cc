@@ -67,6 +67,13 @@ ABSL_FLAG(double, strength, 0.5,
           "the image is taken before sampling back (small keeps it).");
 ABSL_FLAG(std::string, mask, "",
           "inpaint: gray PNG of the image's size, white = known pixels.");
+ABSL_FLAG(int, resample_rounds, 0,
+          "inpaint: RePaint resampling rounds per step (0..10; each costs the "
+          "step's evaluations again; not with dpm_solver_2m).");
+ABSL_FLAG(std::string, image2, "",
+          "interpolate: the second PNG image (--image is the first).");
+ABSL_FLAG(std::string, latent, "",
+          "decode: the .npy latents to decode (from encode).");
 ABSL_FLAG(std::string, preview_dir, "",
           "sample/edit/inpaint: write the x_hat previews streamed while "
           "sampling as DIR/step_SSSS_NNN.png (every --preview_every steps).");
@@ -114,6 +121,15 @@ Usage:
       [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
   vdm-client [--target=HOST:PORT] inpaint --image=X.png --mask=M.png (white = known)
       [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
+  vdm-client [--target=HOST:PORT] inpaint ... --resample_rounds=R (RePaint)
+  vdm-client [--target=HOST:PORT] encode --image=X.png [--steps=S]
+      [--time_grid=GRIDS] [--label=L] [--out=latent.npy]   (S evaluations)
+  vdm-client [--target=HOST:PORT] decode --latent=latent.npy [--steps=S]
+      [--time_grid=GRIDS] [--label=L] [--out=x.png]   (S per latent)
+  vdm-client [--target=HOST:PORT] interpolate --image=A.png --image2=B.png
+      [--num=8] [--steps=S] [--out=grid.png]   (2 S + num S evaluations)
+      (encode/decode/interpolate: DDIM with eta 0; decode with the steps,
+      grid and label the latents were encoded with)
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] [--false_positive_rate=F]
       [--map_dir=DIR] (--idx=FILE [--limit=N] | FILE.png ...)
@@ -273,6 +289,7 @@ int RunSample(const VdmClient& client, const std::string& command) {
       absl::StatusOr<std::string> mask = vdm::ReadFile(absl::GetFlag(FLAGS_mask));
       if (!mask.ok()) return Fail(mask.status());
       params.mask_png = *std::move(mask);
+      params.resample_rounds = absl::GetFlag(FLAGS_resample_rounds);
     }
   }
   const std::string out = absl::GetFlag(FLAGS_out);
@@ -293,6 +310,107 @@ int RunSample(const VdmClient& client, const std::string& command) {
     std::cout << absl::StrFormat("wrote %d images to %s/sample_NNN.png\n",
                                  result->images.size(), out_dir);
   }
+  return kOk;
+}
+
+// A PNG file as an image.
+absl::StatusOr<vdm::Image8> ReadPng(const std::string& path) {
+  absl::StatusOr<std::string> png = vdm::ReadFile(path);
+  if (!png.ok()) return png.status();
+  absl::StatusOr<vdm::Image8> image = vdm::DecodePng(*png);
+  if (!image.ok()) {
+    return absl::Status(image.status().code(),
+                        absl::StrCat(path, ": ", image.status().message()));
+  }
+  return image;
+}
+
+vdm::client::EncodeParams EncodeParamsFromFlags(vdm::v1::TimeGrid grid) {
+  vdm::client::EncodeParams params;
+  params.steps = absl::GetFlag(FLAGS_steps);
+  params.time_grid = grid;
+  params.label = LabelFlag();
+  return params;
+}
+
+// Decoding: DDIM, eta 0, the flags' steps, grid and label.
+vdm::client::SampleParams DecodeParamsFromFlags(
+    vdm::v1::TimeGrid grid, std::vector<vdm::client::Latent> latents) {
+  vdm::client::SampleParams params;
+  params.sampler = vdm::v1::SAMPLER_DDIM;
+  params.time_grid = grid;
+  params.steps = absl::GetFlag(FLAGS_steps);
+  params.label = LabelFlag();
+  params.num_images = static_cast<int>(latents.size());
+  params.latents = std::move(latents);
+  return params;
+}
+
+// encode, decode and interpolate.
+int RunLatent(const VdmClient& client, const std::string& command) {
+  absl::StatusOr<vdm::v1::TimeGrid> grid =
+      vdm::client::ParseTimeGrid(absl::GetFlag(FLAGS_time_grid));
+  if (!grid.ok()) return Usage(std::string(grid.status().message()));
+  std::string out = absl::GetFlag(FLAGS_out);
+  if (command == "encode") {
+    if (absl::GetFlag(FLAGS_image).empty()) return Usage("encode needs --image");
+    if (out == "samples.png") out = "latent.npy";  // --out's default
+    absl::StatusOr<vdm::Image8> image = ReadPng(absl::GetFlag(FLAGS_image));
+    if (!image.ok()) return Fail(image.status());
+    absl::StatusOr<vdm::client::EncodeResult> encoded =
+        client.Encode({*image}, EncodeParamsFromFlags(*grid));
+    if (!encoded.ok()) return Fail(encoded.status());
+    const absl::Status written =
+        vdm::client::WriteLatentsNpy(encoded->latents, out);
+    if (!written.ok()) return Fail(written);
+    std::cout << absl::StrFormat(
+        "network_evaluations: %d\ncompute_seconds: %.3f\nwrote %s (float32 "
+        ".npy, shape (1, %d, %d, %d))\n",
+        encoded->network_evaluations, encoded->compute_seconds, out,
+        encoded->latents[0].shape.channels, encoded->latents[0].shape.height,
+        encoded->latents[0].shape.width);
+    return kOk;
+  }
+  std::vector<vdm::client::Latent> latents;
+  int64_t encode_evaluations = 0;
+  if (command == "decode") {
+    if (absl::GetFlag(FLAGS_latent).empty()) return Usage("decode needs --latent");
+    absl::StatusOr<std::vector<vdm::client::Latent>> read =
+        vdm::client::ReadLatentsNpy(absl::GetFlag(FLAGS_latent));
+    if (!read.ok()) return Fail(read.status());
+    latents = *std::move(read);
+  } else {  // interpolate
+    if (absl::GetFlag(FLAGS_image).empty() || absl::GetFlag(FLAGS_image2).empty()) {
+      return Usage("interpolate needs --image and --image2");
+    }
+    if (absl::GetFlag(FLAGS_num) < 2) return Usage("interpolate needs --num >= 2");
+    absl::StatusOr<vdm::Image8> a = ReadPng(absl::GetFlag(FLAGS_image));
+    if (!a.ok()) return Fail(a.status());
+    absl::StatusOr<vdm::Image8> b = ReadPng(absl::GetFlag(FLAGS_image2));
+    if (!b.ok()) return Fail(b.status());
+    absl::StatusOr<vdm::client::EncodeResult> encoded =
+        client.Encode({*a, *b}, EncodeParamsFromFlags(*grid));
+    if (!encoded.ok()) return Fail(encoded.status());
+    encode_evaluations = encoded->network_evaluations;
+    absl::StatusOr<std::vector<vdm::client::Latent>> path =
+        vdm::client::SlerpPath(encoded->latents[0], encoded->latents[1],
+                               absl::GetFlag(FLAGS_num));
+    if (!path.ok()) return Fail(path.status());
+    latents = *std::move(path);
+  }
+  const int n = static_cast<int>(latents.size());
+  absl::StatusOr<vdm::client::SampleResult> decoded =
+      client.Sample(DecodeParamsFromFlags(*grid, std::move(latents)));
+  if (!decoded.ok()) return Fail(decoded.status());
+  const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
+  const absl::Status written = vdm::client::WriteSampleFiles(
+      *decoded, out, out_dir, command == "interpolate" ? n : 0);
+  if (!written.ok()) return Fail(written);
+  if (encode_evaluations > 0) {
+    std::cout << "encode network_evaluations: " << encode_evaluations << "\n";
+  }
+  std::cout << vdm::client::FormatSampleSummary(*decoded);
+  if (!out.empty()) std::cout << "wrote " << out << " (" << n << " images)\n";
   return kOk;
 }
 
@@ -408,7 +526,9 @@ int main(int argc, char** argv) {
   const std::string command = positional[1];
   const std::vector<std::string> args(positional.begin() + 2, positional.end());
   if (command != "sample" && command != "edit" && command != "inpaint" &&
-      command != "score" && command != "info" && command != "health") {
+      command != "encode" && command != "decode" &&
+      command != "interpolate" && command != "score" && command != "info" &&
+      command != "health") {
     return Usage(absl::StrCat("unknown command \"", command, "\""));
   }
   if (command != "score" && !args.empty()) {
@@ -434,6 +554,9 @@ int main(int argc, char** argv) {
 
   if (command == "sample" || command == "edit" || command == "inpaint") {
     return RunSample(**client, command);
+  }
+  if (command == "encode" || command == "decode" || command == "interpolate") {
+    return RunLatent(**client, command);
   }
   if (command == "score") return RunScore(**client, args);
   if (command == "info") return RunInfo(**client);

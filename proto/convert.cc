@@ -1,6 +1,8 @@
 #include "proto/convert.h"
 
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -141,6 +143,39 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
         decoded->height, decoded->width, ShapeText(*expect)));
   }
   return decoded;
+}
+
+void LatentToProto(const std::vector<float>& values, const ImageShape& shape,
+                   v1::Latent* out) {
+  out->set_channels(shape.channels);
+  out->set_height(shape.height);
+  out->set_width(shape.width);
+  out->mutable_values()->Assign(values.begin(), values.end());
+}
+
+absl::StatusOr<std::vector<float>> LatentFromProto(const v1::Latent& latent,
+                                                   const ImageShape& expect) {
+  const bool shaped =
+      latent.channels() != 0 || latent.height() != 0 || latent.width() != 0;
+  if (shaped && (latent.channels() != expect.channels ||
+                 latent.height() != expect.height ||
+                 latent.width() != expect.width)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "shape %dx%dx%d (CxHxW) does not match the model's %s",
+        latent.channels(), latent.height(), latent.width(), ShapeText(expect)));
+  }
+  if (latent.values_size() != expect.dims()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%d values, the model's latents have %d (%s)", latent.values_size(),
+        expect.dims(), ShapeText(expect)));
+  }
+  for (int i = 0; i < latent.values_size(); ++i) {
+    if (!std::isfinite(latent.values(i))) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("value %d is not finite", i));
+    }
+  }
+  return std::vector<float>(latent.values().begin(), latent.values().end());
 }
 
 }  // namespace vdm

@@ -6,6 +6,8 @@
 #ifndef VDM_PROTO_CONVERT_H_
 #define VDM_PROTO_CONVERT_H_
 
+#include <vector>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "model/vdm/image.h"
@@ -37,6 +39,14 @@ absl::Status ImageToProto(const Image8& image, v1::ImageFormat format,
 absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
                                       v1::ImageFormat format,
                                       const ImageShape* expect = nullptr);
+
+// A latent (C x H x W floats) on the wire, with its shape fields set.
+void LatentToProto(const std::vector<float>& values, const ImageShape& shape,
+                   v1::Latent* out);
+// A wire latent of `expect`'s shape: its shape fields (when set) must be
+// expect's, it must have exactly expect.dims() values, all finite.
+absl::StatusOr<std::vector<float>> LatentFromProto(const v1::Latent& latent,
+                                                   const ImageShape& expect);
 
 }  // namespace vdm
 

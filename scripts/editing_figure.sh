@@ -3,8 +3,10 @@
 # one row each for inpainting (reference, mask, 6 results), image-to-image
 # (reference, then 6 results at strength 0.9 towards class 1, trouser) and
 # negative-label guidance (6 samples of class 9, ankle boot, pushed away
-# from class 7, sneaker; then 6 without the negative label), all with the
-# shipped model through vdm-server and vdm-client.
+# from class 7, sneaker; then 6 without the negative label) and
+# interpolation (test images 0 and 1 encoded by DDIM inversion, their
+# latents slerped at 8 points and decoded), all with the shipped model
+# through vdm-server and vdm-client.
 # Usage: scripts/editing_figure.sh   (after scripts/build.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,7 @@ work = sys.argv[1]
 with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:
     data = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
 Image.fromarray(data[0]).save(f"{work}/reference.png")
+Image.fromarray(data[1]).save(f"{work}/second.png")
 mask = np.zeros((28, 28), np.uint8); mask[:, :14] = 255
 Image.fromarray(mask).save(f"{work}/mask.png")
 PY
@@ -40,6 +43,8 @@ $c sample --label=9 --guidance=3 --negative_label=7 --num=6 --steps=50 \
   --seed=3 --out= --out_dir="$work/negative" >/dev/null
 $c sample --label=9 --guidance=3 --num=6 --steps=50 --seed=3 --out= \
   --out_dir="$work/positive" >/dev/null
+$c interpolate --image="$work/reference.png" --image2="$work/second.png" \
+  --num=8 --steps=50 --out= --out_dir="$work/interpolate" >/dev/null
 /usr/bin/python3 - "$work" docs/images/editing.png <<'PY'
 import sys, glob
 import numpy as np
@@ -53,6 +58,7 @@ rows = [
     [ref, blank] + [load(p) for p in sorted(glob.glob(f"{work}/edit/*.png"))],
     [blank, blank] + [load(p) for p in sorted(glob.glob(f"{work}/negative/*.png"))],
     [blank, blank] + [load(p) for p in sorted(glob.glob(f"{work}/positive/*.png"))],
+    [load(p) for p in sorted(glob.glob(f"{work}/interpolate/*.png"))],
 ]
 pad = 2
 h = len(rows) * (28 + pad) + pad; w = 8 * (28 + pad) + pad

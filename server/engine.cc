@@ -507,6 +507,16 @@ absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
                        rows);
 }
 
+absl::Status Engine::SubmitEncode(EncodeJob job, RequestControl control,
+                                  EncodeCallback done) {
+  Worker* worker = LeastLoaded();
+  const int64_t rows = EncodeRowCost(static_cast<int64_t>(job.images.size()),
+                                     job.sampler.steps);
+  return worker->Admit(MakeEncodeTask(std::move(job), std::move(control),
+                                      std::move(done), options_.clock->Now()),
+                       rows);
+}
+
 bool Engine::WaitIdle(absl::Time deadline) {
   bool idle = true;
   for (auto& w : workers_) idle = w->WaitIdle(deadline) && idle;

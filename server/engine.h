@@ -71,6 +71,9 @@ class Engine {
                             SampleCallback done);
   absl::Status SubmitScore(ScoreJob job, RequestControl control,
                            ScoreCallback done);
+  // Encode (DDIM inversion): its rows are batched like sampling rows.
+  absl::Status SubmitEncode(EncodeJob job, RequestControl control,
+                            EncodeCallback done);
 
   // Manual mode: one iteration of every worker (admit, drop cancelled and
   // expired requests, one forward pass). Returns true when anything

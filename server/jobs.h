@@ -37,6 +37,10 @@ struct SampleJob {
   std::optional<Image8> reference;
   double strength = 1.0;
   std::vector<uint8_t> known;
+  // Decoding (SampleEdit::z1): one latent per image, C x H x W floats each,
+  // the trajectory's start instead of noise; empty = drawn from the seed.
+  // RePaint resampling is sampler.resample_rounds.
+  std::vector<std::vector<float>> latents;
   // Called after each step when set, off the worker thread, in order and
   // before the result; previews of x_hat every `preview_every` steps
   // (0 = none).
@@ -76,6 +80,22 @@ struct ScoreResult {
   double compute_seconds = 0;
 };
 
+// DDIM inversion of images to their latents at t = 1 (EncodePlan in
+// model/vdm/samplers.h); sampler.steps and sampler.grid say the grid.
+struct EncodeJob {
+  std::vector<Image8> images;  // each of the model's shape
+  SamplerConfig sampler;
+  int label = -1;              // -1 = "no label"
+};
+
+struct EncodeResult {
+  std::vector<std::vector<float>> latents;  // C x H x W per image
+  ImageShape shape;
+  int64_t network_evaluations = 0;
+  double queue_seconds = 0;
+  double compute_seconds = 0;
+};
+
 // How the caller's request is doing: polled by the worker every iteration.
 struct RequestControl {
   std::function<bool()> is_cancelled;  // may be empty
@@ -85,6 +105,7 @@ struct RequestControl {
 // Run exactly once per admitted job, off the worker thread.
 using SampleCallback = std::function<void(absl::StatusOr<SampleResult>)>;
 using ScoreCallback = std::function<void(absl::StatusOr<ScoreResult>)>;
+using EncodeCallback = std::function<void(absl::StatusOr<EncodeResult>)>;
 
 }  // namespace vdm
 

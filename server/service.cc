@@ -201,6 +201,39 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
+    grpc::CallbackServerContext* context, const v1::EncodeRequest* request,
+    v1::EncodeResponse* response) {
+  const Finisher finish(context, metrics_, "Encode");
+  grpc::ServerUnaryReactor* reactor = finish.reactor();
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    finish(s);
+    return reactor;
+  }
+  absl::StatusOr<EncodeJob> job = ToEncodeJob(*request, options_, model_);
+  if (!job.ok()) {
+    finish(job.status());
+    return reactor;
+  }
+  finish.log().SetImages(static_cast<int64_t>(job->images.size()));
+  absl::Status admitted = engine_->SubmitEncode(
+      *std::move(job), ControlOf(context),
+      [finish, response](absl::StatusOr<EncodeResult> r) {
+        if (!r.ok()) return finish(r.status());
+        finish.log().SetResult(r->network_evaluations, r->queue_seconds,
+                               r->compute_seconds);
+        for (const std::vector<float>& z : r->latents) {
+          LatentToProto(z, r->shape, response->add_latents());
+        }
+        response->set_network_evaluations(r->network_evaluations);
+        response->set_queue_seconds(r->queue_seconds);
+        response->set_compute_seconds(r->compute_seconds);
+        finish(absl::OkStatus());
+      });
+  if (!admitted.ok()) finish(admitted);
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
     grpc::CallbackServerContext* context, const v1::ModelInfoRequest*,
     v1::ModelInfo* response) {

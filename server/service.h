@@ -40,6 +40,9 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   grpc::ServerUnaryReactor* ScoreBPD(grpc::CallbackServerContext* context,
                                      const v1::ScoreRequest* request,
                                      v1::ScoreResponse* response) override;
+  grpc::ServerUnaryReactor* Encode(grpc::CallbackServerContext* context,
+                                   const v1::EncodeRequest* request,
+                                   v1::EncodeResponse* response) override;
   grpc::ServerWriteReactor<v1::SampleStreamResponse>* SampleStream(
       grpc::CallbackServerContext* context,
       const v1::SampleRequest* request) override;

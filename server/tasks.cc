@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
@@ -25,6 +26,43 @@ double Task::ComputeSeconds(absl::Time now) const {
 }
 
 namespace {
+
+// One evaluation of a step-wise plan (SamplingPlan, EncodePlan: all rows of
+// a step must be back before it advances) handed out in chunks of rows.
+class StepChunks {
+ public:
+  template <class Plan>
+  Rows Take(const Plan& plan, int64_t max_rows) {
+    const int64_t m = std::min(max_rows, plan.rows_per_evaluation() - cursor_);
+    if (m <= 0 || plan.done()) return {};
+    if (cursor_ == 0) input_ = plan.Next();
+    taken_offset_ = cursor_;
+    cursor_ += m;
+    return input_.Slice(taken_offset_, m);
+  }
+  // Keeps eps_hat for the rows of the last Take; true when all `total` rows
+  // of the evaluation are back (then eps() holds them and the next Take
+  // starts the next evaluation).
+  bool Give(const at::Tensor& eps_hat, int64_t total) {
+    if (!eps_.defined() || eps_.size(0) != total) {
+      std::vector<int64_t> dims = eps_hat.sizes().vec();
+      dims[0] = total;
+      eps_ = at::empty(dims, at::kFloat);
+    }
+    eps_.narrow(0, taken_offset_, eps_hat.size(0)).copy_(eps_hat);
+    received_ += eps_hat.size(0);
+    if (received_ < total) return false;
+    cursor_ = 0;
+    received_ = 0;
+    return true;
+  }
+  const at::Tensor& eps() const { return eps_; }
+
+ private:
+  Rows input_;      // the current evaluation's rows
+  at::Tensor eps_;  // [total, C, H, W] outputs of it
+  int64_t cursor_ = 0, received_ = 0, taken_offset_ = 0;
+};
 
 // A SamplingPlan's evaluation handed out in chunks of rows.
 class SampleTask : public Task {
@@ -50,36 +88,36 @@ class SampleTask : public Task {
                          .to(at::kBool);
       }
     }
+    if (!job_.latents.empty()) {
+      const int64_t d = s.dims();
+      edit.z1 = at::empty({static_cast<int64_t>(job_.latents.size()),
+                           s.channels, s.height, s.width},
+                          at::kFloat);
+      for (size_t i = 0; i < job_.latents.size(); ++i) {
+        if (static_cast<int64_t>(job_.latents[i].size()) != d) {
+          return absl::InvalidArgumentError("latents: wrong size");
+        }
+        std::copy(job_.latents[i].begin(), job_.latents[i].end(),
+                  edit.z1.data_ptr<float>() + static_cast<int64_t>(i) * d);
+      }
+    }
     VDM_ASSIGN_OR_RETURN(
         plan_, SamplingPlan::Create(job_.sampler, job_.num_images,
                                     job_.conditioning, s, model.num_classes(),
                                     job_.seed, ScheduleOf(model), at::Tensor(),
                                     edit));
-    eps_ = at::empty(
-        {plan_->rows_per_evaluation(), s.channels, s.height, s.width},
-        at::kFloat);
     return absl::OkStatus();
   }
 
-  Rows Take(int64_t max_rows) override {
-    const int64_t m =
-        std::min(max_rows, plan_->rows_per_evaluation() - cursor_);
-    if (m <= 0 || done()) return {};
-    if (cursor_ == 0) input_ = plan_->Next();
-    taken_offset_ = cursor_;
-    cursor_ += m;
-    return input_.Slice(taken_offset_, m);
-  }
+  Rows Take(int64_t max_rows) override { return chunks_.Take(*plan_, max_rows); }
 
   absl::Status Give(const at::Tensor& eps_hat) override {
-    eps_.narrow(0, taken_offset_, eps_hat.size(0)).copy_(eps_hat);
-    received_ += eps_hat.size(0);
-    if (received_ < plan_->rows_per_evaluation()) return absl::OkStatus();
+    if (!chunks_.Give(eps_hat, plan_->rows_per_evaluation())) {
+      return absl::OkStatus();
+    }
     const int before = plan_->sampler().step();
-    VDM_RETURN_IF_ERROR(plan_->Consume(eps_));
+    VDM_RETURN_IF_ERROR(plan_->Consume(chunks_.eps()));
     if (job_.progress && plan_->sampler().step() > before) Report();
-    cursor_ = 0;
-    received_ = 0;
     return absl::OkStatus();
   }
 
@@ -113,9 +151,63 @@ class SampleTask : public Task {
   const SampleJob job_;
   SampleCallback done_cb_;
   std::unique_ptr<SamplingPlan> plan_;
-  Rows input_;     // the current evaluation's rows
-  at::Tensor eps_;  // [rows_per_evaluation, C, H, W] outputs of it
-  int64_t cursor_ = 0, received_ = 0, taken_offset_ = 0;
+  StepChunks chunks_;
+};
+
+// An EncodePlan (DDIM inversion) handed out in chunks of rows.
+class EncodeTask : public Task {
+ public:
+  EncodeTask(EncodeJob job, RequestControl control, EncodeCallback done,
+             absl::Time arrival)
+      : Task(std::move(control), arrival),
+        job_(std::move(job)),
+        done_cb_(std::move(done)) {}
+
+  bool is_score() const override { return false; }
+  const char* method() const override { return "Encode"; }
+
+  absl::Status Start(Denoiser& model) override {
+    shape_ = model.shape();
+    VDM_ASSIGN_OR_RETURN(const at::Tensor x, ToTensor(job_.images, shape_));
+    VDM_ASSIGN_OR_RETURN(
+        plan_, EncodePlan::Create(x, job_.sampler, job_.label, shape_,
+                                  model.num_classes(), ScheduleOf(model)));
+    return absl::OkStatus();
+  }
+
+  Rows Take(int64_t max_rows) override { return chunks_.Take(*plan_, max_rows); }
+
+  absl::Status Give(const at::Tensor& eps_hat) override {
+    if (!chunks_.Give(eps_hat, plan_->rows_per_evaluation())) {
+      return absl::OkStatus();
+    }
+    return plan_->Consume(chunks_.eps());
+  }
+
+  bool done() const override { return plan_ && plan_->done(); }
+
+  void Finish(absl::Status error, absl::Time now) override {
+    if (!error.ok()) return done_cb_(error);
+    EncodeResult result;
+    result.shape = shape_;
+    const at::Tensor z = plan_->z().to(at::kFloat).contiguous();
+    const int64_t d = shape_.dims();
+    for (int64_t i = 0; i < z.size(0); ++i) {
+      const float* p = z.data_ptr<float>() + i * d;
+      result.latents.emplace_back(p, p + d);
+    }
+    result.network_evaluations = evaluations();
+    result.queue_seconds = QueueSeconds();
+    result.compute_seconds = ComputeSeconds(now);
+    done_cb_(std::move(result));
+  }
+
+ private:
+  const EncodeJob job_;
+  EncodeCallback done_cb_;
+  ImageShape shape_;
+  std::unique_ptr<EncodePlan> plan_;
+  StepChunks chunks_;
 };
 
 // A LikelihoodPlan handed out in chunks of rows.
@@ -202,6 +294,12 @@ class ScoreTask : public Task {
 std::unique_ptr<Task> MakeSampleTask(SampleJob job, RequestControl control,
                                      SampleCallback done, absl::Time arrival) {
   return std::make_unique<SampleTask>(std::move(job), std::move(control),
+                                      std::move(done), arrival);
+}
+
+std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, RequestControl control,
+                                     EncodeCallback done, absl::Time arrival) {
+  return std::make_unique<EncodeTask>(std::move(job), std::move(control),
                                       std::move(done), arrival);
 }
 

@@ -1,8 +1,8 @@
 // The units of work of the engine: one Task per admitted job. A task is a
-// small state machine over a library plan (SamplingPlan or LikelihoodPlan):
-// it hands out rows for the next forward pass (Take), receives the network's
-// eps_hat for them (Give) and advances when all rows of its current step are
-// back. Every task owns its random number generator, so its result does not
+// small state machine over a library plan (SamplingPlan, EncodePlan or
+// LikelihoodPlan): it hands out rows for the next forward pass (Take),
+// receives the network's eps_hat for them (Give) and advances when all rows
+// of its current step are back. Every task owns its random number generator, so its result does not
 // depend on what else shares the batch.
 //
 // Not thread-safe: a task lives on one worker thread until it is finished;
@@ -67,6 +67,11 @@ class Task {
 // Sampling with any sampler, with classifier-free guidance (SamplingPlan).
 std::unique_ptr<Task> MakeSampleTask(SampleJob job, RequestControl control,
                                      SampleCallback done, absl::Time arrival);
+
+// DDIM inversion of images to their latents (EncodePlan); its rows share
+// batches with sampling rows.
+std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, RequestControl control,
+                                     EncodeCallback done, absl::Time arrival);
 
 // Per-image BPD with K stratified diffusion times (LikelihoodPlan).
 std::unique_ptr<Task> MakeScoreTask(ScoreJob job, RequestControl control,

@@ -15,6 +15,7 @@ namespace {
 constexpr int kDefaultSteps = 50;
 constexpr int kDefaultTimesteps = 16;
 constexpr float kMaxGuidance = 20.0f;
+constexpr int kMaxResampleRounds = 10;
 
 absl::Status Invalid(const std::string& message) {
   return absl::InvalidArgumentError(message);
@@ -96,12 +97,24 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
                                       const RequestLimits& limits,
                                       const ModelDescription& model) {
   SampleJob job;
-  if (r.num_images() < 1 || r.num_images() > limits.max_images_per_request) {
+  const int latents = r.latents_size();
+  if (latents > 0) {
+    if (r.num_images() != 0 && r.num_images() != latents) {
+      return Invalid(absl::StrFormat(
+          "num_images: %d, but %d latents are given; give 0 or %d",
+          r.num_images(), latents, latents));
+    }
+    if (latents > limits.max_images_per_request) {
+      return Invalid(absl::StrFormat("latents: %d latents, allowed [1, %d]",
+                                     latents, limits.max_images_per_request));
+    }
+  } else if (r.num_images() < 1 ||
+             r.num_images() > limits.max_images_per_request) {
     return Invalid(absl::StrFormat("num_images: %d is out of range [1, %d]",
                                    r.num_images(),
                                    limits.max_images_per_request));
   }
-  job.num_images = r.num_images();
+  job.num_images = latents > 0 ? latents : r.num_images();
   VDM_ASSIGN_OR_RETURN(job.sampler.type, SamplerFromProto(r.sampler()));
   VDM_ASSIGN_OR_RETURN(job.sampler.grid, TimeGridFromProto(r.time_grid()));
   job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
@@ -119,6 +132,13 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
         " (ddpm is DDIM with eta = 1); leave eta unset"));
   }
   job.sampler.eta = r.eta();
+  if (latents > 0 && (job.sampler.type != SamplerType::kDdim ||
+                      job.sampler.eta != 0.0)) {
+    return Invalid(absl::StrCat(
+        "latents: decoding needs the ddim sampler with eta 0 (the inverse of "
+        "Encode), got ", SamplerName(job.sampler.type), " with eta ",
+        job.sampler.eta));
+  }
   VDM_ASSIGN_OR_RETURN(job.conditioning.label,
                        CheckLabel(model, r.has_label(), r.label()));
   if (r.has_negative_label()) {
@@ -154,6 +174,38 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
   VDM_RETURN_IF_ERROR(CheckEdit(r, model, job));
+  if (latents > 0) {
+    if (job.reference || r.has_strength()) {
+      return Invalid(
+          "latents: decoding cannot be combined with init_image, strength or "
+          "mask");
+    }
+    for (int i = 0; i < latents; ++i) {
+      absl::StatusOr<std::vector<float>> z =
+          LatentFromProto(r.latents(i), model.shape);
+      if (!z.ok()) {
+        return Invalid(absl::StrCat("latents[", i, "]: ", z.status().message()));
+      }
+      job.latents.push_back(*std::move(z));
+    }
+  }
+  if (r.resample_rounds() != 0) {
+    if (r.resample_rounds() < 0 || r.resample_rounds() > kMaxResampleRounds) {
+      return Invalid(absl::StrFormat("resample_rounds: %d is out of range [0, %d]",
+                                     r.resample_rounds(), kMaxResampleRounds));
+    }
+    if (job.known.empty()) {
+      return Invalid(
+          "resample_rounds: RePaint resampling is for inpainting; needs a "
+          "mask");
+    }
+    if (job.sampler.type == SamplerType::kDpmSolver2M) {
+      return Invalid(
+          "resample_rounds: dpm_solver_2m keeps a history of steps and cannot "
+          "resample; use ddim, ddpm, euler_maruyama or heun");
+    }
+    job.sampler.resample_rounds = r.resample_rounds();
+  }
   const int64_t rows = SampleRowCost(job.sampler, job.num_images,
                                      job.conditioning, model.num_classes);
   if (rows > limits.max_request_rows) {
@@ -166,6 +218,44 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
         rows, limits.max_request_rows));
   }
   job.seed = PickSeed(r.has_seed(), r.seed());
+  return job;
+}
+
+absl::StatusOr<EncodeJob> ToEncodeJob(const v1::EncodeRequest& r,
+                                      const RequestLimits& limits,
+                                      const ModelDescription& model) {
+  EncodeJob job;
+  const int n = r.images_size();
+  if (n < 1 || n > limits.max_images_per_request) {
+    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
+                                   limits.max_images_per_request));
+  }
+  if (!IsKnownFormat(r.format())) {
+    return Invalid(absl::StrCat("format: unknown value ", r.format()));
+  }
+  job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
+  if (job.sampler.steps < 1 || job.sampler.steps > limits.max_steps) {
+    return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
+                                   r.steps(), limits.max_steps));
+  }
+  VDM_ASSIGN_OR_RETURN(job.sampler.grid, TimeGridFromProto(r.time_grid()));
+  VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(model, r.has_label(), r.label()));
+  const int64_t rows = EncodeRowCost(n, job.sampler.steps);
+  if (rows > limits.max_request_rows) {
+    return Invalid(absl::StrFormat(
+        "request too large: %d images x %d steps = %d rows, more than this "
+        "server admits for one request (%d, --max_queued_rows); send fewer "
+        "images per call",
+        n, job.sampler.steps, rows, limits.max_request_rows));
+  }
+  for (int i = 0; i < n; ++i) {
+    absl::StatusOr<Image8> image =
+        ImageFromProto(r.images(i), r.format(), &model.shape);
+    if (!image.ok()) {
+      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
+    }
+    job.images.push_back(*std::move(image));
+  }
   return job;
 }
 

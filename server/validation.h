@@ -51,6 +51,9 @@ struct RequestLimits {
 absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& request,
                                       const RequestLimits& limits,
                                       const ModelDescription& model);
+absl::StatusOr<EncodeJob> ToEncodeJob(const v1::EncodeRequest& request,
+                                      const RequestLimits& limits,
+                                      const ModelDescription& model);
 absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& request,
                                     const RequestLimits& limits,
                                     const ModelDescription& model);

@@ -41,6 +41,8 @@ int64_t SecondRowLabel(const Conditioning& c, int num_classes);
 int64_t SampleRowCost(const SamplerConfig& sampler, int64_t num_images,
                       const Conditioning& c, int num_classes);
 int64_t ScoreRowCost(int64_t num_images, int timesteps);
+// Encode (DDIM inversion): one row per image per step.
+int64_t EncodeRowCost(int64_t num_images, int steps);
 
 // The seed of chunk `chunk` of a dataset scored in chunks whose chunk 0 uses
 // `base` (the client's chunked ScoreBPD and the trainer's evaluation):

@@ -99,7 +99,8 @@ std::string TimeGridNameList(const std::string& separator) {
 }
 
 int64_t SamplerEvaluations(const SamplerConfig& config) {
-  return int64_t{Entry(config.type).evaluations_per_step} * config.steps;
+  return int64_t{Entry(config.type).evaluations_per_step} * config.steps *
+         (1 + int64_t{config.resample_rounds});
 }
 
 }  // namespace vdm

@@ -36,6 +36,12 @@ struct SamplerConfig {
   TimeGrid grid = TimeGrid::kUniformT;
   // The grid runs from t_start down to 0 (image-to-image starts below 1).
   double t_start = 1.0;
+  // RePaint resampling (Lugmayr et al. 2022), inpainting only: after each
+  // step t -> s the trajectory jumps back to t through the forward process
+  // q(z_t | z_s) and redoes the step, this many times (jump length 1), so
+  // every step costs 1 + resample_rounds times its evaluations. The
+  // SamplingPlan does it (samplers.h); 0 = none.
+  int resample_rounds = 0;
 };
 
 // Every sampler and time grid, in table order.
@@ -54,7 +60,8 @@ std::string SamplerNameList(const std::string& separator = "|");
 std::string TimeGridNameList(const std::string& separator = "|");
 
 // Network evaluations per row for the whole trajectory (known before
-// starting, for admission control); request.h says what guidance adds.
+// starting, for admission control), resampling rounds included; request.h
+// says what guidance adds.
 int64_t SamplerEvaluations(const SamplerConfig& config);
 
 }  // namespace vdm

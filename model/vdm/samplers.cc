@@ -106,6 +106,10 @@ class DpmSolver2MSampler : public Sampler {
   DpmSolver2MSampler(at::Tensor z1, at::Tensor gammas, at::Generator gen)
       : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
 
+  // The second-order update uses the previous step's x_hat: a jump back
+  // would pair it with the wrong step.
+  bool memoryless() const override { return false; }
+
  private:
   void Advance(const at::Tensor& eps_hat) override {
     const at::Tensor gt = GammaAt(step_), gs = GammaAt(step_ + 1);
@@ -193,6 +197,16 @@ void Sampler::Blend(const at::Tensor& known, const at::Tensor& z_known) {
   z_ = at::where(known, z_known.to(z_.scalar_type()), z_);
 }
 
+void Sampler::JumpBack(const at::Tensor& eps) {
+  // Callers check step_ > 0 and memoryless().
+  const at::Tensor gt = GammaAt(step_ - 1), gs = GammaAt(step_);
+  const at::Tensor alpha_ts = at::sqrt(AlphaSquared(gt) / AlphaSquared(gs));
+  const at::Tensor sigma_ts =
+      at::sqrt(-at::expm1(gs - gt) * SigmaSquared(gt));
+  z_ = alpha_ts * z_ + sigma_ts * eps.to(z_.scalar_type());
+  --step_;
+}
+
 at::Tensor Sampler::Images() const {
   return DecodeMostLikely(z_, GammaAt(step_));
 }
@@ -277,8 +291,19 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("strength must be in (0, 1], got ", edit.strength));
   }
+  if (sampler.resample_rounds < 0 ||
+      (sampler.resample_rounds > 0 && !edit.known.defined())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resample_rounds must be >= 0 and needs an inpainting mask, got ",
+        sampler.resample_rounds));
+  }
+  if (edit.z1.defined() && has_reference) {
+    return absl::InvalidArgumentError(
+        "a given latent z1 cannot be combined with an edit");
+  }
   std::unique_ptr<SamplingPlan> plan(new SamplingPlan());
   plan->n_ = num_images;
+  plan->rounds_ = sampler.resample_rounds;
   plan->second_label_ = SecondRowLabel(c, num_classes);
   plan->scale_ = c.guidance_scale;
   plan->replace_gen_ =
@@ -304,6 +329,15 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
                                        shape.height, shape.width};
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
     at::Tensor z1 = at::randn(dims, gen, at::kFloat);
+    if (edit.z1.defined()) {
+      if (edit.z1.sizes() != at::IntArrayRef(dims) ||
+          !edit.z1.is_floating_point()) {
+        return absl::InvalidArgumentError(
+            "the latent z1 must be float [num_images, C, H, W] of the model's "
+            "shape");
+      }
+      z1 = edit.z1.to(at::kCPU).to(at::kFloat);
+    }
     SamplerConfig config = sampler;
     if (has_reference) {
       const at::Tensor ref = edit.reference.to(at::kCPU);
@@ -328,6 +362,12 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
     }
     VDM_ASSIGN_OR_RETURN(plan->sampler_,
                          MakeSampler(config, z1, schedule, gen));
+    if (plan->rounds_ > 0 && !plan->sampler_->memoryless()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resample_rounds: the ", SamplerName(config.type),
+          " sampler keeps a history of steps and cannot jump back; use ddim, "
+          "ddpm, euler_maruyama or heun"));
+    }
     if (plan->known_.defined()) plan->ReplaceKnown();
   } catch (const std::exception& e) {  // c10::Error: no exception leaves
     return absl::InternalError(absl::StrCat("sampling plan: ", e.what()));
@@ -382,11 +422,82 @@ absl::Status SamplingPlan::Advance(const at::Tensor& eps_hat) {
   if (known_.defined() && sampler_->step() > before) {
     try {
       ReplaceKnown();
+      // RePaint: jump back to the step's start and redo it, rounds_ times.
+      if (round_ < rounds_) {
+        sampler_->JumpBack(
+            at::randn(f_.sizes(), replace_gen_, at::kFloat));
+        ++round_;
+      } else {
+        round_ = 0;
+      }
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("inpainting: ", e.what()));
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<EncodePlan>> EncodePlan::Create(
+    const at::Tensor& images, const SamplerConfig& grid, int label,
+    const ImageShape& shape, int num_classes, const ScheduleFn& schedule) {
+  if (grid.steps < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps must be >= 1, got ", grid.steps));
+  }
+  if (label >= 0 && label >= num_classes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "label ", label, " is out of range [0, ", num_classes, ")"));
+  }
+  if (!images.defined() || images.dim() != 4 || images.size(0) < 1 ||
+      images.size(1) != shape.channels || images.size(2) != shape.height ||
+      images.size(3) != shape.width) {
+    return absl::InvalidArgumentError(
+        "the images must be uint8 [n, C, H, W] of the model's shape, n >= 1");
+  }
+  std::unique_ptr<EncodePlan> plan(new EncodePlan());
+  try {
+    const int64_t n = images.size(0);
+    plan->labels_ = at::full(
+        {n}, label >= 0 && num_classes > 0 ? label : num_classes, at::kLong);
+    SamplerConfig config = grid;
+    config.t_start = 1.0;
+    VDM_ASSIGN_OR_RETURN(at::Tensor down,
+                         MakeGrid(config, schedule, at::kFloat));
+    const at::Tensor up = down.flip({0}).contiguous();
+    // z_0 = alpha_0 f: the mean of q(z_0 | x), the point the decoder maps
+    // back to x.
+    const at::Tensor f = ToModelSpace(images.to(at::kCPU));
+    const at::Tensor z0 = at::sqrt(AlphaSquared(up.narrow(0, 0, 1))) * f;
+    plan->sampler_ = std::make_unique<DdimSampler>(
+        z0, up, at::make_generator<at::CPUGeneratorImpl>(0), 0.0);
+  } catch (const std::exception& e) {  // c10::Error: no exception leaves
+    return absl::InternalError(absl::StrCat("encoding plan: ", e.what()));
+  }
+  return plan;
+}
+
+Rows EncodePlan::Next() const {
+  Rows rows = sampler_->Next();
+  rows.label = labels_;
+  return rows;
+}
+
+absl::Status EncodePlan::Consume(const at::Tensor& eps_hat) {
+  return sampler_->Consume(eps_hat);
+}
+
+absl::StatusOr<at::Tensor> EncodeImages(Denoiser& model,
+                                        const at::Tensor& images,
+                                        const SamplerConfig& grid, int label) {
+  VDM_ASSIGN_OR_RETURN(
+      std::unique_ptr<EncodePlan> plan,
+      EncodePlan::Create(images, grid, label, model.shape(),
+                         model.num_classes(), ScheduleOf(model)));
+  while (!plan->done()) {
+    VDM_ASSIGN_OR_RETURN(at::Tensor eps, Evaluate(model, plan->Next()));
+    VDM_RETURN_IF_ERROR(plan->Consume(eps));
+  }
+  return plan->z();
 }
 
 absl::StatusOr<at::Tensor> SampleImages(Denoiser& model,

@@ -69,6 +69,17 @@ class Sampler {
   // Overwrites the state where `known` (bool, z's shape) with z_known
   // (inpainting). Between steps only.
   void Blend(const at::Tensor& known, const at::Tensor& z_known);
+  // Whether the next step depends only on z_t (no history of earlier
+  // steps): true for all but DPM-Solver++(2M). Only those can JumpBack.
+  virtual bool memoryless() const { return true; }
+  // RePaint's jump back (between steps, step() > 0, memoryless()): from the
+  // state z_s at gamma_s = gammas[step] to z_t at gamma_t = gammas[step-1]
+  // by the forward transition q(z_t | z_s):
+  //   z_t = alpha_{t|s} z_s + sigma_{t|s} eps,  alpha_{t|s} = alpha_t / alpha_s,
+  //   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
+  //                 = -expm1(gamma_s - gamma_t) sigma_t^2,
+  // with eps ~ N(0, I) of z's shape; step() goes back by one.
+  void JumpBack(const at::Tensor& eps);
 
  protected:
   Sampler(at::Tensor z1, at::Tensor gammas, at::Generator gen);
@@ -108,6 +119,10 @@ struct SampleEdit {
   // are replaced by the reference noised to the new time; the returned
   // images equal the reference exactly there.
   at::Tensor known;
+  // Decoding a latent: float [n, C, H, W], the trajectory's start z1 in
+  // place of the noise drawn from the seed (DDIM with eta = 0 makes this
+  // the inverse of EncodePlan).
+  at::Tensor z1;
 };
 
 // A sampling request: a Sampler for n images plus what it is conditioned
@@ -148,6 +163,8 @@ class SamplingPlan {
   void ReplaceKnown();
 
   int64_t n_ = 0;
+  int rounds_ = 0;       // RePaint resampling rounds per step
+  int round_ = 0;        // jumps back done for the current step
   bool guided_ = false;
   double scale_ = 1.0;
   at::Tensor labels_;  // [n] int64 (num_classes = "no label")
@@ -157,6 +174,47 @@ class SamplingPlan {
   at::Generator replace_gen_ =
       at::make_generator<at::CPUGeneratorImpl>(0x5eed);
 };
+
+// DDIM inversion (encoding, Song et al. 2021; "Inversion" in
+// docs/design.md): the probability-flow ODE integrated upwards with DDIM
+// (eta = 0) steps from z_0 = alpha_0 f of each image to its latent z_1 at
+// t = 1, on the grid of `grid` (steps and time grid; the sampler type and
+// eta are not used) read in reverse. Each step from s up to t evaluates the
+// network once at (z_s, gamma_s) and moves to
+//   z_t = alpha_t x_hat + sigma_t eps_hat,  x_hat = (z_s - sigma_s eps_hat) / alpha_s.
+// Decoding the latent with DDIM (eta = 0) on the same grid (SampleEdit::z1)
+// gives the image back up to the discretization error, which shrinks with
+// the steps. One row per image per step, labelled `label` (-1 = "no
+// label"); no guidance. Not thread-safe (one caller at a time).
+class EncodePlan {
+ public:
+  // images uint8 [n, C, H, W] of `shape`.
+  static absl::StatusOr<std::unique_ptr<EncodePlan>> Create(
+      const at::Tensor& images, const SamplerConfig& grid, int label,
+      const ImageShape& shape, int num_classes, const ScheduleFn& schedule);
+
+  int64_t num_images() const { return labels_.size(0); }
+  int64_t rows_per_evaluation() const { return num_images(); }
+  Rows Next() const;
+  absl::Status Consume(const at::Tensor& eps_hat);
+  bool done() const { return sampler_->done(); }
+  int step() const { return sampler_->step(); }
+  int steps() const { return sampler_->steps(); }
+  // The current state; the latents z_1 [n, C, H, W] float32 once done().
+  const at::Tensor& z() const { return sampler_->z(); }
+
+ private:
+  EncodePlan() = default;
+  at::Tensor labels_;  // [n] int64
+  std::unique_ptr<Sampler> sampler_;
+};
+
+// Encodes images synchronously (tests, tools): the latents float32
+// [n, C, H, W].
+absl::StatusOr<at::Tensor> EncodeImages(Denoiser& model,
+                                        const at::Tensor& images,
+                                        const SamplerConfig& grid,
+                                        int label = -1);
 
 // A synchronous sampling run (tests, the trainer's previews, tools).
 struct SampleOptions {

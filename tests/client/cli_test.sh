@@ -64,6 +64,40 @@ if $c inpaint --image="$work/ref.png" --mask="$work/bad_mask.png" --steps=5 --ou
 grep -q "INVALID_ARGUMENT" "$work/err.txt" && grep -q "mask" "$work/err.txt" ||
   fail "the mask error does not name the field: $(cat "$work/err.txt")"
 
+$c inpaint --image="$work/ref.png" --mask="$work/mask.png" --num=1 --steps=3 \
+  --resample_rounds=2 --out= --out_dir="$work/repaint" >"$work/repaint.txt" 2>&1 || fail "inpaint --resample_rounds"
+grep -q "network evaluations: 9" "$work/repaint.txt" || fail "RePaint cost: $(cat "$work/repaint.txt")"
+if $c inpaint --image="$work/ref.png" --mask="$work/mask.png" --steps=3 --resample_rounds=1 \
+    --sampler=dpm_solver_2m --out= >"$work/err.txt" 2>&1; then fail "dpm_solver_2m resampled"; fi
+grep -q "resample_rounds" "$work/err.txt" || fail "resample error: $(cat "$work/err.txt")"
+
+# encode / decode / interpolate: .npy latents, decoding, a one-row grid.
+$c encode --image="$work/ref.png" --steps=6 --out="$work/z.npy" >"$work/enc.txt" 2>&1 || fail "encode: $(cat "$work/enc.txt")"
+grep -q "network_evaluations: 6" "$work/enc.txt" || fail "encode cost: $(cat "$work/enc.txt")"
+python3 - "$work/z.npy" <<'PY' || fail "not a float32 (1, 1, 28, 28) .npy"
+import ast, struct, sys
+data = open(sys.argv[1], "rb").read()
+assert data[:6] == b"\x93NUMPY"
+n = struct.unpack("<H", data[8:10])[0]
+header = ast.literal_eval(data[10:10 + n].decode())
+assert header["descr"] == "<f4" and header["shape"] == (1, 1, 28, 28), header
+assert len(data) == 10 + n + 4 * 784 and (10 + n) % 64 == 0
+PY
+$c decode --latent="$work/z.npy" --steps=6 --out= --out_dir="$work/dec" >"$work/dec.txt" 2>&1 || fail "decode: $(cat "$work/dec.txt")"
+[ -f "$work/dec/sample_000.png" ] || fail "decode wrote no image"
+grep -q "network evaluations: 6" "$work/dec.txt" || fail "decode cost"
+$c interpolate --image="$work/ref.png" --image2="$work/one/sample_000.png" --num=4 \
+  --steps=3 --out="$work/interp.png" >"$work/interp.txt" 2>&1 || fail "interpolate: $(cat "$work/interp.txt")"
+grep -q "encode network_evaluations: 6" "$work/interp.txt" && grep -q "network evaluations: 12" "$work/interp.txt" ||
+  fail "interpolate cost: $(cat "$work/interp.txt")"
+python3 - "$work/interp.png" <<'PY' || fail "the interpolation grid is not one row of 4"
+import struct, sys
+w, h = struct.unpack(">II", open(sys.argv[1], "rb").read()[16:24])
+assert w > 3.5 * h, (w, h)
+PY
+if $c decode --latent="$work/ref.png" --out= >"$work/err.txt" 2>&1; then fail "a PNG decoded as latents"; fi
+grep -q "npy" "$work/err.txt" || fail "bad latent file error: $(cat "$work/err.txt")"
+
 $c score --timesteps=8 --seed=1 --csv="$work/scores.csv" --map_dir="$work/maps" \
   --false_positive_rate=0.5 "$work/ref.png" "$work/one/sample_000.png" >"$work/score.txt" 2>&1 || fail "score: $(cat "$work/score.txt")"
 head -1 "$work/scores.csv" | grep -q \
@@ -74,4 +108,4 @@ tail -n +2 "$work/scores.csv" | awk -F, '{ if (NF != 14 || ($14 != "0" && $14 !=
   fail "calibrated columns missing: $(cat "$work/scores.csv")"
 [ "$(ls "$work/maps" | wc -l)" -eq 2 ] || fail "no heat maps"
 kill -TERM "$pid"; wait "$pid" || true
-echo "PASS: vdm-client sample/edit/inpaint/score write what they promise"
+echo "PASS: vdm-client sample/edit/inpaint/encode/decode/interpolate/score write what they promise"

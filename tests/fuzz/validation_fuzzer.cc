@@ -2,17 +2,20 @@
 // scripts/fuzz.sh.
 //
 // Each input is parsed (protobuf ParseFromArray) as a vdm.v1.SampleRequest,
-// a vdm.v1.ScoreRequest and a vdm.v1.Image; what parses goes through
-// vdm::ToSampleJob / vdm::ToScoreJob (server/validation.h) for a 1x28x28
+// a vdm.v1.ScoreRequest, a vdm.v1.EncodeRequest and a vdm.v1.Image; what
+// parses goes through vdm::ToSampleJob / ToScoreJob / ToEncodeJob
+// (server/validation.h) for a 1x28x28
 // model with 10 classes under the default RequestLimits, and the image
 // through vdm::ImageFromProto (proto/convert.h) in every format, with and
 // without an expected shape.
 //
 // Checks: an accepted request is inside the limits it was checked against
 // and an accepted image has the shape asked for and the bytes for it.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <vector>
 
 #include "model/vdm/image.h"
 #include "proto/convert.h"
@@ -51,9 +54,39 @@ void FuzzSample(const uint8_t* data, size_t size,
       job->sampler.steps < 1 || job->sampler.steps > limits.max_steps ||
       !(job->sampler.eta >= 0.0f && job->sampler.eta <= 1.0f) ||
       job->conditioning.label < -1 ||
-      job->conditioning.label >= Model().num_classes) {
+      job->conditioning.label >= Model().num_classes ||
+      job->sampler.resample_rounds < 0 || job->sampler.resample_rounds > 10 ||
+      (job->sampler.resample_rounds > 0 && job->known.empty())) {
     std::abort();
   }
+  if (!job->latents.empty()) {
+    if (static_cast<int>(job->latents.size()) != job->num_images ||
+        job->sampler.type != vdm::SamplerType::kDdim || job->sampler.eta != 0) {
+      std::abort();
+    }
+    for (const std::vector<float>& z : job->latents) {
+      if (static_cast<int64_t>(z.size()) != Model().shape.dims()) std::abort();
+      for (float v : z) {
+        if (!std::isfinite(v)) std::abort();
+      }
+    }
+  }
+}
+
+void FuzzEncode(const uint8_t* data, size_t size,
+                const vdm::RequestLimits& limits) {
+  vdm::v1::EncodeRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return;
+  absl::StatusOr<vdm::EncodeJob> job =
+      vdm::ToEncodeJob(request, limits, Model());
+  if (!job.ok()) return;
+  if (job->images.empty() ||
+      static_cast<int>(job->images.size()) > limits.max_images_per_request ||
+      job->sampler.steps < 1 || job->sampler.steps > limits.max_steps ||
+      job->label < -1 || job->label >= Model().num_classes) {
+    std::abort();
+  }
+  for (const vdm::Image8& image : job->images) CheckImage(image, &Model().shape);
 }
 
 void FuzzScore(const uint8_t* data, size_t size,
@@ -104,6 +137,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const vdm::RequestLimits kLimits;
   FuzzSample(data, size, kLimits);
   FuzzScore(data, size, kLimits);
+  FuzzEncode(data, size, kLimits);
   FuzzImage(data, size);
   return 0;
 }

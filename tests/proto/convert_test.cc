@@ -6,6 +6,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <vector>
+
 #include "google/protobuf/descriptor.h"
 #include "model/vdm/image_io.h"
 
@@ -109,6 +112,36 @@ TEST(ConvertTest, ImagesThatContradictTheModelAreRefusedWithBothShapes) {
                               .status()
                               .message()),
               HasSubstr("PNG"));
+}
+
+TEST(ConvertTest, LatentsRoundTripAndBadOnesAreExplained) {
+  const ImageShape shape{1, 2, 3};
+  const std::vector<float> values = {0.5f, -1.0f, 2.0f, 0.0f, 3.25f, -0.125f};
+  v1::Latent latent;
+  LatentToProto(values, shape, &latent);
+  EXPECT_EQ(latent.channels(), 1);
+  EXPECT_EQ(latent.height(), 2);
+  EXPECT_EQ(latent.width(), 3);
+  EXPECT_EQ(LatentFromProto(latent, shape).value(), values);
+  v1::Latent bare = latent;  // shape fields unset: only the count matters
+  bare.clear_channels();
+  bare.clear_height();
+  bare.clear_width();
+  EXPECT_EQ(LatentFromProto(bare, shape).value(), values);
+  auto message = [&](const v1::Latent& z) {
+    absl::StatusOr<std::vector<float>> r = LatentFromProto(z, shape);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(r.status().message());
+  };
+  v1::Latent wrong_shape = latent;
+  wrong_shape.set_width(2);
+  EXPECT_THAT(message(wrong_shape), HasSubstr("1x2x2"));
+  v1::Latent short_one = bare;
+  short_one.mutable_values()->RemoveLast();
+  EXPECT_THAT(message(short_one), HasSubstr("5 values"));
+  v1::Latent nan = latent;
+  nan.set_values(3, std::nanf(""));
+  EXPECT_THAT(message(nan), HasSubstr("value 3"));
 }
 
 }  // namespace

@@ -225,6 +225,108 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("num_images", caught.exception.message)
 
+    # ---- editing: negative label, edit, inpaint (RePaint), encode/decode
+
+    def assertInvalid(self, field, call, *args, **kwargs):
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            call(*args, **kwargs)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn(field, caught.exception.message)
+
+    def test_negative_label_and_edit(self):
+        away = self.client.sample(num_images=2, steps=4, label=1,
+                                  negative_label=2, guidance=2.0, seed=3)
+        self.assertEqual(away.network_evaluations, 2 * 2 * 4)
+        plain = self.client.sample(num_images=2, steps=4, label=1,
+                                   guidance=2.0, seed=3)
+        self.assertFalse(all(np.array_equal(a, b) for a, b in zip(away, plain)))
+        image = noise_images(1, seed=8)[0]
+        edited = self.client.edit(image, strength=0.5, num_images=2, steps=6,
+                                  seed=1)
+        self.assertEqual(len(edited), 2)
+        self.assertEqual(edited.network_evaluations, 2 * 6)
+        self.assertInvalid("strength", self.client.edit, image, strength=1.5)
+        self.assertInvalid("negative_label", self.client.sample, steps=2,
+                           label=1, negative_label=1, guidance=2.0)
+
+    def test_inpaint_with_resampling_keeps_the_known_pixels(self):
+        image = noise_images(1, seed=9)[0]
+        mask = np.zeros(SHAPE, dtype=bool)
+        mask[:, :14] = True
+        for rounds in (0, 2):
+            with self.subTest(resample_rounds=rounds):
+                result = self.client.inpaint(image, mask, num_images=2, steps=5,
+                                             seed=2, resample_rounds=rounds)
+                self.assertEqual(result.network_evaluations,
+                                 2 * 5 * (1 + rounds))
+                for x in result:
+                    np.testing.assert_array_equal(x[mask], image[mask])
+        # The uint8 form of the mask (>= 128 = known) is the same request.
+        a = self.client.inpaint(image, mask.astype(np.uint8) * 255, steps=3,
+                                seed=4, resample_rounds=1)
+        b = self.client.inpaint(image, mask, steps=3, seed=4, resample_rounds=1)
+        np.testing.assert_array_equal(a[0], b[0])
+        self.assertInvalid("resample_rounds", self.client.inpaint, image, mask,
+                           steps=3, resample_rounds=11)
+        self.assertInvalid("resample_rounds", self.client.inpaint, image, mask,
+                           steps=3, resample_rounds=1, sampler="dpm_solver_2m")
+
+    def test_encode_decode_round_trip(self):
+        images = noise_images(2, seed=10)
+        errors = {}
+        for steps in (2, 40):
+            latents = self.client.encode(images, steps=steps)
+            self.assertIsInstance(latents, vdm_client.EncodeResult)
+            self.assertEqual(len(latents), 2)
+            self.assertEqual(latents[0].shape, (1,) + SHAPE)
+            self.assertEqual(latents[0].dtype, np.float32)
+            self.assertEqual(latents.network_evaluations, 2 * steps)
+            decoded = self.client.decode(latents, steps=steps)
+            self.assertEqual(decoded.network_evaluations, 2 * steps)
+            again = self.client.decode(np.stack(latents), steps=steps)
+            for a, b in zip(decoded, again):  # deterministic
+                np.testing.assert_array_equal(a, b)
+            errors[steps] = np.mean([np.abs(a.astype(float) - b).mean()
+                                     for a, b in zip(decoded, images)])
+        self.assertLess(errors[40], errors[2], errors)
+
+    def test_interpolate_and_slerp(self):
+        a, b = noise_images(2, seed=11)
+        path = self.client.interpolate(a, b, num=4, steps=5)
+        self.assertEqual(len(path), 4)
+        self.assertEqual(path.network_evaluations, (2 + 4) * 5)
+        # The ends are the decoded latents of a and b themselves (up to the
+        # float rounding of a forward pass at another batch size).
+        ends = self.client.decode(self.client.encode([a, b], steps=5), steps=5)
+        for x, y in ((path[0], ends[0]), (path[-1], ends[1])):
+            self.assertLess(np.abs(x.astype(float) - y).mean(), 0.5)
+        self.assertGreater(np.abs(path[0].astype(float) - path[-1]).mean(), 10)
+        u = np.zeros((1, 2, 2), np.float32)
+        v = np.zeros((1, 2, 2), np.float32)
+        u.flat[0], v.flat[1] = 1, 1
+        mid = vdm_client.slerp(u, v, 3)[1]
+        np.testing.assert_allclose(np.linalg.norm(mid), 1.0, rtol=1e-6)
+        with self.assertRaises(ValueError):
+            vdm_client.slerp(u, v, 1)
+
+    def test_encode_decode_invalid_arguments(self):
+        image = noise_images(1)[0]
+        self.assertInvalid("steps", self.client.encode, [image], steps=-1)
+        self.assertInvalid("label", self.client.encode, [image], label=10)
+        self.assertInvalid("images", self.client.encode,
+                           noise_images(MAX_IMAGES + 1))
+        self.assertInvalid("latents[0]", self.client.decode,
+                           [np.zeros((1, 27, 28), np.float32)])
+        self.assertInvalid("latents[0]", self.client.decode,
+                           [np.full((1,) + SHAPE, np.nan, np.float32)])
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            self.client._call(self.client._stub.Sample, vdm_client.client.vdm_pb2.SampleRequest(
+                sampler=vdm_client.client.vdm_pb2.SAMPLER_HEUN,
+                latents=[vdm_client.client._latent_to_proto(
+                    np.zeros((1,) + SHAPE), 0)]))
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("latents", caught.exception.message)
+
     # ---- sample_stream
 
     def test_sample_stream_progress_then_result(self):

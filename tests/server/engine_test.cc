@@ -177,6 +177,60 @@ TEST_F(EngineTest, RowsOfDifferentSamplersAndKindsShareABatch) {
   EXPECT_THAT(Labels(3), ElementsAre(2)) << "only Heun is left";
 }
 
+TEST_F(EngineTest, EncodeRowsShareBatchesWithSamplingAndClimbInGamma) {
+  Engine::Options options;
+  options.max_batch = 4;
+  Make(options);
+  EncodeJob encode;
+  encode.images = Score(3, 2, 0).images;  // 3 images of the fake's shape
+  encode.sampler.steps = 4;
+  encode.label = 5;
+  Outcome<EncodeResult> e;
+  Outcome<SampleResult> a;
+  ASSERT_TRUE(engine_->SubmitEncode(encode, {}, e.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(engine_->Step());
+  // max_batch 4: the encode's 3 rows and one of the sample's 2.
+  EXPECT_THAT(Labels(0), ElementsAre(5, 5, 5, 1));
+  // Encoding starts at gamma(0) = -5; sampling at gamma(1) = 5.
+  EXPECT_FLOAT_EQ(model_->batches()[0].gammas[0], -5.0f);
+  EXPECT_FLOAT_EQ(model_->batches()[0].gammas[3], 5.0f);
+  while (engine_->Step()) {
+  }
+  ASSERT_EQ(e.calls, 1);
+  ASSERT_TRUE(e.result.ok()) << e.result.status();
+  EXPECT_EQ(e.result->network_evaluations, 3 * 4);
+  ASSERT_TRUE(a.result.ok());
+  // The encode's gammas climb step by step to the last step's gamma.
+  std::vector<float> encode_gammas;
+  for (const Batch& b : model_->batches()) {
+    for (size_t r = 0; r < b.labels.size(); ++r) {
+      if (b.labels[r] == 5) encode_gammas.push_back(b.gammas[r]);
+    }
+  }
+  ASSERT_EQ(encode_gammas.size(), 12u);
+  for (size_t i = 3; i < encode_gammas.size(); i += 3) {
+    EXPECT_GT(encode_gammas[i], encode_gammas[i - 3]);
+  }
+  // The result is the library's EncodeImages run alone.
+  FakeDenoiser alone;
+  std::vector<at::Tensor> x;
+  for (const Image8& image : encode.images) {
+    x.push_back(at::tensor(std::vector<int64_t>(image.pixels.begin(),
+                                                image.pixels.end()))
+                    .to(at::kByte)
+                    .view({1, 1, 2, 2}));
+  }
+  const at::Tensor want = *EncodeImages(alone, at::cat(x), encode.sampler, 5);
+  ASSERT_EQ(e.result->latents.size(), 3u);
+  for (int64_t i = 0; i < 3; ++i) {
+    for (int64_t p = 0; p < 4; ++p) {
+      EXPECT_FLOAT_EQ(e.result->latents[i][p],
+                      want[i].flatten()[p].item<float>());
+    }
+  }
+}
+
 TEST_F(EngineTest, NewRequestJoinsAtTheNextIterationAndLeavesWhenDone) {
   Make();
   Outcome<SampleResult> a, b;

@@ -5,6 +5,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <limits>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -320,6 +323,16 @@ struct BadSample {
   const char* field;
 };
 
+// A latent of the tiny model's shape (zeros) added to `r`.
+v1::Latent* AddLatent(v1::SampleRequest* r) {
+  v1::Latent* z = r->add_latents();
+  for (int i = 0; i < 28 * 28; ++i) z->add_values(0.0f);
+  z->set_channels(1);
+  z->set_height(28);
+  z->set_width(28);
+  return z;
+}
+
 TEST_F(ServiceTest, InvalidSampleFieldsAreNamed) {
   const std::vector<BadSample> cases = {
       {[](v1::SampleRequest* r) { r->set_num_images(0); }, "num_images"},
@@ -364,6 +377,49 @@ TEST_F(ServiceTest, InvalidSampleFieldsAreNamed) {
        "mask"},
       {[](v1::SampleRequest* r) { r->mutable_mask()->set_data(std::string(784, 'x')); },
        "mask"},
+      // RePaint resampling: a range, a mask, a sampler without history.
+      {[](v1::SampleRequest* r) { r->set_resample_rounds(2); }, "resample_rounds"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->mutable_mask()->set_data(std::string(784, '\xff'));
+         r->set_resample_rounds(11);
+       },
+       "resample_rounds"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->mutable_mask()->set_data(std::string(784, '\xff'));
+         r->set_resample_rounds(-1);
+       },
+       "resample_rounds"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->mutable_mask()->set_data(std::string(784, '\xff'));
+         r->set_resample_rounds(1);
+         r->set_sampler(v1::SAMPLER_DPM_SOLVER_2M);
+       },
+       "resample_rounds"},
+      // Decoding latents: count, sampler, eta, shape, values, no edit.
+      {[](v1::SampleRequest* r) { r->set_num_images(2); AddLatent(r); }, "num_images"},
+      {[](v1::SampleRequest* r) {
+         for (int i = 0; i < 33; ++i) AddLatent(r);
+         r->set_num_images(0);
+       },
+       "latents"},
+      {[](v1::SampleRequest* r) { AddLatent(r); r->set_sampler(v1::SAMPLER_HEUN); },
+       "latents"},
+      {[](v1::SampleRequest* r) { AddLatent(r); r->set_eta(0.5f); }, "latents"},
+      {[](v1::SampleRequest* r) { AddLatent(r)->set_height(27); }, "latents[0]"},
+      {[](v1::SampleRequest* r) { AddLatent(r)->add_values(0.0f); }, "latents[0]"},
+      {[](v1::SampleRequest* r) {
+         AddLatent(r)->set_values(5, std::numeric_limits<float>::infinity());
+       },
+       "latents[0]"},
+      {[](v1::SampleRequest* r) {
+         AddLatent(r);
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->set_strength(0.5f);
+       },
+       "latents"},
   };
   for (const BadSample& c : cases) {
     v1::SampleRequest request = SampleRequest(1, 2, 1);
@@ -594,6 +650,113 @@ TEST_F(ServiceTest, InpaintingKeepsTheKnownPixelsAndEditingKeepsTheImage) {
                       reference.pixels[p]) <= 16;
   }
   EXPECT_GT(close, 28 * 28 * 3 / 4);
+}
+
+TEST_F(ServiceTest, ResamplingMultipliesTheRowsAndKeepsTheKnownPixels) {
+  Image8 reference{1, 28, 28, std::vector<uint8_t>(28 * 28)};
+  for (int p = 0; p < 28 * 28; ++p) reference.pixels[p] = (p * 7) % 256;
+  Image8 mask{1, 28, 28, std::vector<uint8_t>(28 * 28, 0)};
+  for (int p = 0; p < 28 * 28; ++p) mask.pixels[p] = p % 28 < 10 ? 255 : 0;
+  for (v1::Sampler sampler : {v1::SAMPLER_DDPM, v1::SAMPLER_HEUN}) {
+    v1::SampleRequest request = SampleRequest(2, 4, 3);
+    request.set_sampler(sampler);
+    request.mutable_init_image()->set_data(*EncodePng(reference));
+    request.mutable_mask()->set_data(*EncodePng(mask));
+    request.set_resample_rounds(3);
+    v1::SampleResponse response;
+    ASSERT_TRUE(CallSample(request, &response).ok());
+    const int per_step = sampler == v1::SAMPLER_HEUN ? 2 : 1;
+    EXPECT_EQ(response.network_evaluations(), 2 * 4 * per_step * (1 + 3));
+    for (const v1::Image& image : response.images()) {
+      for (int p = 0; p < 28 * 28; ++p) {
+        if (p % 28 < 10) {
+          ASSERT_EQ(static_cast<uint8_t>(image.data()[p]), reference.pixels[p]);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(ServiceTest, EncodeThenDecodeRoundTripsThroughTheEngine) {
+  std::vector<Image8> images;
+  for (int i = 0; i < 3; ++i) {
+    Image8 x{1, 28, 28, std::vector<uint8_t>(28 * 28)};
+    for (int p = 0; p < 28 * 28; ++p) x.pixels[p] = (p * (i + 5)) % 256;
+    images.push_back(x);
+  }
+  auto error = [&](int steps) {
+    client::EncodeParams params;
+    params.steps = steps;
+    params.label = 2;
+    absl::StatusOr<client::EncodeResult> encoded =
+        client_->Encode(images, params);
+    EXPECT_TRUE(encoded.ok()) << encoded.status();
+    EXPECT_EQ(encoded->network_evaluations, 3 * steps);
+    EXPECT_EQ(encoded->latents.size(), 3u);
+    EXPECT_EQ(encoded->latents[0].values.size(), 28u * 28u);
+    client::SampleParams decode;
+    decode.num_images = 3;
+    decode.steps = steps;
+    decode.label = 2;
+    decode.latents = encoded->latents;
+    absl::StatusOr<client::SampleResult> decoded = client_->Sample(decode);
+    EXPECT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(decoded->network_evaluations, 3 * steps);
+    // Deterministic: the seed does not matter.
+    decode.seed = 77;
+    absl::StatusOr<client::SampleResult> again = client_->Sample(decode);
+    EXPECT_EQ(again->images[1].pixels, decoded->images[1].pixels);
+    double sum = 0;
+    for (int i = 0; i < 3; ++i) {
+      for (int p = 0; p < 28 * 28; ++p) {
+        sum += std::abs(decoded->images[i].pixels[p] - images[i].pixels[p]);
+      }
+    }
+    return sum / (3 * 28 * 28);
+  };
+  const double coarse = error(2), fine = error(40);
+  EXPECT_LT(fine, coarse) << "the round trip improves with the steps";
+  // Invalid Encode fields are named.
+  v1::EncodeRequest bad;
+  bad.set_format(v1::IMAGE_FORMAT_RAW);
+  v1::EncodeResponse response;
+  struct Case {
+    std::function<void(v1::EncodeRequest*)> edit;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {[](v1::EncodeRequest*) {}, "images"},
+      {[](v1::EncodeRequest* r) { r->add_images()->set_data(std::string(100, 'x')); },
+       "images[0]"},
+      {[](v1::EncodeRequest* r) {
+         r->add_images()->set_data(std::string(784, 'x'));
+         r->set_steps(1001);
+       },
+       "steps"},
+      {[](v1::EncodeRequest* r) {
+         r->add_images()->set_data(std::string(784, 'x'));
+         r->set_label(10);
+       },
+       "label"},
+      {[](v1::EncodeRequest* r) {
+         r->add_images()->set_data(std::string(784, 'x'));
+         r->set_time_grid(static_cast<v1::TimeGrid>(7));
+       },
+       "time_grid"},
+      {[](v1::EncodeRequest* r) {
+         r->add_images()->set_data(std::string(784, 'x'));
+         r->set_format(static_cast<v1::ImageFormat>(9));
+       },
+       "format"},
+  };
+  for (const Case& c : cases) {
+    v1::EncodeRequest request = bad;
+    c.edit(&request);
+    grpc::ClientContext context;
+    const grpc::Status s = stub_->Encode(&context, request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(s.error_message(), HasSubstr(c.field));
+  }
 }
 
 TEST_F(ServiceTest, UncalibratedScoresCarryComplexityBandsAndMaps) {

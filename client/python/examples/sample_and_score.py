@@ -90,4 +90,18 @@ else:
     figure.savefig("sample_and_score.png", dpi=100)
     print("wrote sample_and_score.png")
 
+# %% Editing: inpaint the right half of the first sample (RePaint, 2
+# resampling rounds), and round-trip it through its DDIM latent.
+mask = np.zeros(samples[0].shape, dtype=bool)
+mask[:, : mask.shape[1] // 2] = True
+inpainted = client.inpaint(samples[0], mask, num_images=2, steps=20,
+                           resample_rounds=2)
+print(f"inpainted: {len(inpainted)} images, "
+      f"{inpainted.network_evaluations} network evaluations")
+latents = client.encode(samples[:1], steps=50)
+again = client.decode(latents, steps=50)
+error = np.abs(again[0].astype(float) - samples[0]).mean()
+print(f"encode/decode at 50 steps: latent {latents[0].shape}, "
+      f"mean |error| {error:.2f} of 255")
+
 client.close()

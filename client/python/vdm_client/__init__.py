@@ -6,6 +6,8 @@
     images.seed                                             # the seed used
     rows = client.score(images, seed=1)                     # one dict per image
     rows[0]["bpd"]
+    latents = client.encode(images, steps=50)               # float32 (C, H, W) each
+    client.decode(latents, steps=50)                        # the images back
 
 Built by CMake into <build>/python (PYTHONPATH=build/python /usr/bin/python3);
 command line: python3 -m vdm_client --help.
@@ -16,17 +18,19 @@ from vdm_client.client import (
     SAMPLERS,
     TIME_GRIDS,
     Client,
+    EncodeResult,
     Progress,
     SampleResult,
     ScoreResult,
     VdmError,
     make_grid,
     scores_to_csv,
+    slerp,
     write_csv,
 )
 
 __all__ = [
-    "CSV_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
-    "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
-    "write_csv",
+    "CSV_FIELDS", "Client", "EncodeResult", "Progress", "SAMPLERS",
+    "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid",
+    "scores_to_csv", "slerp", "write_csv",
 ]

@@ -24,9 +24,9 @@ except ImportError:  # pragma: no cover - depends on the machine
     _PILImage = None
 
 __all__ = [
-    "CSV_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
-    "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
-    "write_csv",
+    "CSV_FIELDS", "Client", "EncodeResult", "Progress", "SAMPLERS",
+    "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid",
+    "scores_to_csv", "slerp", "write_csv",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -142,6 +142,72 @@ class SampleResult(list):
         return (f"SampleResult({len(self)} images of shape {shape}, "
                 f"seed={self.seed}, "
                 f"network_evaluations={self.network_evaluations})")
+
+
+class EncodeResult(list):
+    """The latents of an encode call, a list of numpy float32 arrays of shape
+    (C, H, W), one per image, with `network_evaluations` (images x steps),
+    `queue_seconds` and `compute_seconds`. np.stack(result) gives (n, C, H, W).
+    """
+
+    def __init__(self, latents=(), network_evaluations: int = 0,
+                 queue_seconds: float = 0.0, compute_seconds: float = 0.0):
+        super().__init__(latents)
+        self.network_evaluations = network_evaluations
+        self.queue_seconds = queue_seconds
+        self.compute_seconds = compute_seconds
+
+    def __repr__(self) -> str:
+        shape = self[0].shape if self else ()
+        return (f"EncodeResult({len(self)} latents of shape {shape}, "
+                f"network_evaluations={self.network_evaluations})")
+
+
+def slerp(a, b, num: int) -> List[np.ndarray]:
+    """`num` >= 2 latents on the great circle from a (first) to b (last),
+    evenly in angle, as `vdm-client interpolate` does (client/client.cc
+    SlerpPath): a Gaussian latent's norm concentrates, so a straight line
+    would leave the shell the model was trained on."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"slerp: shapes {a.shape} and {b.shape} differ")
+    if int(num) < 2:
+        raise ValueError(f"slerp: num must be >= 2, got {num}")
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cosine = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na and nb else 1.0
+    theta = math.acos(min(1.0, max(-1.0, cosine)))
+    path = []
+    for k in range(int(num)):
+        t = k / (int(num) - 1)
+        if theta < 1e-6:
+            wa, wb = 1 - t, t
+        else:
+            wa = math.sin((1 - t) * theta) / math.sin(theta)
+            wb = math.sin(t * theta) / math.sin(theta)
+        path.append((wa * a + wb * b).astype(np.float32))
+    return path
+
+
+def _latent_to_proto(latent, index: int):
+    array = np.asarray(latent, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3:
+        raise ValueError(f"latent {index}: shape {array.shape}, want (C, H, W)")
+    c, h, w = array.shape
+    return vdm_pb2.Latent(values=array.ravel().tolist(), channels=c, height=h,
+                          width=w)
+
+
+def _mask_to_proto(mask):
+    """A mask (bool, or uint8 with >= 128 = known; H x W) as a RAW gray image."""
+    array = np.asarray(mask)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if array.ndim != 2:
+        raise ValueError(f"mask: shape {array.shape}, want H x W")
+    return _image_to_proto(array, 0)
 
 
 class ScoreResult(list):
@@ -372,7 +438,9 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def _sample_request(self, num_images, steps, sampler, eta, label, guidance,
-                        seed, time_grid, preview_every=0):
+                        seed, time_grid, preview_every=0, negative_label=None,
+                        init_image=None, strength=None, mask=None,
+                        resample_rounds=0, latents=None):
         request = vdm_pb2.SampleRequest(
             num_images=int(num_images), steps=int(steps),
             sampler=_enum_value(vdm_pb2.Sampler, "SAMPLER_", sampler, "sampler"),
@@ -387,6 +455,18 @@ class Client:
         seed = _check_seed(seed)
         if seed is not None:
             request.seed = seed
+        if negative_label is not None:
+            request.negative_label = int(negative_label)
+        if init_image is not None:
+            request.init_image.CopyFrom(_image_to_proto(init_image, 0))
+        if strength is not None:
+            request.strength = float(strength)
+        if mask is not None:
+            request.mask.CopyFrom(_mask_to_proto(mask))
+        request.resample_rounds = int(resample_rounds)
+        if latents is not None:
+            request.latents.extend(_latent_to_proto(z, i)
+                                   for i, z in enumerate(latents))
         return request
 
     @staticmethod
@@ -405,7 +485,8 @@ class Client:
                sampler: Union[str, int] = "ddim", eta: float = 0.0,
                label: Optional[int] = None, guidance: Optional[float] = None,
                seed: Optional[int] = None,
-               time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+               time_grid: Union[str, int] = "uniform_t",
+               negative_label: Optional[int] = None) -> SampleResult:
         """Draws `num_images` images: a SampleResult, a list of numpy uint8
         arrays of the model's shape with `.seed` (the seed used) and
         `.network_evaluations`.
@@ -413,13 +494,108 @@ class Client:
         sampler: one of SAMPLERS ("ddim", "ddpm", "euler_maruyama", "heun",
         "dpm_solver_2m"); eta: DDIM's, in [0, 1]; label: a class (None =
         unconditional); guidance: classifier-free guidance scale in [0, 20]
-        (needs a label; None = 1, plain conditional); seed: None = chosen by
-        the server; time_grid: one of TIME_GRIDS.
+        (needs a label or a negative_label; None = 1, plain conditional);
+        seed: None = chosen by the server; time_grid: one of TIME_GRIDS;
+        negative_label: guide away from this class (needs guidance != 1).
         """
         request = self._sample_request(num_images, steps, sampler, eta, label,
-                                       guidance, seed, time_grid)
+                                       guidance, seed, time_grid,
+                                       negative_label=negative_label)
         response = self._call(self._stub.Sample, request)
         return self._sample_result(response, request.num_images)
+
+    def edit(self, image, strength: float, num_images: int = 1,
+             steps: int = 50, sampler: Union[str, int] = "ddim",
+             eta: float = 0.0, label: Optional[int] = None,
+             guidance: Optional[float] = None,
+             negative_label: Optional[int] = None, seed: Optional[int] = None,
+             time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+        """Image-to-image (SDEdit): `image` (numpy uint8 of the model's shape,
+        or PIL) noised to t = strength in (0, 1) and sampled back, with
+        `steps` steps over that shorter interval (the evaluations follow the
+        steps as in sample()). Small strength keeps the image; a label and
+        guidance steer it. Returns a SampleResult like sample()."""
+        request = self._sample_request(num_images, steps, sampler, eta, label,
+                                       guidance, seed, time_grid,
+                                       negative_label=negative_label,
+                                       init_image=image, strength=strength)
+        response = self._call(self._stub.Sample, request)
+        return self._sample_result(response, request.num_images)
+
+    def inpaint(self, image, mask, num_images: int = 1, steps: int = 50,
+                sampler: Union[str, int] = "ddim", eta: float = 0.0,
+                label: Optional[int] = None, guidance: Optional[float] = None,
+                negative_label: Optional[int] = None,
+                seed: Optional[int] = None,
+                time_grid: Union[str, int] = "uniform_t",
+                resample_rounds: int = 0) -> SampleResult:
+        """Inpainting: the results equal `image` exactly where `mask` (H x W,
+        bool or uint8 with >= 128 = known) is set and are sampled to fit
+        elsewhere. resample_rounds (0..10): RePaint's resampling, each round
+        redoing every step once more (the evaluations grow by that factor;
+        not with dpm_solver_2m). Returns a SampleResult like sample()."""
+        request = self._sample_request(num_images, steps, sampler, eta, label,
+                                       guidance, seed, time_grid,
+                                       negative_label=negative_label,
+                                       init_image=image, mask=mask,
+                                       resample_rounds=resample_rounds)
+        response = self._call(self._stub.Sample, request)
+        return self._sample_result(response, request.num_images)
+
+    def encode(self, images: Sequence, steps: int = 50,
+               label: Optional[int] = None,
+               time_grid: Union[str, int] = "uniform_t") -> EncodeResult:
+        """DDIM inversion: each image's latent at t = 1, an EncodeResult of
+        numpy float32 (C, H, W) arrays (steps network evaluations per image).
+        decode() with the same steps, time_grid and label gives the images
+        back, up to an error that shrinks with the steps."""
+        protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
+        if not protos:
+            raise ValueError("encode: no images")
+        request = vdm_pb2.EncodeRequest(
+            images=protos, format=vdm_pb2.IMAGE_FORMAT_RAW, steps=int(steps),
+            time_grid=_enum_value(vdm_pb2.TimeGrid, "TIME_GRID_", time_grid,
+                                  "time_grid"))
+        if label is not None:
+            request.label = int(label)
+        response = self._call(self._stub.Encode, request)
+        if len(response.latents) != len(protos):
+            raise VdmError(grpc.StatusCode.INTERNAL,
+                           f"sent {len(protos)} images, the server returned "
+                           f"{len(response.latents)} latents")
+        latents = [np.asarray(z.values, dtype=np.float32).reshape(
+            z.channels, z.height, z.width) for z in response.latents]
+        return EncodeResult(latents, response.network_evaluations,
+                            response.queue_seconds, response.compute_seconds)
+
+    def decode(self, latents, steps: int = 50, label: Optional[int] = None,
+               guidance: Optional[float] = None,
+               time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+        """The images of `latents` (a sequence of (C, H, W) float arrays, or
+        one (n, C, H, W) array): deterministic DDIM (eta 0) from each latent,
+        steps network evaluations per latent. Use encode()'s steps, time_grid
+        and label to get its images back."""
+        latents = list(latents)
+        if not latents:
+            raise ValueError("decode: no latents")
+        request = self._sample_request(0, steps, "ddim", 0.0, label, guidance,
+                                       None, time_grid, latents=latents)
+        response = self._call(self._stub.Sample, request)
+        return self._sample_result(response, len(latents))
+
+    def interpolate(self, a, b, num: int = 8, steps: int = 50,
+                    label: Optional[int] = None,
+                    time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+        """`num` images morphing from image a to image b: both encoded, their
+        latents slerped at `num` points (the ends are a's and b's own), then
+        decoded. Costs (2 + num) x steps network evaluations; the result's
+        network_evaluations counts both calls."""
+        encoded = self.encode([a, b], steps=steps, label=label,
+                              time_grid=time_grid)
+        images = self.decode(slerp(encoded[0], encoded[1], num), steps=steps,
+                             label=label, time_grid=time_grid)
+        images.network_evaluations += encoded.network_evaluations
+        return images
 
     def sample_stream(self, num_images: int = 1, steps: int = 50,
                       sampler: Union[str, int] = "ddim", eta: float = 0.0,
