@@ -13,6 +13,7 @@ command line: python3 -m vdm_client --help.
 
 from vdm_client.client import (
     CSV_FIELDS,
+    LLR_FIELDS,
     SAMPLERS,
     TIME_GRIDS,
     Client,
@@ -26,7 +27,7 @@ from vdm_client.client import (
 )
 
 __all__ = [
-    "CSV_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
+    "CSV_FIELDS", "LLR_FIELDS", "Client", "Progress", "SAMPLERS", "SampleResult",
     "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
     "write_csv",
 ]
