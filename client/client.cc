@@ -44,6 +44,8 @@ ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
   row.band_bpd.assign(score.band_bpd().begin(), score.band_bpd().end());
   if (score.has_p_value()) row.p_value = score.p_value();
   if (score.has_is_anomaly()) row.is_anomaly = score.is_anomaly();
+  if (score.has_llr()) row.llr = score.llr();
+  if (score.has_background_bpd()) row.background_bpd = score.background_bpd();
   row.anomaly_map.assign(score.anomaly_map().begin(), score.anomaly_map().end());
   row.anomaly_map_png = score.anomaly_map_png();
   return row;
@@ -597,10 +599,15 @@ std::string FormatSampleSummary(const SampleResult& result) {
 }
 
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
+  // The likelihood-ratio columns only when the server has a background model.
+  const bool llr = std::any_of(rows.begin(), rows.end(), [](const ScoreRow& r) {
+    return r.llr.has_value();
+  });
   std::string csv =
       "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,"
       "band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,"
-      "is_anomaly\n";
+      "is_anomaly";
+  csv += llr ? ",llr,background_bpd\n" : "\n";
   for (const ScoreRow& row : rows) {
     absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f", row.index,
                           row.bpd, row.prior_bpd, row.recon_bpd,
@@ -617,6 +624,14 @@ std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
     if (row.p_value) absl::StrAppendFormat(&csv, "%.6f", *row.p_value);
     csv += ",";
     if (row.is_anomaly) csv += *row.is_anomaly ? "1" : "0";
+    if (llr) {
+      csv += ",";
+      if (row.llr) absl::StrAppendFormat(&csv, "%.6f", *row.llr);
+      csv += ",";
+      if (row.background_bpd) {
+        absl::StrAppendFormat(&csv, "%.6f", *row.background_bpd);
+      }
+    }
     csv += "\n";
   }
   return csv;

@@ -163,6 +163,10 @@ struct ScoreRow {
   std::vector<double> band_bpd;
   std::optional<double> p_value;    // calibrated models only
   std::optional<bool> is_anomaly;   // calibrated models only
+  // Servers with a background model only: the likelihood ratio and the
+  // background model's BPD.
+  std::optional<double> llr;
+  std::optional<double> background_bpd;
   std::vector<float> anomaly_map;   // H x W bits, when asked for
   std::string anomaly_map_png;      // the same as a PNG heat map
 };

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "model/vdm/denoiser.h"
 #include "model/vdm/request.h"
+#include "model/vdm/status_macros.h"
 #include "server/metrics.h"
 #include "server/tasks.h"
 
@@ -115,9 +116,11 @@ struct EvaluationCounter {
 class Worker {
  public:
   Worker(int index, std::unique_ptr<Denoiser> model,
-         const Engine::Options& options, Metrics* metrics,
-         CompletionQueue* completions, EvaluationCounter* counter)
-      : index_(index), model_(std::move(model)), options_(options),
+         std::unique_ptr<Denoiser> background, const Engine::Options& options,
+         Metrics* metrics, CompletionQueue* completions,
+         EvaluationCounter* counter)
+      : index_(index), model_(std::move(model)),
+        background_(std::move(background)), options_(options),
         metrics_(metrics), completions_(completions), counter_(counter) {
     if (metrics_) seconds_ = metrics_->WorkerSecondsOf(index_);
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
@@ -195,12 +198,19 @@ class Worker {
   bool Sweep();
   // Gathers, evaluates and hands out one batch; adds its forward time.
   bool RunBatch(double* forward_seconds);
+  // Evaluates the rows of the batch's parts whose task wants them on the
+  // background model and gives them to the tasks. Returns one status per
+  // live task (OK for the others); adds the forward time.
+  std::vector<absl::Status> RunBackground(
+      const std::vector<std::pair<size_t, int64_t>>& parts,
+      const std::vector<Rows>& rows, double* forward_seconds);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
   absl::Time Now() const { return options_.clock->Now(); }
 
   const int index_;
   std::unique_ptr<Denoiser> model_;
+  std::unique_ptr<Denoiser> background_;  // may be null
   const Engine::Options options_;
   Metrics* const metrics_;
   CompletionQueue* const completions_;
@@ -368,6 +378,8 @@ bool Worker::RunBatch(double* forward_seconds) {
   if (metrics_) {
     metrics_->RecordBatch(static_cast<int>(total), options_.max_batch, forward);
   }
+  const std::vector<absl::Status> background =
+      RunBackground(parts, rows, forward_seconds);
   int64_t offset = 0;
   std::vector<std::pair<size_t, absl::Status>> finished;
   for (const auto& [i, m] : parts) {
@@ -388,6 +400,7 @@ bool Worker::RunBatch(double* forward_seconds) {
     } else {
       given = eps.status();
     }
+    if (given.ok()) given = background[i];
     offset += m;
     if (!given.ok() || task.done()) finished.emplace_back(i, given);
   }
@@ -396,6 +409,59 @@ bool Worker::RunBatch(double* forward_seconds) {
             [](const auto& a, const auto& b) { return a.first > b.first; });
   for (auto& [i, status] : finished) Retire(i, std::move(status));
   return true;
+}
+
+std::vector<absl::Status> Worker::RunBackground(
+    const std::vector<std::pair<size_t, int64_t>>& parts,
+    const std::vector<Rows>& rows, double* forward_seconds) {
+  std::vector<absl::Status> status(live_.size());
+  if (!background_) return status;
+  std::vector<Rows> wanted;
+  std::vector<std::pair<size_t, int64_t>> which;
+  for (size_t k = 0; k < parts.size(); ++k) {
+    if (!live_[parts[k].first].task->wants_background()) continue;
+    wanted.push_back(rows[k]);
+    which.push_back(parts[k]);
+  }
+  if (wanted.empty()) return status;
+  const absl::Time start = Now();
+  absl::StatusOr<at::Tensor> eps;
+  {
+    torch::NoGradGuard no_grad;
+    try {
+      eps = Evaluate(*background_, Rows::Cat(wanted));
+      if (eps.ok()) *eps = eps->to(at::kCPU);
+    } catch (const std::exception& e) {
+      eps = absl::InternalError(
+          absl::StrCat("background model forward pass: ", e.what()));
+    }
+  }
+  const double forward = absl::ToDoubleSeconds(Now() - start);
+  *forward_seconds += forward;
+  int64_t offset = 0;
+  for (const auto& [i, m] : which) {
+    Task& task = *live_[i].task;
+    task.AddEvaluations(m);
+    if (!eps.ok()) {
+      status[i] = eps.status();
+    } else {
+      try {
+        status[i] = task.GiveBackground(eps->narrow(0, offset, m));
+      } catch (const std::exception& e) {
+        status[i] = absl::InternalError(
+            absl::StrCat("request step (background): ", e.what()));
+      }
+    }
+    offset += m;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.background_rows += offset;
+    stats_.forward_seconds += forward;
+  }
+  absl::MutexLock lock(&counter_->mu);
+  counter_->rows += offset;
+  return status;
 }
 
 // Takes live_[index] out, releases its admitted rows and hands it to the
@@ -426,21 +492,52 @@ void Worker::UpdateGauges() {
 
 // ---------------------------------------------------------------------------
 
+absl::Status CheckBackgroundModel(const Denoiser& model,
+                                  const Denoiser& background) {
+  const ImageShape a = model.shape(), b = background.shape();
+  if (a.channels != b.channels || a.height != b.height || a.width != b.width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "background model: its images are ", b.channels, "x", b.height, "x",
+        b.width, ", the model's ", a.channels, "x", a.height, "x", a.width,
+        " (it must have the model's shape)"));
+  }
+  if (model.num_classes() != background.num_classes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "background model: ", background.num_classes(), " classes, the "
+        "model ", model.num_classes(), " (it must have the model's "
+        "num_classes)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     const Options& options, std::vector<std::unique_ptr<Denoiser>> replicas,
-    Metrics* metrics) {
+    Metrics* metrics, std::vector<std::unique_ptr<Denoiser>> background) {
   if (replicas.empty()) {
     return absl::InvalidArgumentError("engine needs at least one model replica");
+  }
+  if (!background.empty()) {
+    if (background.size() != replicas.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "background model: ", background.size(), " replicas for ",
+          replicas.size(), " model replicas"));
+    }
+    for (size_t i = 0; i < background.size(); ++i) {
+      VDM_RETURN_IF_ERROR(CheckBackgroundModel(*replicas[i], *background[i]));
+    }
   }
   if (options.max_batch < 1) {
     return absl::InvalidArgumentError("max_batch must be >= 1");
   }
   std::unique_ptr<Engine> engine(new Engine(options, metrics));
-  for (auto& model : replicas) {
+  engine->has_background_ = !background.empty();
+  for (size_t i = 0; i < replicas.size(); ++i) {
     const int index = static_cast<int>(engine->workers_.size());
     engine->workers_.push_back(std::make_unique<Worker>(
-        index, std::move(model), engine->options_, metrics,
-        engine->completions_.get(), engine->counter_.get()));
+        index, std::move(replicas[i]),
+        background.empty() ? nullptr : std::move(background[i]),
+        engine->options_, metrics, engine->completions_.get(),
+        engine->counter_.get()));
   }
   return engine;
 }
@@ -500,6 +597,7 @@ absl::Status Engine::SubmitSample(SampleJob job, RequestControl control,
 absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
                                  ScoreCallback done) {
   Worker* worker = LeastLoaded();
+  job.background = has_background_;
   const int64_t rows =
       ScoreRowCost(static_cast<int64_t>(job.images.size()), job.timesteps);
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),

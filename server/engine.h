@@ -45,7 +45,15 @@ struct WorkerStats {
   int64_t rows = 0;
   double forward_seconds = 0;  // inside Denoiser::Denoise
   double host_seconds = 0;     // gathering rows, advancing tasks, retiring
+  // Score rows also evaluated on the background model (their time is in
+  // forward_seconds; their count is not in `rows`).
+  int64_t background_rows = 0;
 };
+
+// OK when `background` can serve as `model`'s background model (the same
+// image shape and num_classes); else INVALID_ARGUMENT saying what differs.
+absl::Status CheckBackgroundModel(const Denoiser& model,
+                                  const Denoiser& background);
 
 class Engine {
  public:
@@ -58,9 +66,15 @@ class Engine {
   };
 
   // One worker per replica; `metrics` may be null and must outlive the engine.
+  // `background`: empty, or one background model per replica (the
+  // likelihood ratio of Ren et al. 2019), of the replicas' shape and
+  // num_classes: each ScoreBPD row is then also evaluated on the worker's
+  // background model, in the same iteration as on its replica, and the
+  // result carries background_bpd.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(
       const Options& options,
-      std::vector<std::unique_ptr<Denoiser>> replicas, Metrics* metrics);
+      std::vector<std::unique_ptr<Denoiser>> replicas, Metrics* metrics,
+      std::vector<std::unique_ptr<Denoiser>> background = {});
   ~Engine();  // Stops the workers; unfinished requests fail with UNAVAILABLE.
 
   // Admits a job or returns at once RESOURCE_EXHAUSTED (the queue is full
@@ -84,7 +98,7 @@ class Engine {
   // the workers and delivers every pending callback. Idempotent.
   void Stop();
 
-  // Total rows evaluated so far (all workers).
+  // Total rows evaluated so far (all workers), background rows included.
   int64_t network_evaluations() const;
   // Blocks until no request is admitted or running and every callback has
   // run, or until `deadline` (real time). Returns true when idle.
@@ -105,6 +119,7 @@ class Engine {
                      int64_t rows);
 
   Options options_;
+  bool has_background_ = false;
   std::unique_ptr<CompletionQueue> completions_;
   std::unique_ptr<EvaluationCounter> counter_;
   std::vector<std::unique_ptr<Worker>> workers_;

@@ -62,6 +62,9 @@ struct ScoreJob {
   int label = -1;              // -1 = "no label"
   bool shared_noise = false;   // common random numbers across images
   bool pixel_map = false;      // also the per-pixel diffusion term
+  // Set by the engine when it has a background model: every row is also
+  // evaluated on it, in the same batch (ImageBpd::background_bpd).
+  bool background = false;
 };
 
 // Per-image bits per dimension, its parts and the anomaly features
@@ -71,10 +74,16 @@ struct ImageBpd {
   double complexity = 0;          // PNG bits per dimension
   std::vector<double> band;       // kBands, sums to `diffusion`
   std::vector<float> pixel_bits;  // H x W, when ScoreJob::pixel_map
+  // With a background model (ScoreJob::background): the BPD of the same
+  // rows (z, gamma, label, times: common random numbers) under it, so
+  // bpd - background_bpd is the likelihood ratio of Ren et al. 2019.
+  std::optional<double> background_bpd;
 };
 
 struct ScoreResult {
   std::vector<ImageBpd> scores;
+  // Rows evaluated for the request: n K on the model, plus n K on the
+  // background model when there is one.
   int64_t network_evaluations = 0;
   double queue_seconds = 0;
   double compute_seconds = 0;

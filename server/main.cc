@@ -26,6 +26,11 @@ ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt",
 ABSL_FLAG(std::string, calibration, "",
           "anomaly calibration JSON (vdm-calibrate); empty = "
           "MODEL.calibration.json when it exists; none = uncalibrated");
+ABSL_FLAG(std::string, background_model, "",
+          "background model (.pt, vdm-train --mutation_rate) of the same "
+          "image shape and classes: ScoreBPD also returns llr = bpd - "
+          "background_bpd (Ren et al. 2019), at K more rows per image; "
+          "empty = none");
 ABSL_FLAG(std::string, address, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9090",
           "Prometheus /metrics listen address; empty disables it");
@@ -111,6 +116,7 @@ int main(int argc, char** argv) {
   vdm::VdmServer::Options options;
   options.model_path = absl::GetFlag(FLAGS_model);
   options.calibration_path = absl::GetFlag(FLAGS_calibration);
+  options.background_model_path = absl::GetFlag(FLAGS_background_model);
   options.address = absl::GetFlag(FLAGS_address);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',

@@ -209,12 +209,37 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
     replicas.push_back(std::move(model));
   }
   if (!description.ok()) return description.status();
+  std::vector<std::unique_ptr<Denoiser>> background;
+  if (!options.background_model_path.empty()) {
+    for (size_t i = 0; i < options.devices.size(); ++i) {
+      absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
+          TorchScriptModel::Load(
+              {options.background_model_path, options.devices[i], true});
+      if (!model.ok()) {
+        return absl::Status(model.status().code(),
+                            absl::StrCat("--background_model: ",
+                                         model.status().message()));
+      }
+      const absl::Status fits = CheckBackgroundModel(*replicas[i], **model);
+      if (!fits.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--background_model ", options.background_model_path,
+                         " does not fit --model ", options.model_path, ": ",
+                         fits.message()));
+      }
+      background.push_back(*std::move(model));
+    }
+    description->background_path = options.background_model_path;
+    LOG(INFO) << "vdm-server: background model "
+              << options.background_model_path << " (likelihood ratio)";
+  }
   VDM_ASSIGN_OR_RETURN(description->calibration,
                        LoadCalibration(options.calibration_path,
                                        options.model_path));
   VDM_ASSIGN_OR_RETURN(server->engine_,
                        Engine::Create(options.engine, std::move(replicas),
-                                      server->metrics_.get()));
+                                      server->metrics_.get(),
+                                      std::move(background)));
   VdmServiceImpl::Options limits = options.limits;
   limits.max_request_rows = options.engine.max_queued_rows;
   VDM_ASSIGN_OR_RETURN(limits.auth_token, ReadToken(options.auth_token_file));

@@ -25,6 +25,10 @@ class VdmServer {
     // Anomaly calibration (model/vdm/anomaly.h, written by vdm-calibrate):
     // empty = <model_path>.calibration.json when it exists; "none" = none.
     std::string calibration_path;
+    // A background model for the likelihood ratio (ImageScore.llr), loaded
+    // once per device beside the model; empty = none. It must have the
+    // model's image shape and num_classes (else Create fails).
+    std::string background_model_path;
     std::string address = "0.0.0.0:50051";  // port 0 picks a free port
     std::string metrics_address;            // empty = no /metrics endpoint
     std::vector<std::string> devices = {"cpu"};  // one worker per device

@@ -169,6 +169,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
           out->set_stderr_bpd(s.stderr_bpd);
           out->set_complexity_bpd(s.complexity);
           for (double b : s.band) out->add_band_bpd(b);
+          if (s.background_bpd) {
+            out->set_background_bpd(*s.background_bpd);
+            out->set_llr(s.bpd - *s.background_bpd);
+          }
           if (calibration != nullptr) {
             const double score =
                 calibration->Score(AnomalyFeatures(s.bpd, s.complexity, s.band));
@@ -257,6 +261,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_max_images_per_request(options_.max_images_per_request);
   response->set_max_steps(options_.max_steps);
   response->set_max_timesteps(options_.max_timesteps);
+  response->set_background_model_path(model_.background_path);
   if (model_.calibration) {
     response->set_calibrated(true);
     response->set_calibration_timesteps(model_.calibration->setup().timesteps);

@@ -229,10 +229,19 @@ class ScoreTask : public Task {
     LikelihoodOptions options;
     options.times = job_.timesteps;
     options.shared_noise = job_.shared_noise;
+    const at::Tensor labels = at::full({x.size(0)}, label, at::kLong);
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
-    VDM_ASSIGN_OR_RETURN(
-        plan_, LikelihoodPlan::Create(x, at::full({x.size(0)}, label, at::kLong),
-                                      options, ScheduleOf(model), gen));
+    VDM_ASSIGN_OR_RETURN(plan_, LikelihoodPlan::Create(x, labels, options,
+                                                       ScheduleOf(model), gen));
+    if (job_.background) {
+      // The same draws from the same seed and the model's schedule: the
+      // background plan's rows are the main plan's, so only its eps_hat
+      // (GiveBackground) differ.
+      at::Generator again = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
+      VDM_ASSIGN_OR_RETURN(
+          background_, LikelihoodPlan::Create(x, labels, options,
+                                              ScheduleOf(model), again));
+    }
     return absl::OkStatus();
   }
 
@@ -250,12 +259,27 @@ class ScoreTask : public Task {
     return plan_->Consume(taken_offset_, eps_hat);
   }
 
-  bool done() const override { return plan_ && plan_->complete(); }
+  bool wants_background() const override { return background_ != nullptr; }
+  absl::Status GiveBackground(const at::Tensor& eps_hat) override {
+    if (!background_) return absl::InternalError("no background plan");
+    return background_->Consume(taken_offset_, eps_hat);
+  }
+
+  bool done() const override {
+    return plan_ && plan_->complete() &&
+           (!background_ || background_->complete());
+  }
 
   void Finish(absl::Status error, absl::Time now) override {
     if (!error.ok()) return done_cb_(error);
     absl::StatusOr<BpdScores> s = plan_->Result();
     if (!s.ok()) return done_cb_(s.status());
+    at::Tensor background_bpd;
+    if (background_) {
+      absl::StatusOr<BpdScores> b = background_->Result();
+      if (!b.ok()) return done_cb_(b.status());
+      background_bpd = b->bpd;
+    }
     ScoreResult result;
     for (int64_t i = 0; i < plan_->num_images(); ++i) {
       ImageBpd b;
@@ -269,6 +293,9 @@ class ScoreTask : public Task {
       absl::StatusOr<double> complexity = ComplexityBpd(job_.images[i]);
       if (!complexity.ok()) return done_cb_(complexity.status());
       b.complexity = *complexity;
+      if (background_bpd.defined()) {
+        b.background_bpd = background_bpd[i].item<double>();
+      }
       if (job_.pixel_map) {
         const at::Tensor map = s->pixel_bits[i].to(at::kFloat).contiguous();
         b.pixel_bits.assign(map.data_ptr<float>(),
@@ -286,6 +313,7 @@ class ScoreTask : public Task {
   const ScoreJob job_;
   ScoreCallback done_cb_;
   std::unique_ptr<LikelihoodPlan> plan_;
+  std::unique_ptr<LikelihoodPlan> background_;  // ScoreJob::background
   int64_t cursor_ = 0, taken_offset_ = 0;
 };
 

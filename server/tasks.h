@@ -36,6 +36,13 @@ class Task {
   // eps_hat for the rows of the last Take.
   virtual absl::Status Give(const at::Tensor& eps_hat) = 0;
   virtual bool done() const = 0;
+  // Whether the rows of the last Take also go to the engine's background
+  // model (a score task of an engine that has one), and that model's eps_hat
+  // for them, from the same batch.
+  virtual bool wants_background() const { return false; }
+  virtual absl::Status GiveBackground(const at::Tensor& /*eps_hat*/) {
+    return absl::OkStatus();
+  }
   // Delivers the result (when `error` is OK and the task is done) or
   // `error` to the caller; `now` is when the task left the worker.
   virtual void Finish(absl::Status error, absl::Time now) = 0;

@@ -31,6 +31,8 @@ struct ModelDescription {
   float gamma_min = 0, gamma_max = 0;
   // The anomaly calibration loaded with the model (anomaly.h), or null.
   std::shared_ptr<const Calibration> calibration;
+  // The background model of the likelihood ratio; empty = none.
+  std::string background_path;
 };
 
 // false_positive_rate of a ScoreRequest when unset.

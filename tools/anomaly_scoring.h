@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -22,12 +23,20 @@ struct ScoredImage {
   double complexity = 0;
   std::vector<double> band;
   std::vector<double> features;  // AnomalyFeatures(bpd, complexity, band)
+  // With SetScoring::background: the BPD of the same rows (times, noise,
+  // label) under the background model; llr = bpd - background_bpd.
+  std::optional<double> background_bpd;
 };
 
 struct SetScoring {
   int timesteps = 16;
   uint64_t seed = 0;
   int64_t chunk = 64;  // images per request, as vdm-client sends them
+  int label = -1;      // the label every row carries; -1 = "no label"
+  // A background model (likelihood ratio), evaluated on the model's rows
+  // (its z at the model's gamma: common random numbers), as the server
+  // does with --background_model. Null = none.
+  Denoiser* background = nullptr;
   std::function<void(int64_t done, int64_t total)> progress;
 };
 

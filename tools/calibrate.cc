@@ -34,6 +34,10 @@ ABSL_FLAG(int, timesteps, 16, "K, as ScoreBPD requests will use");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the scoring noise");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
 ABSL_FLAG(std::string, out, "", "output; empty = MODEL.calibration.json");
+ABSL_FLAG(int, exclude_class, -2,
+          "leave out this class's training images before taking the held-out "
+          "split, as vdm-train --exclude_class did; -1 = none; -2 (default) = "
+          "the model metadata's training.exclude_class, else none");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -65,6 +69,22 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(all.status().message()).c_str());
     return 1;
   }
+  int excluded = absl::GetFlag(FLAGS_exclude_class);
+  if (excluded == -2) {
+    excluded = -1;
+    const auto meta = nlohmann::json::parse((*model)->metadata(), nullptr, false);
+    if (meta.is_object() && meta.contains("training") &&
+        meta["training"].is_object() &&
+        meta["training"].contains("exclude_class") &&
+        meta["training"]["exclude_class"].is_number_integer()) {
+      excluded = meta["training"]["exclude_class"].get<int>();
+    }
+  }
+  if (excluded >= 0) {
+    *all = vdm::WithoutClass(*all, excluded);
+    std::fprintf(stderr, "vdm-calibrate: without class %d: %lld training "
+                         "images\n", excluded, static_cast<long long>(all->size()));
+  }
   if (held_out > all->size()) held_out = all->size();
   const int64_t from = all->size() - held_out;
   const vdm::Dataset set = all->Slice(from, all->size());
@@ -87,9 +107,11 @@ int main(int argc, char** argv) {
   vdm::Calibration::Setup setup;
   setup.timesteps = scoring.timesteps;
   setup.seed = scoring.seed;
-  setup.data = absl::StrFormat("%s train images %d..%d (the trainer's held-out "
+  setup.data = absl::StrFormat("%s train images %d..%d%s (the trainer's held-out "
                                "validation split)",
-                               absl::GetFlag(FLAGS_data), from, all->size() - 1);
+                               absl::GetFlag(FLAGS_data), from, all->size() - 1,
+                               excluded >= 0 ? absl::StrFormat(" without class %d", excluded)
+                                             : std::string());
   auto calibration = vdm::Calibration::Fit(features, setup);
   if (!calibration.ok()) {
     std::fprintf(stderr, "vdm-calibrate: %s\n",

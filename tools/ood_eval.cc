@@ -9,8 +9,14 @@
 //   blurred   two passes of a 3x3 box blur
 //   shuffled  the image's pixels randomly permuted
 //   flipped   upside down (the data's pixel statistics, not its semantics)
+//   class_N   with --exclude_class=N (a model trained without class N): the
+//             test images of class N, a near out-of-distribution set; the
+//             in-distribution images are then test images of the other
+//             classes
 // and prints, per set and score (raw BPD, complexity-corrected BPD, the
-// calibrated anomaly_score), AUROC, AUPR (out-of-distribution positive) and
+// calibrated anomaly_score; with --background_model the likelihood ratio
+// llr = bpd - background_bpd; with --class_scores the implied classifier's
+// features), AUROC, AUPR (out-of-distribution positive) and
 // the FPR at 95% TPR; then the observed false-positive rate of is_anomaly on
 // the in-distribution images at nominal 1% and 5%. Nothing here is tuned on
 // these sets: the features and the calibration come from training images.
@@ -18,6 +24,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #include <cstdio>
 #include <map>
 #include <numeric>
@@ -27,7 +35,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
 #include "model/vdm/anomaly.h"
@@ -45,6 +55,20 @@ ABSL_FLAG(int64_t, ood_images, 300, "images per out-of-distribution set");
 ABSL_FLAG(int, timesteps, 16, "K (the calibration's)");
 ABSL_FLAG(uint64_t, seed, 7, "seed of the scoring noise and of the sets");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
+ABSL_FLAG(std::string, background_model, "",
+          "background model (.pt): also score llr = bpd - background_bpd, on "
+          "the same rows (as vdm-server --background_model)");
+ABSL_FLAG(int, exclude_class, -1,
+          "a class the model was trained without: in-distribution = test "
+          "images of the other classes, and the set class_N = its test images");
+ABSL_FLAG(std::string, sets,
+          "noise,constant,inverted,blurred,shuffled,flipped,class",
+          "the out-of-distribution sets to score (class: only with "
+          "--exclude_class)");
+ABSL_FLAG(bool, class_scores, false,
+          "also score every image under each label (num_classes more passes "
+          "of K rows, common random numbers) for the implied classifier "
+          "p(y|x): its entropy, and max_y log p(x|y) - log p(x) in bits/dim");
 
 namespace {
 
@@ -123,10 +147,28 @@ int main(int argc, char** argv) {
                  std::string(calibration.status().message()).c_str());
     return 1;
   }
+  std::unique_ptr<vdm::TorchScriptModel> background;
+  if (const std::string b = absl::GetFlag(FLAGS_background_model); !b.empty()) {
+    auto loaded = vdm::TorchScriptModel::Load({b});
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "vdm-ood-eval: --background_model: %s\n",
+                   std::string(loaded.status().message()).c_str());
+      return 1;
+    }
+    background = *std::move(loaded);
+  }
   const int64_t n_in = absl::GetFlag(FLAGS_in_images);
   const int64_t n_ood = absl::GetFlag(FLAGS_ood_images);
+  const int excluded = absl::GetFlag(FLAGS_exclude_class);
   auto test = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "t10k",
-                                  (*model)->shape(), 0, n_in + n_ood);
+                                  (*model)->shape(), 0);
+  at::Tensor held_out;
+  if (test.ok() && excluded >= 0) {
+    held_out = test->images.index_select(
+        0, test->labels.eq(excluded).nonzero().flatten());
+    held_out = held_out.narrow(0, 0, std::min(n_ood, held_out.size(0)));
+    *test = vdm::WithoutClass(*test, excluded);
+  }
   if (!test.ok() || test->size() < n_in + n_ood) {
     std::fprintf(stderr, "vdm-ood-eval: cannot read %lld test images\n",
                  static_cast<long long>(n_in + n_ood));
@@ -136,7 +178,7 @@ int main(int argc, char** argv) {
       at::make_generator<at::CPUGeneratorImpl>(absl::GetFlag(FLAGS_seed));
   const at::Tensor in = test->images.narrow(0, 0, n_in);
   const at::Tensor base = test->images.narrow(0, n_in, n_ood);
-  std::vector<std::pair<std::string, at::Tensor>> sets = {
+  std::vector<std::pair<std::string, at::Tensor>> all_sets = {
       {"noise", at::randint(0, 256, base.sizes(), gen, at::TensorOptions(at::kLong)).to(at::kByte)},
       {"constant", (at::randint(0, 256, {n_ood, 1, 1, 1}, gen, at::TensorOptions(at::kLong)) *
                     at::ones(base.sizes(), at::kLong)).to(at::kByte)},
@@ -145,9 +187,40 @@ int main(int argc, char** argv) {
       {"shuffled", Shuffle(base, gen)},
       {"flipped", base.flip({2}).contiguous()},
   };
+  if (held_out.defined()) {
+    all_sets.emplace_back("class", held_out);
+  }
+  std::vector<std::pair<std::string, at::Tensor>> sets;
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_sets), ',', absl::SkipEmpty())) {
+    bool found = false;
+    for (const auto& [set_name, x] : all_sets) {
+      if (set_name != name) continue;
+      sets.emplace_back(name == "class" ? absl::StrCat("class_", excluded)
+                                        : set_name,
+                        x);
+      found = true;
+    }
+    if (!found) {
+      std::fprintf(stderr, "vdm-ood-eval: --sets: no set '%s'%s\n",
+                   std::string(name).c_str(),
+                   name == "class" ? " (it needs --exclude_class)" : "");
+      return 2;
+    }
+  }
+  const bool class_scores = absl::GetFlag(FLAGS_class_scores);
+  const int classes = (*model)->num_classes();
+  if (class_scores && classes < 2) {
+    std::fprintf(stderr, "vdm-ood-eval: --class_scores needs a "
+                         "class-conditional model\n");
+    return 2;
+  }
+  const double dims = static_cast<double>((*model)->shape().channels) *
+                      (*model)->shape().height * (*model)->shape().width;
   vdm::SetScoring scoring;
   scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
   scoring.seed = absl::GetFlag(FLAGS_seed);
+  scoring.background = background.get();
   const absl::Time start = absl::Now();
   using Scores = std::map<std::string, std::vector<double>>;
   auto score = [&](const at::Tensor& x, const std::string& name) -> Scores {
@@ -161,6 +234,45 @@ int main(int argc, char** argv) {
       out["bpd"].push_back(s.bpd);
       out["bpd - complexity"].push_back(s.bpd - s.complexity);
       out["anomaly_score"].push_back(calibration->Score(s.features));
+      if (s.background_bpd) out["llr"].push_back(s.bpd - *s.background_bpd);
+    }
+    if (class_scores) {
+      // bpd under each label, on the same rows (same seeds: only the label
+      // differs); log p(x|y) ~ -D ln2 bpd_y, uniform p(y).
+      vdm::SetScoring conditional = scoring;
+      conditional.background = nullptr;
+      std::vector<std::vector<double>> by_label;
+      for (int y = 0; y < classes; ++y) {
+        conditional.label = y;
+        auto c = vdm::ScoreSet(**model, x, conditional);
+        if (!c.ok()) {
+          std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(c.status().message()).c_str());
+          std::exit(1);
+        }
+        std::vector<double> b;
+        for (const auto& s : *c) b.push_back(s.bpd);
+        by_label.push_back(std::move(b));
+      }
+      for (size_t i = 0; i < scored->size(); ++i) {
+        double best = by_label[0][i];
+        std::vector<double> logit(classes);
+        for (int y = 0; y < classes; ++y) {
+          best = std::min(best, by_label[y][i]);
+          logit[y] = -dims * std::log(2.0) * by_label[y][i];
+        }
+        const double top = *std::max_element(logit.begin(), logit.end());
+        double z = 0;
+        for (double l : logit) z += std::exp(l - top);
+        double entropy = 0;
+        for (double l : logit) {
+          const double p = std::exp(l - top) / z;
+          if (p > 0) entropy -= p * std::log(p);
+        }
+        out["class entropy"].push_back(entropy);
+        // Higher = more anomalous: the best label explains the image less
+        // well than no label does (negated gain of the best label).
+        out["-(max_y gain)"].push_back(best - (*scored)[i].bpd);
+      }
     }
     std::fprintf(stderr, "vdm-ood-eval: scored %s (%lld images), %.0f s\n",
                  name.c_str(), static_cast<long long>(x.size(0)),
@@ -168,7 +280,12 @@ int main(int argc, char** argv) {
     return out;
   };
   const Scores in_scores = score(in, "test (in-distribution)");
-  const std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
+  std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
+  if (background) kinds.push_back("llr");
+  if (class_scores) {
+    kinds.push_back("class entropy");
+    kinds.push_back("-(max_y gain)");
+  }
   std::printf("| set | score | AUROC | AUPR | FPR@95%%TPR |\n|---|---|---|---|---|\n");
   std::map<std::string, double> mean_auroc;
   for (const auto& [name, x] : sets) {

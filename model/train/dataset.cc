@@ -178,6 +178,22 @@ Dataset Dataset::Slice(int64_t begin, int64_t end) const {
   return Dataset{images.slice(0, begin, end), labels.slice(0, begin, end)};
 }
 
+Dataset WithoutClass(const Dataset& data, int64_t label) {
+  if (data.size() == 0) return data;
+  const at::Tensor keep = data.labels.ne(label).nonzero().flatten();
+  return Dataset{data.images.index_select(0, keep).contiguous(),
+                 data.labels.index_select(0, keep).contiguous()};
+}
+
+at::Tensor MutatePixels(const at::Tensor& images, double rate,
+                        at::Generator& gen) {
+  const at::Tensor u = at::rand(images.sizes(), gen, at::kFloat);
+  const at::Tensor values =
+      at::randint(0, 256, images.sizes(), gen, at::TensorOptions(at::kLong))
+          .to(images.scalar_type());
+  return at::where(u < rate, values, images);
+}
+
 absl::StatusOr<Dataset> LoadIdxDataset(const std::string& dir,
                                        const std::string& split,
                                        const ImageShape& shape, int num_classes,

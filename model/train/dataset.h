@@ -5,6 +5,7 @@
 #ifndef VDM_MODEL_TRAIN_DATASET_H_
 #define VDM_MODEL_TRAIN_DATASET_H_
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -23,6 +24,17 @@ struct Dataset {
   // Rows [begin, end) as a view.
   Dataset Slice(int64_t begin, int64_t end) const;
 };
+
+// The images of `data` whose label is not `label`, in their order (a copy).
+Dataset WithoutClass(const Dataset& data, int64_t label);
+
+// Ren et al. 2019's perturbation for training a background model: a copy of
+// `images` (uint8 [B, ...]) where each pixel (each element) is replaced, with
+// probability `rate` in [0, 1), by a value uniform in 0..255. Draws from
+// `gen` (two draws per element, whatever `rate`), so the result is a
+// function of the generator's state.
+at::Tensor MutatePixels(const at::Tensor& images, double rate,
+                        at::Generator& gen);
 
 // Reads `<dir>/<split>-images-idx3-ubyte[.gz]` and
 // `<dir>/<split>-labels-idx1-ubyte[.gz]` (split is "train" or "t10k"),

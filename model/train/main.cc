@@ -47,6 +47,14 @@ ABSL_FLAG(double, grad_clip, 1.0, "max gradient L2 norm; <= 0 disables");
 ABSL_FLAG(double, ema_decay, 0.999, "EMA decay of the served weights");
 ABSL_FLAG(double, label_dropout, 0.1,
           "probability of training a row with the 'no label' class");
+ABSL_FLAG(double, mutation_rate, 0,
+          "train a background model (likelihood ratio, Ren et al. 2019): "
+          "replace each pixel of each training image with this probability "
+          "by a uniform random value 0..255 (seeded by --seed); 0 = off, "
+          "0 <= R < 1");
+ABSL_FLAG(int, exclude_class, -1,
+          "leave out every image of this class (training, validation, test): "
+          "a held-out class for near out-of-distribution tests; -1 = none");
 ABSL_FLAG(std::string, weighting, "elbo",
           "diffusion loss weighting: elbo (the VLB) or sigmoid "
           "(VDM++: w = sigmoid(-logSNR + weighting_bias)); evaluation always "
@@ -128,6 +136,8 @@ absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   o.grad_clip = absl::GetFlag(FLAGS_grad_clip);
   o.ema_decay = absl::GetFlag(FLAGS_ema_decay);
   o.label_dropout = absl::GetFlag(FLAGS_label_dropout);
+  o.mutation_rate = absl::GetFlag(FLAGS_mutation_rate);
+  o.exclude_class = absl::GetFlag(FLAGS_exclude_class);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.eval_every = absl::GetFlag(FLAGS_eval_every);
   o.eval_images = absl::GetFlag(FLAGS_eval_images);

@@ -50,6 +50,10 @@ absl::Status CheckOptions(const Trainer::Options& o) {
       !std::isfinite(o.weighting.bias)) {
     return bad("the sigmoid weighting's bias must be finite");
   }
+  if (!(o.mutation_rate >= 0 && o.mutation_rate < 1)) {
+    return bad("mutation_rate must be in [0, 1)");
+  }
+  if (o.exclude_class < -1) return bad("exclude_class must be >= 0 (or -1: none)");
   if (o.eval_times < 1) return bad("eval_times must be >= 1");
   if (o.eval_batch < 1) return bad("eval_batch must be >= 1");
   if (o.eval_images < 0 || o.test_images < 0) {
@@ -125,6 +129,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   const int classes = model->num_classes();
   VDM_ASSIGN_OR_RETURN(Dataset all,
                        LoadDataset(options.data_dir, "train", shape, classes));
+  if (options.exclude_class >= 0) {
+    if (options.exclude_class >= classes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "exclude_class ", options.exclude_class, " is not a class of the "
+          "model (", classes, " classes)"));
+    }
+    all = WithoutClass(all, options.exclude_class);
+  }
   const int64_t n_train = all.size() - options.eval_images;
   if (n_train < options.batch_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -135,7 +147,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   Dataset test;
   if (options.test_images > 0) {
     VDM_ASSIGN_OR_RETURN(test, LoadDataset(options.data_dir, "t10k", shape,
-                                           classes, options.test_images));
+                                           classes));
+    if (options.exclude_class >= 0) {
+      test = WithoutClass(test, options.exclude_class);
+    }
+    test = test.Slice(0, std::min(test.size(), options.test_images));
   }
   std::unique_ptr<Trainer> trainer(
       new Trainer(options, std::move(model), all.Slice(0, n_train),
@@ -286,6 +302,9 @@ void Trainer::NextBatch(at::Tensor& images, at::Tensor& labels) {
   cursor_ += b;
   images = train_.images.index_select(0, index);
   labels = train_.labels.index_select(0, index);
+  if (options_.mutation_rate > 0) {
+    images = MutatePixels(images, options_.mutation_rate, gen_);
+  }
 }
 
 absl::StatusOr<EvalResult> Trainer::Evaluate(const Dataset& data, bool use_ema,
@@ -342,6 +361,8 @@ std::string Trainer::MetadataJson() const {
       {"grad_clip", options_.grad_clip},
       {"ema_decay", options_.ema_decay},
       {"label_dropout", options_.label_dropout},
+      {"mutation_rate", options_.mutation_rate},
+      {"exclude_class", options_.exclude_class},
       {"seed", options_.seed},
       {"resumed", resumed_from_ >= 0},
       {"weights", "ema"},

@@ -67,6 +67,14 @@ class Trainer {
     // step n so that short runs are not dominated by the initial weights.
     double ema_decay = 0.999;
     double label_dropout = 0.1;  // P(label -> "no label") in training
+    // Background model training (Ren et al. 2019): each pixel of each
+    // training batch is replaced with this probability by a uniform random
+    // value (MutatePixels, from the trainer's generator: deterministic given
+    // the seed). 0 = off; 0 <= rate < 1. Validation and test are unmutated.
+    double mutation_rate = 0;
+    // >= 0: leave out every training, validation and test image of this
+    // class (a held-out class for near out-of-distribution tests); -1: none.
+    int exclude_class = -1;
     Weighting weighting;         // training loss; evaluation is the VLB
     uint64_t seed = 0;
     int64_t eval_every = 500;  // steps between validation runs; 0: never

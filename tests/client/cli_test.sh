@@ -2,7 +2,8 @@
 # vdm-client as a user runs it, against vdm-server with the tiny model:
 # sample streams progress (plain lines when stderr is not a terminal) and
 # writes previews; edit and inpaint write their images; score writes every
-# CSV column (is_anomaly as 0/1 with a calibration) and the heat maps.
+# CSV column (is_anomaly as 0/1 with a calibration) and the heat maps, and
+# llr / background_bpd with a background model.
 # Usage: cli_test.sh VDM_SERVER VDM_CLIENT MODEL.pt
 set -euo pipefail
 server_bin=$1 client_bin=$2 model=$3
@@ -107,5 +108,22 @@ head -1 "$work/scores.csv" | grep -q \
 tail -n +2 "$work/scores.csv" | awk -F, '{ if (NF != 14 || ($14 != "0" && $14 != "1") || $13 == "") exit 1 }' ||
   fail "calibrated columns missing: $(cat "$work/scores.csv")"
 [ "$(ls "$work/maps" | wc -l)" -eq 2 ] || fail "no heat maps"
+kill -TERM "$pid"; wait "$pid" || true
+
+# With a background model (the model itself: the likelihood ratio is 0),
+# score adds the llr and background_bpd columns.
+"$server_bin" --model="$model" --address="127.0.0.1:$port" --metrics_address= \
+  --threads=1 --calibration=none --background_model="$model" >"$work/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do
+  "$client_bin" --target="127.0.0.1:$port" health >/dev/null 2>&1 && break
+  sleep 0.2  # waiting for the server process to start
+done
+$c score --timesteps=4 --seed=1 --csv="$work/llr.csv" "$work/ref.png" "$work/one/sample_000.png" \
+  >"$work/score.txt" 2>&1 || fail "score with a background model: $(cat "$work/score.txt")"
+head -1 "$work/llr.csv" | grep -q ",anomaly_score,p_value,is_anomaly,llr,background_bpd$" ||
+  fail "CSV header with a background model: $(head -1 "$work/llr.csv")"
+tail -n +2 "$work/llr.csv" | awk -F, '{ if (NF != 16 || $15 != "0.000000" || $16 != $2) exit 1 }' ||
+  fail "llr columns: $(cat "$work/llr.csv")"
 kill -TERM "$pid"; wait "$pid" || true
 echo "PASS: vdm-client sample/edit/inpaint/encode/decode/interpolate/score write what they promise"

@@ -464,6 +464,12 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(len(lines), 3)
         self.assertTrue(lines[1].startswith("0,"))
         self.assertTrue(lines[1].endswith(",,"))  # no p_value, no is_anomaly
+        # Records of a server with a background model get the llr columns.
+        with_llr = [dict(r, llr=0.5, background_bpd=r["bpd"] - 0.5) for r in rows]
+        lines = vdm_client.scores_to_csv(with_llr).splitlines()
+        self.assertEqual(lines[0], ",".join(vdm_client.CSV_FIELDS +
+                                            vdm_client.LLR_FIELDS))
+        self.assertTrue(lines[1].split(",")[-2] == "0.500000")
 
     # ---- the command line
 

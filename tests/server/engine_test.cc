@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -61,8 +62,12 @@ class FakeDenoiser : public Denoiser {
       forward_thread_ = std::this_thread::get_id();
     }
     if (clock_ != nullptr) clock_->Advance(fixed_ + per_row_ * z.size(0));
-    return 0.1 * z + 0.01 * label.to(at::kFloat).view({-1, 1, 1, 1});
+    return slope_ * z + 0.01 * label.to(at::kFloat).view({-1, 1, 1, 1});
   }
+
+  // eps_hat = slope z + 0.01 label (a different network, for a background
+  // model).
+  void set_slope(double slope) { slope_ = slope; }
 
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override {
     return GammaValues{-5.0 + 10.0 * t, at::full_like(t, 10.0)};
@@ -80,6 +85,7 @@ class FakeDenoiser : public Denoiser {
  private:
   FakeClock* const clock_;
   const absl::Duration fixed_, per_row_;
+  double slope_ = 0.1;
   mutable absl::Mutex mu_;
   std::vector<Batch> batches_ ABSL_GUARDED_BY(mu_);
   std::thread::id forward_thread_ ABSL_GUARDED_BY(mu_);
@@ -135,6 +141,25 @@ class EngineTest : public ::testing::Test {
     engine_ = *Engine::Create(options, std::move(replicas), nullptr);
   }
 
+  // With a background model (a FakeDenoiser of the given slope; 0.1 = the
+  // same network as the model).
+  void MakeWithBackground(Engine::Options options, double slope) {
+    options.threaded = false;
+    options.clock = &clock_;
+    auto model = std::make_unique<FakeDenoiser>(&clock_);
+    auto background = std::make_unique<FakeDenoiser>(&clock_);
+    background->set_slope(slope);
+    model_ = model.get();
+    background_ = background.get();
+    std::vector<std::unique_ptr<Denoiser>> replicas, backgrounds;
+    replicas.push_back(std::move(model));
+    backgrounds.push_back(std::move(background));
+    auto engine = Engine::Create(options, std::move(replicas), nullptr,
+                                 std::move(backgrounds));
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = *std::move(engine);
+  }
+
   // Labels of batch i.
   std::vector<int64_t> Labels(size_t i) const {
     return model_->batches().at(i).labels;
@@ -143,6 +168,7 @@ class EngineTest : public ::testing::Test {
 
   FakeClock clock_;
   FakeDenoiser* model_ = nullptr;
+  FakeDenoiser* background_ = nullptr;
   std::unique_ptr<Engine> engine_;
 };
 
@@ -445,6 +471,130 @@ TEST_F(EngineTest, StopFailsWhatIsLeftWithUnavailable) {
   EXPECT_EQ(a.calls + b.calls, 2);
   EXPECT_EQ(engine_->SubmitSample(Sample(1, 1, 3), {}, a.Callback()).code(),
             absl::StatusCode::kUnavailable);
+}
+
+TEST_F(EngineTest, BackgroundModelEvaluatesTheScoreRowsOfEachBatch) {
+  Engine::Options options;
+  options.max_batch = 4;
+  MakeWithBackground(options, /*slope=*/0.3);
+  Outcome<SampleResult> s;
+  Outcome<ScoreResult> c;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 10, 1), {}, s.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitScore(Score(1, 8, 3), {}, c.Callback()).ok());
+  int iterations = 0;
+  while (c.calls == 0 && engine_->Step()) ++iterations;
+  const std::vector<Batch> main = model_->batches();
+  const std::vector<Batch> background = background_->batches();
+  ASSERT_EQ(main.size(), static_cast<size_t>(iterations));
+  // Every main batch with score rows has one background batch of exactly
+  // those rows (same gamma, same label, same order), and no sample rows go
+  // to the background model.
+  size_t b = 0;
+  int64_t score_rows = 0;
+  for (const Batch& batch : main) {
+    std::vector<float> gammas;
+    std::vector<int64_t> labels;
+    for (size_t r = 0; r < batch.labels.size(); ++r) {
+      if (batch.labels[r] != 3) continue;
+      gammas.push_back(batch.gammas[r]);
+      labels.push_back(batch.labels[r]);
+    }
+    if (gammas.empty()) continue;
+    ASSERT_LT(b, background.size());
+    EXPECT_THAT(background[b].gammas, ElementsAreArray(gammas));
+    EXPECT_THAT(background[b].labels, ElementsAreArray(labels));
+    score_rows += static_cast<int64_t>(gammas.size());
+    ++b;
+  }
+  EXPECT_EQ(b, background.size());
+  EXPECT_EQ(score_rows, 8);
+  EXPECT_GT(iterations, 2) << "the score was split over several batches";
+  ASSERT_TRUE(c.result.ok()) << c.result.status();
+  ASSERT_EQ(c.result->scores.size(), 1u);
+  const ImageBpd& score = c.result->scores[0];
+  ASSERT_TRUE(score.background_bpd.has_value());
+  EXPECT_NE(*score.background_bpd, score.bpd);  // another network
+  EXPECT_TRUE(std::isfinite(*score.background_bpd));
+  // K rows on each model.
+  EXPECT_EQ(c.result->network_evaluations, 2 * 8);
+  EXPECT_EQ(engine_->worker_stats()[0].background_rows, 8);
+  while (engine_->Step()) {
+  }
+  ASSERT_TRUE(s.result.ok());
+  EXPECT_EQ(s.result->network_evaluations, 2 * 10) << "no background rows";
+}
+
+TEST_F(EngineTest, BackgroundEqualToTheModelGivesALikelihoodRatioOfZero) {
+  Engine::Options options;
+  options.max_batch = 5;  // splits the rows unevenly over batches
+  MakeWithBackground(options, /*slope=*/0.1);
+  Outcome<ScoreResult> c;
+  Outcome<SampleResult> s;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 6, 1), {}, s.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitScore(Score(3, 6, 3), {}, c.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  ASSERT_TRUE(c.result.ok()) << c.result.status();
+  ASSERT_EQ(c.result->scores.size(), 3u);
+  for (const ImageBpd& score : c.result->scores) {
+    ASSERT_TRUE(score.background_bpd.has_value());
+    EXPECT_EQ(*score.background_bpd, score.bpd);  // exactly: the same rows
+  }
+}
+
+TEST_F(EngineTest, WithoutBackgroundModelThereIsNoBackgroundBpd) {
+  Make();
+  Outcome<ScoreResult> c;
+  ASSERT_TRUE(engine_->SubmitScore(Score(2, 4, 3), {}, c.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  ASSERT_TRUE(c.result.ok());
+  for (const ImageBpd& score : c.result->scores) {
+    EXPECT_FALSE(score.background_bpd.has_value());
+  }
+  EXPECT_EQ(c.result->network_evaluations, 2 * 4);
+}
+
+// A background model that does not fit the model.
+class OtherShapeDenoiser : public FakeDenoiser {
+ public:
+  ImageShape shape() const override { return {1, 3, 3}; }
+};
+class OtherClassesDenoiser : public FakeDenoiser {
+ public:
+  int num_classes() const override { return 4; }
+};
+
+TEST(EngineCreateTest, RefusesABackgroundModelThatDoesNotFit) {
+  auto make = [](std::unique_ptr<Denoiser> background) {
+    std::vector<std::unique_ptr<Denoiser>> replicas, backgrounds;
+    replicas.push_back(std::make_unique<FakeDenoiser>());
+    backgrounds.push_back(std::move(background));
+    Engine::Options options;
+    options.threaded = false;
+    return Engine::Create(options, std::move(replicas), nullptr,
+                          std::move(backgrounds))
+        .status();
+  };
+  const absl::Status shape = make(std::make_unique<OtherShapeDenoiser>());
+  EXPECT_EQ(shape.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(shape.message()),
+              ::testing::HasSubstr("1x3x3, the model's 1x2x2"));
+  const absl::Status classes = make(std::make_unique<OtherClassesDenoiser>());
+  EXPECT_EQ(classes.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(classes.message()),
+              ::testing::HasSubstr("num_classes"));
+  EXPECT_TRUE(make(std::make_unique<FakeDenoiser>()).ok());
+  // One background model per replica.
+  std::vector<std::unique_ptr<Denoiser>> replicas, backgrounds;
+  replicas.push_back(std::make_unique<FakeDenoiser>());
+  replicas.push_back(std::make_unique<FakeDenoiser>());
+  backgrounds.push_back(std::make_unique<FakeDenoiser>());
+  Engine::Options options;
+  options.threaded = false;
+  EXPECT_FALSE(Engine::Create(options, std::move(replicas), nullptr,
+                              std::move(backgrounds))
+                   .ok());
 }
 
 TEST(ThreadedEngineTest, CallbacksRunOffTheWorkerThread) {

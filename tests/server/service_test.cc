@@ -892,6 +892,87 @@ TEST(ServiceLimitsTest, RequestThatCanNeverFitIsRefusedAtValidation) {
   EXPECT_THAT(t.error_message(), HasSubstr("52 rows"));
 }
 
+TEST(ServiceBackgroundTest, LikelihoodRatioAgainstTheModelItselfIsZero) {
+  // The background model is the model's own file: the same rows through the
+  // same network give background_bpd == bpd exactly, so llr == 0.
+  VdmServer::Options options = TinyOptions();
+  options.calibration_path = "none";
+  options.background_model_path = options.model_path;
+  auto server = VdmServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  client::VdmClient client(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()),
+                          grpc::InsecureChannelCredentials()),
+      client::ClientOptions{});
+  auto info = client.GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->background_model_path(), options.model_path);
+  std::vector<Image8> images;
+  for (int i = 0; i < 3; ++i) {
+    Image8 im{1, 28, 28, std::vector<uint8_t>(28 * 28)};
+    for (int p = 0; p < 28 * 28; ++p) im.pixels[p] = static_cast<uint8_t>((p * (i + 2)) % 251);
+    images.push_back(im);
+  }
+  client::ScoreParams params;
+  params.timesteps = 8;
+  params.seed = 5;
+  auto scored = client.ScoreImages(client::RawInput(images), params);
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  for (const auto& row : scored->rows) {
+    ASSERT_TRUE(row.llr.has_value());
+    ASSERT_TRUE(row.background_bpd.has_value());
+    EXPECT_EQ(*row.background_bpd, row.bpd);
+    EXPECT_EQ(*row.llr, 0.0);
+  }
+  // K rows per image on each model.
+  EXPECT_EQ(scored->network_evaluations, 2 * 3 * 8);
+  const std::string csv = client::FormatScoresCsv(scored->rows);
+  EXPECT_THAT(csv, HasSubstr("is_anomaly,llr,background_bpd\n"));
+  EXPECT_THAT(csv, HasSubstr(",0.000000,"));
+}
+
+TEST(ServiceBackgroundTest, WithoutBackgroundModelThereIsNoLlr) {
+  VdmServer::Options options = TinyOptions();
+  options.calibration_path = "none";
+  auto server = VdmServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  client::VdmClient client(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()),
+                          grpc::InsecureChannelCredentials()),
+      client::ClientOptions{});
+  std::vector<Image8> images = {{1, 28, 28, std::vector<uint8_t>(28 * 28, 9)}};
+  client::ScoreParams params;
+  params.timesteps = 4;
+  auto scored = client.ScoreImages(client::RawInput(images), params);
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  EXPECT_FALSE(scored->rows[0].llr.has_value());
+  EXPECT_FALSE(scored->rows[0].background_bpd.has_value());
+  EXPECT_EQ(scored->network_evaluations, 4);
+  EXPECT_THAT(client::FormatScoresCsv(scored->rows),
+              ::testing::Not(HasSubstr("llr")));
+  auto info = client.GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->background_model_path(), "");
+}
+
+TEST(ServiceBackgroundTest, MismatchedBackgroundModelIsRefusedAtStart) {
+  VdmServer::Options options = TinyOptions();
+  // The unconditional test model: same shape, no classes.
+  options.background_model_path =
+      std::string(VDM_TEST_MODELS_DIR) + "/tiny_uncond_v.pt";
+  auto server = VdmServer::Create(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  const std::string message(server.status().message());
+  EXPECT_THAT(message, HasSubstr("--background_model"));
+  EXPECT_THAT(message, HasSubstr("num_classes"));
+  options.background_model_path = "/no/such/background.pt";
+  server = VdmServer::Create(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(std::string(server.status().message()),
+              HasSubstr("--background_model"));
+}
+
 // Score priority and the other batching rules are proved on a fake model
 // in tests/server/engine_test.cc.
 

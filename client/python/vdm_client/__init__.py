@@ -15,6 +15,7 @@ command line: python3 -m vdm_client --help.
 
 from vdm_client.client import (
     CSV_FIELDS,
+    LLR_FIELDS,
     SAMPLERS,
     TIME_GRIDS,
     Client,
@@ -30,7 +31,7 @@ from vdm_client.client import (
 )
 
 __all__ = [
-    "CSV_FIELDS", "Client", "EncodeResult", "Progress", "SAMPLERS",
-    "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid",
-    "scores_to_csv", "slerp", "write_csv",
+    "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "Progress",
+    "SAMPLERS", "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError",
+    "make_grid", "scores_to_csv", "slerp", "write_csv",
 ]

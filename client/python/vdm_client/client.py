@@ -42,6 +42,9 @@ CSV_FIELDS = (
     "complexity_bpd", "band_bpd_0", "band_bpd_1", "band_bpd_2", "band_bpd_3",
     "anomaly_score", "p_value", "is_anomaly",
 )
+# Added after CSV_FIELDS, and as keys of score()'s records, when a server with
+# a background model (vdm-server --background_model) returned them.
+LLR_FIELDS = ("llr", "background_bpd")
 _NUM_BANDS = 4
 
 
@@ -324,9 +327,14 @@ def scores_to_csv(rows: Sequence[Dict[str, Any]]) -> str:
         if isinstance(value, (int, np.integer)):
             return str(int(value))
         return f"{value:.6f}"
-    lines = [",".join(CSV_FIELDS)]
+    fields = list(CSV_FIELDS)
+    # The likelihood-ratio columns only when the server has a background
+    # model (as vdm-client writes them).
+    if any(row.get("llr") is not None for row in rows):
+        fields += LLR_FIELDS
+    lines = [",".join(fields)]
     for row in rows:
-        lines.append(",".join(cell(row.get(name)) for name in CSV_FIELDS))
+        lines.append(",".join(cell(row.get(name)) for name in fields))
     return "\n".join(lines) + "\n"
 
 
@@ -724,6 +732,9 @@ class Client:
         row["p_value"] = score.p_value if score.HasField("p_value") else None
         row["is_anomaly"] = (bool(score.is_anomaly)
                              if score.HasField("is_anomaly") else None)
+        if score.HasField("llr"):  # a server with a background model
+            row["llr"] = score.llr
+            row["background_bpd"] = score.background_bpd
         if anomaly_map:
             values = np.asarray(score.anomaly_map, dtype=np.float32)
             if values.size != image.height * image.width:

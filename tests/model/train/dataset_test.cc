@@ -2,6 +2,7 @@
 #include "model/train/dataset.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <filesystem>
 #include <fstream>
@@ -114,6 +115,41 @@ TEST_F(DatasetTest, BadPngFoldersFailNamingTheProblem) {
   auto junk = LoadPngDataset(dir() + "/junk", kShape, 10);
   ASSERT_FALSE(junk.ok());
   EXPECT_THAT(std::string(junk.status().message()), HasSubstr("a.png"));
+}
+
+TEST(MutatePixelsTest, DeterministicAndReplacesAboutTheRate) {
+  const at::Tensor images =
+      at::full({64, 1, 28, 28}, 7, at::TensorOptions(at::kByte));
+  at::Generator a = at::detail::createCPUGenerator(5);
+  at::Generator b = at::detail::createCPUGenerator(5);
+  at::Generator c = at::detail::createCPUGenerator(6);
+  const at::Tensor ma = MutatePixels(images, 0.2, a);
+  const at::Tensor mb = MutatePixels(images, 0.2, b);
+  const at::Tensor mc = MutatePixels(images, 0.2, c);
+  EXPECT_TRUE(at::equal(ma, mb));   // same seed, same mutation
+  EXPECT_FALSE(at::equal(ma, mc));  // another seed, another one
+  EXPECT_EQ(ma.scalar_type(), at::kByte);
+  EXPECT_EQ(ma.sizes(), images.sizes());
+  // A replaced pixel keeps 7 with probability 1/256: the changed fraction is
+  // 0.2 * 255/256 = 0.199; 50176 pixels give a standard error of 0.0018.
+  const double changed = ma.ne(7).to(at::kDouble).mean().item<double>();
+  EXPECT_NEAR(changed, 0.2 * 255.0 / 256.0, 0.01);
+  // Replacement values are uniform over 0..255: mean about 127.5.
+  const at::Tensor replaced = ma.masked_select(ma.ne(7)).to(at::kDouble);
+  EXPECT_NEAR(replaced.mean().item<double>(), 127.5, 3.0);
+  EXPECT_TRUE(at::equal(MutatePixels(images, 0.0, a), images));  // rate 0
+}
+
+TEST(WithoutClassTest, DropsExactlyThatClass) {
+  Dataset data{at::arange(20, at::kLong).to(at::kByte).reshape({20, 1, 1, 1}),
+               at::arange(20, at::kLong).remainder(4)};
+  const Dataset kept = WithoutClass(data, 2);
+  ASSERT_EQ(kept.size(), 15);
+  EXPECT_EQ(kept.labels.eq(2).sum().item<int64_t>(), 0);
+  // The images keep their order and stay with their labels.
+  EXPECT_EQ(kept.images[2].item<uint8_t>(), 3);
+  EXPECT_EQ(kept.labels[2].item<int64_t>(), 3);
+  EXPECT_EQ(WithoutClass(data, 7).size(), 20);  // no such images
 }
 
 }  // namespace

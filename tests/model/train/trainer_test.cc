@@ -334,5 +334,51 @@ TEST_F(TrainerTest, WeightingChangesTheLossButNotTheEvaluation) {
   EXPECT_LT(*loss_b, *loss_a);
 }
 
+TEST_F(TrainerTest, ExcludeClassLeavesOutItsImages) {
+  Trainer::Options options = SmallOptions();
+  options.exclude_class = 3;
+  auto trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  // 64 training images with labels i % 10: 7 of class 3 (i = 3, 13, ..., 63)
+  // leave 57, the last 16 held out for validation; 32 test images: 3 of it.
+  EXPECT_EQ((*trainer)->train_data().size(), 41);
+  EXPECT_EQ((*trainer)->validation_data().size(), 16);
+  EXPECT_EQ((*trainer)->test_data().size(), 29);
+  for (const Dataset* d : {&(*trainer)->train_data(),
+                           &(*trainer)->validation_data(),
+                           &(*trainer)->test_data()}) {
+    EXPECT_EQ(d->labels.eq(3).sum().item<int64_t>(), 0);
+  }
+  options.exclude_class = 10;  // the tiny model has classes 0..9
+  trainer = Trainer::Create(options);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()),
+              HasSubstr("exclude_class"));
+}
+
+TEST_F(TrainerTest, MutationRateIsValidatedAndRecorded) {
+  Trainer::Options options = SmallOptions();
+  for (double bad : {-0.1, 1.0, std::nan("")}) {
+    options.mutation_rate = bad;
+    auto trainer = Trainer::Create(options);
+    ASSERT_FALSE(trainer.ok()) << bad;
+    EXPECT_THAT(std::string(trainer.status().message()),
+                HasSubstr("mutation_rate"));
+  }
+  options.mutation_rate = 0.2;
+  options.steps = 2;
+  options.test_images = 0;
+  options.eval_every = 0;
+  auto trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+  TorchScriptModel::Options load;
+  load.path = out_path();
+  auto model = TorchScriptModel::Load(load);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const auto meta = nlohmann::json::parse((*model)->metadata());
+  EXPECT_DOUBLE_EQ(meta.at("training").at("mutation_rate").get<double>(), 0.2);
+}
+
 }  // namespace
 }  // namespace vdm
