@@ -224,6 +224,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_max_images_per_request(options_.max_images_per_request);
   response->set_max_steps(options_.max_steps);
   response->set_max_timesteps(options_.max_timesteps);
+  response->set_precision(model_.precision);
+  response->set_score_precision(model_.score_precision);
   if (model_.calibration) {
     response->set_calibrated(true);
     response->set_calibration_timesteps(model_.calibration->setup().timesteps);
