@@ -143,7 +143,8 @@ int Speed() {
   if (absl::GetFlag(FLAGS_freeze)) {
     auto plain = torch::jit::load(absl::GetFlag(FLAGS_model));
     plain.eval();
-    frozen = torch::jit::optimize_for_inference(torch::jit::freeze(plain));
+    torch::jit::Module once_frozen = torch::jit::freeze(plain);
+    frozen = torch::jit::optimize_for_inference(once_frozen);
   }
   for (int t : threads) {
     const std::string suffix = " threads=" + std::to_string(t);
