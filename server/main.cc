@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
+#include "model/vdm/omp_env.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt",
@@ -99,6 +100,9 @@ int main(int argc, char** argv) {
   // Few malloc arenas: every gRPC, worker and torch thread otherwise gets
   // its own, and freed memory stays spread over them (the engine also trims
   // after finished requests; docs/performance.md, "Soak").
+  // OpenMP threads that sleep instead of spinning while they wait (unless
+  // OMP_WAIT_POLICY is set): re-executes once, before anything else runs.
+  vdm::PreferPassiveOmpWait(argv);
   mallopt(M_ARENA_MAX, 2);
   // First of all, so a signal during start-up is not fatal either.
   if (!InstallSignalHandlers()) {

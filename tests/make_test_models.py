@@ -110,10 +110,10 @@ class Probe(nn.Module):
         device = self.conv.weight.device
         if z.device != device or gamma.device != device or label.device != device:
             raise RuntimeError("probe: inputs must be on the model's device")
-        y = self.conv(z) + gamma.view(-1, 1, 1, 1)
+        y = self.conv(z)
         self.seen_device = str(z.device)
         self.seen_bf16 = y.dtype == torch.bfloat16
-        return y
+        return y + gamma.view(-1, 1, 1, 1).to(y.dtype)
 
 
 def enliven(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:

@@ -420,17 +420,19 @@ class Bf16FakeDenoiser : public FakeDenoiser {
 struct MixedRun {
   Outcome<SampleResult> sample;
   Outcome<ScoreResult> score;
+  FakeClock clock;
+  std::unique_ptr<Engine> engine;  // owns the model: the test reads it after
 };
 void RunMixed(std::unique_ptr<FakeDenoiser> model, bool score_fp32,
               bool with_sample, MixedRun* run) {
-  FakeClock clock;
   Engine::Options options;
   options.threaded = false;
-  options.clock = &clock;
+  options.clock = &run->clock;
   options.score_fp32 = score_fp32;
   std::vector<std::unique_ptr<Denoiser>> replicas;
   replicas.push_back(std::move(model));
-  auto engine = *Engine::Create(options, std::move(replicas), nullptr);
+  run->engine = *Engine::Create(options, std::move(replicas), nullptr);
+  Engine* engine = run->engine.get();
   if (with_sample) {
     ASSERT_TRUE(
         engine->SubmitSample(Sample(2, 3, 1), {}, run->sample.Callback()).ok());
