@@ -22,7 +22,8 @@ struct GammaValues {
 };
 
 // The arithmetic of a forward pass: fp32, or bf16 by autocast (convolutions
-// and matrix products in bf16, normalizations and the output in fp32).
+// and matrix products in bf16, what follows as autocast's op lists say; the
+// output back in f32).
 enum class Precision { kFp32, kBf16 };
 inline std::string PrecisionName(Precision p) {
   return p == Precision::kBf16 ? "bf16" : "fp32";

@@ -23,7 +23,7 @@ class TorchScriptModel : public Denoiser {
     // in the precision below (and in fp32 too when that is bf16).
     bool check_forward = true;
     // "fp32", "bf16" (autocast: convolutions and matrix products in bf16,
-    // normalizations and the output in fp32) or "auto" (bf16 where the
+    // the output cast back to f32) or "auto" (bf16 where the
     // hardware computes it natively: a CPU with avx512_bf16 or amx_bf16, a
     // CUDA device of compute capability >= 8; else fp32).
     std::string precision = "fp32";
