@@ -198,6 +198,11 @@ class Worker {
   bool Sweep();
   // Gathers, evaluates and hands out one batch; adds its forward time.
   bool RunBatch(double* forward_seconds);
+  // eps_hat of the gathered rows, in order; with Options::score_fp32 and a
+  // reduced-precision replica, score rows in an fp32 pass of their own
+  // (`parts` and `rows` are reordered, scores first, to match).
+  absl::StatusOr<at::Tensor> EvaluateBatch(
+      std::vector<std::pair<size_t, int64_t>>& parts, std::vector<Rows>& rows);
   // Evaluates the rows of the batch's parts whose task wants them on the
   // background model and gives them to the tasks. Returns one status per
   // live task (OK for the others); adds the forward time.
@@ -356,7 +361,7 @@ bool Worker::RunBatch(double* forward_seconds) {
   {
     torch::NoGradGuard no_grad;
     try {
-      eps = Evaluate(*model_, Rows::Cat(rows));
+      eps = EvaluateBatch(parts, rows);
       if (eps.ok()) *eps = eps->to(at::kCPU);  // once per batch
     } catch (const std::exception& e) {
       eps = absl::InternalError(absl::StrCat("forward pass: ", e.what()));
@@ -429,7 +434,7 @@ std::vector<absl::Status> Worker::RunBackground(
   {
     torch::NoGradGuard no_grad;
     try {
-      eps = Evaluate(*background_, Rows::Cat(wanted));
+      eps = Evaluate(*background_, Rows::Cat(wanted), options_.score_fp32);
       if (eps.ok()) *eps = eps->to(at::kCPU);
     } catch (const std::exception& e) {
       eps = absl::InternalError(
@@ -462,6 +467,40 @@ std::vector<absl::Status> Worker::RunBackground(
   absl::MutexLock lock(&counter_->mu);
   counter_->rows += offset;
   return status;
+}
+
+absl::StatusOr<at::Tensor> Worker::EvaluateBatch(
+    std::vector<std::pair<size_t, int64_t>>& parts, std::vector<Rows>& rows) {
+  if (!options_.score_fp32 || model_->precision() == Precision::kFp32) {
+    return Evaluate(*model_, Rows::Cat(rows));
+  }
+  std::vector<size_t> order(parts.size());
+  for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+  const auto is_score = [&](size_t j) {
+    return live_[parts[j].first].task->is_score();
+  };
+  const size_t scores = static_cast<size_t>(
+      std::stable_partition(order.begin(), order.end(), is_score) -
+      order.begin());
+  if (scores == 0) return Evaluate(*model_, Rows::Cat(rows));
+  if (scores == order.size()) return Evaluate(*model_, Rows::Cat(rows), true);
+  std::vector<std::pair<size_t, int64_t>> sorted_parts;
+  std::vector<Rows> sorted_rows;
+  for (size_t k = 0; k < order.size(); ++k) {
+    sorted_parts.push_back(parts[order[k]]);
+    sorted_rows.push_back(std::move(rows[order[k]]));
+  }
+  parts = std::move(sorted_parts);
+  rows = std::move(sorted_rows);  // the background model reads them after
+  const std::vector<Rows> score_rows(rows.begin(), rows.begin() + scores);
+  const std::vector<Rows> sample_rows(rows.begin() + scores, rows.end());
+  absl::StatusOr<at::Tensor> score_eps =
+      Evaluate(*model_, Rows::Cat(score_rows), /*fp32=*/true);
+  if (!score_eps.ok()) return score_eps;
+  absl::StatusOr<at::Tensor> sample_eps =
+      Evaluate(*model_, Rows::Cat(sample_rows));
+  if (!sample_eps.ok()) return sample_eps;
+  return at::cat({score_eps->to(at::kCPU), sample_eps->to(at::kCPU)});
 }
 
 // Takes live_[index] out, releases its admitted rows and hands it to the

@@ -61,6 +61,10 @@ class Engine {
     int max_batch = 64;                // rows per forward pass
     int64_t max_queued_rows = 100000;  // admitted, unfinished rows per worker
     bool score_priority = false;       // ScoreBPD rows go first in each batch
+    // When a replica samples in reduced precision (Denoiser::precision()),
+    // evaluate ScoreBPD rows in fp32 anyway (Denoiser::DenoiseFp32): a mixed
+    // batch becomes two forward passes (--score_precision=fp32).
+    bool score_fp32 = true;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
   };

@@ -170,6 +170,13 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
     return absl::InvalidArgumentError("--devices: at least one device is needed");
   }
   VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
+  for (const std::string& device : o.devices) {
+    VDM_RETURN_IF_ERROR(ResolvePrecision(o.precision, device).status());
+  }
+  if (o.score_precision != "fp32" && o.score_precision != "same") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--score_precision: \"", o.score_precision, "\" is not fp32 or same"));
+  }
   VDM_RETURN_IF_ERROR(InRange("max_batch", o.engine.max_batch, 1, 1 << 16));
   VDM_RETURN_IF_ERROR(
       InRange("max_queued_rows", o.engine.max_queued_rows, 1, kBig));
@@ -193,12 +200,23 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   }
   std::vector<std::unique_ptr<Denoiser>> replicas;
   absl::StatusOr<ModelDescription> description;
+  Engine::Options engine_options = options.engine;
+  engine_options.score_fp32 = options.score_precision == "fp32";
   for (const std::string& device : options.devices) {
-    VDM_ASSIGN_OR_RETURN(
-        std::unique_ptr<TorchScriptModel> model,
-        TorchScriptModel::Load({options.model_path, device, true}));
+    TorchScriptModel::Options load;
+    load.path = options.model_path;
+    load.device = device;
+    load.precision = options.precision;
+    VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
+                         TorchScriptModel::Load(load));
     if (replicas.empty()) {
       description = Describe(*model, device);
+      if (description.ok()) {
+        description->precision = PrecisionName(model->precision());
+        description->score_precision = engine_options.score_fp32
+                                           ? std::string("fp32")
+                                           : description->precision;
+      }
       int64_t parameters = 0;
       for (const at::Tensor& p : model->module().parameters()) {
         parameters += p.numel();
@@ -212,9 +230,13 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   std::vector<std::unique_ptr<Denoiser>> background;
   if (!options.background_model_path.empty()) {
     for (size_t i = 0; i < options.devices.size(); ++i) {
+      TorchScriptModel::Options load;
+      load.path = options.background_model_path;
+      load.device = options.devices[i];
+      load.precision = options.precision;  // its rows are score rows: fp32
+                                           // unless --score_precision=same
       absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
-          TorchScriptModel::Load(
-              {options.background_model_path, options.devices[i], true});
+          TorchScriptModel::Load(load);
       if (!model.ok()) {
         return absl::Status(model.status().code(),
                             absl::StrCat("--background_model: ",
@@ -237,7 +259,7 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
                        LoadCalibration(options.calibration_path,
                                        options.model_path));
   VDM_ASSIGN_OR_RETURN(server->engine_,
-                       Engine::Create(options.engine, std::move(replicas),
+                       Engine::Create(engine_options, std::move(replicas),
                                       server->metrics_.get(),
                                       std::move(background)));
   VdmServiceImpl::Options limits = options.limits;

@@ -33,6 +33,11 @@ class VdmServer {
     std::string metrics_address;            // empty = no /metrics endpoint
     std::vector<std::string> devices = {"cpu"};  // one worker per device
     int threads = 0;                        // torch intra-op threads; 0 = cores
+    // Forward-pass precision of every replica: fp32, bf16 or auto
+    // (TorchScriptModel::Options::precision); ScoreBPD rows: "fp32" = in fp32
+    // whatever `precision` is, "same" = in `precision`.
+    std::string precision = "fp32";
+    std::string score_precision = "fp32";
     Engine::Options engine;
     VdmServiceImpl::Options limits;
     int max_message_mb = 64;                // gRPC receive/send limit, MiB

@@ -262,6 +262,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_max_steps(options_.max_steps);
   response->set_max_timesteps(options_.max_timesteps);
   response->set_background_model_path(model_.background_path);
+  response->set_precision(model_.precision);
+  response->set_score_precision(model_.score_precision);
   if (model_.calibration) {
     response->set_calibrated(true);
     response->set_calibration_timesteps(model_.calibration->setup().timesteps);

@@ -29,6 +29,9 @@ struct ModelDescription {
   std::string path;
   std::string device;
   float gamma_min = 0, gamma_max = 0;
+  // What the replicas compute in (GetModelInfo): "fp32" or "bf16" for
+  // sampling, and for ScoreBPD rows.
+  std::string precision = "fp32", score_precision = "fp32";
   // The anomaly calibration loaded with the model (anomaly.h), or null.
   std::shared_ptr<const Calibration> calibration;
   // The background model of the likelihood ratio; empty = none.

@@ -17,6 +17,11 @@ Deliberately broken models, each breaking exactly one part of the contract:
   broken_decreasing_gamma.pt  gamma(0) = 5 > gamma(1) = -13.3
   broken_nan_output.pt    forward returns NaN
   broken_forward_raises.pt  forward raises (rejects every input)
+A probe for TorchScriptModel::Denoise's transfers (tests/model/vdm/torchscript_model_test.cc):
+  probe.pt                a valid 1x4x4 model whose forward raises unless z, gamma are f32 and
+                          label i64 on the device of its weights, records the device it saw
+                          (seen_device) and whether its convolution ran in bf16 (seen_bf16),
+                          and returns the convolution's output in whatever dtype it has
 All are deterministic (fixed seeds) and the whole run takes a few seconds.
 """
 
@@ -77,6 +82,38 @@ class ForwardRaises(vdm_net.VDMNet):
         if z.numel() >= 0:
             raise RuntimeError("broken_forward_raises: this model always fails")
         return z
+
+
+class Probe(nn.Module):
+    """A valid model that checks and records what Denoise hands it (see the docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.image_channels: int = 1
+        self.image_height: int = 4
+        self.image_width: int = 4
+        self.num_classes: int = 2
+        self.prediction: str = "eps"
+        self.metadata: str = "{}"
+        self.seen_device: str = ""
+        self.seen_bf16: bool = False
+
+    @torch.jit.export
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        return -13.3 + 18.3 * t
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if z.dtype != torch.float32 or gamma.dtype != torch.float32 or label.dtype != torch.int64:
+            raise RuntimeError("probe: inputs must be z f32, gamma f32, label i64")
+        device = self.conv.weight.device
+        if z.device != device or gamma.device != device or label.device != device:
+            raise RuntimeError("probe: inputs must be on the model's device")
+        y = self.conv(z)
+        self.seen_device = str(z.device)
+        self.seen_bf16 = y.dtype == torch.bfloat16
+        return y + gamma.view(-1, 1, 1, 1).to(y.dtype)
 
 
 def enliven(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
@@ -144,6 +181,10 @@ def main() -> int:
         export.save_scripted(model, path)
         summary = export.verify(path)
         print("wrote %s (%d parameters, verified)" % (path, summary["parameters"]))
+
+    probe_path = os.path.join(args.out_dir, "probe.pt")
+    torch.jit.script(Probe()).save(probe_path)
+    print("wrote %s" % probe_path)
 
     for name, module in broken_models().items():
         path = os.path.join(args.out_dir, name + ".pt")

@@ -40,6 +40,8 @@ ABSL_FLAG(double, eta, 0.0, "DDIM eta (0 = deterministic)");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(int64_t, batch, 100, "images per sampling call");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
+ABSL_FLAG(std::string, precision, "fp32",
+          "generator forward precision: fp32, bf16 or auto (as vdm-server)");
 ABSL_FLAG(std::string, data, "",
           "optional IDX dataset directory: first report the classifier's "
           "accuracy on its t10k images");
@@ -124,6 +126,7 @@ int main(int argc, char** argv) {
   if (!classifier.ok()) return Fail(classifier.status());
   vdm::TorchScriptModel::Options model_options;
   model_options.path = absl::GetFlag(FLAGS_model);
+  model_options.precision = absl::GetFlag(FLAGS_precision);
   auto model = vdm::TorchScriptModel::Load(model_options);
   if (!model.ok()) return Fail(model.status());
   std::printf("generator %s; classifier %s (recorded test accuracy %.4f)\n",
@@ -137,11 +140,12 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "sampling %ld per class: %s, %d steps, eta %g, guidance %g, "
-      "seed %lu, %d threads\n",
+      "seed %lu, %d threads, %s\n",
       static_cast<long>(options->per_class),
       vdm::SamplerName(options->sampler.type).c_str(), options->sampler.steps,
       options->sampler.eta, options->guidance,
-      static_cast<unsigned long>(options->seed), at::get_num_threads());
+      static_cast<unsigned long>(options->seed), at::get_num_threads(),
+      vdm::PrecisionName((*model)->precision()).c_str());
   std::fflush(stdout);
   const absl::Time start = absl::Now();
   if (isatty(fileno(stderr))) {

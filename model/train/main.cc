@@ -18,6 +18,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "model/train/trainer.h"
+#include "model/vdm/omp_env.h"
 #include "model/vdm/torchscript_model.h"
 
 ABSL_FLAG(std::string, data, "/usr/share/datasets/fashion-mnist",
@@ -162,6 +163,7 @@ void PrintEval(const char* name, const vdm::EvalResult& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  vdm::PreferPassiveOmpWait(argv);  // before anything runs
   absl::SetProgramUsageMessage(
       "Trains a VDM (TorchScript) on IDX files or a folder of PNGs.\n"
       "  vdm-train --init=untrained.pt --out=model.pt [--steps=N --batch=B]");

@@ -28,12 +28,14 @@ Rows Rows::Cat(const std::vector<Rows>& parts) {
   return r;
 }
 
-absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows) {
+absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows,
+                                    bool fp32) {
   const at::Tensor label =
       rows.label.defined()
           ? rows.label
           : at::full({rows.size()}, int64_t{model.num_classes()}, at::kLong);
-  return model.Denoise(rows.z, rows.gamma, label);
+  return fp32 ? model.DenoiseFp32(rows.z, rows.gamma, label)
+              : model.Denoise(rows.z, rows.gamma, label);
 }
 
 }  // namespace vdm

@@ -35,7 +35,10 @@ struct Rows {
 };
 
 // eps_hat [m, C, H, W] for `rows`; rows without labels get "no label".
-absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows);
+// With `fp32`, in full fp32 whatever the model's precision()
+// (Denoiser::DenoiseFp32).
+absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows,
+                                    bool fp32 = false);
 
 }  // namespace vdm
 

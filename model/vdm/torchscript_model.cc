@@ -1,10 +1,15 @@
 #include "model/vdm/torchscript_model.h"
 
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/script.h>
+#ifdef VDM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -69,7 +74,82 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& spec) {
   }
 }
 
+// Autocast to bf16 on this thread while alive (autocast state is
+// thread-local), restoring what was there before; a no-op unless `enable`.
+// Like Python's torch.autocast it clears the cast-weight cache on the
+// outermost exit.
+class Bf16Autocast {
+ public:
+  Bf16Autocast(bool enable, c10::DeviceType type)
+      : enable_(enable), cuda_(type == c10::DeviceType::CUDA) {
+    if (!enable_) return;
+    if (cuda_) {
+      was_enabled_ = at::autocast::is_enabled();
+      was_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    } else {
+      was_enabled_ = at::autocast::is_cpu_enabled();
+      was_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    }
+    at::autocast::increment_nesting();
+  }
+  ~Bf16Autocast() {
+    if (!enable_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    if (cuda_) {
+      at::autocast::set_enabled(was_enabled_);
+      at::autocast::set_autocast_gpu_dtype(was_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(was_enabled_);
+      at::autocast::set_autocast_cpu_dtype(was_dtype_);
+    }
+  }
+  Bf16Autocast(const Bf16Autocast&) = delete;
+  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+
+ private:
+  const bool enable_, cuda_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
+
 }  // namespace
+
+bool HasNativeBf16(const std::string& device) {
+  if (device != "cpu") {
+    // A CUDA device: only a CUDA build can ask (VDM_CUDA, see CMakeLists.txt);
+    // Ampere (8.x) and later compute bf16 natively.
+#ifdef VDM_WITH_CUDA
+    return at::hasCUDA() && at::cuda::getDeviceProperties(
+                                torch::Device(device).index())->major >= 8;
+#else
+    return false;
+#endif
+  }
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    return line.find(" avx512_bf16") != std::string::npos ||
+           line.find(" amx_bf16") != std::string::npos;
+  }
+  return false;
+}
+
+absl::StatusOr<Precision> ResolvePrecision(const std::string& spec,
+                                           const std::string& device,
+                                           const std::string& flag) {
+  if (spec == "fp32") return Precision::kFp32;
+  if (spec == "bf16") return Precision::kBf16;
+  if (spec == "auto") {
+    return HasNativeBf16(device) ? Precision::kBf16 : Precision::kFp32;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--", flag, ": \"", spec, "\" is not fp32, bf16 or auto"));
+}
 
 void SetTorchThreads(int n) {
   if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
@@ -94,8 +174,11 @@ absl::StatusOr<std::unique_ptr<TorchScriptModel>> TorchScriptModel::Load(
 absl::StatusOr<std::unique_ptr<TorchScriptModel>> TorchScriptModel::FromModule(
     torch::jit::Module module, const Options& options) {
   VDM_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
+  VDM_ASSIGN_OR_RETURN(const Precision precision,
+                       ResolvePrecision(options.precision, options.device));
   std::unique_ptr<TorchScriptModel> model(
       new TorchScriptModel(std::move(module), options, device));
+  model->precision_ = precision;
   absl::Status status = model->CheckContract();
   if (!status.ok()) {
     return absl::Status(status.code(), absl::StrCat(options.path, ": ",
@@ -136,10 +219,14 @@ absl::Status TorchScriptModel::CheckContract() {
   }
   module_.eval();
   if (!options_.check_forward) return absl::OkStatus();
-  return CheckForward();
+  VDM_RETURN_IF_ERROR(CheckForward(precision_));
+  if (precision_ != Precision::kFp32) {
+    VDM_RETURN_IF_ERROR(CheckForward(Precision::kFp32));
+  }
+  return absl::OkStatus();
 }
 
-absl::Status TorchScriptModel::CheckForward() {
+absl::Status TorchScriptModel::CheckForward(Precision precision) {
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
   torch::NoGradGuard no_grad;
   const at::Tensor t = torch::tensor({0.0f, 1.0f}, f32);
@@ -153,7 +240,7 @@ absl::Status TorchScriptModel::CheckForward() {
       torch::randn({2, shape_.channels, shape_.height, shape_.width}, f32);
   const at::Tensor label =
       torch::full({2}, num_classes_, f32.dtype(torch::kLong));
-  VDM_ASSIGN_OR_RETURN(at::Tensor eps, Denoise(z, g->gamma, label));
+  VDM_ASSIGN_OR_RETURN(at::Tensor eps, Forward(z, g->gamma, label, precision));
   if (eps.sizes() != z.sizes()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "model contract: forward(z, gamma, label) must return z's shape [",
@@ -161,8 +248,9 @@ absl::Status TorchScriptModel::CheckForward() {
         absl::StrJoin(eps.sizes(), ","), "]"));
   }
   if (!torch::isfinite(eps).all().item<bool>()) {
-    return absl::InvalidArgumentError(
-        "model contract: forward returned non-finite values");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model contract: forward returned non-finite values (in ",
+        PrecisionName(precision), ")"));
   }
   return absl::OkStatus();
 }
@@ -170,17 +258,36 @@ absl::Status TorchScriptModel::CheckForward() {
 absl::StatusOr<at::Tensor> TorchScriptModel::Denoise(const at::Tensor& z,
                                                      const at::Tensor& gamma,
                                                      const at::Tensor& label) {
+  return Forward(z, gamma, label, precision_);
+}
+
+absl::StatusOr<at::Tensor> TorchScriptModel::DenoiseFp32(
+    const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& label) {
+  return Forward(z, gamma, label, Precision::kFp32);
+}
+
+absl::StatusOr<at::Tensor> TorchScriptModel::Forward(const at::Tensor& z,
+                                                     const at::Tensor& gamma,
+                                                     const at::Tensor& label,
+                                                     Precision precision) {
   try {
-    // One transfer each way per batch (no-ops when z is on the device).
-    const at::Tensor zd = z.to(device_), gd = gamma.to(device_);
-    c10::IValue out = module_.forward({zd, gd, label.to(device_)});
+    // One transfer each way per batch (no-ops when the rows already are on
+    // the device in the contract's dtypes).
+    const at::Tensor zd = z.to(device_, at::kFloat);
+    const at::Tensor gd = gamma.to(device_, at::kFloat);
+    const at::Tensor ld = label.to(device_, at::kLong);
+    c10::IValue out;
+    {
+      Bf16Autocast autocast(precision == Precision::kBf16, device_.type());
+      out = module_.forward({zd, gd, ld});
+    }
     if (!out.isTensor()) {
       return absl::InvalidArgumentError(
           "model contract: forward must return a Tensor");
     }
     at::Tensor output = out.toTensor();
     if (output.sizes() != z.sizes()) return output;  // CheckForward reports.
-    return ToEps(prediction_, output.to(torch::kFloat), zd, gd).to(z.device());
+    return ToEps(prediction_, output.to(at::kFloat), zd, gd).to(z.device());
   } catch (const std::exception& e) {
     return FromTorch(e, "model forward failed");
   }

@@ -19,8 +19,14 @@ class TorchScriptModel : public Denoiser {
   struct Options {
     std::string path;              // the .pt file
     std::string device = "cpu";    // "cpu" or "cuda:N"
-    // Run one forward at batch 2 after loading (contract check of shapes).
+    // Run one forward at batch 2 after loading (contract check of shapes),
+    // in the precision below (and in fp32 too when that is bf16).
     bool check_forward = true;
+    // "fp32", "bf16" (autocast: convolutions and matrix products in bf16,
+    // the output cast back to f32) or "auto" (bf16 where the
+    // hardware computes it natively: a CPU with avx512_bf16 or amx_bf16, a
+    // CUDA device of compute capability >= 8; else fp32).
+    std::string precision = "fp32";
   };
 
   // Loads and checks the model. A broken model is refused with a message that
@@ -33,11 +39,17 @@ class TorchScriptModel : public Denoiser {
 
   ImageShape shape() const override { return shape_; }
   int num_classes() const override { return num_classes_; }
-  // Moves the rows to the model's device once, runs forward, converts the
-  // output to eps and returns it on z's device.
+  // Moves the rows to the model's device once (z and gamma as f32, label as
+  // i64), runs forward in precision(), converts the output to f32 eps and
+  // returns it on z's device (one transfer back).
   absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
                                      const at::Tensor& gamma,
                                      const at::Tensor& label) override;
+  // The same in fp32 whatever precision() is.
+  absl::StatusOr<at::Tensor> DenoiseFp32(const at::Tensor& z,
+                                         const at::Tensor& gamma,
+                                         const at::Tensor& label) override;
+  Precision precision() const override { return precision_; }
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override;
 
   const std::string& prediction() const { return prediction_; }  // eps|v|x
@@ -52,7 +64,11 @@ class TorchScriptModel : public Denoiser {
                    torch::Device device)
       : module_(std::move(module)), options_(options), device_(device) {}
   absl::Status CheckContract();
-  absl::Status CheckForward();
+  absl::Status CheckForward(Precision precision);
+  absl::StatusOr<at::Tensor> Forward(const at::Tensor& z,
+                                     const at::Tensor& gamma,
+                                     const at::Tensor& label,
+                                     Precision precision);
 
   torch::jit::Module module_;
   Options options_;
@@ -61,7 +77,18 @@ class TorchScriptModel : public Denoiser {
   int num_classes_ = 0;
   std::string prediction_;
   std::string metadata_;
+  Precision precision_ = Precision::kFp32;
 };
+
+// Resolves a --precision value ("fp32", "bf16", "auto") for `device`
+// ("cpu", "cuda:N"); INVALID_ARGUMENT naming `flag` for anything else.
+absl::StatusOr<Precision> ResolvePrecision(const std::string& spec,
+                                           const std::string& device,
+                                           const std::string& flag =
+                                               "precision");
+// Whether `device` computes bf16 natively (CPU: avx512_bf16 or amx_bf16 in
+// /proc/cpuinfo).
+bool HasNativeBf16(const std::string& device);
 
 // gamma(t) and d gamma / dt by autograd on t (any device; moved to the
 // module's `device`), the one implementation of the schedule's derivative.

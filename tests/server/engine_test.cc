@@ -597,6 +597,90 @@ TEST(EngineCreateTest, RefusesABackgroundModelThatDoesNotFit) {
                    .ok());
 }
 
+// A replica that samples in "bf16": Denoise is the fake's eps + 0.05, so
+// the two paths give different numbers; DenoiseFp32 is the fake's own. Records
+// which path each forward pass took.
+class Bf16FakeDenoiser : public FakeDenoiser {
+ public:
+  Precision precision() const override { return Precision::kBf16; }
+  absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
+                                     const at::Tensor& gamma,
+                                     const at::Tensor& label) override {
+    paths.push_back("bf16");
+    absl::StatusOr<at::Tensor> eps = FakeDenoiser::Denoise(z, gamma, label);
+    return *eps + 0.05;
+  }
+  absl::StatusOr<at::Tensor> DenoiseFp32(const at::Tensor& z,
+                                         const at::Tensor& gamma,
+                                         const at::Tensor& label) override {
+    paths.push_back("fp32");
+    return FakeDenoiser::Denoise(z, gamma, label);
+  }
+  std::vector<std::string> paths;
+};
+
+// A sample (label 1) and a score (label 3) run together to the end on
+// `model` in manual mode.
+struct MixedRun {
+  Outcome<SampleResult> sample;
+  Outcome<ScoreResult> score;
+  FakeClock clock;
+  std::unique_ptr<Engine> engine;  // owns the model: the test reads it after
+};
+void RunMixed(std::unique_ptr<FakeDenoiser> model, bool score_fp32,
+              bool with_sample, MixedRun* run) {
+  Engine::Options options;
+  options.threaded = false;
+  options.clock = &run->clock;
+  options.score_fp32 = score_fp32;
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  replicas.push_back(std::move(model));
+  run->engine = *Engine::Create(options, std::move(replicas), nullptr);
+  Engine* engine = run->engine.get();
+  if (with_sample) {
+    ASSERT_TRUE(
+        engine->SubmitSample(Sample(2, 3, 1), {}, run->sample.Callback()).ok());
+  }
+  ASSERT_TRUE(engine->SubmitScore(Score(2, 4, 3), {}, run->score.Callback()).ok());
+  while (engine->Step()) {
+  }
+}
+
+TEST(MixedPrecisionEngineTest, ScoreRowsRunInFp32WhenTheReplicaSamplesInBf16) {
+  auto bf16 = std::make_unique<Bf16FakeDenoiser>();
+  Bf16FakeDenoiser* fake = bf16.get();
+  MixedRun mixed;
+  RunMixed(std::move(bf16), /*score_fp32=*/true, true, &mixed);
+  ASSERT_TRUE(mixed.sample.result.ok() && mixed.score.result.ok());
+  // The first iteration is split: the score's 8 rows in an fp32 pass, the
+  // sample's 2 rows in a bf16 pass; then only the sample is left.
+  EXPECT_THAT(fake->paths, ElementsAre("fp32", "bf16", "bf16", "bf16"));
+  EXPECT_THAT(fake->batches()[0].labels, ElementsAre(3, 3, 3, 3, 3, 3, 3, 3));
+  EXPECT_THAT(fake->batches()[1].labels, ElementsAre(1, 1));
+  // Each request got its own rows back: the score is what a pure fp32
+  // replica gives, the sample what the bf16 path gives alone.
+  MixedRun fp32_alone, bf16_alone;
+  RunMixed(std::make_unique<FakeDenoiser>(), true, false, &fp32_alone);
+  RunMixed(std::make_unique<Bf16FakeDenoiser>(), false, true, &bf16_alone);
+  ASSERT_TRUE(fp32_alone.score.result.ok() && bf16_alone.sample.result.ok());
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(mixed.score.result->scores[i].bpd,
+              fp32_alone.score.result->scores[i].bpd);
+    EXPECT_EQ(mixed.sample.result->images[i].pixels,
+              bf16_alone.sample.result->images[i].pixels);
+  }
+  // With --score_precision=same everything shares one bf16 pass, and the
+  // score changes (so the comparison above can fail).
+  auto same_model = std::make_unique<Bf16FakeDenoiser>();
+  Bf16FakeDenoiser* same_fake = same_model.get();
+  MixedRun same;
+  RunMixed(std::move(same_model), /*score_fp32=*/false, true, &same);
+  ASSERT_TRUE(same.score.result.ok());
+  EXPECT_THAT(same_fake->paths, ElementsAre("bf16", "bf16", "bf16"));
+  EXPECT_NE(same.score.result->scores[0].bpd,
+            fp32_alone.score.result->scores[0].bpd);
+}
+
 TEST(ThreadedEngineTest, CallbacksRunOffTheWorkerThread) {
   auto model = std::make_unique<FakeDenoiser>();
   FakeDenoiser* fake = model.get();

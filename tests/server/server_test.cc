@@ -128,6 +128,33 @@ TEST(ServerTest, BearerTokenIsRequiredExceptForHealth) {
   EXPECT_THAT(doubled.error_message(), HasSubstr("more than one"));
 }
 
+TEST(ServerTest, ModelInfoReportsThePrecisionOfSamplingAndScoring) {
+  struct Case {
+    const char* precision;
+    const char* score_precision;
+    const char* want_sample;
+    const char* want_score;
+  };
+  for (const Case& c : {Case{"fp32", "fp32", "fp32", "fp32"},
+                        Case{"bf16", "fp32", "bf16", "fp32"},
+                        Case{"bf16", "same", "bf16", "bf16"}}) {
+    VdmServer::Options options = TinyOptions();
+    options.precision = c.precision;
+    options.score_precision = c.score_precision;
+    auto server = StartServer(options);
+    ASSERT_NE(server, nullptr);
+    auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
+        Target(*server), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    v1::ModelInfo info;
+    ASSERT_TRUE(
+        stub->GetModelInfo(&context, v1::ModelInfoRequest(), &info).ok());
+    EXPECT_EQ(info.precision(), c.want_sample) << c.precision;
+    EXPECT_EQ(info.score_precision(), c.want_score) << c.score_precision;
+    EXPECT_TRUE(Sample(*stub, Request(2, 2)).ok()) << c.precision;
+  }
+}
+
 TEST(ServerTest, ConstantTimeEqualsComparesWholeStrings) {
   EXPECT_TRUE(ConstantTimeEquals("abc", "abc"));
   EXPECT_FALSE(ConstantTimeEquals("abc", "abd"));
@@ -294,6 +321,9 @@ TEST(ServerOptionsTest, BadStartUpSettingsAreRefusedNamingTheFlag) {
       {[](VdmServer::Options& o) { o.metrics_address = "localhost:http"; },
        "--metrics_address"},
       {[](VdmServer::Options& o) { o.devices.clear(); }, "--devices"},
+      {[](VdmServer::Options& o) { o.precision = "fp16"; }, "--precision"},
+      {[](VdmServer::Options& o) { o.score_precision = "bf16"; },
+       "--score_precision"},
   };
   for (const BadOption& c : cases) {
     VdmServer::Options options = TinyOptions();

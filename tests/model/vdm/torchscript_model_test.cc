@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <ATen/autocast_mode.h>
+
 #include "model/vdm/diffusion.h"
 
 namespace vdm {
@@ -108,6 +110,103 @@ TEST(TorchScriptModelTest, UnknownDeviceIsRefused) {
   auto model = TorchScriptModel::Load({ModelPath("tiny.pt"), "tpu:7"});
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(std::string(model.status().message()), HasSubstr("tpu:7"));
+}
+
+TorchScriptModel::Options WithPrecision(const std::string& file,
+                                        const std::string& precision) {
+  TorchScriptModel::Options o;
+  o.path = ModelPath(file);
+  o.precision = precision;
+  return o;
+}
+
+TEST(TorchScriptModelTest, Fp32IsExactlyTheModulesForward) {
+  // precision=fp32 (the default) is what Denoise always computed: the
+  // module's forward on the inputs as they are, converted to eps.
+  auto model = TorchScriptModel::Load(WithPrecision("tiny.pt", "fp32"));
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->precision(), Precision::kFp32);
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(3);
+  const at::Tensor z = torch::randn({4, 1, 28, 28});
+  const at::Tensor gamma = torch::tensor({-10.0f, -2.0f, 1.0f, 4.0f});
+  const at::Tensor label = torch::tensor({0, 3, 9, 10}, torch::kLong);
+  auto eps = (*model)->Denoise(z, gamma, label);
+  ASSERT_TRUE(eps.ok()) << eps.status();
+  const at::Tensor raw =
+      (*model)->module().forward({z, gamma, label}).toTensor();
+  EXPECT_TRUE(torch::equal(*eps, raw));
+  auto fp32 = (*model)->DenoiseFp32(z, gamma, label);
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  EXPECT_TRUE(torch::equal(*fp32, raw));
+}
+
+TEST(TorchScriptModelTest, Bf16IsCloseToFp32AndItsFp32PathIsExact) {
+  auto f32 = TorchScriptModel::Load(WithPrecision("tiny.pt", "fp32"));
+  auto b16 = TorchScriptModel::Load(WithPrecision("tiny.pt", "bf16"));
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  ASSERT_TRUE(b16.ok()) << b16.status();
+  EXPECT_EQ((*b16)->precision(), Precision::kBf16);
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(4);
+  const at::Tensor z = torch::randn({8, 1, 28, 28});
+  const at::Tensor gamma = torch::linspace(-12.0, 4.0, 8);
+  const at::Tensor label = torch::arange(8, torch::kLong);
+  auto want = (*f32)->Denoise(z, gamma, label);
+  auto got = (*b16)->Denoise(z, gamma, label);
+  ASSERT_TRUE(want.ok() && got.ok());
+  EXPECT_EQ(got->scalar_type(), at::kFloat);
+  EXPECT_FALSE(at::autocast::is_cpu_enabled()) << "autocast left on";
+  // bf16 keeps 8 bits of mantissa: close, but not the same numbers (so
+  // autocast did run).
+  const double rel = ((*got - *want).norm() / want->norm()).item<double>();
+  EXPECT_LT(rel, 0.05);
+  EXPECT_GT(rel, 0.0);
+  auto exact = (*b16)->DenoiseFp32(z, gamma, label);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_TRUE(torch::equal(*exact, *want));
+}
+
+TEST(TorchScriptModelTest, DenoiseHandsTheModelItsDeviceAndDtypes) {
+  // probe.pt (tests/make_test_models.py) raises unless z and gamma arrive
+  // as f32 and label as i64 on its weights' device, and returns its
+  // convolution's output in the dtype it has (bf16 under autocast). This
+  // catches Denoise passing the rows on as they are (here f64 z and gamma,
+  // i32 labels; on a GPU replica, CPU tensors) or returning the network's
+  // dtype. The conversion is the same `.to(device, dtype)` call that moves
+  // rows to a CUDA replica; with only a CPU here, the device part is
+  // recorded (seen_device) but cannot differ.
+  for (const char* precision : {"fp32", "bf16"}) {
+    auto model = TorchScriptModel::Load(WithPrecision("probe.pt", precision));
+    ASSERT_TRUE(model.ok()) << model.status();
+    torch::NoGradGuard no_grad;
+    const at::Tensor z = torch::randn({3, 1, 4, 4}, torch::kDouble);
+    const at::Tensor gamma = torch::tensor({-1.0, 0.0, 2.0}, torch::kDouble);
+    const at::Tensor label = torch::tensor({0, 1, 2}, torch::kInt);
+    auto eps = (*model)->Denoise(z, gamma, label);
+    ASSERT_TRUE(eps.ok()) << precision << ": " << eps.status();
+    EXPECT_EQ(eps->scalar_type(), at::kFloat) << precision;
+    EXPECT_EQ(eps->device(), z.device()) << precision;
+    torch::jit::Module& m = (*model)->module();
+    EXPECT_EQ(m.attr("seen_device").toStringRef(),
+              (*model)->device().str());
+    EXPECT_EQ(m.attr("seen_bf16").toBool(), std::string(precision) == "bf16");
+    ASSERT_TRUE((*model)->DenoiseFp32(z, gamma, label).ok());
+    EXPECT_FALSE(m.attr("seen_bf16").toBool()) << "the fp32 path is fp32";
+  }
+}
+
+TEST(TorchScriptModelTest, PrecisionIsParsedAndAutoFollowsTheHardware) {
+  EXPECT_EQ(*ResolvePrecision("fp32", "cpu"), Precision::kFp32);
+  EXPECT_EQ(*ResolvePrecision("bf16", "cpu"), Precision::kBf16);
+  EXPECT_EQ(*ResolvePrecision("auto", "cpu"),
+            HasNativeBf16("cpu") ? Precision::kBf16 : Precision::kFp32);
+  auto bad = ResolvePrecision("fp16", "cpu");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("--precision"));
+  auto refused = TorchScriptModel::Load(WithPrecision("tiny.pt", "int8"));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("int8"));
 }
 
 }  // namespace
