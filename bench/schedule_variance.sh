@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fixed against learned noise schedule (docs/schedule.md): the same small
 # network (one export seed, so the same initial weights), data, batch, steps
-# and learning rate, trained by vdm-train with --schedule=fixed (the linear
-# export) and --schedule=learned (the export with the monotone gamma network,
-# whose initial shape is close to linear); then, on the same test images, the
+# and learning rate, trained by vdm-train with --schedule=fixed and
+# --schedule=learned_endpoints (the linear export) and --schedule=learned (the
+# export with the monotone gamma network, whose initial shape is close to
+# linear), the three runs at once; then, on the same test images, the
 # VLB estimator's variance and the served per-image standard error at K
 # (vdm-schedule-variance, the library scorer that ScoreBPD runs). A
 # benchmark, not a test: short runs on a shared CPU.
@@ -63,9 +64,11 @@ train() {  # name init schedule
 # Both runs at once (one thread each by default), so that they share the
 # machine's load alike.
 train fixed "$dir/fixed_init.pt" fixed &
+train endpoints "$dir/fixed_init.pt" learned_endpoints &
 train learned "$dir/learned_init.pt" learned &
 wait
 
-build/vdm-schedule-variance --models="$dir/fixed.pt,$dir/learned.pt" \
+build/vdm-schedule-variance \
+  --models="$dir/fixed.pt,$dir/endpoints.pt,$dir/learned.pt" \
   --images="$images" --repeats="$repeats" --threads="$threads"
 echo "(files in $dir${keep:+, kept})"
