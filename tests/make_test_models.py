@@ -8,6 +8,7 @@ layers get small random weights so that the output is non-zero and depends on z,
 the label, which an untrained export would not):
   tiny.pt                 tiny config, 1x28x28, num_classes=10, prediction "eps"
   tiny_uncond_v.pt        tiny config, num_classes=0, prediction "v"
+  tiny_learned.pt         tiny config with the learned (monotone network) schedule
 Deliberately broken models, each breaking exactly one part of the contract:
   broken_no_gamma.pt      no `gamma` method
   broken_bad_prediction.pt  prediction = "foo"
@@ -15,6 +16,8 @@ Deliberately broken models, each breaking exactly one part of the contract:
   broken_no_metadata.pt   no `metadata` attribute
   broken_no_num_classes.pt  no `num_classes` attribute
   broken_decreasing_gamma.pt  gamma(0) = 5 > gamma(1) = -13.3
+  broken_bumpy_gamma.pt   gamma(0) < gamma(1), but gamma decreases around t = 0.5
+  broken_gamma_no_grad.pt  gamma(t) is detached from t (autograd gives no derivative)
   broken_nan_output.pt    forward returns NaN
   broken_forward_raises.pt  forward raises (rejects every input)
 A probe for TorchScriptModel::Denoise's transfers (tests/model/vdm/torchscript_model_test.cc):
@@ -116,6 +119,22 @@ class Probe(nn.Module):
         return y + gamma.view(-1, 1, 1, 1).to(y.dtype)
 
 
+class BumpyGamma(vdm_net.VDMNet):
+    """gamma(t) = linear + 4 sin(2 pi t): right endpoints, d gamma/dt < 0 around t = 0.5."""
+
+    @torch.jit.export
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        return (1.0 - t) * self.gamma_min + t * self.gamma_max + 4.0 * torch.sin(6.2831853 * t)
+
+
+class GammaNoGrad(vdm_net.VDMNet):
+    """gamma(t) is right but detached from t."""
+
+    @torch.jit.export
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        return ((1.0 - t) * self.gamma_min + t * self.gamma_max).detach()
+
+
 def enliven(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
     """Gives the zero-initialized layers (res-block output convs, attention projection, final
     conv) small random weights, so the test model's output is non-zero and depends on z,
@@ -159,6 +178,8 @@ def broken_models():
         "broken_no_metadata": no_metadata,
         "broken_no_num_classes": no_num_classes,
         "broken_decreasing_gamma": decreasing,
+        "broken_bumpy_gamma": tiny(BumpyGamma, seed=9),
+        "broken_gamma_no_grad": tiny(GammaNoGrad, seed=10),
         "broken_nan_output": tiny(NanOutput, seed=7),
         "broken_forward_raises": tiny(ForwardRaises, seed=8),
     }
@@ -174,6 +195,7 @@ def main() -> int:
     good = {
         "tiny": tiny_config(),
         "tiny_uncond_v": tiny_config(num_classes=0, prediction="v"),
+        "tiny_learned": tiny_config(schedule="learned"),
     }
     for name, config in good.items():
         path = os.path.join(args.out_dir, name + ".pt")

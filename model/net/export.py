@@ -2,7 +2,7 @@
 """Exports an untrained VDM network as a TorchScript module that honours the vdm-serve contract.
 
   /usr/bin/python3 model/net/export.py --config=model/net/configs/fmnist_unet.json \
-      --out=model.pt [--seed=0] [--set key=value ...]
+      --out=model.pt [--seed=0] [--schedule=fixed|learned] [--set key=value ...]
 
 `--set` overrides a config key (the value is parsed as JSON when it can be, else taken as a
 string: --set prediction=v --set channel_mult=[1,2] --set attention=false). After writing, the
@@ -102,15 +102,19 @@ def verify(path: str) -> Dict[str, Any]:
     meta = json.loads(m.metadata)
     assert isinstance(meta, dict), "metadata is not a JSON object"
 
-    # gamma(t): endpoints, monotone, d gamma/dt by autograd on t.
-    t = torch.tensor([0.0, 0.25, 1.0], requires_grad=True)
+    # gamma(t): endpoints, increasing with a positive d gamma/dt by autograd on t on a grid of
+    # 64 points (as the C++ contract check), the linear slope for the linear schedule.
+    t = torch.linspace(0.0, 1.0, 64).requires_grad_(True)
     g = m.gamma(t)
     (dg,) = torch.autograd.grad(g.sum(), t)
     g = g.detach()
-    gmin, gmax = float(g[0]), float(g[2])
-    assert g.shape == (3,) and g.dtype == torch.float32, "gamma(t) shape/dtype"
-    assert gmin < float(g[1]) < gmax, "gamma not increasing"
-    assert torch.allclose(dg, torch.full_like(dg, gmax - gmin), rtol=1e-5), "d gamma/dt"
+    gmin, gmax = float(g[0]), float(g[-1])
+    assert g.shape == (64,) and g.dtype == torch.float32, "gamma(t) shape/dtype"
+    assert bool((g[1:] > g[:-1]).all()), "gamma not increasing"
+    assert bool((dg > 0).all()), "d gamma/dt not positive"
+    schedule = json.loads(m.metadata).get("config", {}).get("schedule", "linear")
+    if schedule == "linear":
+        assert torch.allclose(dg, torch.full_like(dg, gmax - gmin), rtol=1e-5), "d gamma/dt"
 
     # forward at batch 2 (one labelled row, one "no label" row), in train mode for grads.
     m.train()
@@ -132,6 +136,7 @@ def verify(path: str) -> Dict[str, Any]:
     m.metadata = json.dumps({"check": 1})
     assert json.loads(m.metadata) == {"check": 1}
     return {"gamma_min": gmin, "gamma_max": gmax, "shape": (c, h, w), "num_classes": n,
+            "schedule": schedule,
             "prediction": m.prediction,
             "parameters": sum(p.numel() for _, p in m.named_parameters()),
             "trainable": sum(p.numel() for _, p in trainable)}
@@ -154,11 +159,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="initialization seed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
+    parser.add_argument("--schedule", choices=("fixed", "learned"), default=None,
+                        help="noise schedule: fixed (linear, the config's default) or learned "
+                        "(a monotone network; sets config schedule=learned)")
     parser.add_argument("--no_verify", action="store_true",
                         help="skip loading the file back and checking the contract")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.set)
+        overrides = list(args.set)
+        if args.schedule is not None:
+            overrides.append("schedule=" + ("learned" if args.schedule == "learned"
+                                            else "linear"))
+        config = load_config(args.config, overrides)
     except ValueError as e:
         print("export.py: error: %s" % e, file=sys.stderr)
         return 2
@@ -169,9 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
     print("parameters=%d" % summary["parameters"])
-    print("wrote %s (%s, %dx%dx%d, num_classes=%d, prediction=%s, gamma %.2f..%.2f)%s" % (
+    print("wrote %s (%s, %dx%dx%d, num_classes=%d, prediction=%s, %s gamma %.2f..%.2f)%s" % (
         args.out, config["dataset"], config["image_channels"], config["image_height"],
-        config["image_width"], config["num_classes"], config["prediction"],
+        config["image_width"], config["num_classes"], config["prediction"], config["schedule"],
         config["gamma_min"], config["gamma_max"], "" if args.no_verify else ", verified"))
     return 0
 

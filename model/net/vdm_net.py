@@ -41,12 +41,15 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "gamma_min": -13.3,           # gamma(0)
     "gamma_max": 5.0,             # gamma(1)
     "learn_schedule_endpoints": False,
+    "schedule": "linear",         # "linear" or "learned" (monotone network, VDM section 5)
+    "schedule_features": 1024,    # hidden width of the learned schedule's network
     "fourier_features": True,     # sin/cos(2^n * 2pi * z) as extra input channels
     "fourier_start": 6,           # n from fourier_start ...
     "fourier_stop": 8,            # ... to fourier_stop - 1
 }
 
 PREDICTIONS = ("eps", "v", "x")
+SCHEDULES = ("linear", "learned")
 
 
 def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -92,6 +95,9 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
     require(0.0 <= out["dropout"] < 1.0, "dropout must be in [0, 1)")
     require(out["gamma_min"] < out["gamma_max"],
             "gamma_min must be < gamma_max (gamma must increase)")
+    require(out["schedule"] in SCHEDULES,
+            "schedule must be one of %s, got %r" % (SCHEDULES, out["schedule"]))
+    require(out["schedule_features"] > 0, "schedule_features must be positive")
     require(out["fourier_start"] < out["fourier_stop"] or not out["fourier_features"],
             "fourier_start must be < fourier_stop")
     return out
@@ -105,6 +111,49 @@ def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class LinearShape(nn.Module):
+    """The linear schedule's shape s(t) = t (no parameters)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class MonotoneShape(nn.Module):
+    """The learned schedule's shape (Kingma et al. 2021, section 5): the monotone network
+    g(t) = l1(t) + l3(sigmoid(l2(l1(t)))), 1 -> 1 -> F -> 1, whose weights are softplus of
+    raw parameters (so every weight is > 0 and g is strictly increasing for ANY raw values:
+    monotone by construction), normalized to s(t) = (g(t) - g(0)) / (g(1) - g(0)), so
+    s(0) = 0 and s(1) = 1 exactly. The endpoints are not here (VDMNet.gamma_min/max).
+
+    Initialized close to linear (s(t) ~ t): l1 has unit slope and the l3 branch is small."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        inv_softplus_1 = math.log(math.expm1(1.0))
+        self.l1_weight = nn.Parameter(torch.full((1, 1), inv_softplus_1))
+        self.l1_bias = nn.Parameter(torch.zeros(1))
+        # Sigmoid features spread over l1(t) in [0, 1]: slopes |N(0, 1)| * 4, centres uniform.
+        slope = torch.randn(features, 1).abs() * 4.0 + 0.1
+        centre = torch.rand(features)
+        self.l2_weight = nn.Parameter(torch.log(torch.expm1(slope)))
+        self.l2_bias = nn.Parameter(-slope[:, 0] * centre)
+        # l3 weights softplus(raw) / F with raw ~ N(-2, 1): the branch adds a small bend.
+        self.l3_weight = nn.Parameter(torch.randn(1, features) - 2.0)
+        self.inv_features: float = 1.0 / features
+
+    def raw(self, t: torch.Tensor) -> torch.Tensor:
+        x = t[:, None]
+        h1 = F.linear(x, F.softplus(self.l1_weight), self.l1_bias)
+        h2 = torch.sigmoid(F.linear(h1, F.softplus(self.l2_weight), self.l2_bias))
+        h3 = F.linear(h2, F.softplus(self.l3_weight)) * self.inv_features
+        return (h1 + h3)[:, 0]
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t32 = t.float()
+        ends = self.raw(torch.tensor([0.0, 1.0], dtype=torch.float32, device=t.device))
+        return ((self.raw(t32) - ends[0]) / (ends[1] - ends[0])).to(t.dtype)
 
 
 class AttnBlock(nn.Module):
@@ -214,10 +263,15 @@ class VDMNet(nn.Module):
             "dataset": cfg["dataset"], "config": cfg, "training_steps": 0,
             "created_by": "model/net/vdm_net.py"}, sort_keys=True)
 
-        # Noise schedule: linear in t, endpoints optionally learnable.
-        learn = bool(cfg["learn_schedule_endpoints"])
+        # Noise schedule gamma(t) = gamma_min + (gamma_max - gamma_min) * s(t) with the shape s
+        # linear (s(t) = t) or a learned monotone network (s(0) = 0, s(1) = 1); the endpoints
+        # are learnable with learn_schedule_endpoints or the learned schedule. vdm-train finds
+        # the schedule's parameters by name: gamma_min, gamma_max and gamma_net.*.
+        learned = cfg["schedule"] == "learned"
+        learn = bool(cfg["learn_schedule_endpoints"]) or learned
         self.gamma_min = nn.Parameter(torch.tensor(float(cfg["gamma_min"])), requires_grad=learn)
         self.gamma_max = nn.Parameter(torch.tensor(float(cfg["gamma_max"])), requires_grad=learn)
+        self.learned_schedule: bool = learned
 
         ch, groups, dropout = cfg["channels"], cfg["groups"], cfg["dropout"]
         emb_dim = 4 * ch
@@ -267,13 +321,18 @@ class VDMNet(nn.Module):
         assert not skip_chs
         self.norm_out = _norm(cur, groups)
         self.conv_out = _zero(nn.Conv2d(cur, cfg["image_channels"], 3, padding=1))
+        # Last, so that the learned schedule's random initialization leaves the rest of the
+        # network's initialization (same seed) as with the linear schedule.
+        self.gamma_net = MonotoneShape(cfg["schedule_features"]) if learned else LinearShape()
 
     @torch.jit.export
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
-        """The noise schedule gamma(t) = gamma_min + (gamma_max - gamma_min) * t, written as
-        (1 - t) * gamma_min + t * gamma_max so that t = 0 and t = 1 give the endpoints exactly
-        in float32. d gamma/dt = gamma_max - gamma_min (autograd on t works)."""
-        return (1.0 - t) * self.gamma_min + t * self.gamma_max
+        """The noise schedule gamma(t) = gamma_min + (gamma_max - gamma_min) * s(t), written as
+        (1 - s) * gamma_min + s * gamma_max so that t = 0 and t = 1 give the endpoints exactly
+        in float32 (s(0) = 0, s(1) = 1). Linear: s(t) = t and d gamma/dt = gamma_max -
+        gamma_min. Learned: s is the monotone network gamma_net. Autograd on t works."""
+        s = self.gamma_net(t)
+        return (1.0 - s) * self.gamma_min + s * self.gamma_max
 
     def embed(self, gamma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         # (gamma - EMBED_GAMMA_MIN) / (EMBED_GAMMA_MAX - EMBED_GAMMA_MIN) * 1000, as literals

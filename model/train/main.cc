@@ -61,6 +61,13 @@ ABSL_FLAG(std::string, weighting, "elbo",
           "(VDM++: w = sigmoid(-logSNR + weighting_bias)); evaluation always "
           "reports the VLB");
 ABSL_FLAG(double, weighting_bias, 2.0, "bias b of the sigmoid weighting");
+ABSL_FLAG(std::string, schedule, "fixed",
+          "noise schedule: fixed (gamma not trained), learned_endpoints "
+          "(gamma(0), gamma(1) by the VLB) or learned (also the shape of a "
+          "model exported with --schedule=learned, by minimising the VLB "
+          "estimator's variance; Kingma et al. 2021, section 5)");
+ABSL_FLAG(double, schedule_lr_scale, 1.0,
+          "learning rate of the schedule's parameters relative to --lr");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (data order, times, noise)");
 ABSL_FLAG(int64_t, eval_every, 500, "steps between validation runs; 0 = never");
 ABSL_FLAG(int64_t, eval_images, 1000,
@@ -117,6 +124,11 @@ absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   if (!weighting.ok()) return weighting.status();
   o.weighting.kind = *weighting;
   o.weighting.bias = absl::GetFlag(FLAGS_weighting_bias);
+  absl::StatusOr<vdm::ScheduleKind> schedule =
+      vdm::ParseSchedule(absl::GetFlag(FLAGS_schedule));
+  if (!schedule.ok()) return schedule.status();
+  o.schedule = *schedule;
+  o.schedule_lr_scale = absl::GetFlag(FLAGS_schedule_lr_scale);
   o.resume = absl::GetFlag(FLAGS_resume);
   o.state_path = absl::GetFlag(FLAGS_state);
   o.metrics_path = absl::GetFlag(FLAGS_metrics_out);

@@ -54,6 +54,9 @@ absl::Status CheckOptions(const Trainer::Options& o) {
     return bad("mutation_rate must be in [0, 1)");
   }
   if (o.exclude_class < -1) return bad("exclude_class must be >= 0 (or -1: none)");
+  if (!(o.schedule_lr_scale > 0) || !std::isfinite(o.schedule_lr_scale)) {
+    return bad("schedule_lr_scale must be > 0");
+  }
   if (o.eval_times < 1) return bad("eval_times must be >= 1");
   if (o.eval_batch < 1) return bad("eval_batch must be >= 1");
   if (o.eval_images < 0 || o.test_images < 0) {
@@ -83,7 +86,8 @@ absl::Status TorchError(const char* what, const c10::Error& e) {
 
 std::unique_ptr<torch::optim::AdamW> MakeOptimizer(
     const std::vector<at::Tensor>& decay,
-    const std::vector<at::Tensor>& no_decay, const Trainer::Options& o) {
+    const std::vector<at::Tensor>& no_decay,
+    const std::vector<at::Tensor>& schedule, const Trainer::Options& o) {
   using torch::optim::AdamWOptions;
   AdamWOptions defaults(o.lr);
   defaults.weight_decay(o.weight_decay);
@@ -96,7 +100,21 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(
     no_decay_options->weight_decay(0.0);
     groups.emplace_back(no_decay, std::move(no_decay_options));
   }
+  if (!schedule.empty()) {  // last: SetLearningRate scales its lr
+    auto schedule_options = std::make_unique<AdamWOptions>(defaults);
+    schedule_options->weight_decay(0.0);
+    schedule_options->lr(o.lr * o.schedule_lr_scale);
+    groups.emplace_back(schedule, std::move(schedule_options));
+  }
   return std::make_unique<torch::optim::AdamW>(std::move(groups), defaults);
+}
+
+// Whether the module's gamma has a learned shape (gamma_net parameters).
+bool HasScheduleShape(const torch::jit::Module& module) {
+  for (const auto& p : module.named_parameters()) {
+    if (IsScheduleShape(p.name)) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -180,26 +198,54 @@ absl::Status Trainer::Init() {
       ema_module_ = module.deepcopy();
     }
     ema_module_.eval();
-    std::vector<at::Tensor> decay, no_decay;
+    std::vector<at::Tensor> decay, no_decay, schedule_group;
     auto ema_named = ema_module_.named_parameters();
     auto ema_it = ema_named.begin();
+    const ScheduleKind schedule = options_.schedule;
     for (const auto& p : module.named_parameters()) {
       const auto ema = *ema_it;
       ++ema_it;
       if (ema.name != p.name) {
         return absl::InternalError("EMA copy has different parameters");
       }
+      // The schedule's parameters train as --schedule says, whatever their
+      // flag in the file (fixed: none; in the saved model the flag stays).
+      const bool endpoint = IsScheduleEndpoint(p.name);
+      const bool shape = IsScheduleShape(p.name);
+      if (endpoint) {
+        p.value.requires_grad_(schedule != ScheduleKind::kFixed);
+      } else if (shape) {
+        p.value.requires_grad_(schedule == ScheduleKind::kLearned);
+      }
       if (!p.value.requires_grad()) continue;
       ema.value.requires_grad_(true);  // keep the flag in the saved model
       params_.push_back(p.value);
       ema_params_.push_back(ema.value);
-      (p.value.dim() >= 2 ? decay : no_decay).push_back(p.value);
+      (shape ? shape_params_ : vlb_params_).push_back(p.value);
+      if (endpoint) endpoint_params_.push_back(p.value);
+      (endpoint || shape ? schedule_group
+                         : p.value.dim() >= 2 ? decay : no_decay)
+          .push_back(p.value);
     }
     if (params_.empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat(options_.init_path, " has no trainable parameters"));
     }
-    optimizer_ = MakeOptimizer(decay, no_decay, options_);
+    if (schedule != ScheduleKind::kFixed && endpoint_params_.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--schedule=", ScheduleName(schedule), ": ", options_.init_path,
+          " has no schedule endpoint parameters (gamma_min, gamma_max)"));
+    }
+    if (schedule == ScheduleKind::kLearned && shape_params_.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--schedule=learned: ", options_.init_path,
+          " has a fixed-shape gamma (no gamma_net.* parameters); export it "
+          "with model/net/export.py --schedule=learned"));
+    }
+    VDM_ASSIGN_OR_RETURN(initial_schedule_,
+                         ScheduleCurve(module, info_.device));
+    optimizer_ = MakeOptimizer(decay, no_decay, schedule_group, options_);
+    has_schedule_group_ = !schedule_group.empty();
   } catch (const c10::Error& e) {
     return TorchError("setting up training", e);
   }
@@ -213,19 +259,44 @@ absl::StatusOr<double> Trainer::TrainStep(const at::Tensor& images,
     // Antithetic times t_i = (u + i / B) mod 1.
     at::Tensor u = at::rand({1}, gen_, at::TensorOptions(at::kFloat));
     at::Tensor t = at::fmod(at::arange(b, at::kFloat) / b + u, 1.0);
+    const bool learn_shape = !shape_params_.empty();
+    ScheduleGraph schedule;
     VDM_ASSIGN_OR_RETURN(
         VlbTerms terms, ComputeVlb(model_->module(), info_, images,
                                    DropLabels(labels), t, gen_,
-                                   options_.weighting));
+                                   options_.weighting,
+                                   learn_shape ? &schedule : nullptr));
     at::Tensor loss = NatsToBpd(terms.Loss(), info_.shape.dims()).mean();
     const double value = loss.item<double>();
     optimizer_->zero_grad();
     loss.backward();
+    if (learn_shape) {
+      // The backward stopped at gamma(t), gamma'(t): the endpoints take the
+      // VLB's gradient from there (added to that of the prior and
+      // reconstruction terms), the shape that of the squared per-example
+      // diffusion loss (one time per image here), in the loss's units.
+      std::vector<at::Tensor> ge = EndpointGradient(schedule, endpoint_params_);
+      for (size_t i = 0; i < ge.size(); ++i) {
+        at::Tensor& grad = endpoint_params_[i].mutable_grad();
+        grad = grad.defined() ? grad + ge[i] : ge[i];
+      }
+      std::vector<at::Tensor> gs = VarianceGradient(
+          schedule, NatsToBpd(schedule.rows, info_.shape.dims()),
+          shape_params_);
+      for (size_t i = 0; i < gs.size(); ++i) {
+        shape_params_[i].mutable_grad() = gs[i];
+      }
+    }
     const double max_norm = options_.grad_clip > 0
                                 ? options_.grad_clip
                                 : std::numeric_limits<double>::infinity();
-    const double norm = torch::nn::utils::clip_grad_norm_(params_, max_norm);
-    if (!std::isfinite(value) || !std::isfinite(norm)) {
+    const double norm =
+        torch::nn::utils::clip_grad_norm_(vlb_params_, max_norm);
+    const double shape_norm =
+        learn_shape ? torch::nn::utils::clip_grad_norm_(shape_params_, max_norm)
+                    : 0.0;
+    if (!std::isfinite(value) || !std::isfinite(norm) ||
+        !std::isfinite(shape_norm)) {
       optimizer_->zero_grad();
       if (++bad_steps_ >= kMaxBadSteps) {
         return absl::InternalError(absl::StrCat(
@@ -271,8 +342,11 @@ double Trainer::LearningRateAt(int64_t step) const {
 
 void Trainer::SetLearningRate() {
   const double lr = LearningRateAt(step_);
-  for (auto& group : optimizer_->param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  auto& groups = optimizer_->param_groups();
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const bool schedule = has_schedule_group_ && i + 1 == groups.size();
+    static_cast<torch::optim::AdamWOptions&>(groups[i].options())
+        .lr(schedule ? lr * options_.schedule_lr_scale : lr);
   }
 }
 
@@ -347,6 +421,8 @@ std::string Trainer::MetadataJson() const {
       {"trainer", "vdm-train"},
       {"objective", "continuous-time VLB (bits/dim), antithetic times"},
       {"weighting", WeightingName(options_.weighting.kind)},
+      {"schedule", ScheduleName(options_.schedule)},
+      {"schedule_lr_scale", options_.schedule_lr_scale},
       {"init", init_path_},
       {"init_steps", init_steps_},
       {"steps", step_},
@@ -370,6 +446,26 @@ std::string Trainer::MetadataJson() const {
       {"finished", absl::FormatTime(absl::RFC3339_sec, options_.now(),
                                     absl::UTCTimeZone())}};
   meta["wall_time_s"] = wall;
+  {
+    // The served schedule (the EMA weights') at 11 points; the kind is how
+    // this run trained it.
+    torch::jit::Module ema = ema_module_;
+    absl::StatusOr<std::vector<std::pair<double, double>>> curve =
+        ScheduleCurve(ema, info_.device);
+    nlohmann::json t = nlohmann::json::array(), g = nlohmann::json::array();
+    if (curve.ok()) {
+      for (const auto& [ti, gi] : *curve) {
+        t.push_back(ti);
+        g.push_back(gi);
+      }
+    }
+    meta["schedule"] = {{"kind", ScheduleName(options_.schedule)},
+                        {"shape", HasScheduleShape(ema_module_)
+                                      ? "monotone network"
+                                      : "linear"},
+                        {"t", t},
+                        {"gamma", g}};
+  }
   if (validation_result_) {
     meta["validation"] = EvalToJson(*validation_result_);
     meta["validation"]["step"] = init_steps_ + validation_step_;

@@ -29,6 +29,7 @@
 #include "absl/time/time.h"
 #include "model/train/dataset.h"
 #include "model/train/metrics.h"
+#include "model/train/schedule.h"
 #include "model/train/vlb.h"
 #include "model/vdm/torchscript_model.h"
 
@@ -76,6 +77,15 @@ class Trainer {
     // class (a held-out class for near out-of-distribution tests); -1: none.
     int exclude_class = -1;
     Weighting weighting;         // training loss; evaluation is the VLB
+    // The noise schedule (schedule.h): kFixed trains none of gamma's
+    // parameters; kLearnedEndpoints the endpoints (gamma_min, gamma_max) by
+    // the VLB; kLearned also the shape (gamma_net.*) by the gradient of the
+    // squared per-example diffusion loss (variance minimisation), clipped
+    // separately with grad_clip. The model must have those parameters.
+    ScheduleKind schedule = ScheduleKind::kFixed;
+    // The schedule's parameters learn at lr * schedule_lr_scale (their own
+    // AdamW group, no weight decay, the same warm-up and cool-down).
+    double schedule_lr_scale = 1.0;
     uint64_t seed = 0;
     int64_t eval_every = 500;  // steps between validation runs; 0: never
     // Validation set: the last eval_images training images, held out from
@@ -169,7 +179,7 @@ class Trainer {
   absl::Status PeriodicWork();  // validation and checkpoint after a step
   absl::Status FinalEvaluation(Summary& summary);
   absl::StatusOr<EvalResult> Validate();
-  absl::Status WritePictures();  // learning curve and sample grid
+  absl::Status WritePictures();  // learning curve, schedule, sample grid
   absl::Status WriteEvalMetrics(const char* kind, const EvalResult& r);
   double CurrentLr() const;
   absl::Status LogProgress(double loss, double steps_per_second);
@@ -195,6 +205,14 @@ class Trainer {
   torch::jit::Module ema_module_;       // the served weights
   std::vector<at::Tensor> params_;      // trainable, in named order
   std::vector<at::Tensor> ema_params_;  // EMA copies of params_
+  // params_ minus the schedule's shape: the VLB's gradient, clipped together
+  // (all of params_ unless the schedule is kLearned).
+  std::vector<at::Tensor> vlb_params_;
+  std::vector<at::Tensor> endpoint_params_;  // trained gamma_min, gamma_max
+  std::vector<at::Tensor> shape_params_;     // trained gamma_net.*
+  bool has_schedule_group_ = false;  // the optimizer's last group: gamma's
+  // gamma at 11 points of the initial model (plotted beside the current).
+  std::vector<std::pair<double, double>> initial_schedule_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   at::Generator gen_;
   int64_t step_ = 0;

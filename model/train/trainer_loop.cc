@@ -11,7 +11,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "model/train/checkpoint.h"
 #include "model/train/plot.h"
 #include "model/train/preview.h"
@@ -111,6 +113,38 @@ absl::Status Trainer::WritePictures() {
     VDM_RETURN_IF_ERROR(
         WriteFileAtomic(Beside(options_.out_path, "curve.png"), png));
   }
+  {
+    // The schedule as log-SNR = -gamma against t: the served (EMA) one and
+    // the initial model's.
+    absl::StatusOr<std::vector<std::pair<double, double>>> now =
+        ScheduleCurve(ema_module_, info_.device, 65);
+    if (now.ok()) {
+      PlotSeries initial{"INITIAL", {150, 150, 150}, {}, true};
+      for (const auto& [t, g] : initial_schedule_) {
+        initial.points.emplace_back(t, -g);
+      }
+      PlotSeries current{
+          absl::StrCat("LOG-SNR AT STEP ", step_, " (",
+                       absl::StrReplaceAll(
+                           absl::AsciiStrToUpper(ScheduleName(options_.schedule)),
+                           {{"_", " "}}),
+                       ")"),
+          {31, 119, 180},
+          {},
+          false};
+      for (const auto& [t, g] : *now) current.points.emplace_back(t, -g);
+      PlotOptions plot;
+      plot.x_label = "T";
+      plot.y_label = "LOG-SNR";
+      plot.skip_fraction = 0;
+      absl::StatusOr<Image8> picture = PlotCurves({initial, current}, plot);
+      if (picture.ok()) {
+        VDM_ASSIGN_OR_RETURN(std::string png, EncodePng(*picture));
+        VDM_RETURN_IF_ERROR(
+            WriteFileAtomic(Beside(options_.out_path, "schedule.png"), png));
+      }
+    }
+  }
   if (options_.samples_per_class <= 0) return absl::OkStatus();
   SampleGridOptions grid;
   grid.per_class = options_.samples_per_class;
@@ -136,10 +170,11 @@ absl::StatusOr<Trainer::Summary> Trainer::Run() {
   start_ = options_.now();
   Log(absl::StrFormat(
       "training %s on %s: %d train, %d validation, %d test images; model "
-      "%dx%dx%d, %d classes, predicts %s; %d trainable tensors",
+      "%dx%dx%d, %d classes, predicts %s; %d trainable tensors; schedule %s",
       options_.init_path, options_.data_dir, train_.size(), validation_.size(),
       test_.size(), info_.shape.channels, info_.shape.height, info_.shape.width,
-      info_.num_classes, info_.prediction, params_.size()));
+      info_.num_classes, info_.prediction, params_.size(),
+      ScheduleName(options_.schedule)));
   const std::string metrics_path =
       options_.metrics_path.empty() ? Beside(options_.out_path, "metrics.jsonl")
                                     : options_.metrics_path;

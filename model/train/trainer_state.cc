@@ -94,6 +94,7 @@ std::string Trainer::StateJson() const {
       {"seed", options_.seed},
       {"batch", options_.batch_size},
       {"weighting", WeightingName(options_.weighting.kind)},
+      {"schedule", ScheduleName(options_.schedule)},
       {"wall_time_s", earlier_wall_seconds_ +
                           absl::ToDoubleSeconds(options_.now() - start_)},
       {"validation_step", validation_step_}};
@@ -128,6 +129,15 @@ absl::Status Trainer::RestoreStateJson(const std::string& text) {
         "the state was trained on ", j.value("train_images", int64_t{-1}),
         " training images, this run has ", train_.size(),
         " (resume with the same data and eval_images)"));
+  }
+  // The trained tensors (and AdamW's state) depend on which of gamma's
+  // parameters train; a state written before --schedule existed is fixed.
+  const std::string schedule = j.value("schedule", std::string("fixed"));
+  if (schedule != ScheduleName(options_.schedule)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the state was trained with --schedule=", schedule,
+        ", this run has --schedule=", ScheduleName(options_.schedule),
+        " (resume with the same schedule)"));
   }
   step_ = j.value("step", int64_t{0});
   cursor_ = j.value("cursor", int64_t{0});

@@ -53,7 +53,8 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
                                     const at::Tensor& t, at::Generator& gen,
-                                    const Weighting& weighting) {
+                                    const Weighting& weighting,
+                                    ScheduleGraph* schedule) {
   const int64_t b = x.size(0);
   if (b == 0 || t.dim() != 1 || t.size(0) % b != 0) {
     return absl::InvalidArgumentError(
@@ -62,8 +63,14 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
   const int64_t k = t.size(0) / b;
   const bool create_graph = at::GradMode::is_enabled();
   VDM_ASSIGN_OR_RETURN(
-      const GammaValues gamma_t,
+      GammaValues gamma_t,
       GammaWithDerivative(module, t, info.device, create_graph));
+  if (schedule != nullptr && create_graph) {
+    schedule->graph = gamma_t;
+    schedule->gamma_leaf = gamma_t.gamma.detach().requires_grad_(true);
+    schedule->dgamma_leaf = gamma_t.dgamma_dt.detach().requires_grad_(true);
+    gamma_t = GammaValues{schedule->gamma_leaf, schedule->dgamma_leaf};
+  }
   try {
     VlbTerms terms;
     at::Tensor xd = x.to(info.device);
@@ -93,12 +100,15 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
     at::Tensor eps_hat = ToEps(info.prediction, out, z, gamma_t.gamma);
     at::Tensor rows = DiffusionLossContinuous(eps, eps_hat, gamma_t.dgamma_dt);
     terms.diffusion = rows.view({b, k}).mean(1);
+    at::Tensor weighted_rows =
+        weighting.kind == Weighting::Kind::kElbo
+            ? rows
+            : rows * LossWeight(weighting, gamma_t.gamma.detach());
     terms.weighted_diffusion =
         weighting.kind == Weighting::Kind::kElbo
             ? terms.diffusion
-            : (rows * LossWeight(weighting, gamma_t.gamma.detach()))
-                  .view({b, k})
-                  .mean(1);
+            : weighted_rows.view({b, k}).mean(1);
+    if (schedule != nullptr) schedule->rows = weighted_rows.detach();
     return terms;
   } catch (const c10::Error& e) {
     return TorchError("VLB", e);

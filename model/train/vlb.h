@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/train/dataset.h"
+#include "model/train/schedule.h"
 #include "model/vdm/denoiser.h"
 
 namespace vdm {
@@ -65,12 +66,19 @@ struct VlbTerms {
 // "no label" entries where wanted) at times t [B*K] f32, image-major (row
 // i*K + k is image i at its k-th time). Noise comes from `gen` (CPU).
 // Differentiable w.r.t. the module's parameters unless grad mode is off;
-// gamma' is by autograd on t either way.
+// gamma' is by autograd on t either way. With `schedule` (and grad mode on)
+// the diffusion term sees gamma(t), gamma'(t) through detached leaves and
+// `schedule` gets them with their graph (schedule.h): the loss's backward
+// then stops at the leaves, and the caller routes their gradients to the
+// schedule's parameters (the prior and reconstruction terms keep their
+// direct graph to gamma(0), gamma(1)). Without it, the computation (and so
+// the training of a fixed schedule) is unchanged.
 absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
                                     const at::Tensor& t, at::Generator& gen,
-                                    const Weighting& weighting = {});
+                                    const Weighting& weighting = {},
+                                    ScheduleGraph* schedule = nullptr);
 
 struct EvalOptions {
   int times = 1;             // K times per image (LikelihoodOptions::times)

@@ -9,6 +9,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #endif
 
+#include <algorithm>
 #include <fstream>
 #include <thread>
 
@@ -229,13 +230,10 @@ absl::Status TorchScriptModel::CheckContract() {
 absl::Status TorchScriptModel::CheckForward(Precision precision) {
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
   torch::NoGradGuard no_grad;
+  VDM_RETURN_IF_ERROR(CheckGammaMonotone(module_, device_));
   const at::Tensor t = torch::tensor({0.0f, 1.0f}, f32);
   absl::StatusOr<GammaValues> g = Gamma(t);
   if (!g.ok()) return g.status();
-  if (!(g->gamma[1].item<float>() > g->gamma[0].item<float>())) {
-    return absl::InvalidArgumentError(
-        "model contract: gamma(t) must increase from t=0 to t=1");
-  }
   const at::Tensor z =
       torch::randn({2, shape_.channels, shape_.height, shape_.width}, f32);
   const at::Tensor label =
@@ -297,6 +295,45 @@ absl::StatusOr<GammaValues> TorchScriptModel::Gamma(const at::Tensor& t) {
   VDM_ASSIGN_OR_RETURN(GammaValues g,
                        GammaWithDerivative(module_, t, device_, false));
   return GammaValues{g.gamma.to(t.device()), g.dgamma_dt.to(t.device())};
+}
+
+absl::Status CheckGammaMonotone(torch::jit::Module& module,
+                                const torch::Device& device, int points) {
+  const at::Tensor t = at::linspace(0.0, 1.0, std::max(points, 2),
+                                    at::TensorOptions().dtype(at::kFloat));
+  VDM_ASSIGN_OR_RETURN(GammaValues g, GammaWithDerivative(module, t, device,
+                                                          false));
+  const at::Tensor gamma = g.gamma.to(at::kCPU).to(at::kDouble);
+  const at::Tensor dgamma = g.dgamma_dt.to(at::kCPU).to(at::kDouble);
+  if (!at::isfinite(gamma).all().item<bool>() ||
+      !at::isfinite(dgamma).all().item<bool>()) {
+    return absl::InvalidArgumentError(
+        "model contract: gamma(t) or its derivative is not finite on [0, 1]");
+  }
+  const int64_t n = t.size(0);
+  if (!(gamma[n - 1].item<double>() > gamma[0].item<double>())) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "model contract: gamma(t) must increase from t=0 to t=1 (gamma(0) = "
+        "%.6g, gamma(1) = %.6g)",
+        gamma[0].item<double>(), gamma[n - 1].item<double>()));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double ti = t[i].item<double>();
+    if (!(dgamma[i].item<double>() > 0)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "model contract: d gamma/dt by autograd must be positive on [0, 1], "
+          "is %.6g at t = %.4f (checked on %d points)",
+          dgamma[i].item<double>(), ti, n));
+    }
+    if (i + 1 < n && !(gamma[i + 1].item<double>() > gamma[i].item<double>())) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "model contract: gamma(t) must increase on [0, 1]: gamma(%.4f) = "
+          "%.6g but gamma(%.4f) = %.6g (checked on %d points)",
+          ti, gamma[i].item<double>(), t[i + 1].item<double>(),
+          gamma[i + 1].item<double>(), n));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GammaValues> GammaWithDerivative(torch::jit::Module& module,

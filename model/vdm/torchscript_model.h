@@ -101,6 +101,13 @@ absl::StatusOr<GammaValues> GammaWithDerivative(torch::jit::Module& module,
                                                 const torch::Device& device,
                                                 bool create_graph);
 
+// The schedule part of the contract check (run by Load unless
+// check_forward is off): on `points` evenly spaced t in [0, 1], gamma(t)
+// must be finite and strictly increasing and d gamma/dt by autograd finite
+// and positive. A failure names gamma and the first bad t.
+absl::Status CheckGammaMonotone(torch::jit::Module& module,
+                                const torch::Device& device, int points = 64);
+
 // Sets the number of intra-op threads torch uses (Debian's libtorch defaults
 // to one); n <= 0 means the number of cores.
 void SetTorchThreads(int n);

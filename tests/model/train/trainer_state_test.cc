@@ -149,3 +149,49 @@ TEST_F(TrainerStateTest, ResumeWithOtherDataFails) {
 
 }  // namespace
 }  // namespace vdm
+
+namespace vdm {
+namespace {
+
+// With --schedule=learned the schedule's parameters, their EMA and their
+// AdamW moments are in the state: a resumed run matches a straight one
+// bitwise, schedule included; resuming with another schedule is refused.
+TEST_F(TrainerStateTest, ResumeWithALearnedScheduleIsExact) {
+  TrainDir straight_dir("sched_straight"), resumed_dir("sched_resumed");
+  Trainer::Options straight = SmallOptions(straight_dir);
+  Trainer::Options resumed = SmallOptions(resumed_dir);
+  for (Trainer::Options* o : {&straight, &resumed}) {
+    o->init_path = std::string(VDM_TEST_MODELS_DIR) + "/tiny_learned.pt";
+    o->schedule = ScheduleKind::kLearned;
+    o->eval_every = 3;
+    o->checkpoint_every = 0;
+    o->test_images = 0;
+    o->warmup_steps = 4;
+    o->lr = 1e-2;
+  }
+  const auto want = Train(straight, 8, /*resume=*/false);
+  Train(resumed, 4, /*resume=*/false);
+  const auto got = Train(resumed, 8, /*resume=*/true);
+  ExpectSame(want, got);
+  // The schedule trained (so the comparison covers it).
+  torch::jit::Module initial = torch::jit::load(straight.init_path);
+  torch::jit::Module trained = torch::jit::load(straight.out_path);
+  auto a = initial.attr("gamma_net").toModule().named_parameters();
+  auto b = trained.attr("gamma_net").toModule().named_parameters();
+  bool moved = false;
+  for (auto ia = a.begin(), ib = b.begin(); ia != a.end(); ++ia, ++ib) {
+    moved = moved || !at::equal((*ia).value, (*ib).value);
+  }
+  EXPECT_TRUE(moved);
+
+  Trainer::Options other = resumed;
+  other.resume = true;
+  other.schedule = ScheduleKind::kLearnedEndpoints;
+  auto refused = Trainer::Create(other);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("--schedule=learned"));
+}
+
+}  // namespace
+}  // namespace vdm

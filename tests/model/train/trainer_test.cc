@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -378,6 +379,91 @@ TEST_F(TrainerTest, MutationRateIsValidatedAndRecorded) {
   ASSERT_TRUE(model.ok()) << model.status();
   const auto meta = nlohmann::json::parse((*model)->metadata());
   EXPECT_DOUBLE_EQ(meta.at("training").at("mutation_rate").get<double>(), 0.2);
+}
+
+}  // namespace
+}  // namespace vdm
+
+namespace vdm {
+namespace {
+
+const std::string kTinyLearned =
+    std::string(VDM_TEST_MODELS_DIR) + "/tiny_learned.pt";
+
+// name -> tensor of a saved model's schedule parameters.
+std::map<std::string, at::Tensor> ScheduleParams(const std::string& path) {
+  torch::jit::Module m = torch::jit::load(path);
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : m.named_parameters()) {
+    if (p.name.rfind("gamma_", 0) == 0) out[p.name] = p.value.clone();
+  }
+  return out;
+}
+
+class ScheduleTrainingTest : public TrainerTest {};
+
+TEST_F(ScheduleTrainingTest, EachKindTrainsOnlyItsPartOfGamma) {
+  const auto initial = ScheduleParams(kTinyLearned);
+  ASSERT_EQ(initial.size(), 7u);
+  for (ScheduleKind kind : {ScheduleKind::kFixed,
+                            ScheduleKind::kLearnedEndpoints,
+                            ScheduleKind::kLearned}) {
+    SCOPED_TRACE(ScheduleName(kind));
+    Trainer::Options options = SmallOptions();
+    options.init_path = kTinyLearned;
+    options.schedule = kind;
+    options.lr = 1e-2;
+    options.ema_decay = 0;  // the served weights are the trained ones
+    options.test_images = 0;
+    auto trainer = Trainer::Create(options);
+    ASSERT_TRUE(trainer.ok()) << trainer.status();
+    ASSERT_TRUE((*trainer)->Run().ok());
+    const auto trained = ScheduleParams(out_path());
+    for (const auto& [name, before] : initial) {
+      const bool endpoint = name.find('.') == std::string::npos;
+      const bool should_move =
+          kind == ScheduleKind::kLearned ||
+          (kind == ScheduleKind::kLearnedEndpoints && endpoint);
+      EXPECT_EQ(!at::equal(before, trained.at(name)), should_move) << name;
+    }
+    // The metadata records the kind and gamma at 11 points; the schedule
+    // plot is beside the learning curve.
+    auto model = TorchScriptModel::Load({out_path()});
+    ASSERT_TRUE(model.ok()) << model.status();
+    const auto meta = nlohmann::json::parse((*model)->metadata());
+    EXPECT_EQ(meta["schedule"]["kind"], ScheduleName(kind));
+    EXPECT_EQ(meta["schedule"]["shape"], "monotone network");
+    EXPECT_EQ(meta["training"]["schedule"], ScheduleName(kind));
+    ASSERT_EQ(meta["schedule"]["gamma"].size(), 11u);
+    auto g = (*model)->Gamma(at::linspace(0.0, 1.0, 11, at::kFloat));
+    ASSERT_TRUE(g.ok());
+    for (int i = 0; i < 11; ++i) {
+      EXPECT_NEAR(meta["schedule"]["gamma"][i].get<double>(),
+                  g->gamma[i].item<double>(), 1e-5);
+    }
+    auto png = ReadFile(out_path() + ".schedule.png");
+    ASSERT_TRUE(png.ok()) << png.status();
+    EXPECT_TRUE(DecodePng(*png).ok());
+  }
+}
+
+TEST_F(ScheduleTrainingTest, LearnedNeedsAModelWithALearnedShape) {
+  Trainer::Options options = SmallOptions();  // tiny.pt: linear gamma
+  options.schedule = ScheduleKind::kLearned;
+  auto trainer = Trainer::Create(options);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_THAT(std::string(trainer.status().message()),
+              HasSubstr("no gamma_net.* parameters"));
+  // The endpoints of the linear schedule can be learned.
+  options.schedule = ScheduleKind::kLearnedEndpoints;
+  options.test_images = 0;
+  trainer = Trainer::Create(options);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  ASSERT_TRUE((*trainer)->Run().ok());
+  auto model = TorchScriptModel::Load({out_path()});
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(nlohmann::json::parse((*model)->metadata())["schedule"]["shape"],
+            "linear");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
 #include "model/vdm/diffusion.h"
@@ -96,8 +97,62 @@ INSTANTIATE_TEST_SUITE_P(
         BrokenCase{"broken_no_metadata.pt", "attribute 'metadata'"},
         BrokenCase{"broken_no_num_classes.pt", "attribute 'num_classes'"},
         BrokenCase{"broken_decreasing_gamma.pt", "gamma(t) must increase"},
+        // Right endpoints, but decreasing around t = 0.5: the 64-point grid.
+        BrokenCase{"broken_bumpy_gamma.pt", "gamma"},
+        BrokenCase{"broken_bumpy_gamma.pt", "on [0, 1]"},
+        BrokenCase{"broken_gamma_no_grad.pt", "gamma(t) does not depend on t"},
         BrokenCase{"broken_nan_output.pt", "non-finite"},
         BrokenCase{"broken_forward_raises.pt", "forward failed"}));
+
+TEST(TorchScriptModelTest, BumpyGammaIsRefusedAtItsFirstDecreasingPoint) {
+  auto model = TorchScriptModel::Load({ModelPath("broken_bumpy_gamma.pt")});
+  ASSERT_FALSE(model.ok());
+  // gamma(t) = linear + 4 sin(2 pi t): d gamma/dt = 18.3 + 8 pi cos(2 pi t)
+  // is first negative at t = 0.3808 (grid point 24 of 64, t = 0.381).
+  EXPECT_THAT(std::string(model.status().message()),
+              HasSubstr("d gamma/dt by autograd must be positive"));
+  EXPECT_THAT(std::string(model.status().message()), HasSubstr("t = 0.3810"));
+}
+
+TEST(TorchScriptModelTest, LearnedScheduleLoadsWithExactEndpoints) {
+  auto model = TorchScriptModel::Load({ModelPath("tiny_learned.pt")});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto g = (*model)->Gamma(torch::tensor({0.0f, 0.5f, 1.0f}));
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_FLOAT_EQ(g->gamma[0].item<float>(), -13.3f);
+  EXPECT_FLOAT_EQ(g->gamma[2].item<float>(), 5.0f);
+  EXPECT_GT(g->dgamma_dt.min().item<float>(), 0.0f);
+}
+
+// The monotone network is monotone by construction: for any raw parameters
+// (here large random ones) gamma passes the grid check, with the endpoints
+// unchanged.
+TEST(TorchScriptModelTest, LearnedScheduleIsMonotoneForRandomParameters) {
+  torch::jit::Module module = torch::jit::load(ModelPath("tiny_learned.pt"));
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  int shape_params = 0;
+  for (int trial = 0; trial < 20; ++trial) {
+    {
+      torch::NoGradGuard no_grad;
+      for (const auto& p : module.named_parameters()) {
+        if (p.name.rfind("gamma_net.", 0) != 0) continue;
+        if (trial == 0) ++shape_params;
+        p.value.copy_(at::randn(p.value.sizes(), gen) * 4.0);
+      }
+    }
+    EXPECT_TRUE(CheckGammaMonotone(module, torch::kCPU, 256).ok())
+        << "trial " << trial;
+    auto g = GammaWithDerivative(module, torch::tensor({0.0f, 1.0f}),
+                                 torch::kCPU, false);
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_FLOAT_EQ(g->gamma[0].item<float>(), -13.3f);
+    EXPECT_FLOAT_EQ(g->gamma[1].item<float>(), 5.0f);
+  }
+  EXPECT_EQ(shape_params, 5);  // l1 weight and bias, l2 weight and bias, l3
+  TorchScriptModel::Options options;
+  options.path = "randomized";
+  EXPECT_TRUE(TorchScriptModel::FromModule(module, options).ok());
+}
 
 TEST(TorchScriptModelTest, MissingFileIsRefused) {
   auto model = TorchScriptModel::Load({ModelPath("does_not_exist.pt")});
