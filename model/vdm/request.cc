@@ -29,6 +29,14 @@ int64_t ScoreRowCost(int64_t num_images, int timesteps) {
   return num_images * timesteps;
 }
 
+int64_t OdeFunctionEvaluations(int steps) {
+  return int64_t{kOdeStages} * steps;
+}
+
+int64_t OdeRowCost(int64_t num_images, int steps, int trace_samples) {
+  return num_images * trace_samples * OdeFunctionEvaluations(steps);
+}
+
 uint64_t ChunkSeed(uint64_t base, int64_t chunk) {
   // Golden-ratio stride: distinct, well spread seeds for every chunk.
   return base + static_cast<uint64_t>(chunk) * 0x9E3779B97F4A7C15ull;

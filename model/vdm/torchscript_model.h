@@ -38,6 +38,11 @@ class TorchScriptModel : public Denoiser {
   absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
                                      const at::Tensor& gamma,
                                      const at::Tensor& label) override;
+  // Denoise with gradients on z, then torch::autograd::grad of <eps, v>.
+  absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
+                                    const at::Tensor& gamma,
+                                    const at::Tensor& label,
+                                    const at::Tensor& v) override;
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override;
 
   const std::string& prediction() const { return prediction_; }  // eps|v|x
