@@ -42,6 +42,8 @@ ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
   if (score.has_is_anomaly()) row.is_anomaly = score.is_anomaly();
   row.anomaly_map.assign(score.anomaly_map().begin(), score.anomaly_map().end());
   row.anomaly_map_png = score.anomaly_map_png();
+  row.ode_function_evaluations = score.ode_function_evaluations();
+  if (score.has_ode_stderr_bpd()) row.ode_stderr_bpd = score.ode_stderr_bpd();
   return row;
 }
 
@@ -280,6 +282,9 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
     request.set_false_positive_rate(*params.false_positive_rate);
   }
   request.set_anomaly_map(params.anomaly_map);
+  request.set_method(params.method);
+  request.set_ode_steps(params.ode_steps);
+  request.set_trace_samples(params.trace_samples);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }
@@ -448,7 +453,7 @@ std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
   std::string csv =
       "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,"
       "band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,"
-      "is_anomaly\n";
+      "is_anomaly,ode_function_evaluations,ode_stderr_bpd\n";
   for (const ScoreRow& row : rows) {
     absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f", row.index,
                           row.bpd, row.prior_bpd, row.recon_bpd,
@@ -465,6 +470,8 @@ std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
     if (row.p_value) absl::StrAppendFormat(&csv, "%.6f", *row.p_value);
     csv += ",";
     if (row.is_anomaly) csv += *row.is_anomaly ? "1" : "0";
+    absl::StrAppendFormat(&csv, ",%d,", row.ode_function_evaluations);
+    if (row.ode_stderr_bpd) absl::StrAppendFormat(&csv, "%.6f", *row.ode_stderr_bpd);
     csv += "\n";
   }
   return csv;

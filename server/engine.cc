@@ -102,6 +102,10 @@ class CompletionQueue {
 
 constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
 
+// A row with a vector-Jacobian product (forward + backward) counts as this
+// many rows of max_batch.
+constexpr int64_t kVjpRowCost = 3;
+
 // Rows evaluated by all workers, with a condition to wait on.
 struct EvaluationCounter {
   absl::Mutex mu;
@@ -216,6 +220,7 @@ class Worker {
   // Worker thread only.
   std::vector<Entry> live_;
   size_t rotation_ = 0;  // where the next batch starts gathering rows
+  bool vjp_turn_ = false;  // alternates plain and VJP batches
   std::thread thread_;
 };
 
@@ -328,11 +333,22 @@ bool Worker::RunBatch(double* forward_seconds) {
       return live_[i].task->is_score();
     });
   }
+  // Rows that need a vector-Jacobian product (ODE scores) run in a pass of
+  // their own, forward + backward with gradients, where a row costs about
+  // kVjpRowCost plain rows: when both kinds are live, iterations alternate.
+  bool any_vjp = false, any_plain = false;
+  for (const Entry& e : live_) (e.task->needs_vjp() ? any_vjp : any_plain) = true;
+  if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
+  const bool vjp = any_vjp && (!any_plain || vjp_turn_);
   std::vector<std::pair<size_t, int64_t>> parts;  // task index, rows
   std::vector<Rows> rows;
-  int64_t room = options_.max_batch;
+  const int64_t capacity =
+      vjp ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
+          : options_.max_batch;
+  int64_t room = capacity;
   for (size_t i : order) {
     if (room == 0) break;
+    if (live_[i].task->needs_vjp() != vjp) continue;
     Rows r = live_[i].task->Take(room);
     if (r.empty()) continue;
     room -= r.size();
@@ -340,10 +356,23 @@ bool Worker::RunBatch(double* forward_seconds) {
     rows.push_back(std::move(r));
   }
   if (parts.empty()) return false;
-  const int64_t total = options_.max_batch - room;
+  const int64_t total = capacity - room;
   const absl::Time start = Now();
   absl::StatusOr<at::Tensor> eps;
-  {
+  at::Tensor vjps;  // v^T d eps / d z of a VJP batch
+  if (vjp) {
+    try {
+      absl::StatusOr<EpsVjp> out = EvaluateVjp(*model_, Rows::Cat(rows));
+      if (out.ok()) {
+        eps = out->eps.to(at::kCPU);
+        vjps = out->vjp.to(at::kCPU);
+      } else {
+        eps = out.status();
+      }
+    } catch (const std::exception& e) {
+      eps = absl::InternalError(absl::StrCat("forward+backward pass: ", e.what()));
+    }
+  } else {
     torch::NoGradGuard no_grad;
     try {
       eps = Evaluate(*model_, Rows::Cat(rows));
@@ -381,7 +410,9 @@ bool Worker::RunBatch(double* forward_seconds) {
     absl::Status given;
     if (eps.ok()) {
       try {
-        given = task.Give(eps->narrow(0, offset, m));
+        given = vjp ? task.GiveVjp(eps->narrow(0, offset, m),
+                                   vjps.narrow(0, offset, m))
+                    : task.Give(eps->narrow(0, offset, m));
       } catch (const std::exception& e) {
         given = absl::InternalError(absl::StrCat("request step: ", e.what()));
       }
@@ -501,7 +532,7 @@ absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
                                  ScoreCallback done) {
   Worker* worker = LeastLoaded();
   const int64_t rows =
-      ScoreRowCost(static_cast<int64_t>(job.images.size()), job.timesteps);
+      ScoreJobRowCost(job, static_cast<int64_t>(job.images.size()));
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
                                      std::move(done), options_.clock->Now()),
                        rows);

@@ -58,7 +58,19 @@ struct ScoreJob {
   int label = -1;              // -1 = "no label"
   bool shared_noise = false;   // common random numbers across images
   bool pixel_map = false;      // also the per-pixel diffusion term
+  // kOde: the probability-flow ODE likelihood (ode_likelihood.h) instead;
+  // timesteps, shared_noise and pixel_map do not apply.
+  ScoreMethod method = ScoreMethod::kElbo;
+  int ode_steps = kDefaultOdeSteps;
+  int trace_samples = 1;
 };
+
+// Network rows a score job of n images costs (ODE rows are forward + VJP).
+inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
+  return job.method == ScoreMethod::kOde
+             ? OdeRowCost(n, job.ode_steps, job.trace_samples)
+             : ScoreRowCost(n, job.timesteps);
+}
 
 // Per-image bits per dimension, its parts and the anomaly features
 // (model/vdm/anomaly.h).
@@ -67,6 +79,11 @@ struct ImageBpd {
   double complexity = 0;          // PNG bits per dimension
   std::vector<double> band;       // kBands, sums to `diffusion`
   std::vector<float> pixel_bits;  // H x W, when ScoreJob::pixel_map
+  // ScoreMethod::kOde: bpd is the ODE's; drift evaluations per probe and
+  // the standard error over the probes (with 2 or more). The ELBO parts
+  // above stay 0 and empty.
+  int64_t ode_function_evaluations = 0;
+  std::optional<double> ode_stderr_bpd;
 };
 
 struct ScoreResult {

@@ -67,7 +67,7 @@ grep -q "INVALID_ARGUMENT" "$work/err.txt" && grep -q "mask" "$work/err.txt" ||
 $c score --timesteps=8 --seed=1 --csv="$work/scores.csv" --map_dir="$work/maps" \
   --false_positive_rate=0.5 "$work/ref.png" "$work/one/sample_000.png" >"$work/score.txt" 2>&1 || fail "score: $(cat "$work/score.txt")"
 head -1 "$work/scores.csv" | grep -q \
-  "^index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,is_anomaly$" ||
+  "^index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,is_anomaly,ode_function_evaluations,ode_stderr_bpd$" ||
   fail "CSV header: $(head -1 "$work/scores.csv")"
 [ "$(tail -n +2 "$work/scores.csv" | wc -l)" -eq 2 ] || fail "CSV rows"
 tail -n +2 "$work/scores.csv" | awk -F, '{ if (NF != 14 || ($14 != "0" && $14 != "1") || $13 == "") exit 1 }' ||
