@@ -339,22 +339,26 @@ bool Worker::RunBatch(double* forward_seconds) {
   bool any_vjp = false, any_plain = false;
   for (const Entry& e : live_) (e.task->needs_vjp() ? any_vjp : any_plain) = true;
   if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
-  const bool vjp = any_vjp && (!any_plain || vjp_turn_);
+  bool vjp = any_vjp && (!any_plain || vjp_turn_);
   std::vector<std::pair<size_t, int64_t>> parts;  // task index, rows
   std::vector<Rows> rows;
-  const int64_t capacity =
-      vjp ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
-          : options_.max_batch;
-  int64_t room = capacity;
-  for (size_t i : order) {
-    if (room == 0) break;
-    if (live_[i].task->needs_vjp() != vjp) continue;
-    Rows r = live_[i].task->Take(room);
-    if (r.empty()) continue;
-    room -= r.size();
-    parts.emplace_back(i, r.size());
-    rows.push_back(std::move(r));
-  }
+  int64_t capacity = 0, room = 0;
+  auto gather = [&](bool kind) {
+    capacity = kind ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
+                    : options_.max_batch;
+    room = capacity;
+    for (size_t i : order) {
+      if (room == 0) break;
+      if (live_[i].task->needs_vjp() != kind) continue;
+      Rows r = live_[i].task->Take(room);
+      if (r.empty()) continue;
+      room -= r.size();
+      parts.emplace_back(i, r.size());
+      rows.push_back(std::move(r));
+    }
+  };
+  gather(vjp);
+  if (parts.empty() && any_vjp && any_plain) gather(vjp = !vjp);  // none ready
   if (parts.empty()) return false;
   const int64_t total = capacity - room;
   const absl::Time start = Now();
