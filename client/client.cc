@@ -48,6 +48,8 @@ ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
   if (score.has_background_bpd()) row.background_bpd = score.background_bpd();
   row.anomaly_map.assign(score.anomaly_map().begin(), score.anomaly_map().end());
   row.anomaly_map_png = score.anomaly_map_png();
+  row.ode_function_evaluations = score.ode_function_evaluations();
+  if (score.has_ode_stderr_bpd()) row.ode_stderr_bpd = score.ode_stderr_bpd();
   return row;
 }
 
@@ -329,6 +331,9 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
     request.set_false_positive_rate(*params.false_positive_rate);
   }
   request.set_anomaly_map(params.anomaly_map);
+  request.set_method(params.method);
+  request.set_ode_steps(params.ode_steps);
+  request.set_trace_samples(params.trace_samples);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }
@@ -599,14 +604,19 @@ std::string FormatSampleSummary(const SampleResult& result) {
 }
 
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
-  // The likelihood-ratio columns only when the server has a background model.
+  // The likelihood-ratio columns only when the server has a background model,
+  // the ODE's only when a row was scored by it (method ODE).
   const bool llr = std::any_of(rows.begin(), rows.end(), [](const ScoreRow& r) {
     return r.llr.has_value();
+  });
+  const bool ode = std::any_of(rows.begin(), rows.end(), [](const ScoreRow& r) {
+    return r.ode_function_evaluations > 0;
   });
   std::string csv =
       "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,"
       "band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,"
       "is_anomaly";
+  if (ode) csv += ",ode_function_evaluations,ode_stderr_bpd";
   csv += llr ? ",llr,background_bpd\n" : "\n";
   for (const ScoreRow& row : rows) {
     absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f", row.index,
@@ -624,6 +634,12 @@ std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
     if (row.p_value) absl::StrAppendFormat(&csv, "%.6f", *row.p_value);
     csv += ",";
     if (row.is_anomaly) csv += *row.is_anomaly ? "1" : "0";
+    if (ode) {
+      absl::StrAppendFormat(&csv, ",%d,", row.ode_function_evaluations);
+      if (row.ode_stderr_bpd) {
+        absl::StrAppendFormat(&csv, "%.6f", *row.ode_stderr_bpd);
+      }
+    }
     if (llr) {
       csv += ",";
       if (row.llr) absl::StrAppendFormat(&csv, "%.6f", *row.llr);

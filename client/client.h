@@ -147,6 +147,11 @@ struct ScoreParams {
   int chunk_size = 100;          // images per RPC
   std::optional<float> false_positive_rate;  // unset = the server's (0.01)
   bool anomaly_map = false;      // also the per-pixel maps
+  // SCORE_METHOD_ODE: the probability-flow ODE likelihood; 0 = the
+  // server's defaults (32 steps, 1 probe).
+  vdm::v1::ScoreMethod method = vdm::v1::SCORE_METHOD_UNSPECIFIED;
+  int ode_steps = 0;
+  int trace_samples = 0;
 };
 
 // One scored image. `index` is its position in the ScoreInput.
@@ -169,6 +174,8 @@ struct ScoreRow {
   std::optional<double> background_bpd;
   std::vector<float> anomaly_map;   // H x W bits, when asked for
   std::string anomaly_map_png;      // the same as a PNG heat map
+  int64_t ode_function_evaluations = 0;  // method ODE
+  std::optional<double> ode_stderr_bpd;  // method ODE, 2+ trace samples
 };
 
 // What came back from ScoreImages, over all chunks.
@@ -303,8 +310,10 @@ absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
 std::string FormatSampleSummary(const SampleResult& result);
 
 // CSV with header index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,
-// complexity_bpd,band_bpd_0..3,anomaly_score,p_value,is_anomaly (p_value and
-// is_anomaly empty for an uncalibrated model; is_anomaly as 0 or 1).
+// complexity_bpd,band_bpd_0..3,anomaly_score,p_value,is_anomaly,
+// ode_function_evaluations,ode_stderr_bpd (p_value and is_anomaly empty for
+// an uncalibrated model; is_anomaly as 0 or 1; ode_stderr_bpd empty unless
+// scored by the ODE with 2+ trace samples).
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows);
 absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,
                             const std::string& path);

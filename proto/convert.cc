@@ -70,6 +70,25 @@ v1::TimeGrid TimeGridToProto(TimeGrid grid) {
   return out;
 }
 
+absl::StatusOr<ScoreMethod> ScoreMethodFromProto(v1::ScoreMethod method) {
+  switch (method) {
+    case v1::SCORE_METHOD_UNSPECIFIED:
+    case v1::SCORE_METHOD_ELBO:
+      return ScoreMethod::kElbo;
+    case v1::SCORE_METHOD_ODE:
+      return ScoreMethod::kOde;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "method: unknown value ", static_cast<int>(method),
+          "; see enum vdm.v1.ScoreMethod"));
+  }
+}
+
+v1::ScoreMethod ScoreMethodToProto(ScoreMethod method) {
+  return method == ScoreMethod::kOde ? v1::SCORE_METHOD_ODE
+                                     : v1::SCORE_METHOD_ELBO;
+}
+
 bool IsKnownFormat(v1::ImageFormat f) {
   return f == v1::IMAGE_FORMAT_UNSPECIFIED || f == v1::IMAGE_FORMAT_PNG ||
          f == v1::IMAGE_FORMAT_RAW;

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "model/vdm/image.h"
+#include "model/vdm/request.h"
 #include "model/vdm/sampler_config.h"
 #include "vdm/v1/vdm.pb.h"
 
@@ -22,6 +23,10 @@ absl::StatusOr<SamplerType> SamplerFromProto(v1::Sampler sampler);
 v1::Sampler SamplerToProto(SamplerType type);
 absl::StatusOr<TimeGrid> TimeGridFromProto(v1::TimeGrid grid);
 v1::TimeGrid TimeGridToProto(TimeGrid grid);
+
+// UNSPECIFIED is ELBO; an unknown number is INVALID_ARGUMENT naming "method".
+absl::StatusOr<ScoreMethod> ScoreMethodFromProto(v1::ScoreMethod method);
+v1::ScoreMethod ScoreMethodToProto(ScoreMethod method);
 
 // Whether `format` is a known ImageFormat value (UNSPECIFIED = PNG).
 bool IsKnownFormat(v1::ImageFormat format);

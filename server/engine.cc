@@ -103,6 +103,10 @@ class CompletionQueue {
 
 constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
 
+// A row with a vector-Jacobian product (forward + backward) counts as this
+// many rows of max_batch.
+constexpr int64_t kVjpRowCost = 3;
+
 // Rows evaluated by all workers, with a condition to wait on.
 struct EvaluationCounter {
   absl::Mutex mu;
@@ -231,6 +235,7 @@ class Worker {
   // Worker thread only.
   std::vector<Entry> live_;
   size_t rotation_ = 0;  // where the next batch starts gathering rows
+  bool vjp_turn_ = false;  // alternates plain and VJP batches
   std::thread thread_;
 };
 
@@ -343,22 +348,50 @@ bool Worker::RunBatch(double* forward_seconds) {
       return live_[i].task->is_score();
     });
   }
+  // Rows that need a vector-Jacobian product (ODE scores) run in a pass of
+  // their own, forward + backward with gradients, where a row costs about
+  // kVjpRowCost plain rows: when both kinds are live, iterations alternate.
+  bool any_vjp = false, any_plain = false;
+  for (const Entry& e : live_) (e.task->needs_vjp() ? any_vjp : any_plain) = true;
+  if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
+  bool vjp = any_vjp && (!any_plain || vjp_turn_);
   std::vector<std::pair<size_t, int64_t>> parts;  // task index, rows
   std::vector<Rows> rows;
-  int64_t room = options_.max_batch;
-  for (size_t i : order) {
-    if (room == 0) break;
-    Rows r = live_[i].task->Take(room);
-    if (r.empty()) continue;
-    room -= r.size();
-    parts.emplace_back(i, r.size());
-    rows.push_back(std::move(r));
-  }
+  int64_t capacity = 0, room = 0;
+  auto gather = [&](bool kind) {
+    capacity = kind ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
+                    : options_.max_batch;
+    room = capacity;
+    for (size_t i : order) {
+      if (room == 0) break;
+      if (live_[i].task->needs_vjp() != kind) continue;
+      Rows r = live_[i].task->Take(room);
+      if (r.empty()) continue;
+      room -= r.size();
+      parts.emplace_back(i, r.size());
+      rows.push_back(std::move(r));
+    }
+  };
+  gather(vjp);
+  if (parts.empty() && any_vjp && any_plain) gather(vjp = !vjp);  // none ready
   if (parts.empty()) return false;
-  const int64_t total = options_.max_batch - room;
+  const int64_t total = capacity - room;
   const absl::Time start = Now();
   absl::StatusOr<at::Tensor> eps;
-  {
+  at::Tensor vjps;  // v^T d eps / d z of a VJP batch
+  if (vjp) {
+    try {
+      absl::StatusOr<EpsVjp> out = EvaluateVjp(*model_, Rows::Cat(rows));
+      if (out.ok()) {
+        eps = out->eps.to(at::kCPU);
+        vjps = out->vjp.to(at::kCPU);
+      } else {
+        eps = out.status();
+      }
+    } catch (const std::exception& e) {
+      eps = absl::InternalError(absl::StrCat("forward+backward pass: ", e.what()));
+    }
+  } else {
     torch::NoGradGuard no_grad;
     try {
       eps = EvaluateBatch(parts, rows);
@@ -398,7 +431,9 @@ bool Worker::RunBatch(double* forward_seconds) {
     absl::Status given;
     if (eps.ok()) {
       try {
-        given = task.Give(eps->narrow(0, offset, m));
+        given = vjp ? task.GiveVjp(eps->narrow(0, offset, m),
+                                   vjps.narrow(0, offset, m))
+                    : task.Give(eps->narrow(0, offset, m));
       } catch (const std::exception& e) {
         given = absl::InternalError(absl::StrCat("request step: ", e.what()));
       }
@@ -638,7 +673,7 @@ absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
   Worker* worker = LeastLoaded();
   job.background = has_background_;
   const int64_t rows =
-      ScoreRowCost(static_cast<int64_t>(job.images.size()), job.timesteps);
+      ScoreJobRowCost(job, static_cast<int64_t>(job.images.size()));
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
                                      std::move(done), options_.clock->Now()),
                        rows);

@@ -65,7 +65,19 @@ struct ScoreJob {
   // Set by the engine when it has a background model: every row is also
   // evaluated on it, in the same batch (ImageBpd::background_bpd).
   bool background = false;
+  // kOde: the probability-flow ODE likelihood (ode_likelihood.h) instead;
+  // timesteps, shared_noise and pixel_map do not apply.
+  ScoreMethod method = ScoreMethod::kElbo;
+  int ode_steps = kDefaultOdeSteps;
+  int trace_samples = 1;
 };
+
+// Network rows a score job of n images costs (ODE rows are forward + VJP).
+inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
+  return job.method == ScoreMethod::kOde
+             ? OdeRowCost(n, job.ode_steps, job.trace_samples)
+             : ScoreRowCost(n, job.timesteps);
+}
 
 // Per-image bits per dimension, its parts and the anomaly features
 // (model/vdm/anomaly.h).
@@ -78,6 +90,11 @@ struct ImageBpd {
   // rows (z, gamma, label, times: common random numbers) under it, so
   // bpd - background_bpd is the likelihood ratio of Ren et al. 2019.
   std::optional<double> background_bpd;
+  // ScoreMethod::kOde: bpd is the ODE's; drift evaluations per probe and
+  // the standard error over the probes (with 2 or more). The ELBO parts
+  // above stay 0 and empty.
+  int64_t ode_function_evaluations = 0;
+  std::optional<double> ode_stderr_bpd;
 };
 
 struct ScoreResult {

@@ -142,8 +142,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   // The calibration applies when the request is scored as the calibration
   // set was (same K and noise option).
   const Calibration* calibration = model_.calibration.get();
+  const bool ode = job->method == ScoreMethod::kOde;
   if (calibration != nullptr &&
-      (calibration->setup().timesteps != job->timesteps ||
+      (ode || calibration->setup().timesteps != job->timesteps ||
        calibration->setup().shared_noise != job->shared_noise)) {
     calibration = nullptr;
   }
@@ -154,8 +155,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   Metrics* metrics = metrics_;
   absl::Status admitted = engine_->SubmitScore(
       *std::move(job), ControlOf(context),
-      [finish, seed, calibration, fpr, shape, response,
-       metrics](absl::StatusOr<ScoreResult> r) {
+      [finish, seed, calibration, fpr, shape, response, metrics,
+       ode](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
@@ -163,6 +164,12 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
         for (const ImageBpd& s : r->scores) {
           v1::ImageScore* out = response->add_scores();
           out->set_bpd(s.bpd);
+          if (ode) {  // the ODE's BPD only: no ELBO parts, no anomaly features
+            out->set_ode_function_evaluations(s.ode_function_evaluations);
+            if (s.ode_stderr_bpd) out->set_ode_stderr_bpd(*s.ode_stderr_bpd);
+            if (metrics) metrics->RecordBpd(s.bpd);
+            continue;
+          }
           out->set_prior_bpd(s.prior);
           out->set_recon_bpd(s.recon);
           out->set_diffusion_bpd(s.diffusion);

@@ -4,11 +4,13 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/likelihood.h"
+#include "model/vdm/ode_likelihood.h"
 #include "model/vdm/samplers.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/tensor_image.h"
@@ -317,6 +319,95 @@ class ScoreTask : public Task {
   int64_t cursor_ = 0, taken_offset_ = 0;
 };
 
+// An OdeLikelihoodPlan: every evaluation's n x M rows (with probes) handed
+// out in chunks; the plan advances when all of them are back.
+class OdeScoreTask : public Task {
+ public:
+  OdeScoreTask(ScoreJob job, RequestControl control, ScoreCallback done,
+               absl::Time arrival)
+      : Task(std::move(control), arrival),
+        job_(std::move(job)),
+        done_cb_(std::move(done)) {}
+
+  bool is_score() const override { return true; }
+  bool needs_vjp() const override { return true; }
+  const char* method() const override { return "ScoreBPD"; }
+
+  absl::Status Start(Denoiser& model) override {
+    VDM_ASSIGN_OR_RETURN(const at::Tensor x,
+                         ToTensor(job_.images, model.shape()));
+    const int64_t label = job_.label >= 0 ? job_.label : model.num_classes();
+    OdeOptions options;
+    options.steps = job_.ode_steps;
+    options.trace_samples = job_.trace_samples;
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
+    VDM_ASSIGN_OR_RETURN(
+        plan_, OdeLikelihoodPlan::Create(
+                   x, at::full({x.size(0)}, label, at::kLong), options,
+                   ScheduleOf(model), gen));
+    const ImageShape s = model.shape();
+    eps_ = at::empty(
+        {plan_->rows_per_evaluation(), s.channels, s.height, s.width},
+        at::kFloat);
+    vjp_ = at::empty_like(eps_);
+    return absl::OkStatus();
+  }
+
+  Rows Take(int64_t max_rows) override {
+    const int64_t m =
+        std::min(max_rows, plan_->rows_per_evaluation() - cursor_);
+    if (m <= 0 || done()) return {};
+    if (cursor_ == 0) input_ = plan_->Next();
+    taken_offset_ = cursor_;
+    cursor_ += m;
+    return input_.Slice(taken_offset_, m);
+  }
+
+  absl::Status Give(const at::Tensor&) override {
+    return absl::InternalError("ODE rows need vector-Jacobian products");
+  }
+
+  absl::Status GiveVjp(const at::Tensor& eps_hat,
+                       const at::Tensor& vjp) override {
+    eps_.narrow(0, taken_offset_, eps_hat.size(0)).copy_(eps_hat);
+    vjp_.narrow(0, taken_offset_, vjp.size(0)).copy_(vjp);
+    received_ += eps_hat.size(0);
+    if (received_ < plan_->rows_per_evaluation()) return absl::OkStatus();
+    cursor_ = 0;
+    received_ = 0;
+    return plan_->Consume(eps_, vjp_);
+  }
+
+  bool done() const override { return plan_ && plan_->done(); }
+
+  void Finish(absl::Status error, absl::Time now) override {
+    if (!error.ok()) return done_cb_(error);
+    absl::StatusOr<OdeScores> s = plan_->Result();
+    if (!s.ok()) return done_cb_(s.status());
+    ScoreResult result;
+    for (int64_t i = 0; i < plan_->num_images(); ++i) {
+      ImageBpd b;
+      b.bpd = s->bpd[i].item<double>();
+      b.ode_function_evaluations = s->function_evaluations;
+      const double se = s->stderr_bpd[i].item<double>();
+      if (!std::isnan(se)) b.ode_stderr_bpd = se;
+      result.scores.push_back(std::move(b));
+    }
+    result.network_evaluations = evaluations();
+    result.queue_seconds = QueueSeconds();
+    result.compute_seconds = ComputeSeconds(now);
+    done_cb_(std::move(result));
+  }
+
+ private:
+  const ScoreJob job_;
+  ScoreCallback done_cb_;
+  std::unique_ptr<OdeLikelihoodPlan> plan_;
+  Rows input_;
+  at::Tensor eps_, vjp_;
+  int64_t cursor_ = 0, received_ = 0, taken_offset_ = 0;
+};
+
 }  // namespace
 
 std::unique_ptr<Task> MakeSampleTask(SampleJob job, RequestControl control,
@@ -333,6 +424,10 @@ std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, RequestControl control,
 
 std::unique_ptr<Task> MakeScoreTask(ScoreJob job, RequestControl control,
                                     ScoreCallback done, absl::Time arrival) {
+  if (job.method == ScoreMethod::kOde) {
+    return std::make_unique<OdeScoreTask>(std::move(job), std::move(control),
+                                          std::move(done), arrival);
+  }
   return std::make_unique<ScoreTask>(std::move(job), std::move(control),
                                      std::move(done), arrival);
 }

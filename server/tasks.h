@@ -35,6 +35,14 @@ class Task {
   virtual Rows Take(int64_t max_rows) = 0;
   // eps_hat for the rows of the last Take.
   virtual absl::Status Give(const at::Tensor& eps_hat) = 0;
+  // Rows that also need v^T d eps_hat / d z (Rows::probe set; the ODE
+  // likelihood) are evaluated in their own forward + backward pass and
+  // given back with GiveVjp instead of Give.
+  virtual bool needs_vjp() const { return false; }
+  virtual absl::Status GiveVjp(const at::Tensor& eps_hat,
+                               const at::Tensor& vjp) {
+    return absl::InternalError("this task takes no vector-Jacobian products");
+  }
   virtual bool done() const = 0;
   // Whether the rows of the last Take also go to the engine's background
   // model (a score task of an engine that has one), and that model's eps_hat
@@ -80,7 +88,9 @@ std::unique_ptr<Task> MakeSampleTask(SampleJob job, RequestControl control,
 std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, RequestControl control,
                                      EncodeCallback done, absl::Time arrival);
 
-// Per-image BPD with K stratified diffusion times (LikelihoodPlan).
+// Per-image BPD with K stratified diffusion times (LikelihoodPlan), or with
+// ScoreMethod::kOde by the probability-flow ODE (OdeLikelihoodPlan, rows
+// that need VJPs).
 std::unique_ptr<Task> MakeScoreTask(ScoreJob job, RequestControl control,
                                     ScoreCallback done, absl::Time arrival);
 

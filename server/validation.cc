@@ -277,7 +277,32 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
                                    r.timesteps(), limits.max_timesteps));
   }
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(model, r.has_label(), r.label()));
-  const int64_t rows = ScoreRowCost(n, job.timesteps);
+  VDM_ASSIGN_OR_RETURN(job.method, ScoreMethodFromProto(r.method()));
+  if (job.method == ScoreMethod::kOde) {
+    job.ode_steps = r.ode_steps() == 0 ? kDefaultOdeSteps : r.ode_steps();
+    if (job.ode_steps < 1 || job.ode_steps > kMaxOdeSteps) {
+      return Invalid(absl::StrFormat("ode_steps: %d is out of range [1, %d]",
+                                     r.ode_steps(), kMaxOdeSteps));
+    }
+    job.trace_samples = r.trace_samples() == 0 ? 1 : r.trace_samples();
+    if (job.trace_samples < 1 || job.trace_samples > kMaxTraceSamples) {
+      return Invalid(absl::StrFormat(
+          "trace_samples: %d is out of range [1, %d]", r.trace_samples(),
+          kMaxTraceSamples));
+    }
+  } else if (r.ode_steps() != 0 || r.trace_samples() != 0) {
+    return Invalid(absl::StrCat(r.ode_steps() != 0 ? "ode_steps" : "trace_samples",
+                                ": only applies with method SCORE_METHOD_ODE"));
+  }
+  const int64_t rows = ScoreJobRowCost(job, n);
+  if (job.method == ScoreMethod::kOde && rows > limits.max_request_rows) {
+    return Invalid(absl::StrFormat(
+        "request too large: %d images x %d trace_samples x %d function "
+        "evaluations (4 x ode_steps) = %d rows, more than this server admits "
+        "for one request (%d, --max_queued_rows); send fewer images or steps",
+        n, job.trace_samples, OdeFunctionEvaluations(job.ode_steps), rows,
+        limits.max_request_rows));
+  }
   if (rows > limits.max_request_rows) {
     return Invalid(absl::StrFormat(
         "request too large: %d images x %d timesteps = %d rows, more than "

@@ -28,6 +28,14 @@ enum class Precision { kFp32, kBf16 };
 inline std::string PrecisionName(Precision p) {
   return p == Precision::kBf16 ? "bf16" : "fp32";
 }
+// eps_hat and the vector-Jacobian product v^T d eps_hat / d z for
+// cotangents v (same shape as z). Rows are independent inputs of the network,
+// so row b of `vjp` is v_b^T J_b with J_b the Jacobian of row b's eps_hat
+// with respect to row b's z. Both f32 [B,C,H,W] on z's device.
+struct EpsVjp {
+  at::Tensor eps;
+  at::Tensor vjp;
+};
 
 // Thread-compatible: one caller at a time (the engine gives each worker its
 // own replica).
@@ -55,10 +63,26 @@ class Denoiser {
                                                  const at::Tensor& label) {
     return Denoise(z, gamma, label);
   }
+  // eps_hat and v^T d eps_hat / d z (the probability-flow ODE likelihood,
+  // ode_likelihood.h, needs it for the divergence). One forward and one
+  // backward pass with gradients. Models that cannot differentiate return
+  // UNIMPLEMENTED (the default).
+  virtual absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
+                                            const at::Tensor& gamma,
+                                            const at::Tensor& label,
+                                            const at::Tensor& v);
 
   // The noise schedule gamma(t) and d gamma / dt at t [B] f32 in [0, 1].
   virtual absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) = 0;
 };
+
+inline absl::StatusOr<EpsVjp> Denoiser::DenoiseVjp(const at::Tensor&,
+                                                   const at::Tensor&,
+                                                   const at::Tensor&,
+                                                   const at::Tensor&) {
+  return absl::UnimplementedError(
+      "this model does not provide vector-Jacobian products (DenoiseVjp)");
+}
 
 }  // namespace vdm
 

@@ -33,6 +33,14 @@ int64_t EncodeRowCost(int64_t num_images, int steps) {
   return num_images * steps;
 }
 
+int64_t OdeFunctionEvaluations(int steps) {
+  return int64_t{kOdeStages} * steps;
+}
+
+int64_t OdeRowCost(int64_t num_images, int steps, int trace_samples) {
+  return num_images * trace_samples * OdeFunctionEvaluations(steps);
+}
+
 uint64_t ChunkSeed(uint64_t base, int64_t chunk) {
   // Golden-ratio stride: distinct, well spread seeds for every chunk.
   return base + static_cast<uint64_t>(chunk) * 0x9E3779B97F4A7C15ull;

@@ -44,6 +44,23 @@ int64_t ScoreRowCost(int64_t num_images, int timesteps);
 // Encode (DDIM inversion): one row per image per step.
 int64_t EncodeRowCost(int64_t num_images, int steps);
 
+// How ScoreBPD scores: the variational bound (likelihood.h) or the exact
+// log-density of the dequantized data by the probability-flow ODE
+// (ode_likelihood.h).
+enum class ScoreMethod { kElbo, kOde };
+
+// The probability-flow ODE is integrated by classical RK4 on a grid uniform
+// in gamma: 4 network evaluations (each a forward and a vector-Jacobian
+// product) per step, for each of the trace-estimator probes of each image.
+inline constexpr int kDefaultOdeSteps = 32;
+inline constexpr int kMaxOdeSteps = 1000;
+inline constexpr int kMaxTraceSamples = 64;
+inline constexpr int kOdeStages = 4;
+// Function evaluations (drift evaluations) per image for `steps` RK4 steps.
+int64_t OdeFunctionEvaluations(int steps);
+// Network rows (each a forward and a VJP) of an ODE ScoreBPD request.
+int64_t OdeRowCost(int64_t num_images, int steps, int trace_samples);
+
 // The seed of chunk `chunk` of a dataset scored in chunks whose chunk 0 uses
 // `base` (the client's chunked ScoreBPD and the trainer's evaluation):
 // ChunkSeed(base, 0) == base.

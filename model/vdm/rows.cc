@@ -9,22 +9,25 @@ Rows Rows::Slice(int64_t begin, int64_t count) const {
   r.z = z.narrow(0, begin, count);
   r.gamma = gamma.narrow(0, begin, count);
   if (label.defined()) r.label = label.narrow(0, begin, count);
+  if (probe.defined()) r.probe = probe.narrow(0, begin, count);
   return r;
 }
 
 Rows Rows::Cat(const std::vector<Rows>& parts) {
   if (parts.size() == 1) return parts.front();
-  std::vector<at::Tensor> z, gamma, label;
+  std::vector<at::Tensor> z, gamma, label, probe;
   for (const Rows& p : parts) {
     z.push_back(p.z);
     gamma.push_back(p.gamma);
     if (p.label.defined()) label.push_back(p.label);
+    if (p.probe.defined()) probe.push_back(p.probe);
   }
   Rows r;
   if (z.empty()) return r;
   r.z = at::cat(z);
   r.gamma = at::cat(gamma);
   if (label.size() == parts.size()) r.label = at::cat(label);
+  if (probe.size() == parts.size()) r.probe = at::cat(probe);
   return r;
 }
 
@@ -36,6 +39,17 @@ absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows,
           : at::full({rows.size()}, int64_t{model.num_classes()}, at::kLong);
   return fp32 ? model.DenoiseFp32(rows.z, rows.gamma, label)
               : model.Denoise(rows.z, rows.gamma, label);
+}
+
+absl::StatusOr<EpsVjp> EvaluateVjp(Denoiser& model, const Rows& rows) {
+  if (!rows.probe.defined()) {
+    return absl::InternalError("EvaluateVjp: rows without probes");
+  }
+  const at::Tensor label =
+      rows.label.defined()
+          ? rows.label
+          : at::full({rows.size()}, int64_t{model.num_classes()}, at::kLong);
+  return model.DenoiseVjp(rows.z, rows.gamma, label, rows.probe);
 }
 
 }  // namespace vdm

@@ -25,12 +25,16 @@ struct Rows {
   // Sampler (samplers.h) leaves it undefined; SamplingPlan and
   // LikelihoodPlan always set it.
   at::Tensor label;
+  // [m, C, H, W] float32: the cotangent v of a row that also needs
+  // v^T d eps_hat / d z (EvaluateVjp); undefined for plain rows.
+  at::Tensor probe;
 
   int64_t size() const { return z.defined() ? z.size(0) : 0; }
   bool empty() const { return size() == 0; }
   // Rows [begin, begin + count).
   Rows Slice(int64_t begin, int64_t count) const;
-  // The rows of `parts`, in order (parts must all have labels or none).
+  // The rows of `parts`, in order (parts must all have labels or none, and
+  // probes or none).
   static Rows Cat(const std::vector<Rows>& parts);
 };
 
@@ -39,6 +43,9 @@ struct Rows {
 // (Denoiser::DenoiseFp32).
 absl::StatusOr<at::Tensor> Evaluate(Denoiser& model, const Rows& rows,
                                     bool fp32 = false);
+
+// eps_hat and v^T d eps_hat / d z with v = rows.probe (which must be set).
+absl::StatusOr<EpsVjp> EvaluateVjp(Denoiser& model, const Rows& rows);
 
 }  // namespace vdm
 

@@ -291,6 +291,41 @@ absl::StatusOr<at::Tensor> TorchScriptModel::Forward(const at::Tensor& z,
   }
 }
 
+absl::StatusOr<EpsVjp> TorchScriptModel::DenoiseVjp(const at::Tensor& z,
+                                                    const at::Tensor& gamma,
+                                                    const at::Tensor& label,
+                                                    const at::Tensor& v) {
+  if (v.sizes() != z.sizes()) {
+    return absl::InvalidArgumentError("DenoiseVjp: v must have z's shape");
+  }
+  try {
+    torch::AutoGradMode grad_mode(true);
+    const at::Tensor zd =
+        z.detach().to(device_, torch::kFloat).requires_grad_(true);
+    const at::Tensor gd = gamma.to(device_);
+    c10::IValue out = module_.forward({zd, gd, label.to(device_)});
+    if (!out.isTensor()) {
+      return absl::InvalidArgumentError(
+          "model contract: forward must return a Tensor");
+    }
+    const at::Tensor output = out.toTensor();
+    if (output.sizes() != z.sizes()) {
+      return absl::InvalidArgumentError(
+          "model contract: forward(z, gamma, label) must return z's shape");
+    }
+    const at::Tensor eps = ToEps(prediction_, output.to(torch::kFloat), zd, gd);
+    std::vector<at::Tensor> grads = torch::autograd::grad(
+        {eps}, {zd}, {v.to(device_, torch::kFloat)}, /*retain_graph=*/false,
+        /*create_graph=*/false, /*allow_unused=*/true);
+    at::Tensor vjp = grads.empty() || !grads[0].defined()
+                         ? at::zeros_like(zd)  // eps does not depend on z
+                         : grads[0];
+    return EpsVjp{eps.detach().to(z.device()), vjp.detach().to(z.device())};
+  } catch (const std::exception& e) {
+    return FromTorch(e, "model forward/backward failed");
+  }
+}
+
 absl::StatusOr<GammaValues> TorchScriptModel::Gamma(const at::Tensor& t) {
   VDM_ASSIGN_OR_RETURN(GammaValues g,
                        GammaWithDerivative(module_, t, device_, false));

@@ -50,6 +50,11 @@ class TorchScriptModel : public Denoiser {
                                          const at::Tensor& gamma,
                                          const at::Tensor& label) override;
   Precision precision() const override { return precision_; }
+  // Denoise with gradients on z, then torch::autograd::grad of <eps, v>.
+  absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
+                                    const at::Tensor& gamma,
+                                    const at::Tensor& label,
+                                    const at::Tensor& v) override;
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override;
 
   const std::string& prediction() const { return prediction_; }  // eps|v|x

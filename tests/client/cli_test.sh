@@ -107,6 +107,13 @@ head -1 "$work/scores.csv" | grep -q \
 [ "$(tail -n +2 "$work/scores.csv" | wc -l)" -eq 2 ] || fail "CSV rows"
 tail -n +2 "$work/scores.csv" | awk -F, '{ if (NF != 14 || ($14 != "0" && $14 != "1") || $13 == "") exit 1 }' ||
   fail "calibrated columns missing: $(cat "$work/scores.csv")"
+$c score --method=ode --ode_steps=2 --trace_samples=2 --seed=1 --csv="$work/ode.csv" \
+  "$work/ref.png" >"$work/ode.txt" 2>&1 || fail "score --method=ode: $(cat "$work/ode.txt")"
+tail -n +2 "$work/ode.csv" | awk -F, '{ if (NF != 16 || $15 != "8" || $16 == "") exit 1 }' ||
+  fail "ODE columns: $(cat "$work/ode.csv")"
+if $c score --method=ode --ode_steps=5000 "$work/ref.png" >"$work/err.txt" 2>&1; then
+  fail "ode_steps=5000 was accepted"; fi
+grep -q "ode_steps" "$work/err.txt" || fail "the ode_steps error: $(cat "$work/err.txt")"
 [ "$(ls "$work/maps" | wc -l)" -eq 2 ] || fail "no heat maps"
 kill -TERM "$pid"; wait "$pid" || true
 

@@ -55,6 +55,25 @@ TEST(ConvertTest, EveryTimeGridMapsBothWays) {
   EXPECT_FALSE(TimeGridFromProto(static_cast<v1::TimeGrid>(7)).ok());
 }
 
+TEST(ConvertTest, EveryScoreMethodMapsBothWays) {
+  const auto* e = v1::ScoreMethod_descriptor();
+  for (int i = 0; i < e->value_count(); ++i) {
+    const auto value = static_cast<v1::ScoreMethod>(e->value(i)->number());
+    absl::StatusOr<ScoreMethod> method = ScoreMethodFromProto(value);
+    ASSERT_TRUE(method.ok()) << e->value(i)->name();
+    EXPECT_EQ(ScoreMethodToProto(*method),
+              value == v1::SCORE_METHOD_UNSPECIFIED ? v1::SCORE_METHOD_ELBO
+                                                    : value);
+  }
+  EXPECT_EQ(*ScoreMethodFromProto(v1::SCORE_METHOD_UNSPECIFIED),
+            ScoreMethod::kElbo);
+  EXPECT_EQ(*ScoreMethodFromProto(v1::SCORE_METHOD_ODE), ScoreMethod::kOde);
+  absl::StatusOr<ScoreMethod> bad =
+      ScoreMethodFromProto(static_cast<v1::ScoreMethod>(9));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("method"), std::string::npos);
+}
+
 TEST(ConvertTest, NamesAreCaseInsensitiveAndErrorsListTheChoices) {
   EXPECT_EQ(*ParseSamplerType("HEUN"), SamplerType::kHeun);
   const auto bad = ParseSamplerType("euler");

@@ -6,6 +6,7 @@
 #include "server/engine.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -18,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "model/vdm/denoiser.h"
+#include "model/vdm/ode_likelihood.h"
 #include "model/vdm/samplers.h"
 #include "model/vdm/tensor_image.h"
 
@@ -33,6 +35,7 @@ constexpr int kClasses = 10;  // label 10 = "no label"
 struct Batch {
   std::vector<int64_t> labels;
   std::vector<float> gammas;
+  bool vjp = false;  // a forward + VJP pass (DenoiseVjp)
 };
 
 // A deterministic stand-in network: eps_hat = 0.1 z + 0.01 label, on a
@@ -68,6 +71,19 @@ class FakeDenoiser : public Denoiser {
   // eps_hat = slope z + 0.01 label (a different network, for a background
   // model).
   void set_slope(double slope) { slope_ = slope; }
+  // J = d eps / d z = slope I, so v^T J = slope v.
+  absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
+                                    const at::Tensor& gamma,
+                                    const at::Tensor& label,
+                                    const at::Tensor& v) override {
+    absl::StatusOr<at::Tensor> eps = Denoise(z, gamma, label);
+    if (!eps.ok()) return eps.status();
+    {
+      absl::MutexLock lock(&mu_);
+      batches_.back().vjp = true;
+    }
+    return EpsVjp{*eps, slope_ * v};
+  }
 
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override {
     return GammaValues{-5.0 + 10.0 * t, at::full_like(t, 10.0)};
@@ -314,6 +330,64 @@ TEST_F(EngineTest, ResultsDoNotDependOnWhatSharesTheBatch) {
     }
   }
   for (size_t i = 0; i < Batches(); ++i) EXPECT_LE(Labels(i).size(), 3u);
+}
+
+TEST_F(EngineTest, OdeRowsRunInTheirOwnVjpPassesAlternatingWithPlainRows) {
+  Engine::Options options;
+  options.max_batch = 6;  // a VJP pass holds 6 / 3 = 2 rows
+  Make(options);
+  Outcome<SampleResult> a;
+  Outcome<ScoreResult> c;
+  ScoreJob ode = Score(2, 4, 3);
+  ode.method = ScoreMethod::kOde;
+  ode.ode_steps = 1;  // 4 evaluations of 2 images x 2 probes = 4 rows each
+  ode.trace_samples = 2;
+  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 4, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(engine_->SubmitScore(ode, {}, c.Callback()).ok());
+  while (engine_->Step()) {
+  }
+  const std::vector<Batch> batches = model_->batches();
+  size_t vjp_batches = 0;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const Batch& b = batches[i];
+    for (int64_t l : b.labels) {
+      EXPECT_EQ(l == 3, b.vjp) << "batch " << i << " mixes the kinds";
+    }
+    if (b.vjp) {
+      ++vjp_batches;
+      EXPECT_LE(b.labels.size(), 2u);
+    }
+  }
+  // 16 ODE rows in passes of 2; the sample's 4 steps alternate with the
+  // first of them while both are live.
+  EXPECT_EQ(vjp_batches, 8u);
+  ASSERT_GE(batches.size(), 8u);
+  for (size_t i = 0; i + 1 < 8; ++i) {
+    EXPECT_NE(batches[i].vjp, batches[i + 1].vjp) << "iteration " << i;
+  }
+  ASSERT_TRUE(a.result.ok()) << a.result.status();
+  ASSERT_TRUE(c.result.ok()) << c.result.status();
+  EXPECT_EQ(c.result->network_evaluations, 16);
+  ASSERT_EQ(c.result->scores.size(), 2u);
+  // The same scores as the library alone gives (the plan owns its probes).
+  FakeDenoiser alone;
+  OdeOptions o;
+  o.steps = 1;
+  o.trace_samples = 2;
+  absl::StatusOr<at::Tensor> x = ToTensor(ode.images, alone.shape());
+  ASSERT_TRUE(x.ok());
+  absl::StatusOr<OdeScores> want = OdeLikelihood(
+      alone, *x, at::full({2}, 3, at::kLong), o,
+      at::make_generator<at::CPUGeneratorImpl>(ode.seed), 64);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (int i = 0; i < 2; ++i) {
+    const ImageBpd& s = c.result->scores[i];
+    EXPECT_DOUBLE_EQ(s.bpd, want->bpd[i].item<double>());
+    EXPECT_EQ(s.ode_function_evaluations, 4);
+    ASSERT_TRUE(s.ode_stderr_bpd.has_value());
+    EXPECT_EQ(s.prior, 0);  // no ELBO parts
+    EXPECT_TRUE(s.band.empty());
+  }
 }
 
 TEST_F(EngineTest, CancelledRequestLeavesAtTheNextIteration) {

@@ -15,10 +15,12 @@
 #include <zlib.h>
 
 #include <cerrno>
+#include <cmath>
 #include <future>
 #include <set>
 #include <thread>
 
+#include "absl/strings/str_format.h"
 #include "client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/anomaly.h"
@@ -304,6 +306,36 @@ TEST_F(ServiceTest, ScoreReturnsBpdWithItsPartsDeterministically) {
   }
 }
 
+TEST_F(ServiceTest, OdeScoreReturnsTheOdeBpdAndItsCost) {
+  v1::ScoreRequest request = ScoreRequest(2, 0, 42);
+  request.set_method(v1::SCORE_METHOD_ODE);
+  request.set_ode_steps(2);
+  request.set_trace_samples(3);
+  v1::ScoreResponse a, b;
+  ASSERT_TRUE(CallScore(request, &a).ok());
+  ASSERT_TRUE(CallScore(request, &b).ok());
+  ASSERT_EQ(a.scores_size(), 2);
+  // 2 images x 3 probes x 4 evaluations per RK4 step x 2 steps.
+  EXPECT_EQ(a.network_evaluations(), 2 * 3 * 4 * 2);
+  for (int i = 0; i < 2; ++i) {
+    const v1::ImageScore& s = a.scores(i);
+    EXPECT_TRUE(std::isfinite(s.bpd()));
+    EXPECT_EQ(s.ode_function_evaluations(), 8);
+    ASSERT_TRUE(s.has_ode_stderr_bpd());
+    EXPECT_GT(s.ode_stderr_bpd(), 0);
+    EXPECT_EQ(s.prior_bpd(), 0);  // the ELBO parts are absent
+    EXPECT_EQ(s.band_bpd_size(), 0);
+    EXPECT_FALSE(s.has_p_value());
+    EXPECT_DOUBLE_EQ(s.bpd(), b.scores(i).bpd()) << "same seed, same score";
+  }
+  // One probe: no standard error; ELBO scores say 0 evaluations of the ODE.
+  request.set_trace_samples(0);
+  ASSERT_TRUE(CallScore(request, &a).ok());
+  EXPECT_FALSE(a.scores(0).has_ode_stderr_bpd());
+  ASSERT_TRUE(CallScore(ScoreRequest(1, 4, 1), &a).ok());
+  EXPECT_EQ(a.scores(0).ode_function_evaluations(), 0);
+}
+
 TEST_F(ServiceTest, SharedNoiseScoresIdenticalImagesIdentically) {
   v1::ScoreRequest request = ScoreRequest(1, 8, 9);
   request.add_images()->set_data(request.images(0).data());  // a duplicate
@@ -460,6 +492,30 @@ TEST_F(ServiceTest, InvalidScoreInputsAreNamed) {
   s = CallScore(v1::ScoreRequest(), &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("images"));
+
+  // The ODE options.
+  struct Case {
+    int method, ode_steps, trace_samples;
+    const char* field;
+  };
+  for (const Case& c : {Case{7, 0, 0, "method"},
+                        Case{v1::SCORE_METHOD_ODE, -1, 0, "ode_steps"},
+                        Case{v1::SCORE_METHOD_ODE, 1001, 0, "ode_steps"},
+                        Case{v1::SCORE_METHOD_ODE, 4, -2, "trace_samples"},
+                        Case{v1::SCORE_METHOD_ODE, 4, 65, "trace_samples"},
+                        Case{v1::SCORE_METHOD_ELBO, 4, 0, "ode_steps"},
+                        Case{v1::SCORE_METHOD_UNSPECIFIED, 0, 2,
+                             "trace_samples"},
+                        // 1000 steps x 64 probes x 4 = 256,000 rows
+                        Case{v1::SCORE_METHOD_ODE, 1000, 64, "ode_steps"}}) {
+    v1::ScoreRequest r = ScoreRequest(1, 4, 1);
+    r.set_method(static_cast<v1::ScoreMethod>(c.method));
+    r.set_ode_steps(c.ode_steps);
+    r.set_trace_samples(c.trace_samples);
+    s = CallScore(r, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(s.error_message(), HasSubstr(c.field));
+  }
 }
 
 TEST_F(ServiceTest, ExpiredDeadlineStopsTheWork) {
@@ -854,7 +910,20 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   const std::string csv = client::FormatScoresCsv(scored->rows);
   EXPECT_THAT(csv, HasSubstr("complexity_bpd,band_bpd_0,band_bpd_1,band_bpd_2,"
                              "band_bpd_3,anomaly_score,p_value,is_anomaly\n"));
-  EXPECT_THAT(csv, ::testing::EndsWith(",1\n"));
+  EXPECT_THAT(csv, ::testing::EndsWith(",1,0,\n"));
+  // The ODE's BPD carries no anomaly features, so no calibrated fields.
+  client::ScoreParams ode_params;
+  ode_params.method = v1::SCORE_METHOD_ODE;
+  ode_params.ode_steps = 1;
+  ode_params.trace_samples = 2;
+  auto ode = client.ScoreImages(client::RawInput(probe), ode_params);
+  ASSERT_TRUE(ode.ok()) << ode.status();
+  EXPECT_FALSE(ode->rows[0].p_value.has_value());
+  EXPECT_EQ(ode->rows[0].ode_function_evaluations, 4);
+  ASSERT_TRUE(ode->rows[0].ode_stderr_bpd.has_value());
+  EXPECT_THAT(client::FormatScoresCsv(ode->rows),
+              ::testing::HasSubstr(absl::StrFormat(
+                  ",4,%.6f\n", *ode->rows[0].ode_stderr_bpd)));
   // Another K than the calibration's: uncalibrated fields.
   params.timesteps = 16;
   auto other = client.ScoreImages(client::RawInput(probe), params);

@@ -1,6 +1,7 @@
 #include "model/vdm/testing/oracle.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -130,6 +131,40 @@ absl::StatusOr<at::Tensor> OracleDenoiser::Denoise(const at::Tensor& z,
     return absl::InvalidArgumentError("oracle: bad input shapes");
   }
   return OptimalEps(z, gamma, label).to(at::kFloat).to(z.device());
+}
+
+absl::StatusOr<EpsVjp> OracleDenoiser::DenoiseVjp(const at::Tensor& z,
+                                                  const at::Tensor& gamma,
+                                                  const at::Tensor& label,
+                                                  const at::Tensor& v) {
+  if (v.sizes() != z.sizes()) {
+    return absl::InvalidArgumentError("oracle: v must have z's shape");
+  }
+  at::AutoGradMode grad_mode(true);
+  const at::Tensor zz = z.detach().to(at::kCPU).to(at::kDouble).requires_grad_(true);
+  const at::Tensor eps = OptimalEps(zz, gamma, label);
+  const at::Tensor inner = (eps * v.to(at::kCPU).to(at::kDouble)).sum();
+  const at::Tensor vjp = torch::autograd::grad({inner}, {zz})[0];
+  return EpsVjp{eps.detach().to(at::kFloat).to(z.device()),
+                vjp.to(at::kFloat).to(z.device())};
+}
+
+at::Tensor OracleDenoiser::LogMarginal(const at::Tensor& z,
+                                       const at::Tensor& gamma,
+                                       const at::Tensor& label) const {
+  const int64_t b = z.size(0);
+  const at::Tensor zz = z.to(at::kCPU).to(at::kDouble).reshape({b, -1, 1, 1});
+  const at::Tensor g =
+      gamma.to(at::kCPU).to(at::kDouble).reshape({-1}).expand({b});
+  const at::Tensor alpha = at::sqrt(AlphaSquared(g)).reshape({b, 1, 1, 1});
+  const at::Tensor sigma2 = SigmaSquared(g).reshape({b, 1, 1, 1});
+  const at::Tensor d = zz - alpha * f_values_.reshape({1, 1, 1, -1});
+  // [B, D, classes, J]: log p_cj + log N(z_i; alpha f_j, sigma^2).
+  const at::Tensor log_w = log_pmf_.unsqueeze(0).unsqueeze(0) -
+                           0.5 * d * d / sigma2 -
+                           0.5 * at::log(2 * M_PI * sigma2);
+  const at::Tensor per_class = at::logsumexp(log_w, -1).sum(1);  // [B, classes]
+  return at::logsumexp(LogClassWeights(label) + per_class, -1);
 }
 
 absl::StatusOr<GammaValues> OracleDenoiser::Gamma(const at::Tensor& t) {

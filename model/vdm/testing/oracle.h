@@ -59,6 +59,12 @@ class OracleDenoiser : public Denoiser {
   absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
                                      const at::Tensor& gamma,
                                      const at::Tensor& label) override;
+  // eps_hat and v^T d eps_hat / d z by autograd through OptimalEps (float64,
+  // returned as float32).
+  absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
+                                    const at::Tensor& gamma,
+                                    const at::Tensor& label,
+                                    const at::Tensor& v) override;
   // gamma(t) and gamma'(t) in the dtype of t (float64 t gives float64).
   absl::StatusOr<GammaValues> Gamma(const at::Tensor& t) override;
 
@@ -66,6 +72,10 @@ class OracleDenoiser : public Denoiser {
   // (ignored when unconditional).
   at::Tensor PosteriorMean(const at::Tensor& z, const at::Tensor& gamma,
                            const at::Tensor& label) const;
+  // The exact marginal log-density log p_gamma(z) of z = alpha f + sigma eps
+  // under the data distribution (given the label): [B] float64 nats.
+  at::Tensor LogMarginal(const at::Tensor& z, const at::Tensor& gamma,
+                         const at::Tensor& label) const;
   // The optimal eps_hat in float64.
   at::Tensor OptimalEps(const at::Tensor& z, const at::Tensor& gamma,
                         const at::Tensor& label) const;
