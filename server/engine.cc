@@ -133,7 +133,9 @@ class Worker {
 
   const Denoiser& model() const { return *model_; }
 
-  absl::Status Admit(std::unique_ptr<Task> task, int64_t rows) {
+  // `width`: the rows of the job's first forward pass (the request-level
+  // admission policy fills batches by it).
+  absl::Status Admit(std::unique_ptr<Task> task, int64_t rows, int64_t width) {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::UnavailableError("server is shutting down");
     if (rows > options_.max_queued_rows) {
@@ -148,7 +150,7 @@ class Worker {
           options_.max_queued_rows, "; retry later"));
     }
     queued_rows_ += rows;
-    incoming_.push_back({std::move(task), rows});
+    incoming_.push_back({std::move(task), rows, width});
     absl::MutexLock count(&counter_->mu);
     ++counter_->admitted;
     return absl::OkStatus();
@@ -189,6 +191,7 @@ class Worker {
   struct Entry {
     std::unique_ptr<Task> task;
     int64_t rows;  // admitted cost, released when the task leaves
+    int64_t width;  // rows of its first forward pass
   };
 
   void Run();
@@ -197,6 +200,10 @@ class Worker {
   // `wait` (threaded): first waits for work when nothing is live; returns
   // false when the worker must stop. Without: returns whether any arrived.
   bool TakeIncoming(bool wait);
+  // kRequestLevel and kOneAtATime with nothing live: moves the next batch of
+  // jobs from incoming_ into `fresh` (see Engine::Admission).
+  void TakeBatch(bool wait, std::deque<Entry>* fresh)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One iteration after TakeIncoming (see Engine::Step).
   bool Iterate(absl::Time start, bool took);
   bool Sweep();
@@ -290,7 +297,11 @@ bool Worker::TakeIncoming(bool wait) {
     };
     if (wait && live_.empty()) mu_.Await(absl::Condition(&ready));
     if (wait && stopping_) return false;
-    fresh.swap(incoming_);
+    if (options_.admission == Engine::Admission::kContinuous) {
+      fresh.swap(incoming_);
+    } else if (live_.empty()) {
+      TakeBatch(wait, &fresh);
+    }
   }
   const bool took = !fresh.empty();
   for (Entry& e : fresh) {
@@ -305,6 +316,40 @@ bool Worker::TakeIncoming(bool wait) {
     if (!started.ok()) Retire(live_.size() - 1, started);
   }
   return wait || took;
+}
+
+void Worker::TakeBatch(bool wait, std::deque<Entry>* fresh) {
+  if (incoming_.empty()) return;
+  if (options_.admission == Engine::Admission::kRequestLevel) {
+    // The batch closes batch_window after its first job arrived, or as soon
+    // as the queued jobs' first passes fill max_batch rows.
+    auto full = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      int64_t width = 0;
+      for (const Entry& e : incoming_) width += e.width;
+      return stopping_ || width >= options_.max_batch;
+    };
+    const absl::Duration open =
+        incoming_.front().task->arrival() + options_.batch_window - Now();
+    if (open > absl::ZeroDuration() && !full()) {
+      // Threaded: wait out the window (real time). Manual: the caller
+      // advances the clock and steps again.
+      if (!wait) return;
+      mu_.AwaitWithTimeout(absl::Condition(&full), open);
+      if (stopping_) return;
+    }
+  }
+  int64_t width = 0;
+  while (!incoming_.empty()) {
+    Entry& next = incoming_.front();
+    if (!fresh->empty() &&
+        (options_.admission == Engine::Admission::kOneAtATime ||
+         width + next.width > options_.max_batch)) {
+      break;
+    }
+    width += next.width;
+    fresh->push_back(std::move(next));
+    incoming_.pop_front();
+  }
 }
 
 // Removes cancelled and expired requests before they cost another row.
@@ -603,6 +648,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.max_batch < 1) {
     return absl::InvalidArgumentError("max_batch must be >= 1");
   }
+  if (options.batch_window < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("batch_window must be >= 0");
+  }
   std::unique_ptr<Engine> engine(new Engine(options, metrics));
   engine->has_background_ = !background.empty();
   for (size_t i = 0; i < replicas.size(); ++i) {
@@ -653,6 +701,9 @@ absl::Status Engine::SubmitSample(SampleJob job, RequestControl control,
   const int64_t rows =
       SampleRowCost(job.sampler, job.num_images, job.conditioning,
                     worker->model().num_classes());
+  const int64_t width =
+      job.num_images * RowsPerImage(job.conditioning,
+                                    worker->model().num_classes());
   if (job.progress) {
     // Progress goes through the completion queue too: off the worker, and
     // in order with the result.
@@ -665,7 +716,7 @@ absl::Status Engine::SubmitSample(SampleJob job, RequestControl control,
   }
   return worker->Admit(MakeSampleTask(std::move(job), std::move(control),
                                       std::move(done), options_.clock->Now()),
-                       rows);
+                       rows, width);
 }
 
 absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
@@ -674,9 +725,15 @@ absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
   job.background = has_background_;
   const int64_t rows =
       ScoreJobRowCost(job, static_cast<int64_t>(job.images.size()));
+  // The rows of the first pass: all K evaluations of every image (ELBO), or
+  // one row per image and trace sample (ODE).
+  const int64_t width =
+      job.method == ScoreMethod::kOde
+          ? static_cast<int64_t>(job.images.size()) * job.trace_samples
+          : rows;
   return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
                                      std::move(done), options_.clock->Now()),
-                       rows);
+                       rows, width);
 }
 
 absl::Status Engine::SubmitEncode(EncodeJob job, RequestControl control,
@@ -684,9 +741,10 @@ absl::Status Engine::SubmitEncode(EncodeJob job, RequestControl control,
   Worker* worker = LeastLoaded();
   const int64_t rows = EncodeRowCost(static_cast<int64_t>(job.images.size()),
                                      job.sampler.steps);
+  const int64_t width = static_cast<int64_t>(job.images.size());  // per step
   return worker->Admit(MakeEncodeTask(std::move(job), std::move(control),
                                       std::move(done), options_.clock->Now()),
-                       rows);
+                       rows, width);
 }
 
 bool Engine::WaitIdle(absl::Time deadline) {

@@ -57,6 +57,18 @@ absl::Status CheckBackgroundModel(const Denoiser& model,
 
 class Engine {
  public:
+  // When a worker lets queued jobs in (docs/design.md, "Admission policies").
+  // The server always uses kContinuous; the others exist so that
+  // vdm-batching-sim can measure continuous batching against them on the
+  // same engine.
+  enum class Admission {
+    kContinuous,    // every iteration admits whatever has arrived
+    kRequestLevel,  // only when nothing runs: a batch of requests that
+                    // arrived within batch_window of the first (or until
+                    // their first steps fill max_batch rows) runs to
+                    // completion before the next batch is let in
+    kOneAtATime,    // only when nothing runs, one job
+  };
   struct Options {
     int max_batch = 64;                // rows per forward pass
     int64_t max_queued_rows = 100000;  // admitted, unfinished rows per worker
@@ -67,6 +79,8 @@ class Engine {
     bool score_fp32 = true;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
+    Admission admission = Admission::kContinuous;
+    absl::Duration batch_window = absl::Milliseconds(5);  // kRequestLevel
   };
 
   // One worker per replica; `metrics` may be null and must outlive the engine.
@@ -95,7 +109,8 @@ class Engine {
 
   // Manual mode: one iteration of every worker (admit, drop cancelled and
   // expired requests, one forward pass). Returns true when anything
-  // happened, false when every worker is idle.
+  // happened, false when every worker is idle (or, under kRequestLevel,
+  // holds queued jobs whose batch window is still open on the clock).
   bool Step();
 
   // Stops admitting, fails every unfinished request with UNAVAILABLE, joins
