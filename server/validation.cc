@@ -221,18 +221,45 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
   return job;
 }
 
+namespace {
+
+// The image list of an Encode or ScoreBPD request: how many, which format.
+absl::Status CheckImageList(int n, v1::ImageFormat format,
+                            const RequestLimits& limits) {
+  if (n < 1 || n > limits.max_images_per_request) {
+    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
+                                   limits.max_images_per_request));
+  }
+  if (!IsKnownFormat(format)) {
+    return Invalid(absl::StrCat("format: unknown value ", format));
+  }
+  return absl::OkStatus();
+}
+
+// Decodes every image, each of the model's shape; errors name images[i].
+absl::StatusOr<std::vector<Image8>> DecodeImages(
+    const google::protobuf::RepeatedPtrField<v1::Image>& images,
+    v1::ImageFormat format, const ImageShape& shape) {
+  std::vector<Image8> out;
+  out.reserve(images.size());
+  for (int i = 0; i < images.size(); ++i) {
+    absl::StatusOr<Image8> image = ImageFromProto(images[i], format, &shape);
+    if (!image.ok()) {
+      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
+    }
+    out.push_back(*std::move(image));
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<EncodeJob> ToEncodeJob(const v1::EncodeRequest& r,
                                       const RequestLimits& limits,
                                       const ModelDescription& model) {
   EncodeJob job;
   const int n = r.images_size();
-  if (n < 1 || n > limits.max_images_per_request) {
-    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
-                                   limits.max_images_per_request));
-  }
-  if (!IsKnownFormat(r.format())) {
-    return Invalid(absl::StrCat("format: unknown value ", r.format()));
-  }
+  VDM_RETURN_IF_ERROR(CheckImageList(n, r.format(), limits));
   job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
   if (job.sampler.steps < 1 || job.sampler.steps > limits.max_steps) {
     return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
@@ -248,14 +275,8 @@ absl::StatusOr<EncodeJob> ToEncodeJob(const v1::EncodeRequest& r,
         "images per call",
         n, job.sampler.steps, rows, limits.max_request_rows));
   }
-  for (int i = 0; i < n; ++i) {
-    absl::StatusOr<Image8> image =
-        ImageFromProto(r.images(i), r.format(), &model.shape);
-    if (!image.ok()) {
-      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
-    }
-    job.images.push_back(*std::move(image));
-  }
+  VDM_ASSIGN_OR_RETURN(job.images,
+                       DecodeImages(r.images(), r.format(), model.shape));
   return job;
 }
 
@@ -264,13 +285,7 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
                                     const ModelDescription& model) {
   ScoreJob job;
   const int n = r.images_size();
-  if (n < 1 || n > limits.max_images_per_request) {
-    return Invalid(absl::StrFormat("images: %d images, allowed [1, %d]", n,
-                                   limits.max_images_per_request));
-  }
-  if (!IsKnownFormat(r.format())) {
-    return Invalid(absl::StrCat("format: unknown value ", r.format()));
-  }
+  VDM_RETURN_IF_ERROR(CheckImageList(n, r.format(), limits));
   job.timesteps = r.timesteps() == 0 ? kDefaultTimesteps : r.timesteps();
   if (job.timesteps < 2 || job.timesteps > limits.max_timesteps) {
     return Invalid(absl::StrFormat("timesteps: %d is out of range [2, %d]",
@@ -310,14 +325,8 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
         "fewer images per call",
         n, job.timesteps, rows, limits.max_request_rows));
   }
-  for (int i = 0; i < n; ++i) {
-    absl::StatusOr<Image8> image =
-        ImageFromProto(r.images(i), r.format(), &model.shape);
-    if (!image.ok()) {
-      return Invalid(absl::StrCat("images[", i, "]: ", image.status().message()));
-    }
-    job.images.push_back(*std::move(image));
-  }
+  VDM_ASSIGN_OR_RETURN(job.images,
+                       DecodeImages(r.images(), r.format(), model.shape));
   if (r.has_false_positive_rate() &&
       !(r.false_positive_rate() > 0.0f && r.false_positive_rate() <= 0.5f)) {
     return Invalid(absl::StrCat("false_positive_rate: ",
