@@ -68,6 +68,10 @@ ABSL_FLAG(std::string, schedule, "fixed",
           "estimator's variance; Kingma et al. 2021, section 5)");
 ABSL_FLAG(double, schedule_lr_scale, 1.0,
           "learning rate of the schedule's parameters relative to --lr");
+ABSL_FLAG(std::string, precision, "fp32",
+          "training forward pass: fp32, or bf16 (CPU/CUDA autocast around the "
+          "network; fp32 weights, gradients and optimizer; evaluations stay "
+          "fp32). docs/training.md has the measured speed and BPD");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (data order, times, noise)");
 ABSL_FLAG(int64_t, eval_every, 500, "steps between validation runs; 0 = never");
 ABSL_FLAG(int64_t, eval_images, 1000,
@@ -129,6 +133,7 @@ absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   if (!schedule.ok()) return schedule.status();
   o.schedule = *schedule;
   o.schedule_lr_scale = absl::GetFlag(FLAGS_schedule_lr_scale);
+  o.precision = absl::GetFlag(FLAGS_precision);
   o.resume = absl::GetFlag(FLAGS_resume);
   o.state_path = absl::GetFlag(FLAGS_state);
   o.metrics_path = absl::GetFlag(FLAGS_metrics_out);

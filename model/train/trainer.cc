@@ -57,6 +57,10 @@ absl::Status CheckOptions(const Trainer::Options& o) {
   if (!(o.schedule_lr_scale > 0) || !std::isfinite(o.schedule_lr_scale)) {
     return bad("schedule_lr_scale must be > 0");
   }
+  if (o.precision != "fp32" && o.precision != "bf16") {
+    return bad(absl::StrCat("precision must be fp32 or bf16, got '",
+                            o.precision, "'"));
+  }
   if (o.eval_times < 1) return bad("eval_times must be >= 1");
   if (o.eval_batch < 1) return bad("eval_batch must be >= 1");
   if (o.eval_images < 0 || o.test_images < 0) {
@@ -265,7 +269,8 @@ absl::StatusOr<double> Trainer::TrainStep(const at::Tensor& images,
         VlbTerms terms, ComputeVlb(model_->module(), info_, images,
                                    DropLabels(labels), t, gen_,
                                    options_.weighting,
-                                   learn_shape ? &schedule : nullptr));
+                                   learn_shape ? &schedule : nullptr,
+                                   options_.precision == "bf16"));
     at::Tensor loss = NatsToBpd(terms.Loss(), info_.shape.dims()).mean();
     const double value = loss.item<double>();
     optimizer_->zero_grad();
@@ -423,6 +428,7 @@ std::string Trainer::MetadataJson() const {
       {"weighting", WeightingName(options_.weighting.kind)},
       {"schedule", ScheduleName(options_.schedule)},
       {"schedule_lr_scale", options_.schedule_lr_scale},
+      {"precision", options_.precision},
       {"init", init_path_},
       {"init_steps", init_steps_},
       {"steps", step_},

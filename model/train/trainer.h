@@ -86,6 +86,10 @@ class Trainer {
     // The schedule's parameters learn at lr * schedule_lr_scale (their own
     // AdamW group, no weight decay, the same warm-up and cool-down).
     double schedule_lr_scale = 1.0;
+    // The training forward pass's precision: "fp32", or "bf16" (autocast;
+    // fp32 master weights, gradients and optimizer state; vlb.h ComputeVlb).
+    // Evaluations (validation, test BPD, the sample grid) stay fp32.
+    std::string precision = "fp32";
     uint64_t seed = 0;
     int64_t eval_every = 500;  // steps between validation runs; 0: never
     // Validation set: the last eval_images training images, held out from

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "model/vdm/autocast.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/request.h"
@@ -54,7 +55,7 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const at::Tensor& labels,
                                     const at::Tensor& t, at::Generator& gen,
                                     const Weighting& weighting,
-                                    ScheduleGraph* schedule) {
+                                    ScheduleGraph* schedule, bool bf16) {
   const int64_t b = x.size(0);
   if (b == 0 || t.dim() != 1 || t.size(0) % b != 0) {
     return absl::InvalidArgumentError(
@@ -91,7 +92,12 @@ absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
     at::Tensor z = Diffuse(f_rep, gamma_t.gamma, eps);
     at::Tensor label = labels.to(info.device).to(at::kLong);
     if (k > 1) label = label.repeat_interleave(k, 0);
-    at::Tensor out = module.forward({z, gamma_t.gamma, label}).toTensor();
+    at::Tensor out;
+    {
+      Bf16Autocast autocast(bf16, info.device.type());
+      out = module.forward({z, gamma_t.gamma, label}).toTensor();
+    }
+    out = out.to(at::kFloat);
     if (out.sizes() != z.sizes()) {
       return absl::InvalidArgumentError(
           absl::StrCat("forward returned shape ", c10::str(out.sizes()),

@@ -72,13 +72,17 @@ struct VlbTerms {
 // then stops at the leaves, and the caller routes their gradients to the
 // schedule's parameters (the prior and reconstruction terms keep their
 // direct graph to gamma(0), gamma(1)). Without it, the computation (and so
-// the training of a fixed schedule) is unchanged.
+// the training of a fixed schedule) is unchanged. With `bf16` the network's
+// forward pass (only it: gamma, the noise and the loss stay fp32) runs under
+// bf16 autocast (model/vdm/autocast.h; vdm-train --precision=bf16) and its
+// output is cast back to fp32; the parameters and their gradients stay fp32.
 absl::StatusOr<VlbTerms> ComputeVlb(torch::jit::Module& module,
                                     const ModelInfo& info, const at::Tensor& x,
                                     const at::Tensor& labels,
                                     const at::Tensor& t, at::Generator& gen,
                                     const Weighting& weighting = {},
-                                    ScheduleGraph* schedule = nullptr);
+                                    ScheduleGraph* schedule = nullptr,
+                                    bool bf16 = false);
 
 struct EvalOptions {
   int times = 1;             // K times per image (LikelihoodOptions::times)

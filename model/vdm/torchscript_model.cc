@@ -1,7 +1,6 @@
 #include "model/vdm/torchscript_model.h"
 
 #include <ATen/Context.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/script.h>
@@ -16,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "model/vdm/autocast.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/status_macros.h"
 
@@ -74,48 +74,6 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& spec) {
         absl::StrCat("device '", spec, "' is not a valid torch device"));
   }
 }
-
-// Autocast to bf16 on this thread while alive (autocast state is
-// thread-local), restoring what was there before; a no-op unless `enable`.
-// Like Python's torch.autocast it clears the cast-weight cache on the
-// outermost exit.
-class Bf16Autocast {
- public:
-  Bf16Autocast(bool enable, c10::DeviceType type)
-      : enable_(enable), cuda_(type == c10::DeviceType::CUDA) {
-    if (!enable_) return;
-    if (cuda_) {
-      was_enabled_ = at::autocast::is_enabled();
-      was_dtype_ = at::autocast::get_autocast_gpu_dtype();
-      at::autocast::set_enabled(true);
-      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    } else {
-      was_enabled_ = at::autocast::is_cpu_enabled();
-      was_dtype_ = at::autocast::get_autocast_cpu_dtype();
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-    }
-    at::autocast::increment_nesting();
-  }
-  ~Bf16Autocast() {
-    if (!enable_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    if (cuda_) {
-      at::autocast::set_enabled(was_enabled_);
-      at::autocast::set_autocast_gpu_dtype(was_dtype_);
-    } else {
-      at::autocast::set_cpu_enabled(was_enabled_);
-      at::autocast::set_autocast_cpu_dtype(was_dtype_);
-    }
-  }
-  Bf16Autocast(const Bf16Autocast&) = delete;
-  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
-
- private:
-  const bool enable_, cuda_;
-  bool was_enabled_ = false;
-  at::ScalarType was_dtype_ = at::kBFloat16;
-};
 
 }  // namespace
 

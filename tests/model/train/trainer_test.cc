@@ -335,6 +335,50 @@ TEST_F(TrainerTest, WeightingChangesTheLossButNotTheEvaluation) {
   EXPECT_LT(*loss_b, *loss_a);
 }
 
+// --precision=bf16: the forward pass runs under autocast (the loss at the
+// same seed moves by bf16's rounding, not by more), the weights, their
+// gradients' updates and the evaluation stay fp32, and the metadata says so.
+TEST_F(TrainerTest, Bf16TrainsUnderAutocastWithFp32Weights) {
+  Trainer::Options fp32 = SmallOptions();
+  Trainer::Options bf16 = fp32;
+  bf16.precision = "bf16";
+  auto a = Trainer::Create(fp32);
+  auto b = Trainer::Create(bf16);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const Dataset batch = (*a)->train_data().Slice(0, 8);
+  for (int step = 0; step < 3; ++step) {
+    auto loss_a = (*a)->TrainStep(batch.images, batch.labels);
+    auto loss_b = (*b)->TrainStep(batch.images, batch.labels);
+    ASSERT_TRUE(loss_a.ok() && loss_b.ok());
+    ASSERT_TRUE(std::isfinite(*loss_b));
+    // Same seed, times and noise: only the arithmetic differs.
+    EXPECT_NE(*loss_a, *loss_b) << "step " << step << ": autocast not active?";
+    EXPECT_NEAR(*loss_b, *loss_a, 0.05 * std::abs(*loss_a)) << "step " << step;
+  }
+  EvalOptions eval;
+  eval.times = 2;
+  eval.seed = 3;
+  auto eval_b = (*b)->Evaluate((*b)->validation_data(), false, eval);
+  ASSERT_TRUE(eval_b.ok());
+  EXPECT_TRUE(std::isfinite(eval_b->bpd));
+
+  ASSERT_TRUE((*b)->Run().ok());
+  auto loaded = TorchScriptModel::Load({out_path()});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  auto meta = nlohmann::json::parse((*loaded)->metadata());
+  EXPECT_EQ(meta["training"]["precision"], "bf16");
+  for (const auto& p : (*loaded)->module().parameters()) {
+    EXPECT_EQ(p.scalar_type(), at::kFloat);  // fp32 master weights
+  }
+
+  Trainer::Options bad = fp32;
+  bad.precision = "fp16";
+  auto refused = Trainer::Create(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("precision must be fp32 or bf16, got 'fp16'"));
+}
+
 TEST_F(TrainerTest, ExcludeClassLeavesOutItsImages) {
   Trainer::Options options = SmallOptions();
   options.exclude_class = 3;
