@@ -16,6 +16,7 @@ library unittest only: the exit status is non-zero on any failure.
 
 import argparse
 import csv
+import math
 import os
 import re
 import signal
@@ -471,6 +472,105 @@ class ClientTest(unittest.TestCase):
                                             vdm_client.LLR_FIELDS))
         self.assertTrue(lines[1].split(",")[-2] == "0.500000")
 
+    # ---- score by the probability-flow ODE (docs/likelihood.md)
+
+    def test_score_ode(self):
+        images = noise_images(2, seed=13)
+        rows = self.client.score(images, seed=5, method="ode", ode_steps=2,
+                                 trace_samples=2)
+        self.assertEqual(len(rows), 2)
+        self.assertEqual(rows.seed, 5)
+        # images x trace_samples x 4 x ode_steps rows.
+        self.assertEqual(rows.network_evaluations, 2 * 2 * 4 * 2)
+        for row in rows:
+            self.assertEqual(tuple(row),
+                             vdm_client.CSV_FIELDS + vdm_client.ODE_FIELDS)
+            self.assertEqual(row["ode_function_evaluations"], 4 * 2)
+            self.assertIsNotNone(row["ode_stderr_bpd"])
+            self.assertGreater(row["ode_stderr_bpd"], 0)
+            self.assertTrue(math.isfinite(row["bpd"]))
+            self.assertGreater(row["bpd"], 0)
+            # The ELBO-only parts are 0 or absent.
+            self.assertEqual(row["diffusion_bpd"], 0)
+            self.assertIsNone(row["band_bpd_0"])
+            self.assertIsNone(row["p_value"])
+        self.assertNotEqual(rows[0]["bpd"], rows[1]["bpd"])
+        # The enum value works as the name; one probe has no standard error.
+        one = self.client.score(images[:1], seed=5,
+                                method=vdm_client.client.vdm_pb2.SCORE_METHOD_ODE,
+                                ode_steps=3)
+        self.assertEqual(one.network_evaluations, 1 * 1 * 4 * 3)
+        self.assertEqual(one[0]["ode_function_evaluations"], 4 * 3)
+        self.assertIsNone(one[0]["ode_stderr_bpd"])
+        # ELBO records have no ODE keys, and the CSV no ODE columns.
+        elbo = self.client.score(images, seed=5, method="elbo")
+        self.assertEqual(tuple(elbo[0]), vdm_client.CSV_FIELDS)
+        self.assertEqual(vdm_client.scores_to_csv(elbo).splitlines()[0],
+                         ",".join(vdm_client.CSV_FIELDS))
+        self.assertNotEqual(elbo[0]["bpd"], rows[0]["bpd"])
+        self.assertEqual(vdm_client.SCORE_METHODS, ("elbo", "ode"))
+
+    def test_score_ode_bad_arguments(self):
+        images = noise_images(1)
+        with self.assertRaisesRegex(ValueError, "method.*elbo, ode"):
+            self.client.score(images, method="exact")
+        with self.assertRaisesRegex(ValueError, "method"):
+            self.client.score(images, method=7)
+        for name in ("ode_steps", "trace_samples"):
+            with self.subTest(name=name):
+                # Refused client-side without method="ode", as vdm-client does.
+                with self.assertRaisesRegex(ValueError, f"{name} needs method"):
+                    self.client.score(images, **{name: 2})
+                with self.assertRaisesRegex(ValueError, name):
+                    self.client.score(images, method="ode", **{name: 2.5})
+                with self.assertRaisesRegex(ValueError, name):
+                    self.client.score(images, method="ode", **{name: 1 << 40})
+        # Out of range: the server's INVALID_ARGUMENT, naming the field.
+        self.assertInvalid("ode_steps", self.client.score, images,
+                           method="ode", ode_steps=1001)
+        self.assertInvalid("ode_steps", self.client.score, images,
+                           method="ode", ode_steps=-1)
+        self.assertInvalid("trace_samples", self.client.score, images,
+                           method="ode", trace_samples=65)
+
+    def test_score_ode_csv_matches_cpp_client_byte_for_byte(self):
+        """5 images (two chunks of the server's 4) through `vdm-client score
+        --method=ode --csv` and scores_to_csv: the same bytes."""
+        images = list(self.client.sample(num_images=2, steps=3, seed=8))
+        images += noise_images(3, seed=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            idx = os.path.join(tmp, "images.idx")
+            write_idx(idx, images)
+            for trace_samples in (1, 2):
+                with self.subTest(trace_samples=trace_samples):
+                    out = os.path.join(tmp, f"cpp_{trace_samples}.csv")
+                    done = subprocess.run(
+                        [ARGS.client, f"--target={TARGET}", "score",
+                         f"--idx={idx}", "--seed=777", "--method=ode",
+                         "--ode_steps=2", f"--trace_samples={trace_samples}",
+                         f"--csv={out}"],
+                        capture_output=True, text=True, timeout=120)
+                    self.assertEqual(done.returncode, 0, done.stderr)
+                    with open(out, encoding="utf-8", newline="") as f:
+                        cpp = f.read()
+                    rows = self.client.score(images, seed=777, method="ode",
+                                             ode_steps=2,
+                                             trace_samples=trace_samples)
+                    self.assertEqual(rows.chunks, 2)
+                    ours = vdm_client.scores_to_csv(rows)
+                    self.assertEqual(ours, cpp)
+                    header = ours.splitlines()[0].split(",")
+                    self.assertEqual(header[-2:], list(vdm_client.ODE_FIELDS))
+                    first = ours.splitlines()[1].split(",")
+                    self.assertEqual(first[-2], "8")
+                    self.assertEqual(first[-1] == "", trace_samples == 1)
+        # ODE columns before the llr columns, as FormatScoresCsv writes them.
+        both = [dict(r, llr=0.25, background_bpd=1.0) for r in rows]
+        header = vdm_client.scores_to_csv(both).splitlines()[0]
+        self.assertEqual(header, ",".join(vdm_client.CSV_FIELDS +
+                                          vdm_client.ODE_FIELDS +
+                                          vdm_client.LLR_FIELDS))
+
     # ---- the command line
 
     def test_cli_info_and_health(self):
@@ -502,6 +602,141 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(done.returncode, 1)
             self.assertIn("INVALID_ARGUMENT", done.stderr)
             self.assertIn("timesteps", done.stderr)
+
+    def test_cli_score_ode(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            images = os.path.join(tmp, "images.npy")
+            np.save(images, np.stack(noise_images(2, seed=4)))
+            scores = os.path.join(tmp, "scores.csv")
+            done = cli("score", images, "--seed=3", "--method=ode",
+                       "--ode_steps=2", "--trace_samples=2", f"--csv={scores}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("network evaluations: 32", done.stdout)
+            with open(scores, encoding="utf-8", newline="") as f:
+                written = f.read()
+            rows = self.client.score(noise_images(2, seed=4), seed=3,
+                                     method="ode", ode_steps=2,
+                                     trace_samples=2)
+            self.assertEqual(written, vdm_client.scores_to_csv(rows))
+            done = cli("score", images, "--method=ode", "--ode_steps=2")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("ode function evaluations per image and probe: 8",
+                          done.stdout)
+            # The ODE flags need --method=ode; bad values are the server's.
+            done = cli("score", images, "--ode_steps=2")
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("--ode_steps and --trace_samples need --method=ode",
+                          done.stderr)
+            done = cli("score", images, "--method=exact")
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("--method", done.stderr)
+            done = cli("score", images, "--method=ode", "--trace_samples=65")
+            self.assertEqual(done.returncode, 1)
+            self.assertIn("INVALID_ARGUMENT", done.stderr)
+            self.assertIn("trace_samples", done.stderr)
+
+    def test_cli_encode_decode_interpolate(self):
+        a, b = noise_images(2, seed=12)
+        with tempfile.TemporaryDirectory() as tmp:
+            both = os.path.join(tmp, "both.npy")
+            np.save(both, np.stack([a, b]))
+            latent = os.path.join(tmp, "latent")  # written as named, no .npy
+            done = cli("encode", f"--image={both}", "--steps=4",
+                       f"--out={latent}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("network evaluations: 8", done.stdout)
+            z = np.load(latent)
+            self.assertEqual(z.shape, (2, 1) + SHAPE)
+            self.assertEqual(z.dtype, np.float32)
+            # The same latents as the library's encode.
+            np.testing.assert_allclose(
+                z, np.stack(self.client.encode([a, b], steps=4)), atol=1e-5)
+            decoded = os.path.join(tmp, "decoded.npy")
+            done = cli("decode", f"--latent={latent}", "--steps=4",
+                       f"--out={decoded}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("network evaluations: 8", done.stdout)
+            x = np.load(decoded)
+            self.assertEqual((x.shape, x.dtype), ((2,) + SHAPE, np.uint8))
+            library = self.client.decode(z, steps=4)
+            for ours, theirs in zip(x, library):
+                np.testing.assert_array_equal(ours, theirs)
+            # One latent of shape (C, H, W) is a stack of one.
+            one = os.path.join(tmp, "one.npy")
+            np.save(one, z[0])
+            done = cli("decode", f"--latent={one}", "--steps=4",
+                       f"--out={decoded}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(np.load(decoded).shape, (1,) + SHAPE)
+            # Interpolate: 2 x 3 + 4 x 3 evaluations, one row of 4 images.
+            a_npy, b_npy = (os.path.join(tmp, n) for n in ("a.npy", "b.npy"))
+            np.save(a_npy, a)
+            np.save(b_npy, b)
+            row = os.path.join(tmp, "row.npy")
+            done = cli("interpolate", f"--image={a_npy}", f"--image2={b_npy}",
+                       "--num=4", "--steps=3", f"--out={row}")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("encode network evaluations: 6", done.stdout)
+            self.assertIn("network evaluations: 12", done.stdout)
+            self.assertEqual(np.load(row).shape, (4,) + SHAPE)
+            if PILImage is not None:
+                a_png, grid = (os.path.join(tmp, n) for n in ("a.png", "g.png"))
+                PILImage.fromarray(a).save(a_png)
+                done = cli("interpolate", f"--image={a_png}",
+                           f"--image2={b_npy}", "--num=3", "--steps=2",
+                           f"--out={grid}", f"--out_dir={tmp}/each")
+                self.assertEqual(done.returncode, 0, done.stderr)
+                with PILImage.open(grid) as image:  # one row, 2-pixel borders
+                    self.assertEqual(image.size, (3 * 28 + 8, 28 + 4))
+                for i in range(3):
+                    with PILImage.open(f"{tmp}/each/sample_{i:03d}.png") as image:
+                        self.assertEqual(image.size, (28, 28))
+                done = cli("encode", f"--image={a_png}", "--steps=2",
+                           f"--out={latent}")
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertEqual(np.load(latent).shape, (1, 1) + SHAPE)
+                done = cli("decode", f"--latent={latent}", "--steps=2",
+                           f"--out={grid}")
+                self.assertEqual(done.returncode, 0, done.stderr)
+                with PILImage.open(grid) as image:
+                    self.assertEqual(image.size, (28 + 4, 28 + 4))
+
+    def test_cli_file_errors(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            missing = os.path.join(tmp, "missing.npy")
+            wrong = os.path.join(tmp, "wrong.npy")
+            np.save(wrong, np.zeros((1, 27, 28), np.float32))
+            stack = os.path.join(tmp, "stack.npy")
+            np.save(stack, np.stack(noise_images(2)))
+            text = os.path.join(tmp, "text.npy")
+            with open(text, "w") as f:
+                f.write("not numpy\n")
+            cases = [
+                (("decode", f"--latent={missing}"), "missing.npy"),
+                (("encode", f"--image={missing}"), "missing.npy"),
+                (("interpolate", f"--image={stack}", f"--image2={missing}"),
+                 "missing.npy"),
+                (("score", missing), "missing.npy"),
+                (("decode", f"--latent={wrong}"), "shape (1, 27, 28)"),
+                (("encode", f"--image={wrong}"), "dtype float32"),
+                (("decode", f"--latent={stack}"), "want float latents"),
+                (("decode", f"--latent={text}"), "not a .npy file"),
+                (("interpolate", f"--image={stack}", f"--image2={stack}"),
+                 "2 images, want one"),
+            ]
+            for args, message in cases:
+                with self.subTest(args=args):
+                    done = cli(*args)
+                    self.assertEqual(done.returncode, 1, done.stderr)
+                    self.assertIn(message, done.stderr)
+                    self.assertNotIn("Traceback", done.stderr)
+            done = cli("interpolate", f"--image={stack}", f"--image2={stack}",
+                       "--num=1")
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("--num must be at least 2", done.stderr)
+            done = cli("decode")  # --latent is required
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("--latent", done.stderr)
 
 
 class SecureServerTest(unittest.TestCase):

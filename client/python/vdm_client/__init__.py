@@ -6,6 +6,8 @@
     images.seed                                             # the seed used
     rows = client.score(images, seed=1)                     # one dict per image
     rows[0]["bpd"]
+    ode = client.score(images, method="ode", ode_steps=32)  # the ODE's bpd
+    ode[0]["ode_function_evaluations"]                      # 4 x ode_steps
     latents = client.encode(images, steps=50)               # float32 (C, H, W) each
     client.decode(latents, steps=50)                        # the images back
 
@@ -16,7 +18,9 @@ command line: python3 -m vdm_client --help.
 from vdm_client.client import (
     CSV_FIELDS,
     LLR_FIELDS,
+    ODE_FIELDS,
     SAMPLERS,
+    SCORE_METHODS,
     TIME_GRIDS,
     Client,
     EncodeResult,
@@ -31,7 +35,8 @@ from vdm_client.client import (
 )
 
 __all__ = [
-    "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "Progress",
-    "SAMPLERS", "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError",
-    "make_grid", "scores_to_csv", "slerp", "write_csv",
+    "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "ODE_FIELDS",
+    "Progress", "SAMPLERS", "SCORE_METHODS", "SampleResult", "ScoreResult",
+    "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv", "slerp",
+    "write_csv",
 ]

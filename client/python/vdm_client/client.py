@@ -24,9 +24,10 @@ except ImportError:  # pragma: no cover - depends on the machine
     _PILImage = None
 
 __all__ = [
-    "CSV_FIELDS", "Client", "EncodeResult", "Progress", "SAMPLERS",
-    "SampleResult", "ScoreResult", "TIME_GRIDS", "VdmError", "make_grid",
-    "scores_to_csv", "slerp", "write_csv",
+    "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "ODE_FIELDS",
+    "Progress", "SAMPLERS", "SCORE_METHODS", "SampleResult", "ScoreResult",
+    "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv", "slerp",
+    "write_csv",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -42,8 +43,14 @@ CSV_FIELDS = (
     "complexity_bpd", "band_bpd_0", "band_bpd_1", "band_bpd_2", "band_bpd_3",
     "anomaly_score", "p_value", "is_anomaly",
 )
-# Added after CSV_FIELDS, and as keys of score()'s records, when a server with
-# a background model (vdm-server --background_model) returned them.
+# Added after CSV_FIELDS, and as keys of score()'s records, when the images
+# were scored by the probability-flow ODE (score(method="ode")):
+# ode_function_evaluations (4 x ode_steps) and ode_stderr_bpd (None unless
+# trace_samples >= 2).
+ODE_FIELDS = ("ode_function_evaluations", "ode_stderr_bpd")
+# Added after CSV_FIELDS (and after ODE_FIELDS when both are there), and as
+# keys of score()'s records, when a server with a background model
+# (vdm-server --background_model) returned them.
 LLR_FIELDS = ("llr", "background_bpd")
 _NUM_BANDS = 4
 
@@ -61,6 +68,9 @@ def _enum_names(enum, prefix: str) -> tuple:
 # Valid `sampler` and `time_grid` names, e.g. "ddim", "uniform_log_snr".
 SAMPLERS = _enum_names(vdm_pb2.Sampler, "SAMPLER_")
 TIME_GRIDS = _enum_names(vdm_pb2.TimeGrid, "TIME_GRID_")
+# Valid score() methods: "elbo" (the variational bound) and "ode" (the
+# likelihood by the probability-flow ODE, docs/likelihood.md).
+SCORE_METHODS = _enum_names(vdm_pb2.ScoreMethod, "SCORE_METHOD_")
 
 
 def _enum_value(enum, prefix: str, name, what: str) -> int:
@@ -71,6 +81,18 @@ def _enum_value(enum, prefix: str, name, what: str) -> int:
         return enum.Value(prefix + name.upper())
     raise ValueError(f"unknown {what} {name!r} (want one of "
                      f"{', '.join(_enum_names(enum, prefix))})")
+
+
+def _int32(value, name: str) -> int:
+    """An integer argument as sent in an int32 field; ValueError naming it."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if (number is None or isinstance(value, bool) or number != value
+            or not -(1 << 31) <= number < 1 << 31):
+        raise ValueError(f"{name} must be a 32-bit integer, got {value!r}")
+    return number
 
 
 class VdmError(Exception):
@@ -215,7 +237,8 @@ def _mask_to_proto(mask):
 
 class ScoreResult(list):
     """The records of a score call, one dict per image in input order (keys
-    CSV_FIELDS, plus "anomaly_map" when asked), with `seed` (the base seed;
+    CSV_FIELDS, plus ODE_FIELDS with method="ode", LLR_FIELDS with a
+    background model and "anomaly_map" when asked), with `seed` (the base seed;
     chunk c > 0 used the C++ client's ChunkSeed of it), `network_evaluations`,
     `chunks` (requests sent) and `batch_p_values` (one per chunk, None when
     the server sent none)."""
@@ -318,7 +341,11 @@ def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None,
 
 def scores_to_csv(rows: Sequence[Dict[str, Any]]) -> str:
     """score()'s records as the CSV of `vdm-client score --csv`: the same
-    columns and number format (empty p_value / is_anomaly when absent)."""
+    columns and number format (empty p_value / is_anomaly when absent).
+    CSV_FIELDS, then ODE_FIELDS when a record was scored by the ODE
+    (ode_function_evaluations > 0; ode_stderr_bpd empty when absent), then
+    LLR_FIELDS when a record has an llr, as client/client.cc
+    FormatScoresCsv writes them."""
     def cell(value) -> str:
         if value is None:
             return ""
@@ -328,8 +355,11 @@ def scores_to_csv(rows: Sequence[Dict[str, Any]]) -> str:
             return str(int(value))
         return f"{value:.6f}"
     fields = list(CSV_FIELDS)
-    # The likelihood-ratio columns only when the server has a background
-    # model (as vdm-client writes them).
+    # The ODE columns only when a row was scored by the ODE, the
+    # likelihood-ratio columns only when the server has a background model
+    # (as vdm-client writes them, in this order).
+    if any((row.get("ode_function_evaluations") or 0) > 0 for row in rows):
+        fields += ODE_FIELDS
     if any(row.get("llr") is not None for row in rows):
         fields += LLR_FIELDS
     lines = [",".join(fields)]
@@ -657,12 +687,30 @@ class Client:
               shared_noise: bool = False,
               false_positive_rate: Optional[float] = None,
               anomaly_map: bool = False,
-              chunk: Optional[int] = None) -> ScoreResult:
+              chunk: Optional[int] = None,
+              method: Union[str, int] = "elbo",
+              ode_steps: Optional[int] = None,
+              trace_samples: Optional[int] = None) -> ScoreResult:
         """Bits per dimension and anomaly scores of `images` (numpy uint8
         H x W or H x W x C arrays, or PIL images): a ScoreResult, one dict per
         image with the keys of CSV_FIELDS (p_value and is_anomaly are None
         unless the model is calibrated for this setup) and, with
         anomaly_map=True, "anomaly_map" (numpy float32 H x W, bits per pixel).
+
+        method: one of SCORE_METHODS (or the vdm.v1.ScoreMethod value):
+        "elbo" (the default), the variational bound with K = timesteps;
+        "ode", the likelihood of the uniformly dequantized image by the
+        probability-flow ODE (docs/likelihood.md): "bpd" is the ODE's, the
+        ELBO-only keys are 0 or None, and the records get ODE_FIELDS:
+        "ode_function_evaluations" (4 x ode_steps) and "ode_stderr_bpd"
+        (the trace estimator's standard error; None unless trace_samples
+        >= 2). timesteps, shared_noise, false_positive_rate and anomaly_map
+        are then ignored by the server. ode_steps: RK4 steps in [1, 1000]
+        (None = 32); trace_samples: Hutchinson probes per image in [1, 64]
+        (None = 1); both only with method="ode" (else ValueError). Each image
+        costs trace_samples x 4 x ode_steps network evaluations (forward and
+        vector-Jacobian product); out-of-range values come back as
+        VdmError INVALID_ARGUMENT naming the field.
 
         The images go in requests of `chunk` images (default: the server's
         max_images_per_request). With a seed, chunk c > 0 uses the seed
@@ -670,6 +718,13 @@ class Client:
         chunk with shared_noise), as `vdm-client score` does, so the results
         match it; without one, chunk 0's server-chosen seed is the base.
         """
+        method = _enum_value(vdm_pb2.ScoreMethod, "SCORE_METHOD_", method,
+                             "method")
+        ode = {"ode_steps": ode_steps, "trace_samples": trace_samples}
+        for name, value in ode.items():
+            ode[name] = 0 if value is None else _int32(value, name)
+            if ode[name] != 0 and method != vdm_pb2.SCORE_METHOD_ODE:
+                raise ValueError(f"{name} needs method='ode'")
         protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
         if not protos:
             raise ValueError("score: no images")
@@ -687,7 +742,9 @@ class Client:
             request = vdm_pb2.ScoreRequest(
                 images=protos[begin:end], format=vdm_pb2.IMAGE_FORMAT_RAW,
                 timesteps=int(timesteps), shared_noise=bool(shared_noise),
-                anomaly_map=bool(anomaly_map))
+                anomaly_map=bool(anomaly_map), method=method,
+                ode_steps=ode["ode_steps"],
+                trace_samples=ode["trace_samples"])
             if base is not None:
                 request.seed = base if shared_noise else _chunk_seed(base, c)
             if label is not None:
@@ -732,6 +789,11 @@ class Client:
         row["p_value"] = score.p_value if score.HasField("p_value") else None
         row["is_anomaly"] = (bool(score.is_anomaly)
                              if score.HasField("is_anomaly") else None)
+        if score.ode_function_evaluations > 0:  # method ODE
+            row["ode_function_evaluations"] = score.ode_function_evaluations
+            row["ode_stderr_bpd"] = (score.ode_stderr_bpd
+                                     if score.HasField("ode_stderr_bpd")
+                                     else None)
         if score.HasField("llr"):  # a server with a background model
             row["llr"] = score.llr
             row["background_bpd"] = score.background_bpd
