@@ -213,10 +213,13 @@ class EncodeTask : public Task {
 };
 
 // A LikelihoodPlan handed out in chunks of rows.
-class ScoreTask : public Task {
+// What the ELBO and the ODE score tasks share: the job, the images as a
+// tensor with their labels ("no label" = num_classes), and the delivery of
+// the result with the task's cost and times.
+class ScoreTaskBase : public Task {
  public:
-  ScoreTask(ScoreJob job, RequestControl control, ScoreCallback done,
-            absl::Time arrival)
+  ScoreTaskBase(ScoreJob job, RequestControl control, ScoreCallback done,
+                absl::Time arrival)
       : Task(std::move(control), arrival),
         job_(std::move(job)),
         done_cb_(std::move(done)) {}
@@ -224,14 +227,38 @@ class ScoreTask : public Task {
   bool is_score() const override { return true; }
   const char* method() const override { return "ScoreBPD"; }
 
-  absl::Status Start(Denoiser& model) override {
-    VDM_ASSIGN_OR_RETURN(const at::Tensor x,
-                         ToTensor(job_.images, model.shape()));
+ protected:
+  struct Inputs {
+    at::Tensor x, labels;
+  };
+  absl::StatusOr<Inputs> MakeInputs(const Denoiser& model) const {
+    VDM_ASSIGN_OR_RETURN(at::Tensor x, ToTensor(job_.images, model.shape()));
     const int64_t label = job_.label >= 0 ? job_.label : model.num_classes();
+    at::Tensor labels = at::full({x.size(0)}, label, at::kLong);
+    return Inputs{std::move(x), std::move(labels)};
+  }
+  void Deliver(ScoreResult result, absl::Time now) {
+    result.network_evaluations = evaluations();
+    result.queue_seconds = QueueSeconds();
+    result.compute_seconds = ComputeSeconds(now);
+    done_cb_(std::move(result));
+  }
+
+  const ScoreJob job_;
+  ScoreCallback done_cb_;
+};
+
+class ScoreTask : public ScoreTaskBase {
+ public:
+  using ScoreTaskBase::ScoreTaskBase;
+
+  absl::Status Start(Denoiser& model) override {
+    VDM_ASSIGN_OR_RETURN(const Inputs in, MakeInputs(model));
+    const at::Tensor& x = in.x;
+    const at::Tensor& labels = in.labels;
     LikelihoodOptions options;
     options.times = job_.timesteps;
     options.shared_noise = job_.shared_noise;
-    const at::Tensor labels = at::full({x.size(0)}, label, at::kLong);
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
     VDM_ASSIGN_OR_RETURN(plan_, LikelihoodPlan::Create(x, labels, options,
                                                        ScheduleOf(model), gen));
@@ -305,15 +332,10 @@ class ScoreTask : public Task {
       }
       result.scores.push_back(std::move(b));
     }
-    result.network_evaluations = evaluations();
-    result.queue_seconds = QueueSeconds();
-    result.compute_seconds = ComputeSeconds(now);
-    done_cb_(std::move(result));
+    Deliver(std::move(result), now);
   }
 
  private:
-  const ScoreJob job_;
-  ScoreCallback done_cb_;
   std::unique_ptr<LikelihoodPlan> plan_;
   std::unique_ptr<LikelihoodPlan> background_;  // ScoreJob::background
   int64_t cursor_ = 0, taken_offset_ = 0;
@@ -321,30 +343,21 @@ class ScoreTask : public Task {
 
 // An OdeLikelihoodPlan: every evaluation's n x M rows (with probes) handed
 // out in chunks; the plan advances when all of them are back.
-class OdeScoreTask : public Task {
+class OdeScoreTask : public ScoreTaskBase {
  public:
-  OdeScoreTask(ScoreJob job, RequestControl control, ScoreCallback done,
-               absl::Time arrival)
-      : Task(std::move(control), arrival),
-        job_(std::move(job)),
-        done_cb_(std::move(done)) {}
+  using ScoreTaskBase::ScoreTaskBase;
 
-  bool is_score() const override { return true; }
   bool needs_vjp() const override { return true; }
-  const char* method() const override { return "ScoreBPD"; }
 
   absl::Status Start(Denoiser& model) override {
-    VDM_ASSIGN_OR_RETURN(const at::Tensor x,
-                         ToTensor(job_.images, model.shape()));
-    const int64_t label = job_.label >= 0 ? job_.label : model.num_classes();
+    VDM_ASSIGN_OR_RETURN(const Inputs in, MakeInputs(model));
     OdeOptions options;
     options.steps = job_.ode_steps;
     options.trace_samples = job_.trace_samples;
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
-    VDM_ASSIGN_OR_RETURN(
-        plan_, OdeLikelihoodPlan::Create(
-                   x, at::full({x.size(0)}, label, at::kLong), options,
-                   ScheduleOf(model), gen));
+    VDM_ASSIGN_OR_RETURN(plan_,
+                         OdeLikelihoodPlan::Create(in.x, in.labels, options,
+                                                   ScheduleOf(model), gen));
     const ImageShape s = model.shape();
     eps_ = at::empty(
         {plan_->rows_per_evaluation(), s.channels, s.height, s.width},
@@ -393,15 +406,10 @@ class OdeScoreTask : public Task {
       if (!std::isnan(se)) b.ode_stderr_bpd = se;
       result.scores.push_back(std::move(b));
     }
-    result.network_evaluations = evaluations();
-    result.queue_seconds = QueueSeconds();
-    result.compute_seconds = ComputeSeconds(now);
-    done_cb_(std::move(result));
+    Deliver(std::move(result), now);
   }
 
  private:
-  const ScoreJob job_;
-  ScoreCallback done_cb_;
   std::unique_ptr<OdeLikelihoodPlan> plan_;
   Rows input_;
   at::Tensor eps_, vjp_;
