@@ -35,10 +35,14 @@ ABSL_FLAG(std::string, background_model, "",
 ABSL_FLAG(std::string, address, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9090",
           "Prometheus /metrics listen address; empty disables it");
-ABSL_FLAG(std::string, devices, "cpu",
-          "comma-separated torch devices, one worker each: cpu or "
-          "cuda:0,cuda:1,...");
-ABSL_FLAG(int, threads, 0, "torch intra-op threads; 0 = all cores");
+ABSL_FLAG(std::string, devices, "auto",
+          "comma-separated torch devices, one worker and model replica each: "
+          "cpu or cuda:0,cuda:1,...; auto = one CPU replica per available "
+          "CPU, at most 4 (CPUs: the affinity mask lowered to the cgroup "
+          "quota)");
+ABSL_FLAG(int, threads, 0,
+          "torch intra-op threads per replica; 0 = the available CPUs divided "
+          "among the CPU replicas");
 ABSL_FLAG(std::string, precision, "fp32",
           "forward-pass precision: fp32, bf16 (autocast; about 1.9x the rows/s "
           "on a CPU with bf16 units) or auto (bf16 where the CPU has "

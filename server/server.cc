@@ -16,8 +16,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "model/vdm/cpus.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
@@ -169,9 +171,17 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
   if (o.devices.empty()) {
     return absl::InvalidArgumentError("--devices: at least one device is needed");
   }
+  const bool automatic = o.devices == std::vector<std::string>{"auto"};
+  for (const std::string& device : o.devices) {
+    if (device == "auto" && !automatic) {
+      return absl::InvalidArgumentError(
+          "--devices: auto stands alone (it picks the CPU replicas itself)");
+    }
+  }
   VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
   for (const std::string& device : o.devices) {
-    VDM_RETURN_IF_ERROR(ResolvePrecision(o.precision, device).status());
+    VDM_RETURN_IF_ERROR(
+        ResolvePrecision(o.precision, automatic ? "cpu" : device).status());
   }
   if (o.score_precision != "fp32" && o.score_precision != "same") {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -189,9 +199,31 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
-    const Options& options) {
+absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,
+                                                 int cpus) {
   VDM_RETURN_IF_ERROR(ValidateOptions(options));
+  cpus = std::max(1, cpus);
+  if (options.devices == std::vector<std::string>{"auto"}) {
+    options.devices.assign(std::min(cpus, kMaxAutoCpuReplicas), "cpu");
+  }
+  if (options.threads == 0) {
+    const int cpu_replicas = static_cast<int>(
+        std::count(options.devices.begin(), options.devices.end(), "cpu"));
+    options.threads = cpu_replicas > 0 ? std::max(1, cpus / cpu_replicas) : cpus;
+  }
+  return options;
+}
+
+absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
+    const Options& requested) {
+  const CpuCount cpus = AvailableCpus();
+  VDM_ASSIGN_OR_RETURN(const Options options,
+                       ResolveLayout(requested, cpus.cpus));
+  LOG(INFO) << "vdm-server: " << options.devices.size() << " replica"
+            << (options.devices.size() == 1 ? "" : "s") << " ("
+            << absl::StrJoin(options.devices, ",") << "), " << options.threads
+            << " intra-op thread" << (options.threads == 1 ? "" : "s")
+            << " each; " << cpus.Describe();
   SetTorchThreads(options.threads);
   std::unique_ptr<VdmServer> server(new VdmServer());
   server->metrics_ = std::make_unique<Metrics>();

@@ -31,8 +31,12 @@ class VdmServer {
     std::string background_model_path;
     std::string address = "0.0.0.0:50051";  // port 0 picks a free port
     std::string metrics_address;            // empty = no /metrics endpoint
-    std::vector<std::string> devices = {"cpu"};  // one worker per device
-    int threads = 0;                        // torch intra-op threads; 0 = cores
+    // One worker and model replica per device; {"auto"} = ResolveLayout's
+    // CPU replicas. vdm-server's default is "auto", this struct's "cpu".
+    std::vector<std::string> devices = {"cpu"};
+    // Torch intra-op threads (per worker: each runs its own OpenMP team);
+    // 0 = the CPUs available divided among the CPU replicas (ResolveLayout).
+    int threads = 0;
     // Forward-pass precision of every replica: fp32, bf16 or auto
     // (TorchScriptModel::Options::precision); ScoreBPD rows: "fp32" = in fp32
     // whatever `precision` is, "same" = in `precision`.
@@ -94,6 +98,19 @@ class VdmServer {
 // misconfiguration), --max_message_mb in [1, 2047], and addresses HOST:PORT
 // (or [IPv6]:PORT, or unix:PATH) with PORT in [0, 65535].
 absl::Status ValidateOptions(const VdmServer::Options& options);
+
+// The replicas and threads a server runs with on `cpus` usable CPUs
+// (model/vdm/cpus.h AvailableCpus), as VdmServer::Create applies them:
+// - devices {"auto"}: min(cpus, kMaxAutoCpuReplicas) CPU replicas. On this
+//   project's 2-core machines one single-threaded replica per core serves
+//   more, and a lone request faster, than one replica on 2 threads
+//   (docs/performance.md, "Replicas and threads"); the cap keeps a large
+//   machine from splitting moderate load into many small batches.
+// - threads 0: max(1, cpus / CPU replicas), or cpus with no CPU replica.
+// Anything else is kept as given. "auto" must stand alone.
+inline constexpr int kMaxAutoCpuReplicas = 4;
+absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,
+                                                 int cpus);
 
 }  // namespace vdm
 

@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "model/vdm/autocast.h"
+#include "model/vdm/cpus.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/status_macros.h"
 
@@ -111,8 +112,7 @@ absl::StatusOr<Precision> ResolvePrecision(const std::string& spec,
 }
 
 void SetTorchThreads(int n) {
-  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
-  if (n <= 0) n = 1;
+  if (n <= 0) n = AvailableCpus().cpus;
   at::set_num_threads(n);
 }
 

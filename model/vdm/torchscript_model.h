@@ -114,7 +114,8 @@ absl::Status CheckGammaMonotone(torch::jit::Module& module,
                                 const torch::Device& device, int points = 64);
 
 // Sets the number of intra-op threads torch uses (Debian's libtorch defaults
-// to one); n <= 0 means the number of cores.
+// to one); n <= 0 means the CPUs available (cpus.h AvailableCpus: the
+// affinity mask lowered to the cgroup quota).
 void SetTorchThreads(int n);
 
 }  // namespace vdm

@@ -321,6 +321,7 @@ TEST(ServerOptionsTest, BadStartUpSettingsAreRefusedNamingTheFlag) {
       {[](VdmServer::Options& o) { o.metrics_address = "localhost:http"; },
        "--metrics_address"},
       {[](VdmServer::Options& o) { o.devices.clear(); }, "--devices"},
+      {[](VdmServer::Options& o) { o.devices = {"auto", "cpu"}; }, "--devices"},
       {[](VdmServer::Options& o) { o.precision = "fp16"; }, "--precision"},
       {[](VdmServer::Options& o) { o.score_precision = "bf16"; },
        "--score_precision"},
@@ -343,6 +344,43 @@ TEST(ServerOptionsTest, BadStartUpSettingsAreRefusedNamingTheFlag) {
   EXPECT_TRUE(ValidateOptions(good).ok());
   good.address = "unix:/tmp/vdm.sock";
   EXPECT_TRUE(ValidateOptions(good).ok());
+}
+
+// --devices=auto and --threads=0 (vdm-server's defaults) resolved for a
+// number of usable CPUs; explicit settings are kept.
+TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
+  struct Case {
+    std::vector<std::string> devices;
+    int threads, cpus;
+    std::vector<std::string> want_devices;
+    int want_threads;
+  };
+  const std::vector<std::string> cpu1 = {"cpu"}, cpu2 = {"cpu", "cpu"};
+  const std::vector<std::string> cpu4 = {"cpu", "cpu", "cpu", "cpu"};
+  const std::vector<Case> cases = {
+      {{"auto"}, 0, 2, cpu2, 1},     // this project's machines
+      {{"auto"}, 0, 1, cpu1, 1},
+      {{"auto"}, 0, 0, cpu1, 1},     // an unknown count counts as 1
+      {{"auto"}, 0, 16, cpu4, 4},    // capped at kMaxAutoCpuReplicas
+      {{"auto"}, 0, 6, cpu4, 1},     // 6 / 4 rounds down
+      {{"auto"}, 3, 2, cpu2, 3},     // explicit threads are kept
+      {cpu1, 0, 8, cpu1, 8},         // --devices=cpu: one replica, all CPUs
+      {cpu2, 0, 2, cpu2, 1},         // no oversubscription
+      {{"cuda:0"}, 0, 8, {"cuda:0"}, 8},
+  };
+  for (const Case& c : cases) {
+    VdmServer::Options options = TinyOptions();
+    options.devices = c.devices;
+    options.threads = c.threads;
+    absl::StatusOr<VdmServer::Options> resolved = ResolveLayout(options, c.cpus);
+    ASSERT_TRUE(resolved.ok()) << resolved.status();
+    EXPECT_EQ(resolved->devices, c.want_devices) << c.cpus << " CPUs";
+    EXPECT_EQ(resolved->threads, c.want_threads) << c.cpus << " CPUs";
+  }
+  VdmServer::Options bad = TinyOptions();
+  bad.devices = {"cpu", "auto"};
+  EXPECT_EQ(ResolveLayout(bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
