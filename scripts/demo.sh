@@ -33,7 +33,7 @@ fi
 
 echo "demo: starting vdm-server on 127.0.0.1:$port (metrics on :$metrics_port)"
 build/vdm-server --model="$model" --address="127.0.0.1:$port" \
-  --metrics_address="127.0.0.1:$metrics_port" --threads="$(nproc)" \
+  --metrics_address="127.0.0.1:$metrics_port" \
   >"$out/server.log" 2>&1 &
 server_pid=$!
 cleanup() { kill "$server_pid" 2>/dev/null || true; }

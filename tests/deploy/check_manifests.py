@@ -207,25 +207,32 @@ def check_overlay(overlay, docs, helpfull):
     check(start.get("periodSeconds", 10) * start.get("failureThreshold", 3) >= 60,
           p + "startupProbe allows at least 60 s for model load and warm-up")
 
-    # Threads: --threads is the CPU request, and OpenMP/OpenBLAS agree.
+    # Threads: --threads per CPU replica, times the CPU replicas (or once for
+    # GPU workers), is the CPU request, and OpenMP/OpenBLAS agree with it.
     res = c.get("resources", {})
     threads = int(flag("threads"))
+    devices = flag("devices")
+    check(devices != "auto", p + "--devices is explicit (auto would size by the node's cores: "
+          "a CPU request sets no cgroup quota)")
+    cpu_replicas = len([d for d in devices.split(",") if d == "cpu"])
     cpu = cpu_cores(res.get("requests", {}).get("cpu", 0))
-    check(threads == cpu, p + f"--threads={threads} equals the CPU request ({cpu} cores)")
+    check(threads * max(1, cpu_replicas) == cpu,
+          p + f"--threads={threads} x {max(1, cpu_replicas)} replica(s) equals the CPU request "
+          f"({cpu} cores)")
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         check(env.get(var) == str(threads), p + f"{var}={env.get(var)} equals --threads")
     check("memory" in res.get("limits", {}), p + "a memory limit is set")
 
     # Devices and GPUs.
-    devices = flag("devices")
     gpus = int(res.get("limits", {}).get("nvidia.com/gpu", 0))
     if overlay == "gpu":
         check(gpus >= 1, p + "nvidia.com/gpu limit requested")
         check(len([d for d in devices.split(",") if d.startswith("cuda")]) == gpus,
               p + f"--devices={devices} names one cuda device per requested GPU ({gpus})")
     else:
-        check(gpus == 0 and devices == "cpu", p + f"no GPU and --devices={devices}")
+        check(gpus == 0 and cpu_replicas == len(devices.split(",")),
+              p + f"no GPU and --devices={devices} (CPU replicas only)")
 
     # Who else points at the pods.
     for kind in ("PodDisruptionBudget",):
