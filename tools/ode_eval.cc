@@ -16,6 +16,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "model/vdm/image_io.h"
@@ -61,11 +62,17 @@ void Summary(const char* name, const Acc& a) {
   if (!a.diff.empty()) mean_se(a.diff, &dm, &dse);
   double mse = 0;
   for (double s : a.se) mse += s;
-  std::printf("%-14s n=%lld bpd %.4f +- %.4f  minus ELBO %+.4f +- %.4f  "
-              "NFE/image %lld  seconds/image %.3f  mean per-image se %.4f\n",
-              name, static_cast<long long>(a.bpd.size()), m, se, dm, dse,
-              static_cast<long long>(a.nfe), a.seconds / n,
-              a.se.empty() ? NAN : mse / a.se.size());
+  // The paired difference only for the ODE rows; the ELBO row has none.
+  const std::string paired =
+      a.diff.empty() ? std::string()
+                     : absl::StrFormat("  minus ELBO %+.4f +- %.4f", dm, dse);
+  const std::string per_image_se =
+      a.se.empty() ? std::string("-") : absl::StrFormat("%.4f", mse / a.se.size());
+  std::printf("%-14s n=%lld bpd %.4f +- %.4f%s  NFE/image %lld  "
+              "seconds/image %.3f  mean per-image se %s\n",
+              name, static_cast<long long>(a.bpd.size()), m, se,
+              paired.c_str(), static_cast<long long>(a.nfe), a.seconds / n,
+              per_image_se.c_str());
 }
 
 }  // namespace
