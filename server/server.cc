@@ -248,6 +248,8 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
         description->score_precision = engine_options.score_fp32
                                            ? std::string("fp32")
                                            : description->precision;
+        description->replicas = static_cast<int>(options.devices.size());
+        description->threads_per_replica = options.threads;
       }
       int64_t parameters = 0;
       for (const at::Tensor& p : model->module().parameters()) {

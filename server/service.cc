@@ -271,6 +271,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_background_model_path(model_.background_path);
   response->set_precision(model_.precision);
   response->set_score_precision(model_.score_precision);
+  response->set_replicas(model_.replicas);
+  response->set_threads_per_replica(model_.threads_per_replica);
   if (model_.calibration) {
     response->set_calibrated(true);
     response->set_calibration_timesteps(model_.calibration->setup().timesteps);

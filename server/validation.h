@@ -32,6 +32,8 @@ struct ModelDescription {
   // What the replicas compute in (GetModelInfo): "fp32" or "bf16" for
   // sampling, and for ScoreBPD rows.
   std::string precision = "fp32", score_precision = "fp32";
+  // The replicas (one worker each) and intra-op threads per replica.
+  int replicas = 1, threads_per_replica = 1;
   // The anomaly calibration loaded with the model (anomaly.h), or null.
   std::shared_ptr<const Calibration> calibration;
   // The background model of the likelihood ratio; empty = none.

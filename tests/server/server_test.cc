@@ -11,6 +11,7 @@
 
 #include "client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "model/vdm/cpus.h"
 #include "model/vdm/image_io.h"
 
 namespace vdm {
@@ -153,6 +154,25 @@ TEST(ServerTest, ModelInfoReportsThePrecisionOfSamplingAndScoring) {
     EXPECT_EQ(info.score_precision(), c.want_score) << c.score_precision;
     EXPECT_TRUE(Sample(*stub, Request(2, 2)).ok()) << c.precision;
   }
+}
+
+TEST(ServerTest, ModelInfoReportsTheReplicaLayout) {
+  VdmServer::Options options = TinyOptions();
+  options.devices = {"cpu", "cpu"};
+  options.threads = 0;  // the usable CPUs divided between the two
+  auto server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
+      Target(*server), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub->GetModelInfo(&context, v1::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.replicas(), 2);
+  EXPECT_EQ(info.threads_per_replica(),
+            std::max(1, AvailableCpus().cpus / 2));
+  EXPECT_EQ(info.device(), "cpu");
+  // The two-replica server serves.
+  EXPECT_TRUE(Sample(*stub, Request(2, 2)).ok());
 }
 
 TEST(ServerTest, ConstantTimeEqualsComparesWholeStrings) {
