@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -63,16 +64,56 @@ std::optional<double> ParseCfsQuota(const std::string& quota_us,
   return Quota(quota, period);  // v1 writes -1 for "no limit"
 }
 
-CpuCount AvailableCpus(const std::string& cgroup_root) {
+namespace {
+
+// The directories from <base><path> up to <base>, deepest first.
+std::vector<std::string> UpTo(const std::string& base, std::string path) {
+  std::vector<std::string> dirs;
+  while (!path.empty() && path != "/") {
+    dirs.push_back(base + path);
+    const size_t slash = path.rfind('/');
+    path = slash == std::string::npos ? "" : path.substr(0, slash);
+  }
+  dirs.push_back(base);
+  return dirs;
+}
+
+void Lower(std::optional<double>& quota, std::optional<double> q) {
+  if (q && (!quota || *q < *quota)) quota = q;
+}
+
+}  // namespace
+
+CpuCount AvailableCpus(const std::string& cgroup_root,
+                       const std::string& self_cgroup) {
   CpuCount count;
   count.affinity = AffinityCpus();
-  if (std::optional<std::string> v2 = ReadFile(cgroup_root + "/cpu.max")) {
-    count.quota = ParseCpuMax(*v2);
-  } else {
-    std::optional<std::string> q = ReadFile(cgroup_root + "/cpu/cpu.cfs_quota_us");
-    std::optional<std::string> p =
-        ReadFile(cgroup_root + "/cpu/cpu.cfs_period_us");
-    if (q && p) count.quota = ParseCfsQuota(*q, *p);
+  // This process's cgroup paths: v2's and v1's cpu controller's ("/" when
+  // unknown, i.e. the root files).
+  std::string v2_path = "/", v1_path = "/";
+  if (std::optional<std::string> text = ReadFile(self_cgroup)) {
+    for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+      std::vector<absl::string_view> f = absl::StrSplit(line, absl::MaxSplits(':', 2));
+      if (f.size() != 3) continue;
+      if (f[0] == "0" && f[1].empty()) v2_path = std::string(f[2]);
+      for (absl::string_view c : absl::StrSplit(f[1], ',')) {
+        if (c == "cpu") v1_path = std::string(f[2]);
+      }
+    }
+  }
+  bool v2 = false;
+  for (const std::string& dir : UpTo(cgroup_root, v2_path)) {
+    if (std::optional<std::string> max = ReadFile(dir + "/cpu.max")) {
+      v2 = true;
+      Lower(count.quota, ParseCpuMax(*max));
+    }
+  }
+  if (!v2) {
+    for (const std::string& dir : UpTo(cgroup_root + "/cpu", v1_path)) {
+      std::optional<std::string> q = ReadFile(dir + "/cpu.cfs_quota_us");
+      std::optional<std::string> p = ReadFile(dir + "/cpu.cfs_period_us");
+      if (q && p) Lower(count.quota, ParseCfsQuota(*q, *p));
+    }
   }
   count.cpus = count.affinity;
   if (count.quota) {

@@ -20,10 +20,16 @@ struct CpuCount {
 };
 
 // The affinity mask's CPU count lowered to the cgroup CPU quota (rounded
-// up: a limit of 1.5 CPUs plans for 2), at least 1. Reads
-// <cgroup_root>/cpu.max (cgroup v2) or <cgroup_root>/cpu/cpu.cfs_quota_us and
-// cpu.cfs_period_us (v1); a missing or unreadable file means no quota.
-CpuCount AvailableCpus(const std::string& cgroup_root = "/sys/fs/cgroup");
+// up: a limit of 1.5 CPUs plans for 2), at least 1. The quota is the
+// smallest along this process's cgroup path (a parent's limit applies too),
+// read from `self_cgroup` (/proc/self/cgroup): for cgroup v2 ("0::/path")
+// <cgroup_root>/path/cpu.max and each parent's up to <cgroup_root>/cpu.max;
+// for v1 (a line whose controllers include "cpu") the same walk over
+// <cgroup_root>/cpu/path/cpu.cfs_quota_us and cpu.cfs_period_us. Inside a
+// cgroup namespace the path is "/" and the root files are the container's.
+// A missing or unreadable file means no quota there.
+CpuCount AvailableCpus(const std::string& cgroup_root = "/sys/fs/cgroup",
+                       const std::string& self_cgroup = "/proc/self/cgroup");
 
 // The quota in CPUs of a cgroup v2 cpu.max ("200000 100000" -> 2.0; "max
 // 100000" -> none) and of v1's quota and period ("-1" -> none); nullopt
