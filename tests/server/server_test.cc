@@ -129,6 +129,16 @@ TEST(ServerTest, BearerTokenIsRequiredExceptForHealth) {
   EXPECT_THAT(doubled.error_message(), HasSubstr("more than one"));
 }
 
+// GetModelInfo, failing the test when the call fails.
+v1::ModelInfo Info(v1::VdmService::Stub& stub) {
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  const grpc::Status status =
+      stub.GetModelInfo(&context, v1::ModelInfoRequest(), &info);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return info;
+}
+
 TEST(ServerTest, ModelInfoReportsThePrecisionOfSamplingAndScoring) {
   struct Case {
     const char* precision;
@@ -146,10 +156,7 @@ TEST(ServerTest, ModelInfoReportsThePrecisionOfSamplingAndScoring) {
     ASSERT_NE(server, nullptr);
     auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
         Target(*server), grpc::InsecureChannelCredentials()));
-    grpc::ClientContext context;
-    v1::ModelInfo info;
-    ASSERT_TRUE(
-        stub->GetModelInfo(&context, v1::ModelInfoRequest(), &info).ok());
+    const v1::ModelInfo info = Info(*stub);
     EXPECT_EQ(info.precision(), c.want_sample) << c.precision;
     EXPECT_EQ(info.score_precision(), c.want_score) << c.score_precision;
     EXPECT_TRUE(Sample(*stub, Request(2, 2)).ok()) << c.precision;
@@ -164,9 +171,7 @@ TEST(ServerTest, ModelInfoReportsTheReplicaLayout) {
   ASSERT_NE(server, nullptr);
   auto stub = v1::VdmService::NewStub(grpc::CreateChannel(
       Target(*server), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext context;
-  v1::ModelInfo info;
-  ASSERT_TRUE(stub->GetModelInfo(&context, v1::ModelInfoRequest(), &info).ok());
+  const v1::ModelInfo info = Info(*stub);
   EXPECT_EQ(info.replicas(), 2);
   EXPECT_EQ(info.threads_per_replica(),
             std::max(1, AvailableCpus().cpus / 2));
