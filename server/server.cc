@@ -177,12 +177,10 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
       return absl::InvalidArgumentError(
           "--devices: auto stands alone (it picks the CPU replicas itself)");
     }
-  }
-  VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
-  for (const std::string& device : o.devices) {
     VDM_RETURN_IF_ERROR(
         ResolvePrecision(o.precision, automatic ? "cpu" : device).status());
   }
+  VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
   if (o.score_precision != "fp32" && o.score_precision != "same") {
     return absl::InvalidArgumentError(absl::StrCat(
         "--score_precision: \"", o.score_precision, "\" is not fp32 or same"));

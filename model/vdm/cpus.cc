@@ -40,6 +40,22 @@ int AffinityCpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// The directories from <base><path> up to <base>, deepest first.
+std::vector<std::string> UpTo(const std::string& base, std::string path) {
+  std::vector<std::string> dirs;
+  while (!path.empty() && path != "/") {
+    dirs.push_back(base + path);
+    const size_t slash = path.rfind('/');
+    path = slash == std::string::npos ? "" : path.substr(0, slash);
+  }
+  dirs.push_back(base);
+  return dirs;
+}
+
+void Lower(std::optional<double>& quota, std::optional<double> q) {
+  if (q && (!quota || *q < *quota)) quota = q;
+}
+
 }  // namespace
 
 std::optional<double> ParseCpuMax(const std::string& text) {
@@ -63,26 +79,6 @@ std::optional<double> ParseCfsQuota(const std::string& quota_us,
   }
   return Quota(quota, period);  // v1 writes -1 for "no limit"
 }
-
-namespace {
-
-// The directories from <base><path> up to <base>, deepest first.
-std::vector<std::string> UpTo(const std::string& base, std::string path) {
-  std::vector<std::string> dirs;
-  while (!path.empty() && path != "/") {
-    dirs.push_back(base + path);
-    const size_t slash = path.rfind('/');
-    path = slash == std::string::npos ? "" : path.substr(0, slash);
-  }
-  dirs.push_back(base);
-  return dirs;
-}
-
-void Lower(std::optional<double>& quota, std::optional<double> q) {
-  if (q && (!quota || *q < *quota)) quota = q;
-}
-
-}  // namespace
 
 CpuCount AvailableCpus(const std::string& cgroup_root,
                        const std::string& self_cgroup) {
