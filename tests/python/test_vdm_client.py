@@ -475,6 +475,11 @@ class ClientTest(unittest.TestCase):
     # ---- score by the probability-flow ODE (docs/likelihood.md)
 
     def test_score_ode(self):
+        # tiny.pt's random weights make d eps_hat / d z about 150, so a
+        # 2-step solve is unstable: its value follows the CPU's rounding
+        # (even its sign), and only what the method guarantees is asserted
+        # here: the shape, the cost, a finite value, a standard error. How
+        # accurate a converged solve is: OdeScoreOnAGentleModelTest.
         images = noise_images(2, seed=13)
         rows = self.client.score(images, seed=5, method="ode", ode_steps=2,
                                  trace_samples=2)
@@ -489,7 +494,6 @@ class ClientTest(unittest.TestCase):
             self.assertIsNotNone(row["ode_stderr_bpd"])
             self.assertGreater(row["ode_stderr_bpd"], 0)
             self.assertTrue(math.isfinite(row["bpd"]))
-            self.assertGreater(row["bpd"], 0)
             # The ELBO-only parts are 0 or absent.
             self.assertEqual(row["diffusion_bpd"], 0)
             self.assertIsNone(row["band_bpd_0"])
@@ -737,6 +741,37 @@ class ClientTest(unittest.TestCase):
             done = cli("decode")  # --latent is required
             self.assertEqual(done.returncode, 2)
             self.assertIn("--latent", done.stderr)
+
+
+class OdeScoreOnAGentleModelTest(unittest.TestCase):
+    """The ODE score at settings where it is accurate, on tiny_smooth.pt
+    (tests/make_test_models.py: tiny.pt with 50x smaller random weights, so
+    the flow is smooth and RK4 converges at a few dozen steps): a 16-step
+    solve agrees with a 128-step one (8x the evaluations, the same seed, so
+    the same dequantization; fresh probes) within 4 of their combined
+    reported standard errors."""
+
+    @classmethod
+    def setUpClass(cls):
+        smooth = os.path.join(os.path.dirname(ARGS.model), "tiny_smooth.pt")
+        cls.server = Server(None, f"--model={smooth}")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_few_steps_agree_with_many_within_the_standard_error(self):
+        images = noise_images(2, seed=13)
+        with vdm_client.Client(self.server.target, timeout=120) as client:
+            few = client.score(images, seed=5, method="ode", ode_steps=16,
+                               trace_samples=4)
+            many = client.score(images, seed=5, method="ode", ode_steps=128,
+                                trace_samples=4)
+        self.assertEqual(many.network_evaluations, 2 * 4 * 4 * 128)
+        for a, b in zip(few, many):
+            se = math.hypot(a["ode_stderr_bpd"], b["ode_stderr_bpd"])
+            self.assertGreater(se, 0)
+            self.assertLess(abs(a["bpd"] - b["bpd"]), 4 * se, (a, b))
 
 
 class SecureServerTest(unittest.TestCase):

@@ -559,8 +559,12 @@ TEST(SamplerStateTest, RequestsSharingABatchGetTheirOwnResults) {
       offset += n;
     }
   }
-  EXPECT_TRUE(at::equal(a->z(), RunAlone(*oracle, *Make(*oracle, c1, 3, 7))));
-  EXPECT_TRUE(at::equal(b->z(), RunAlone(*oracle, *Make(*oracle, c2, 2, 8))));
+  // Up to float rounding: rows at other batch positions may round
+  // differently under vectorized kernels.
+  EXPECT_TRUE(at::allclose(a->z(), RunAlone(*oracle, *Make(*oracle, c1, 3, 7)),
+                           1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(b->z(), RunAlone(*oracle, *Make(*oracle, c2, 2, 8)),
+                           1e-5, 1e-5));
 }
 
 TEST(SamplerStateTest, RejectsBadInputAndParsesNames) {
