@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <system_error>
 #include <utility>
 
@@ -31,26 +32,100 @@ absl::Status Annotate(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-ScoreRow RowFromProto(const vdm::v1::ImageScore& score, int64_t index) {
-  ScoreRow row;
-  row.index = index;
-  row.bpd = score.bpd();
-  row.prior_bpd = score.prior_bpd();
-  row.recon_bpd = score.recon_bpd();
-  row.diffusion_bpd = score.diffusion_bpd();
-  row.stderr_bpd = score.stderr_bpd();
-  row.anomaly_score = score.anomaly_score();
-  row.complexity_bpd = score.complexity_bpd();
-  row.band_bpd.assign(score.band_bpd().begin(), score.band_bpd().end());
-  if (score.has_p_value()) row.p_value = score.p_value();
-  if (score.has_is_anomaly()) row.is_anomaly = score.is_anomaly();
-  if (score.has_llr()) row.llr = score.llr();
-  if (score.has_background_bpd()) row.background_bpd = score.background_bpd();
-  row.anomaly_map.assign(score.anomaly_map().begin(), score.anomaly_map().end());
-  row.anomaly_map_png = score.anomaly_map_png();
-  row.ode_function_evaluations = score.ode_function_evaluations();
-  if (score.has_ode_stderr_bpd()) row.ode_stderr_bpd = score.ode_stderr_bpd();
-  return row;
+namespace pb = google::protobuf;
+
+// One CSV column of a score message: a field, or one element of a repeated
+// field (the rules above ImageScore in proto/vdm/v1/vdm.proto).
+struct ScoreColumn {
+  std::string name;
+  const pb::FieldDescriptor* field;
+  int element;  // the position in a repeated field; -1 for a singular one
+  const std::string& group() const {
+    return field->options().GetExtension(vdm::v1::csv_group);
+  }
+};
+
+// The columns of messages of `type`, in declaration order.
+std::vector<ScoreColumn> ScoreColumns(const pb::Descriptor& type) {
+  std::vector<ScoreColumn> columns;
+  for (int i = 0; i < type.field_count(); ++i) {
+    const pb::FieldDescriptor* field = type.field(i);
+    // Numbers and bools only: bytes, strings and messages are not columns.
+    if (field->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING ||
+        field->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      continue;
+    }
+    if (!field->is_repeated()) {
+      columns.push_back({field->name(), field, -1});
+      continue;
+    }
+    // 0 (unset) for the per-pixel maps: no columns.
+    const int width = field->options().GetExtension(vdm::v1::csv_columns);
+    for (int k = 0; k < width; ++k) {
+      columns.push_back({absl::StrCat(field->name(), "_", k), field, k});
+    }
+  }
+  return columns;
+}
+
+// The csv_groups of which `score` has a field set (ListFields: present, or
+// non-zero / non-empty without explicit presence), and "" (the ungrouped
+// columns, always shown).
+std::set<std::string> GroupsSet(const pb::Message& score) {
+  std::vector<const pb::FieldDescriptor*> fields;
+  score.GetReflection()->ListFields(score, &fields);
+  std::set<std::string> groups = {""};
+  for (const pb::FieldDescriptor* field : fields) {
+    groups.insert(field->options().GetExtension(vdm::v1::csv_group));
+  }
+  return groups;
+}
+
+// A column's cell: empty for an unset optional field or past the end of a
+// repeated one; floating point as %.6f, integers and enums in decimal,
+// bools as 0 or 1.
+std::string Cell(const pb::Message& score, const ScoreColumn& column) {
+  const pb::Reflection& r = *score.GetReflection();
+  const pb::FieldDescriptor* f = column.field;
+  const int k = column.element;
+  if (k >= 0 ? k >= r.FieldSize(score, f)
+             : f->has_presence() && !r.HasField(score, f)) {
+    return "";
+  }
+  // The value by the field's getters, singular or repeated.
+  const auto get = [&](auto single, auto repeated) {
+    return k < 0 ? (r.*single)(score, f) : (r.*repeated)(score, f, k);
+  };
+  switch (f->cpp_type()) {
+    case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+      return absl::StrFormat(
+          "%.6f", get(&pb::Reflection::GetDouble,
+                      &pb::Reflection::GetRepeatedDouble));
+    case pb::FieldDescriptor::CPPTYPE_FLOAT:
+      return absl::StrFormat("%.6f", get(&pb::Reflection::GetFloat,
+                                         &pb::Reflection::GetRepeatedFloat));
+    case pb::FieldDescriptor::CPPTYPE_INT32:
+      return absl::StrCat(get(&pb::Reflection::GetInt32,
+                              &pb::Reflection::GetRepeatedInt32));
+    case pb::FieldDescriptor::CPPTYPE_INT64:
+      return absl::StrCat(get(&pb::Reflection::GetInt64,
+                              &pb::Reflection::GetRepeatedInt64));
+    case pb::FieldDescriptor::CPPTYPE_UINT32:
+      return absl::StrCat(get(&pb::Reflection::GetUInt32,
+                              &pb::Reflection::GetRepeatedUInt32));
+    case pb::FieldDescriptor::CPPTYPE_UINT64:
+      return absl::StrCat(get(&pb::Reflection::GetUInt64,
+                              &pb::Reflection::GetRepeatedUInt64));
+    case pb::FieldDescriptor::CPPTYPE_ENUM:
+      return absl::StrCat(get(&pb::Reflection::GetEnumValue,
+                              &pb::Reflection::GetRepeatedEnumValue));
+    case pb::FieldDescriptor::CPPTYPE_BOOL:
+      return get(&pb::Reflection::GetBool, &pb::Reflection::GetRepeatedBool)
+                 ? "1"
+                 : "0";
+    default:  // strings and messages are not columns (ScoreColumns)
+      return "";
+  }
 }
 
 }  // namespace
@@ -381,8 +456,9 @@ absl::StatusOr<ScoreResult> VdmClient::ScoreImages(
     }
     if (!base.has_value()) base = response.seed();
     for (int64_t i = begin; i < end; ++i) {
-      ScoreRow row =
-          RowFromProto(response.scores(static_cast<int>(i - begin)), i);
+      ScoreRow row;
+      row.index = i;
+      row.score = response.scores(static_cast<int>(i - begin));
       if (static_cast<size_t>(i) < input.names.size()) {
         row.name = input.names[static_cast<size_t>(i)];
       }
@@ -604,49 +680,34 @@ std::string FormatSampleSummary(const SampleResult& result) {
 }
 
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows) {
-  // The likelihood-ratio columns only when the server has a background model,
-  // the ODE's only when a row was scored by it (method ODE).
-  const bool llr = std::any_of(rows.begin(), rows.end(), [](const ScoreRow& r) {
-    return r.llr.has_value();
-  });
-  const bool ode = std::any_of(rows.begin(), rows.end(), [](const ScoreRow& r) {
-    return r.ode_function_evaluations > 0;
-  });
-  std::string csv =
-      "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,complexity_bpd,"
-      "band_bpd_0,band_bpd_1,band_bpd_2,band_bpd_3,anomaly_score,p_value,"
-      "is_anomaly";
-  if (ode) csv += ",ode_function_evaluations,ode_stderr_bpd";
-  csv += llr ? ",llr,background_bpd\n" : "\n";
-  for (const ScoreRow& row : rows) {
-    absl::StrAppendFormat(&csv, "%d,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f", row.index,
-                          row.bpd, row.prior_bpd, row.recon_bpd,
-                          row.diffusion_bpd, row.stderr_bpd,
-                          row.complexity_bpd);
-    for (int b = 0; b < 4; ++b) {
-      if (b < static_cast<int>(row.band_bpd.size())) {
-        absl::StrAppendFormat(&csv, ",%.6f", row.band_bpd[b]);
-      } else {
-        csv += ",";
-      }
-    }
-    absl::StrAppendFormat(&csv, ",%.6f,", row.anomaly_score);
-    if (row.p_value) absl::StrAppendFormat(&csv, "%.6f", *row.p_value);
-    csv += ",";
-    if (row.is_anomaly) csv += *row.is_anomaly ? "1" : "0";
-    if (ode) {
-      absl::StrAppendFormat(&csv, ",%d,", row.ode_function_evaluations);
-      if (row.ode_stderr_bpd) {
-        absl::StrAppendFormat(&csv, "%.6f", *row.ode_stderr_bpd);
-      }
-    }
-    if (llr) {
-      csv += ",";
-      if (row.llr) absl::StrAppendFormat(&csv, "%.6f", *row.llr);
-      csv += ",";
-      if (row.background_bpd) {
-        absl::StrAppendFormat(&csv, "%.6f", *row.background_bpd);
-      }
+  std::vector<IndexedScore> scores;
+  for (const ScoreRow& row : rows) scores.emplace_back(row.index, &row.score);
+  return FormatScoreMessagesCsv(*vdm::v1::ImageScore::descriptor(), scores);
+}
+
+std::string FormatScoreMessagesCsv(const pb::Descriptor& type,
+                                   const std::vector<IndexedScore>& rows) {
+  // Each row's groups; a group's columns are shown when a row has it.
+  std::vector<std::set<std::string>> groups;
+  std::set<std::string> shown = {""};  // the ungrouped ones, even with no rows
+  for (const IndexedScore& row : rows) {
+    groups.push_back(GroupsSet(*row.second));
+    shown.insert(groups.back().begin(), groups.back().end());
+  }
+  std::vector<ScoreColumn> columns;
+  std::string csv = "index";
+  for (ScoreColumn& column : ScoreColumns(type)) {
+    if (shown.count(column.group()) == 0) continue;
+    absl::StrAppend(&csv, ",", column.name);
+    columns.push_back(std::move(column));
+  }
+  csv += "\n";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    absl::StrAppend(&csv, rows[i].first);
+    for (const ScoreColumn& column : columns) {
+      // A row without the column's group leaves it empty.
+      const bool has = groups[i].count(column.group()) > 0;
+      absl::StrAppend(&csv, ",", has ? Cell(*rows[i].second, column) : "");
     }
     csv += "\n";
   }
@@ -662,12 +723,13 @@ absl::Status WriteAnomalyMaps(const std::vector<ScoreRow>& rows,
         absl::StrCat("cannot create ", dir, ": ", error.message()));
   }
   for (const ScoreRow& row : rows) {
-    if (row.anomaly_map_png.empty()) {
+    if (row.score.anomaly_map_png().empty()) {
       return absl::FailedPreconditionError(
           absl::StrCat("image ", row.index, " has no anomaly map"));
     }
-    VDM_RETURN_IF_ERROR(WriteFileAtomic(
-        absl::StrFormat("%s/map_%05d.png", dir, row.index), row.anomaly_map_png));
+    VDM_RETURN_IF_ERROR(
+        WriteFileAtomic(absl::StrFormat("%s/map_%05d.png", dir, row.index),
+                        row.score.anomaly_map_png()));
   }
   return absl::OkStatus();
 }
@@ -686,8 +748,9 @@ std::string FormatScoresTable(const std::vector<ScoreRow>& rows) {
   absl::StrAppend(&table, named ? "  file\n" : "\n");
   for (const ScoreRow& row : rows) {
     absl::StrAppendFormat(&table, "%7d %9.4f %9.4f %9.4f %9.4f %9.4f",
-                          row.index, row.bpd, row.prior_bpd, row.recon_bpd,
-                          row.diffusion_bpd, row.stderr_bpd);
+                          row.index, row.score.bpd(), row.score.prior_bpd(),
+                          row.score.recon_bpd(), row.score.diffusion_bpd(),
+                          row.score.stderr_bpd());
     absl::StrAppend(&table, named ? "  " : "", row.name, "\n");
   }
   return table;
@@ -697,15 +760,16 @@ std::string FormatScoresSummary(const ScoreResult& result) {
   const double n = static_cast<double>(result.rows.size());
   double bpd = 0, prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
   for (const ScoreRow& row : result.rows) {
-    bpd += row.bpd / n;
-    prior += row.prior_bpd / n;
-    recon += row.recon_bpd / n;
-    diffusion += row.diffusion_bpd / n;
-    stderr_bpd += row.stderr_bpd / n;
+    bpd += row.score.bpd() / n;
+    prior += row.score.prior_bpd() / n;
+    recon += row.score.recon_bpd() / n;
+    diffusion += row.score.diffusion_bpd() / n;
+    stderr_bpd += row.score.stderr_bpd() / n;
   }
   double sum_sq = 0;
   for (const ScoreRow& row : result.rows) {
-    sum_sq += (row.bpd - bpd) * (row.bpd - bpd);
+    const double d = row.score.bpd() - bpd;
+    sum_sq += d * d;
   }
   const double sem = n > 1 ? std::sqrt(sum_sq / (n - 1) / n) : 0.0;
   return absl::StrFormat(

@@ -16,12 +16,15 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/request.h"
@@ -157,25 +160,8 @@ struct ScoreParams {
 // One scored image. `index` is its position in the ScoreInput.
 struct ScoreRow {
   int64_t index = 0;
-  std::string name;  // from ScoreInput::names, or empty
-  double bpd = 0.0;
-  double prior_bpd = 0.0;
-  double recon_bpd = 0.0;
-  double diffusion_bpd = 0.0;
-  double stderr_bpd = 0.0;
-  double anomaly_score = 0.0;
-  double complexity_bpd = 0.0;
-  std::vector<double> band_bpd;
-  std::optional<double> p_value;    // calibrated models only
-  std::optional<bool> is_anomaly;   // calibrated models only
-  // Servers with a background model only: the likelihood ratio and the
-  // background model's BPD.
-  std::optional<double> llr;
-  std::optional<double> background_bpd;
-  std::vector<float> anomaly_map;   // H x W bits, when asked for
-  std::string anomaly_map_png;      // the same as a PNG heat map
-  int64_t ode_function_evaluations = 0;  // method ODE
-  std::optional<double> ode_stderr_bpd;  // method ODE, 2+ trace samples
+  std::string name;            // from ScoreInput::names, or empty
+  vdm::v1::ImageScore score;   // as the server sent it
 };
 
 // What came back from ScoreImages, over all chunks.
@@ -309,12 +295,18 @@ absl::StatusOr<SampleResult> SampleToFiles(const VdmClient& client,
 // Seed, network evaluations and times, one per line.
 std::string FormatSampleSummary(const SampleResult& result);
 
-// CSV with header index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,
-// complexity_bpd,band_bpd_0..3,anomaly_score,p_value,is_anomaly,
-// ode_function_evaluations,ode_stderr_bpd (p_value and is_anomaly empty for
-// an uncalibrated model; is_anomaly as 0 or 1; ode_stderr_bpd empty unless
-// scored by the ODE with 2+ trace samples).
+// The CSV of the rows' scores: a header, then one line per row. The columns
+// are `index` and then those of vdm.v1.ImageScore, read from its descriptor
+// by the rules above ImageScore in proto/vdm/v1/vdm.proto (today: bpd ..
+// complexity_bpd, band_bpd_0..3, anomaly_score, p_value, is_anomaly, then
+// the ODE's and the background model's columns when a row has them).
 std::string FormatScoresCsv(const std::vector<ScoreRow>& rows);
+// The same for messages of any type that follows those rules (ImageScore,
+// or a variant of it in a test): one line per (index, message), all of
+// type `type`.
+using IndexedScore = std::pair<int64_t, const google::protobuf::Message*>;
+std::string FormatScoreMessagesCsv(const google::protobuf::Descriptor& type,
+                                   const std::vector<IndexedScore>& rows);
 absl::Status WriteScoresCsv(const std::vector<ScoreRow>& rows,
                             const std::string& path);
 

@@ -774,6 +774,98 @@ class OdeScoreOnAGentleModelTest(unittest.TestCase):
             self.assertLess(abs(a["bpd"] - b["bpd"]), 4 * se, (a, b))
 
 
+class ScoreFieldsTest(unittest.TestCase):
+    """score()'s records and scores_to_csv come from the ImageScore
+    descriptor by the rules above ImageScore in vdm.proto: a variant of it
+    with extra fields gets them with no client change. The variant is built
+    from ImageScore's own descriptor, as tests/client/client_test.cc builds
+    it for vdm-client, and the lines expected are that test's."""
+
+    @classmethod
+    def setUpClass(cls):
+        from google.protobuf import (descriptor_pb2, descriptor_pool,
+                                     message_factory)
+        vdm_pb2 = vdm_client.client.vdm_pb2
+        pool = descriptor_pool.DescriptorPool()
+        for dependency in (descriptor_pb2.DESCRIPTOR, vdm_pb2.DESCRIPTOR):
+            copy = descriptor_pb2.FileDescriptorProto()
+            dependency.CopyToProto(copy)
+            pool.Add(copy)
+        file = descriptor_pb2.FileDescriptorProto(
+            name="score_extra.proto", package="vdm.test", syntax="proto3",
+            dependency=[vdm_pb2.DESCRIPTOR.name])
+        message = file.message_type.add()
+        vdm_pb2.ImageScore.DESCRIPTOR.CopyToProto(message)
+        message.name = "ImageScoreExtra"
+        kind = descriptor_pb2.FieldDescriptorProto
+        original = list(message.field)
+        del message.field[:]
+        for field in original:
+            message.field.add().CopyFrom(field)
+            if field.name == "complexity_bpd":  # optional double extra_bpd
+                message.field.add(name="extra_bpd", number=100,
+                                  type=kind.TYPE_DOUBLE,
+                                  label=kind.LABEL_OPTIONAL,
+                                  proto3_optional=True,
+                                  oneof_index=len(message.oneof_decl))
+                message.oneof_decl.add(name="_extra_bpd")
+        bins = message.field.add(name="extra_bins", number=101,
+                                 type=kind.TYPE_INT64,
+                                 label=kind.LABEL_REPEATED)
+        bins.options.Extensions[vdm_pb2.csv_columns] = 2
+        message.field.add(name="extra_note", number=102,  # not a column
+                          type=kind.TYPE_STRING, label=kind.LABEL_OPTIONAL)
+        flag = message.field.add(name="extra_flag", number=103,
+                                 type=kind.TYPE_BOOL,
+                                 label=kind.LABEL_OPTIONAL)
+        flag.options.Extensions[vdm_pb2.csv_group] = "extra"
+        pool.Add(file)
+        cls.extra = message_factory.MessageFactory(pool).GetPrototype(
+            pool.FindMessageTypeByName("vdm.test.ImageScoreExtra"))
+
+    def score(self, bpd: float):
+        """An ImageScoreExtra with client_test.cc's Row(_, bpd) fields."""
+        score = vdm_client.client.vdm_pb2.ImageScore(
+            bpd=bpd, prior_bpd=0.25, recon_bpd=0.5, diffusion_bpd=bpd - 0.75,
+            stderr_bpd=0.125, complexity_bpd=3, band_bpd=[1, 2, 3, 4],
+            anomaly_score=bpd - 3)
+        return self.extra.FromString(score.SerializeToString())
+
+    def test_extra_fields_reach_the_records_and_the_csv(self):
+        record = vdm_client.client._record
+        plain, full = self.score(10), self.score(10)
+        full.extra_bpd = 0.5
+        full.extra_bins.append(-3)
+        full.extra_note = "a,b"
+        rows = [record(plain, 0), record(full, 1)]
+        fields = list(vdm_client.CSV_FIELDS)
+        fields[fields.index("complexity_bpd") + 1:1] = ["extra_bpd"]
+        fields += ["extra_bins_0", "extra_bins_1"]
+        self.assertEqual(list(rows[0]), fields)
+        self.assertIsNone(rows[0]["extra_bpd"])
+        self.assertEqual((rows[1]["extra_bins_0"], rows[1]["extra_bins_1"]),
+                         (-3, None))
+        csv_text = vdm_client.scores_to_csv(rows, self.extra.DESCRIPTOR)
+        self.assertEqual(csv_text.splitlines(), [
+            "index,bpd,prior_bpd,recon_bpd,diffusion_bpd,stderr_bpd,"
+            "complexity_bpd,extra_bpd,band_bpd_0,band_bpd_1,band_bpd_2,"
+            "band_bpd_3,anomaly_score,p_value,is_anomaly,extra_bins_0,"
+            "extra_bins_1",
+            "0,10.000000,0.250000,0.500000,9.250000,0.125000,3.000000,,"
+            "1.000000,2.000000,3.000000,4.000000,7.000000,,,,",
+            "1,10.000000,0.250000,0.500000,9.250000,0.125000,3.000000,"
+            "0.500000,1.000000,2.000000,3.000000,4.000000,7.000000,,,-3,"])
+        # The group's key and column once a message has its field set.
+        full.extra_flag = True
+        rows = [record(plain, 0), record(full, 1)]
+        self.assertNotIn("extra_flag", rows[0])
+        self.assertIs(rows[1]["extra_flag"], True)
+        lines = vdm_client.scores_to_csv(rows, self.extra.DESCRIPTOR).splitlines()
+        self.assertTrue(lines[0].endswith(",extra_bins_1,extra_flag"))
+        self.assertTrue(lines[1].endswith(",,,,"))
+        self.assertTrue(lines[2].endswith(",-3,,1"))
+
+
 class SecureServerTest(unittest.TestCase):
     """A server with mTLS and a bearer token (tests/testdata/tls)."""
 

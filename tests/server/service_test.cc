@@ -873,7 +873,9 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   ASSERT_TRUE(calib_scores.ok()) << calib_scores.status();
   std::vector<std::vector<double>> features;
   for (const auto& row : calib_scores->rows) {
-    features.push_back(AnomalyFeatures(row.bpd, row.complexity_bpd, row.band_bpd));
+    const v1::ImageScore& s = row.score;
+    const std::vector<double> bands(s.band_bpd().begin(), s.band_bpd().end());
+    features.push_back(AnomalyFeatures(s.bpd(), s.complexity_bpd(), bands));
   }
   Calibration::Setup setup;
   setup.timesteps = 8;
@@ -900,12 +902,12 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   auto scored = client.ScoreImages(client::RawInput(probe), params);
   ASSERT_TRUE(scored.ok()) << scored.status();
   for (const auto& row : scored->rows) {
-    ASSERT_TRUE(row.p_value.has_value());
-    ASSERT_TRUE(row.is_anomaly.has_value());
-    EXPECT_EQ(*row.is_anomaly, *row.p_value <= 0.05);
+    ASSERT_TRUE(row.score.has_p_value());
+    ASSERT_TRUE(row.score.has_is_anomaly());
+    EXPECT_EQ(row.score.is_anomaly(), row.score.p_value() <= 0.05);
   }
-  EXPECT_TRUE(*scored->rows[3].is_anomaly) << "the flat image";
-  EXPECT_LT(*scored->rows[3].p_value, *scored->rows[0].p_value);
+  EXPECT_TRUE(scored->rows[3].score.is_anomaly()) << "the flat image";
+  EXPECT_LT(scored->rows[3].score.p_value(), scored->rows[0].score.p_value());
   // The CSV has every column, is_anomaly as 0/1.
   const std::string csv = client::FormatScoresCsv(scored->rows);
   EXPECT_THAT(csv, HasSubstr("complexity_bpd,band_bpd_0,band_bpd_1,band_bpd_2,"
@@ -918,17 +920,17 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   ode_params.trace_samples = 2;
   auto ode = client.ScoreImages(client::RawInput(probe), ode_params);
   ASSERT_TRUE(ode.ok()) << ode.status();
-  EXPECT_FALSE(ode->rows[0].p_value.has_value());
-  EXPECT_EQ(ode->rows[0].ode_function_evaluations, 4);
-  ASSERT_TRUE(ode->rows[0].ode_stderr_bpd.has_value());
+  EXPECT_FALSE(ode->rows[0].score.has_p_value());
+  EXPECT_EQ(ode->rows[0].score.ode_function_evaluations(), 4);
+  ASSERT_TRUE(ode->rows[0].score.has_ode_stderr_bpd());
   EXPECT_THAT(client::FormatScoresCsv(ode->rows),
               ::testing::HasSubstr(absl::StrFormat(
-                  ",4,%.6f\n", *ode->rows[0].ode_stderr_bpd)));
+                  ",4,%.6f\n", ode->rows[0].score.ode_stderr_bpd())));
   // Another K than the calibration's: uncalibrated fields.
   params.timesteps = 16;
   auto other = client.ScoreImages(client::RawInput(probe), params);
   ASSERT_TRUE(other.ok());
-  EXPECT_FALSE(other->rows[0].p_value.has_value());
+  EXPECT_FALSE(other->rows[0].score.has_p_value());
   EXPECT_THAT((*server)->metrics().Scrape(), HasSubstr("vdm_flagged_images_total"));
 }
 
@@ -988,10 +990,10 @@ TEST(ServiceBackgroundTest, LikelihoodRatioAgainstTheModelItselfIsZero) {
   auto scored = client.ScoreImages(client::RawInput(images), params);
   ASSERT_TRUE(scored.ok()) << scored.status();
   for (const auto& row : scored->rows) {
-    ASSERT_TRUE(row.llr.has_value());
-    ASSERT_TRUE(row.background_bpd.has_value());
-    EXPECT_EQ(*row.background_bpd, row.bpd);
-    EXPECT_EQ(*row.llr, 0.0);
+    ASSERT_TRUE(row.score.has_llr());
+    ASSERT_TRUE(row.score.has_background_bpd());
+    EXPECT_EQ(row.score.background_bpd(), row.score.bpd());
+    EXPECT_EQ(row.score.llr(), 0.0);
   }
   // K rows per image on each model.
   EXPECT_EQ(scored->network_evaluations, 2 * 3 * 8);
@@ -1014,8 +1016,8 @@ TEST(ServiceBackgroundTest, WithoutBackgroundModelThereIsNoLlr) {
   params.timesteps = 4;
   auto scored = client.ScoreImages(client::RawInput(images), params);
   ASSERT_TRUE(scored.ok()) << scored.status();
-  EXPECT_FALSE(scored->rows[0].llr.has_value());
-  EXPECT_FALSE(scored->rows[0].background_bpd.has_value());
+  EXPECT_FALSE(scored->rows[0].score.has_llr());
+  EXPECT_FALSE(scored->rows[0].score.has_background_bpd());
   EXPECT_EQ(scored->network_evaluations, 4);
   EXPECT_THAT(client::FormatScoresCsv(scored->rows),
               ::testing::Not(HasSubstr("llr")));

@@ -73,7 +73,7 @@ TEST(TrainerAgreementTest, TrainerBpdEqualsServedScoresForTheSameSeeds) {
 
   double mean = 0;
   for (int i = 0; i < kImages; ++i) {
-    const double b = served->rows[i].bpd;
+    const double b = served->rows[i].score.bpd();
     EXPECT_NEAR(per_image[i].item<double>(), b, 1e-4) << "image " << i;
     mean += b / kImages;
   }

@@ -7,12 +7,14 @@ that are caught before anything is sent raise ValueError.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 
+from google.protobuf import descriptor as _descriptor
 from vdm.v1 import vdm_pb2, vdm_pb2_grpc
 # The grpc.health.v1 stubs live inside this package so that they cannot
 # shadow the `grpc` module (see client/python/CMakeLists.txt).
@@ -36,23 +38,49 @@ _MASK64 = (1 << 64) - 1
 _CHUNK_SEED_STRIDE = 0x9E3779B97F4A7C15
 _MAX_MESSAGE_BYTES = 256 << 20  # as the C++ client
 
-# The columns of `vdm-client score --csv` (client/client.cc FormatScoresCsv),
-# which are also the keys of score()'s records (plus "anomaly_map" on request).
-CSV_FIELDS = (
-    "index", "bpd", "prior_bpd", "recon_bpd", "diffusion_bpd", "stderr_bpd",
-    "complexity_bpd", "band_bpd_0", "band_bpd_1", "band_bpd_2", "band_bpd_3",
-    "anomaly_score", "p_value", "is_anomaly",
-)
+_SCORE = vdm_pb2.ImageScore.DESCRIPTOR
+_FD = _descriptor.FieldDescriptor
+
+
+@functools.lru_cache(maxsize=None)
+def _score_columns(descriptor) -> tuple:
+    """The columns of score messages of type `descriptor`, in declaration
+    order, as (name, field, element, group): the rules above ImageScore in
+    proto/vdm/v1/vdm.proto, as client/client.cc ScoreColumns reads them.
+    element is the position in a repeated field (None for a singular one),
+    group the field's csv_group ("" for none)."""
+    columns = []
+    for field in descriptor.fields:
+        # Numbers and bools only: bytes, strings and messages are not columns.
+        if field.cpp_type in (_FD.CPPTYPE_STRING, _FD.CPPTYPE_MESSAGE):
+            continue
+        options = field.GetOptions().Extensions
+        group = options[vdm_pb2.csv_group]
+        if field.label != _FD.LABEL_REPEATED:
+            columns.append((field.name, field, None, group))
+        else:  # csv_columns 0 (unset) for the per-pixel maps: no columns
+            columns += [(f"{field.name}_{k}", field, k, group)
+                        for k in range(options[vdm_pb2.csv_columns])]
+    return tuple(columns)
+
+
+def _group_columns(group: str) -> tuple:
+    return tuple(name for name, _, _, g in _score_columns(_SCORE) if g == group)
+
+
+# The columns of `vdm-client score --csv`, which are also the keys of
+# score()'s records (plus "anomaly_map" on request): index, then
+# ImageScore's ungrouped columns (all read from vdm.proto).
+CSV_FIELDS = ("index",) + _group_columns("")
 # Added after CSV_FIELDS, and as keys of score()'s records, when the images
 # were scored by the probability-flow ODE (score(method="ode")):
 # ode_function_evaluations (4 x ode_steps) and ode_stderr_bpd (None unless
 # trace_samples >= 2).
-ODE_FIELDS = ("ode_function_evaluations", "ode_stderr_bpd")
+ODE_FIELDS = _group_columns("ode")
 # Added after CSV_FIELDS (and after ODE_FIELDS when both are there), and as
 # keys of score()'s records, when a server with a background model
 # (vdm-server --background_model) returned them.
-LLR_FIELDS = ("llr", "background_bpd")
-_NUM_BANDS = 4
+LLR_FIELDS = _group_columns("llr")
 
 
 def _enum_names(enum, prefix: str) -> tuple:
@@ -339,33 +367,68 @@ def make_grid(images: Sequence[np.ndarray], columns: Optional[int] = None,
     return grid[:, :, 0] if c == 1 else grid
 
 
-def scores_to_csv(rows: Sequence[Dict[str, Any]]) -> str:
+def scores_to_csv(rows: Sequence[Dict[str, Any]], descriptor=_SCORE) -> str:
     """score()'s records as the CSV of `vdm-client score --csv`: the same
-    columns and number format (empty p_value / is_anomaly when absent).
-    CSV_FIELDS, then ODE_FIELDS when a record was scored by the ODE
-    (ode_function_evaluations > 0; ode_stderr_bpd empty when absent), then
-    LLR_FIELDS when a record has an llr, as client/client.cc
-    FormatScoresCsv writes them."""
-    def cell(value) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, (bool, np.bool_)):
-            return "1" if value else "0"
-        if isinstance(value, (int, np.integer)):
-            return str(int(value))
-        return f"{value:.6f}"
-    fields = list(CSV_FIELDS)
-    # The ODE columns only when a row was scored by the ODE, the
-    # likelihood-ratio columns only when the server has a background model
-    # (as vdm-client writes them, in this order).
-    if any((row.get("ode_function_evaluations") or 0) > 0 for row in rows):
-        fields += ODE_FIELDS
-    if any(row.get("llr") is not None for row in rows):
-        fields += LLR_FIELDS
-    lines = [",".join(fields)]
+    columns and number format, by the rules above ImageScore in vdm.proto:
+    CSV_FIELDS (empty p_value / is_anomaly when None), then ODE_FIELDS when
+    a record has one of them that is not None (records scored by the ODE),
+    then LLR_FIELDS likewise (a server with a background model).
+    `descriptor`: the message type the records came from (a variant of
+    ImageScore in a test)."""
+    columns = _score_columns(descriptor)
+    shown = {""} | {group for name, _, _, group in columns
+                    if any(row.get(name) is not None for row in rows)}
+    columns = [c for c in columns if c[3] in shown]
+    lines = [",".join(["index"] + [name for name, _, _, _ in columns])]
     for row in rows:
-        lines.append(",".join(cell(row.get(name)) for name in fields))
+        cells = [_cell(row.get("index"), _FD.CPPTYPE_INT64)]
+        cells += [_cell(row.get(name), field.cpp_type)
+                  for name, field, _, _ in columns]
+        lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
+
+
+def _cell(value, cpp_type: int) -> str:
+    """A CSV cell by its field's kind, as client/client.cc writes it:
+    floating point as %.6f, integers and enums in decimal, bools as 0 or 1,
+    None as empty."""
+    if value is None:
+        return ""
+    if cpp_type in (_FD.CPPTYPE_DOUBLE, _FD.CPPTYPE_FLOAT):
+        return f"{float(value):.6f}"
+    if cpp_type == _FD.CPPTYPE_BOOL:
+        return "1" if value else "0"
+    return str(int(value))
+
+
+def _record(score, index: int) -> Dict[str, Any]:
+    """A score message as a record: "index", then its columns by the rules
+    above ImageScore in vdm.proto (None for an unset optional field or past
+    the end of a repeated one; no keys for a group the message has no field
+    of set)."""
+    groups = {""} | {field.GetOptions().Extensions[vdm_pb2.csv_group]
+                     for field, _ in score.ListFields()}
+    row = {"index": index}
+    for name, field, element, group in _score_columns(score.DESCRIPTOR):
+        if group not in groups:
+            continue
+        value = getattr(score, field.name)
+        if element is not None:
+            value = value[element] if element < len(value) else None
+        elif field.has_presence and not score.HasField(field.name):
+            value = None
+        row[name] = value
+    return row
+
+
+def _anomaly_map(score, index: int, image) -> np.ndarray:
+    """The record's "anomaly_map": float32 H x W, bits per pixel."""
+    values = np.asarray(score.anomaly_map, dtype=np.float32)
+    if values.size != image.height * image.width:
+        raise VdmError(grpc.StatusCode.INTERNAL,
+                       f"image {index}: anomaly map of {values.size} "
+                       f"values for {image.height}x{image.width}")
+    return values.reshape(image.height, image.width)
 
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
@@ -762,7 +825,10 @@ class Client:
             if base is None:
                 base = response.seed
             for i, score in zip(range(begin, end), response.scores):
-                result.append(self._record(score, i, protos[i], anomaly_map))
+                row = _record(score, i)
+                if anomaly_map:
+                    row["anomaly_map"] = _anomaly_map(score, i, protos[i])
+                result.append(row)
             result.network_evaluations += response.network_evaluations
             result.chunks += 1
             result.batch_p_values.append(
@@ -770,38 +836,3 @@ class Client:
                 else None)
         result.seed = base
         return result
-
-    @staticmethod
-    def _record(score, index: int, image, anomaly_map: bool) -> Dict[str, Any]:
-        bands = list(score.band_bpd)
-        row = {
-            "index": index,
-            "bpd": score.bpd,
-            "prior_bpd": score.prior_bpd,
-            "recon_bpd": score.recon_bpd,
-            "diffusion_bpd": score.diffusion_bpd,
-            "stderr_bpd": score.stderr_bpd,
-            "complexity_bpd": score.complexity_bpd,
-        }
-        for b in range(_NUM_BANDS):
-            row[f"band_bpd_{b}"] = bands[b] if b < len(bands) else None
-        row["anomaly_score"] = score.anomaly_score
-        row["p_value"] = score.p_value if score.HasField("p_value") else None
-        row["is_anomaly"] = (bool(score.is_anomaly)
-                             if score.HasField("is_anomaly") else None)
-        if score.ode_function_evaluations > 0:  # method ODE
-            row["ode_function_evaluations"] = score.ode_function_evaluations
-            row["ode_stderr_bpd"] = (score.ode_stderr_bpd
-                                     if score.HasField("ode_stderr_bpd")
-                                     else None)
-        if score.HasField("llr"):  # a server with a background model
-            row["llr"] = score.llr
-            row["background_bpd"] = score.background_bpd
-        if anomaly_map:
-            values = np.asarray(score.anomaly_map, dtype=np.float32)
-            if values.size != image.height * image.width:
-                raise VdmError(grpc.StatusCode.INTERNAL,
-                               f"image {index}: anomaly map of {values.size} "
-                               f"values for {image.height}x{image.width}")
-            row["anomaly_map"] = values.reshape(image.height, image.width)
-        return row
