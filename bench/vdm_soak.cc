@@ -31,6 +31,8 @@
 #include "absl/time/clock.h"
 #include "grpcpp/grpcpp.h"
 #include "bench/load_util.h"
+#include "model/vdm/sampler_config.h"
+#include "proto/convert.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "server address");
@@ -91,14 +93,16 @@ std::string BombPng() {
          chunk("IDAT", std::string(64, 'x')) + chunk("IEND", "");
 }
 
-const vdm::v1::Sampler kSamplers[] = {
-    vdm::v1::SAMPLER_DDIM, vdm::v1::SAMPLER_DDPM, vdm::v1::SAMPLER_HEUN,
-    vdm::v1::SAMPLER_DPM_SOLVER_2M, vdm::v1::SAMPLER_EULER_MARUYAMA};
+// The samplers of the library's table, in turn.
+vdm::v1::Sampler SamplerOf(int i) {
+  const std::vector<vdm::SamplerType>& all = vdm::AllSamplerTypes();
+  return vdm::SamplerToProto(all[i % all.size()]);
+}
 
 vdm::v1::SampleRequest SampleRequest(int i) {
   vdm::v1::SampleRequest r;
   r.set_num_images(1 + i % 4);
-  r.set_sampler(kSamplers[i % 5]);
+  r.set_sampler(SamplerOf(i));
   r.set_steps(absl::GetFlag(FLAGS_steps));
   r.set_seed(i);
   r.set_format(i % 2 ? vdm::v1::IMAGE_FORMAT_PNG : vdm::v1::IMAGE_FORMAT_RAW);

@@ -21,6 +21,12 @@
 #include "client/client.h"
 #include "model/vdm/sampler_config.h"
 
+namespace {
+// Columns of the library's sampler table, for the help texts below.
+bool IsMultistep(const vdm::SamplerTraits& t) { return t.multistep; }
+bool TakesEta(const vdm::SamplerTraits& t) { return t.takes_eta; }
+}  // namespace
+
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address HOST:PORT.");
 ABSL_FLAG(double, timeout_s, 600.0, "Deadline of each RPC, in seconds.");
 ABSL_FLAG(std::string, token, "",
@@ -46,11 +52,15 @@ ABSL_FLAG(std::string, tls_server_name, "",
 // sample
 ABSL_FLAG(int, num, 16, "sample: number of images.");
 ABSL_FLAG(std::string, sampler, "ddim",
-          "sample: the sampler (the names are listed in the usage).");
+          absl::StrCat("sample: the sampler: ", vdm::SamplerNameList(", "),
+                       "."));
 ABSL_FLAG(std::string, time_grid, "uniform_t",
           "sample: the time grid (the names are listed in the usage).");
 ABSL_FLAG(int, steps, 50, "sample: number of sampling steps.");
-ABSL_FLAG(double, eta, 0.0, "sample: DDIM eta in [0, 1] (0 = deterministic).");
+ABSL_FLAG(double, eta, 0.0,
+          absl::StrCat("sample: eta in [0, 1] of ",
+                       vdm::SamplerNameList(", ", TakesEta),
+                       " (0 = deterministic)."));
 ABSL_FLAG(std::optional<double>, guidance, std::nullopt,
           "sample: classifier-free guidance scale, needs --label (0 = "
           "unconditional, 1 = plain conditional, the default).");
@@ -68,8 +78,10 @@ ABSL_FLAG(double, strength, 0.5,
 ABSL_FLAG(std::string, mask, "",
           "inpaint: gray PNG of the image's size, white = known pixels.");
 ABSL_FLAG(int, resample_rounds, 0,
-          "inpaint: RePaint resampling rounds per step (0..10; each costs the "
-          "step's evaluations again; not with dpm_solver_2m).");
+          absl::StrCat("inpaint: RePaint resampling rounds per step (0..10; "
+                       "each costs the step's evaluations again; not with ",
+                       vdm::SamplerNameList(", ", IsMultistep),
+                       ")."));
 ABSL_FLAG(std::string, image2, "",
           "interpolate: the second PNG image (--image is the first).");
 ABSL_FLAG(std::string, latent, "",

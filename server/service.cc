@@ -139,29 +139,34 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   }
   const uint64_t seed = job->seed;
   finish.log().SetImages(static_cast<int64_t>(job->images.size()));
-  // The calibration applies when the request is scored as the calibration
-  // set was (same K and noise option).
+  // The anomaly policy (anomaly.h) decides whether the calibration applies.
   const Calibration* calibration = model_.calibration.get();
   const bool ode = job->method == ScoreMethod::kOde;
-  if (calibration != nullptr &&
-      (ode || calibration->setup().timesteps != job->timesteps ||
-       calibration->setup().shared_noise != job->shared_noise)) {
-    calibration = nullptr;
+  AnomalyRequest policy;
+  policy.method = job->method;
+  policy.timesteps = job->timesteps;
+  policy.shared_noise = job->shared_noise;
+  if (request->has_false_positive_rate()) {
+    policy.false_positive_rate = request->false_positive_rate();
   }
-  const double fpr = request->has_false_positive_rate()
-                         ? request->false_positive_rate()
-                         : kDefaultFalsePositiveRate;
   const ImageShape shape = model_.shape;
   Metrics* metrics = metrics_;
   absl::Status admitted = engine_->SubmitScore(
       *std::move(job), ControlOf(context),
-      [finish, seed, calibration, fpr, shape, response, metrics,
+      [finish, seed, calibration, policy, shape, response, metrics,
        ode](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
-        std::vector<double> scores;
+        std::vector<ImageLikelihood> likelihoods;
         for (const ImageBpd& s : r->scores) {
+          likelihoods.push_back({s.bpd, s.complexity, s.band, s.background_bpd});
+        }
+        const BatchAnomaly anomaly =
+            ScoreAnomalies(likelihoods, calibration, policy);
+        for (size_t i = 0; i < r->scores.size(); ++i) {
+          const ImageBpd& s = r->scores[i];
+          const ImageAnomaly& a = anomaly.images[i];
           v1::ImageScore* out = response->add_scores();
           out->set_bpd(s.bpd);
           if (ode) {  // the ODE's BPD only: no ELBO parts, no anomaly features
@@ -176,21 +181,13 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
           out->set_stderr_bpd(s.stderr_bpd);
           out->set_complexity_bpd(s.complexity);
           for (double b : s.band) out->add_band_bpd(b);
-          if (s.background_bpd) {
-            out->set_background_bpd(*s.background_bpd);
-            out->set_llr(s.bpd - *s.background_bpd);
-          }
-          if (calibration != nullptr) {
-            const double score =
-                calibration->Score(AnomalyFeatures(s.bpd, s.complexity, s.band));
-            const double p = calibration->PValue(score);
-            out->set_anomaly_score(score);
-            out->set_p_value(p);
-            out->set_is_anomaly(p <= fpr);
-            scores.push_back(score);
-            if (metrics) metrics->RecordAnomaly(score, p <= fpr);
-          } else {
-            out->set_anomaly_score(s.bpd - s.complexity);
+          if (s.background_bpd) out->set_background_bpd(*s.background_bpd);
+          if (a.llr) out->set_llr(*a.llr);
+          if (a.anomaly_score) out->set_anomaly_score(*a.anomaly_score);
+          if (a.p_value) out->set_p_value(*a.p_value);
+          if (a.is_anomaly) {
+            out->set_is_anomaly(*a.is_anomaly);
+            if (metrics) metrics->RecordAnomaly(*a.anomaly_score, *a.is_anomaly);
           }
           if (!s.pixel_bits.empty()) {
             const absl::Status map = FillAnomalyMap(s.pixel_bits, shape, out);
@@ -198,8 +195,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
           }
           if (metrics) metrics->RecordBpd(s.bpd);
         }
-        if (calibration != nullptr && scores.size() >= 2) {
-          response->set_batch_p_value(calibration->BatchPValue(scores));
+        if (anomaly.batch_p_value) {
+          response->set_batch_p_value(*anomaly.batch_p_value);
         }
         response->set_seed(seed);
         response->set_network_evaluations(r->network_evaluations);

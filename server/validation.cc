@@ -91,70 +91,81 @@ absl::Status CheckEdit(const v1::SampleRequest& r,
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
-                                      const RequestLimits& limits,
-                                      const ModelDescription& model) {
-  SampleJob job;
+// How many images: num_images, or one per latent when decoding (0 or the
+// same count in num_images).
+absl::StatusOr<int> CheckImageCount(const v1::SampleRequest& r,
+                                    const RequestLimits& limits) {
   const int latents = r.latents_size();
-  if (latents > 0) {
-    if (r.num_images() != 0 && r.num_images() != latents) {
-      return Invalid(absl::StrFormat(
-          "num_images: %d, but %d latents are given; give 0 or %d",
-          r.num_images(), latents, latents));
+  if (latents == 0) {
+    if (r.num_images() < 1 || r.num_images() > limits.max_images_per_request) {
+      return Invalid(absl::StrFormat("num_images: %d is out of range [1, %d]",
+                                     r.num_images(),
+                                     limits.max_images_per_request));
     }
-    if (latents > limits.max_images_per_request) {
-      return Invalid(absl::StrFormat("latents: %d latents, allowed [1, %d]",
-                                     latents, limits.max_images_per_request));
-    }
-  } else if (r.num_images() < 1 ||
-             r.num_images() > limits.max_images_per_request) {
-    return Invalid(absl::StrFormat("num_images: %d is out of range [1, %d]",
-                                   r.num_images(),
-                                   limits.max_images_per_request));
+    return r.num_images();
   }
-  job.num_images = latents > 0 ? latents : r.num_images();
-  VDM_ASSIGN_OR_RETURN(job.sampler.type, SamplerFromProto(r.sampler()));
-  VDM_ASSIGN_OR_RETURN(job.sampler.grid, TimeGridFromProto(r.time_grid()));
-  job.sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
-  if (job.sampler.steps < 1 || job.sampler.steps > limits.max_steps) {
+  if (r.num_images() != 0 && r.num_images() != latents) {
+    return Invalid(absl::StrFormat(
+        "num_images: %d, but %d latents are given; give 0 or %d",
+        r.num_images(), latents, latents));
+  }
+  if (latents > limits.max_images_per_request) {
+    return Invalid(absl::StrFormat("latents: %d latents, allowed [1, %d]",
+                                   latents, limits.max_images_per_request));
+  }
+  return latents;
+}
+
+// sampler, time_grid, steps and eta (which samplers take eta: the sampler
+// table, sampler_config.h); decoding latents needs deterministic DDIM.
+absl::StatusOr<SamplerConfig> CheckSampler(const v1::SampleRequest& r,
+                                           const RequestLimits& limits) {
+  SamplerConfig sampler;
+  VDM_ASSIGN_OR_RETURN(sampler.type, SamplerFromProto(r.sampler()));
+  VDM_ASSIGN_OR_RETURN(sampler.grid, TimeGridFromProto(r.time_grid()));
+  sampler.steps = r.steps() == 0 ? kDefaultSteps : r.steps();
+  if (sampler.steps < 1 || sampler.steps > limits.max_steps) {
     return Invalid(absl::StrFormat("steps: %d is out of range [1, %d]",
                                    r.steps(), limits.max_steps));
   }
   if (!(r.eta() >= 0.0f && r.eta() <= 1.0f)) {
     return Invalid(absl::StrCat("eta: ", r.eta(), " is out of range [0, 1]"));
   }
-  if (r.eta() != 0.0f && job.sampler.type != SamplerType::kDdim) {
+  if (r.eta() != 0.0f && !TraitsOf(sampler.type).takes_eta) {
     return Invalid(absl::StrCat(
-        "eta: ", r.eta(), " applies to the ddim sampler only, not ",
-        SamplerName(job.sampler.type),
-        " (ddpm is DDIM with eta = 1); leave eta unset"));
+        "eta: ", r.eta(), " applies only to ",
+        SamplerNameList(", ", [](const SamplerTraits& t) { return t.takes_eta; }),
+        ", not ", SamplerName(sampler.type), "; leave eta unset"));
   }
-  job.sampler.eta = r.eta();
-  if (latents > 0 && (job.sampler.type != SamplerType::kDdim ||
-                      job.sampler.eta != 0.0)) {
+  sampler.eta = r.eta();
+  if (r.latents_size() > 0 &&
+      (sampler.type != SamplerType::kDdim || sampler.eta != 0.0)) {
     return Invalid(absl::StrCat(
         "latents: decoding needs the ddim sampler with eta 0 (the inverse of "
-        "Encode), got ", SamplerName(job.sampler.type), " with eta ",
-        job.sampler.eta));
+        "Encode), got ", SamplerName(sampler.type), " with eta ", sampler.eta));
   }
-  VDM_ASSIGN_OR_RETURN(job.conditioning.label,
-                       CheckLabel(model, r.has_label(), r.label()));
+  return sampler;
+}
+
+// label, negative_label and guidance_scale.
+absl::StatusOr<Conditioning> CheckConditioning(const v1::SampleRequest& r,
+                                               const ModelDescription& model) {
+  Conditioning c;
+  VDM_ASSIGN_OR_RETURN(c.label, CheckLabel(model, r.has_label(), r.label()));
   if (r.has_negative_label()) {
     absl::StatusOr<int> negative =
         CheckLabel(model, true, r.negative_label());
     if (!negative.ok()) {
       return Invalid(absl::StrCat("negative_label: ", negative.status().message()));
     }
-    if (*negative == job.conditioning.label) {
+    if (*negative == c.label) {
       return Invalid("negative_label: must differ from label");
     }
     if (!r.has_guidance_scale() || r.guidance_scale() == 1.0f) {
       return Invalid(
           "guidance_scale: negative_label needs a guidance scale other than 1");
     }
-    job.conditioning.negative_label = *negative;
+    c.negative_label = *negative;
   }
   if (r.has_guidance_scale()) {
     const float g = r.guidance_scale();
@@ -162,50 +173,73 @@ absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
       return Invalid(absl::StrCat("guidance_scale: ", g,
                                   " is out of range [0, ", kMaxGuidance, "]"));
     }
-    if (job.conditioning.label < 0 && job.conditioning.negative_label < 0 &&
-        g != 1.0f) {
+    if (c.label < 0 && c.negative_label < 0 && g != 1.0f) {
       return Invalid(
           "guidance_scale: classifier-free guidance needs a label or a "
           "negative_label");
     }
-    job.conditioning.guidance_scale = g;
+    c.guidance_scale = g;
   }
+  return c;
+}
+
+// The latents to decode (after CheckEdit: decoding takes no edit).
+absl::Status CheckLatents(const v1::SampleRequest& r,
+                          const ModelDescription& model, SampleJob& job) {
+  if (r.latents_size() == 0) return absl::OkStatus();
+  if (job.reference || r.has_strength()) {
+    return Invalid(
+        "latents: decoding cannot be combined with init_image, strength or "
+        "mask");
+  }
+  for (int i = 0; i < r.latents_size(); ++i) {
+    absl::StatusOr<std::vector<float>> z =
+        LatentFromProto(r.latents(i), model.shape);
+    if (!z.ok()) {
+      return Invalid(absl::StrCat("latents[", i, "]: ", z.status().message()));
+    }
+    job.latents.push_back(*std::move(z));
+  }
+  return absl::OkStatus();
+}
+
+// resample_rounds (after CheckEdit: RePaint needs the mask), for a sampler
+// that is not multistep in the sampler table.
+absl::Status CheckResampling(const v1::SampleRequest& r, SampleJob& job) {
+  if (r.resample_rounds() == 0) return absl::OkStatus();
+  if (r.resample_rounds() < 0 || r.resample_rounds() > kMaxResampleRounds) {
+    return Invalid(absl::StrFormat("resample_rounds: %d is out of range [0, %d]",
+                                   r.resample_rounds(), kMaxResampleRounds));
+  }
+  if (job.known.empty()) {
+    return Invalid(
+        "resample_rounds: RePaint resampling is for inpainting; needs a mask");
+  }
+  if (TraitsOf(job.sampler.type).multistep) {
+    return Invalid(absl::StrCat(
+        "resample_rounds: ", SamplerName(job.sampler.type),
+        " keeps a history of steps and cannot resample; use one of ",
+        SamplerNameList(", ", [](const SamplerTraits& t) { return !t.multistep; })));
+  }
+  job.sampler.resample_rounds = r.resample_rounds();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<SampleJob> ToSampleJob(const v1::SampleRequest& r,
+                                      const RequestLimits& limits,
+                                      const ModelDescription& model) {
+  SampleJob job;
+  VDM_ASSIGN_OR_RETURN(job.num_images, CheckImageCount(r, limits));
+  VDM_ASSIGN_OR_RETURN(job.sampler, CheckSampler(r, limits));
+  VDM_ASSIGN_OR_RETURN(job.conditioning, CheckConditioning(r, model));
   if (!IsKnownFormat(r.format())) {
     return Invalid(absl::StrCat("format: unknown value ", r.format()));
   }
   VDM_RETURN_IF_ERROR(CheckEdit(r, model, job));
-  if (latents > 0) {
-    if (job.reference || r.has_strength()) {
-      return Invalid(
-          "latents: decoding cannot be combined with init_image, strength or "
-          "mask");
-    }
-    for (int i = 0; i < latents; ++i) {
-      absl::StatusOr<std::vector<float>> z =
-          LatentFromProto(r.latents(i), model.shape);
-      if (!z.ok()) {
-        return Invalid(absl::StrCat("latents[", i, "]: ", z.status().message()));
-      }
-      job.latents.push_back(*std::move(z));
-    }
-  }
-  if (r.resample_rounds() != 0) {
-    if (r.resample_rounds() < 0 || r.resample_rounds() > kMaxResampleRounds) {
-      return Invalid(absl::StrFormat("resample_rounds: %d is out of range [0, %d]",
-                                     r.resample_rounds(), kMaxResampleRounds));
-    }
-    if (job.known.empty()) {
-      return Invalid(
-          "resample_rounds: RePaint resampling is for inpainting; needs a "
-          "mask");
-    }
-    if (job.sampler.type == SamplerType::kDpmSolver2M) {
-      return Invalid(
-          "resample_rounds: dpm_solver_2m keeps a history of steps and cannot "
-          "resample; use ddim, ddpm, euler_maruyama or heun");
-    }
-    job.sampler.resample_rounds = r.resample_rounds();
-  }
+  VDM_RETURN_IF_ERROR(CheckLatents(r, model, job));
+  VDM_RETURN_IF_ERROR(CheckResampling(r, job));
   const int64_t rows = SampleRowCost(job.sampler, job.num_images,
                                      job.conditioning, model.num_classes);
   if (rows > limits.max_request_rows) {

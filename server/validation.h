@@ -40,9 +40,6 @@ struct ModelDescription {
   std::string background_path;
 };
 
-// false_positive_rate of a ScoreRequest when unset.
-constexpr double kDefaultFalsePositiveRate = 0.01;
-
 // Per-request limits (vdm-server flags of the same names).
 struct RequestLimits {
   int max_images_per_request = 64;  // Sample num_images and ScoreBPD images

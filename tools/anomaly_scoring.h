@@ -10,22 +10,19 @@
 
 #include <cstdint>
 #include <functional>
-#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/vdm/anomaly.h"
 #include "model/vdm/denoiser.h"
 
 namespace vdm {
 
-struct ScoredImage {
-  double bpd = 0;
-  double complexity = 0;
-  std::vector<double> band;
+// bpd, complexity, band and, with SetScoring::background, background_bpd
+// (the BPD of the same rows under the background model): what the anomaly
+// policy (ScoreAnomalies) reads.
+struct ScoredImage : ImageLikelihood {
   std::vector<double> features;  // AnomalyFeatures(bpd, complexity, band)
-  // With SetScoring::background: the BPD of the same rows (times, noise,
-  // label) under the background model; llr = bpd - background_bpd.
-  std::optional<double> background_bpd;
 };
 
 struct SetScoring {

@@ -104,8 +104,13 @@ int main(int argc, char** argv) {
   }
   std::vector<std::vector<double>> features;
   for (const auto& s : *scored) features.push_back(s.features);
+  // How ScoreSet scored the images (the ELBO at K, independent noise): the
+  // setup the server's policy matches requests against.
+  vdm::AnomalyRequest as_scored;
+  as_scored.timesteps = scoring.timesteps;
   vdm::Calibration::Setup setup;
-  setup.timesteps = scoring.timesteps;
+  setup.timesteps = as_scored.timesteps;
+  setup.shared_noise = as_scored.shared_noise;
   setup.seed = scoring.seed;
   setup.data = absl::StrFormat("%s train images %d..%d%s (the trainer's held-out "
                                "validation split)",
@@ -118,6 +123,23 @@ int main(int argc, char** argv) {
                  std::string(calibration.status().message()).c_str());
     return 1;
   }
+  // The policy on the calibration images themselves, as the server would
+  // score them: the calibration applies, and at the default rate about that
+  // fraction is flagged (the conformal rule).
+  if (!vdm::CalibrationApplies(*calibration, as_scored)) {
+    std::fprintf(stderr, "vdm-calibrate: the fitted setup does not match the "
+                         "scoring (a bug)\n");
+    return 1;
+  }
+  const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
+                                                      scored->end());
+  const vdm::BatchAnomaly own =
+      vdm::ScoreAnomalies(likelihoods, &*calibration, as_scored);
+  int flagged = 0;
+  for (const vdm::ImageAnomaly& a : own.images) flagged += *a.is_anomaly;
+  std::fprintf(stderr, "vdm-calibrate: %d of %zu calibration images flagged "
+                       "at the default rate %g\n",
+               flagged, own.images.size(), vdm::kDefaultFalsePositiveRate);
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) out = path + ".calibration.json";
   const absl::Status written = vdm::WriteFileAtomic(out, calibration->ToJson());

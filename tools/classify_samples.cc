@@ -23,10 +23,19 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/classifier.h"
+
+namespace {
+// The samplers that take eta, from the library's sampler table.
+std::string TakesEtaList() {
+  return vdm::SamplerNameList(
+      ", ", [](const vdm::SamplerTraits& t) { return t.takes_eta; });
+}
+}  // namespace
 
 ABSL_FLAG(std::string, model, "", "generator: a class-conditional VDM (.pt)");
 ABSL_FLAG(std::string, classifier, "model/checkpoints/classifier.pt",
@@ -35,8 +44,9 @@ ABSL_FLAG(int64_t, per_class, 100, "samples per class");
 ABSL_FLAG(double, guidance, 3.0, "classifier-free guidance scale");
 ABSL_FLAG(int, steps, 50, "sampler steps");
 ABSL_FLAG(std::string, sampler, "ddim",
-          "ddim, ddpm, euler_maruyama, heun or dpm_solver_2m");
-ABSL_FLAG(double, eta, 0.0, "DDIM eta (0 = deterministic)");
+          absl::StrCat("one of ", vdm::SamplerNameList(", ")));
+ABSL_FLAG(double, eta, 0.0,
+          absl::StrCat("eta of ", TakesEtaList(), " (0 = deterministic)"));
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(int64_t, batch, 100, "images per sampling call");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
@@ -79,8 +89,12 @@ absl::StatusOr<vdm::GuidedCheckOptions> OptionsFromFlags() {
   if (!type.ok()) return type.status();
   options.sampler.type = *type;
   options.sampler.steps = absl::GetFlag(FLAGS_steps);
-  options.sampler.eta =
-      *type == vdm::SamplerType::kDdpm ? 1.0 : absl::GetFlag(FLAGS_eta);
+  options.sampler.eta = absl::GetFlag(FLAGS_eta);
+  if (options.sampler.eta != 0.0 && !vdm::TraitsOf(*type).takes_eta) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--eta applies only to ", TakesEtaList(), ", not ",
+        vdm::SamplerName(*type)));
+  }
   options.per_class = absl::GetFlag(FLAGS_per_class);
   options.guidance = absl::GetFlag(FLAGS_guidance);
   options.seed = absl::GetFlag(FLAGS_seed);
@@ -138,12 +152,16 @@ int main(int argc, char** argv) {
         ReportRealAccuracy(**classifier, absl::GetFlag(FLAGS_data));
     if (!s.ok()) return Fail(s);
   }
+  const std::string eta =
+      vdm::TraitsOf(options->sampler.type).takes_eta
+          ? absl::StrFormat(", eta %g", options->sampler.eta)
+          : std::string();
   std::printf(
-      "sampling %ld per class: %s, %d steps, eta %g, guidance %g, "
+      "sampling %ld per class: %s, %d steps%s, guidance %g, "
       "seed %lu, %d threads, %s\n",
       static_cast<long>(options->per_class),
       vdm::SamplerName(options->sampler.type).c_str(), options->sampler.steps,
-      options->sampler.eta, options->guidance,
+      eta.c_str(), options->guidance,
       static_cast<unsigned long>(options->seed), at::get_num_threads(),
       vdm::PrecisionName((*model)->precision()).c_str());
   std::fflush(stdout);

@@ -221,21 +221,44 @@ int main(int argc, char** argv) {
   scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
   scoring.seed = absl::GetFlag(FLAGS_seed);
   scoring.background = background.get();
+  // The anomaly fields come from the server's policy (ScoreAnomalies), for
+  // images scored as ScoreSet scores them: the ELBO at K, independent noise.
+  vdm::AnomalyRequest as_scored;
+  as_scored.timesteps = scoring.timesteps;
+  if (!vdm::CalibrationApplies(*calibration, as_scored)) {
+    std::fprintf(stderr,
+                 "vdm-ood-eval: the calibration is for K = %d%s; give "
+                 "--timesteps=%d\n",
+                 calibration->setup().timesteps,
+                 calibration->setup().shared_noise ? " with shared noise" : "",
+                 calibration->setup().timesteps);
+    return 2;
+  }
   const absl::Time start = absl::Now();
   using Scores = std::map<std::string, std::vector<double>>;
-  auto score = [&](const at::Tensor& x, const std::string& name) -> Scores {
+  std::vector<vdm::ImageLikelihood> in_likelihoods;
+  auto score = [&](const at::Tensor& x, const std::string& name,
+                   std::vector<vdm::ImageLikelihood>* kept = nullptr) -> Scores {
     auto scored = vdm::ScoreSet(**model, x, scoring);
     Scores out;
     if (!scored.ok()) {
       std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(scored.status().message()).c_str());
       std::exit(1);
     }
-    for (const auto& s : *scored) {
-      out["bpd"].push_back(s.bpd);
-      out["bpd - complexity"].push_back(s.bpd - s.complexity);
-      out["anomaly_score"].push_back(calibration->Score(s.features));
-      if (s.background_bpd) out["llr"].push_back(s.bpd - *s.background_bpd);
+    const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
+                                                        scored->end());
+    // Uncalibrated, the policy's score is bpd - complexity.
+    const vdm::BatchAnomaly plain =
+        vdm::ScoreAnomalies(likelihoods, nullptr, as_scored);
+    const vdm::BatchAnomaly calibrated =
+        vdm::ScoreAnomalies(likelihoods, &*calibration, as_scored);
+    for (size_t i = 0; i < likelihoods.size(); ++i) {
+      out["bpd"].push_back(likelihoods[i].bpd);
+      out["bpd - complexity"].push_back(*plain.images[i].anomaly_score);
+      out["anomaly_score"].push_back(*calibrated.images[i].anomaly_score);
+      if (calibrated.images[i].llr) out["llr"].push_back(*calibrated.images[i].llr);
     }
+    if (kept != nullptr) *kept = likelihoods;
     if (class_scores) {
       // bpd under each label, on the same rows (same seeds: only the label
       // differs); log p(x|y) ~ -D ln2 bpd_y, uniform p(y).
@@ -279,7 +302,7 @@ int main(int argc, char** argv) {
                  absl::ToDoubleSeconds(absl::Now() - start));
     return out;
   };
-  const Scores in_scores = score(in, "test (in-distribution)");
+  const Scores in_scores = score(in, "test (in-distribution)", &in_likelihoods);
   std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
   if (background) kinds.push_back("llr");
   if (class_scores) {
@@ -306,9 +329,12 @@ int main(int argc, char** argv) {
               "calibration; %zu calibration images):\n",
               static_cast<long long>(n_in), calibration->size());
   for (double rate : {0.01, 0.05}) {
+    vdm::AnomalyRequest at_rate = as_scored;
+    at_rate.false_positive_rate = rate;
     int flagged = 0;
-    for (double s : in_scores.at("anomaly_score")) {
-      flagged += calibration->PValue(s) <= rate;
+    for (const vdm::ImageAnomaly& a :
+         vdm::ScoreAnomalies(in_likelihoods, &*calibration, at_rate).images) {
+      flagged += *a.is_anomaly;
     }
     std::printf("  nominal %.0f%%: observed %.2f%% (%d of %lld)\n", 100 * rate,
                 100.0 * flagged / n_in, flagged, static_cast<long long>(n_in));

@@ -183,4 +183,42 @@ absl::StatusOr<Calibration> Calibration::FromJson(const std::string& text) {
   return c;
 }
 
+bool CalibrationApplies(const Calibration& calibration,
+                        const AnomalyRequest& request) {
+  return request.method == ScoreMethod::kElbo &&
+         calibration.setup().timesteps == request.timesteps &&
+         calibration.setup().shared_noise == request.shared_noise;
+}
+
+BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
+                            const Calibration* calibration,
+                            const AnomalyRequest& request) {
+  BatchAnomaly out;
+  out.images.resize(images.size());
+  if (request.method != ScoreMethod::kElbo) return out;
+  if (calibration != nullptr && !CalibrationApplies(*calibration, request)) {
+    calibration = nullptr;
+  }
+  std::vector<double> scores;
+  for (size_t i = 0; i < images.size(); ++i) {
+    const ImageLikelihood& s = images[i];
+    ImageAnomaly& a = out.images[i];
+    if (s.background_bpd) a.llr = s.bpd - *s.background_bpd;
+    if (calibration == nullptr) {
+      a.anomaly_score = s.bpd - s.complexity;
+      continue;
+    }
+    const double score =
+        calibration->Score(AnomalyFeatures(s.bpd, s.complexity, s.band));
+    a.anomaly_score = score;
+    a.p_value = calibration->PValue(score);
+    a.is_anomaly = *a.p_value <= request.false_positive_rate;
+    scores.push_back(score);
+  }
+  if (calibration != nullptr && scores.size() >= 2) {
+    out.batch_p_value = calibration->BatchPValue(scores);
+  }
+  return out;
+}
+
 }  // namespace vdm

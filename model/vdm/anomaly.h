@@ -15,20 +15,31 @@
 //   anomaly score is the negative log-density under it; the p-value is the
 //   fraction of calibration images scoring at least as high.
 //
-// Thread-safe: Calibration is immutable after Fit/FromJson.
+// ScoreAnomalies below is the one anomaly policy: the server's ScoreBPD,
+// vdm-calibrate and vdm-ood-eval turn likelihood results into anomaly
+// fields with it.
+//
+// Thread-safe: Calibration is immutable after Fit/FromJson; the free
+// functions are pure.
 #ifndef VDM_MODEL_VDM_ANOMALY_H_
 #define VDM_MODEL_VDM_ANOMALY_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/vdm/image.h"
+#include "model/vdm/request.h"
 
 namespace vdm {
 
 constexpr int kBands = 4;
+
+// The false-positive rate at which images are flagged when a request names
+// none (ScoreRequest.false_positive_rate unset).
+constexpr double kDefaultFalsePositiveRate = 0.01;
 
 // Bits per dimension of `image` as a PNG at zlib level 9.
 absl::StatusOr<double> ComplexityBpd(const Image8& image);
@@ -82,6 +93,55 @@ class Calibration {
   double log_normalizer_ = 0;     // 0.5 log det(2 pi Sigma)
   std::vector<double> sorted_scores_;
 };
+
+// One image's likelihood results, as far as the anomaly policy reads them.
+struct ImageLikelihood {
+  double bpd = 0;
+  double complexity = 0;      // ComplexityBpd
+  std::vector<double> band;   // kBands, summing to the diffusion term
+  // With a background model: the BPD of the same rows under it.
+  std::optional<double> background_bpd;
+};
+
+// How a batch was scored, and the rate the request flags at.
+struct AnomalyRequest {
+  ScoreMethod method = ScoreMethod::kElbo;
+  int timesteps = 16;
+  bool shared_noise = false;
+  double false_positive_rate = kDefaultFalsePositiveRate;
+};
+
+// The anomaly fields of one image (vdm.v1.ImageScore).
+struct ImageAnomaly {
+  std::optional<double> anomaly_score;  // absent with the ODE
+  std::optional<double> p_value;        // calibrated only
+  std::optional<bool> is_anomaly;       // calibrated only
+  std::optional<double> llr;            // with a background_bpd only
+};
+
+// The anomaly fields of a batch: one ImageAnomaly per image, in order, and
+// the batch's (vdm.v1.ScoreResponse.batch_p_value).
+struct BatchAnomaly {
+  std::vector<ImageAnomaly> images;
+  std::optional<double> batch_p_value;
+};
+
+// Whether `calibration` applies to images scored as `request` says: by the
+// ELBO, with the calibration set's K and noise option.
+bool CalibrationApplies(const Calibration& calibration,
+                        const AnomalyRequest& request);
+
+// The anomaly policy. With the ODE (no ELBO parts, no features) every field
+// is absent. Otherwise, per image: llr = bpd - background_bpd when there is
+// a background_bpd; with a `calibration` that applies (CalibrationApplies),
+// anomaly_score = its Score of AnomalyFeatures, p_value = its PValue and
+// is_anomaly = p_value <= false_positive_rate; else (null or not applying)
+// anomaly_score = bpd - complexity and no p_value or flag. With a
+// calibration that applies and two or more images, batch_p_value is its
+// BatchPValue of the scores.
+BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
+                            const Calibration* calibration,
+                            const AnomalyRequest& request);
 
 }  // namespace vdm
 

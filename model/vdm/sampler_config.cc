@@ -7,19 +7,14 @@
 namespace vdm {
 namespace {
 
-struct SamplerEntry {
-  SamplerType type;
-  const char* name;
-  int evaluations_per_step;
-};
-
-// The one table of samplers (see the header).
-constexpr SamplerEntry kSamplers[] = {
-    {SamplerType::kDdim, "ddim", 1},
-    {SamplerType::kDdpm, "ddpm", 1},
-    {SamplerType::kEulerMaruyama, "euler_maruyama", 1},
-    {SamplerType::kHeun, "heun", 2},
-    {SamplerType::kDpmSolver2M, "dpm_solver_2m", 1},
+// The one table of samplers (see the header): name, evaluations per step,
+// multistep, takes eta.
+constexpr SamplerTraits kSamplers[] = {
+    {SamplerType::kDdim, "ddim", 1, false, true},
+    {SamplerType::kDdpm, "ddpm", 1, false, false},
+    {SamplerType::kEulerMaruyama, "euler_maruyama", 1, false, false},
+    {SamplerType::kHeun, "heun", 2, false, false},
+    {SamplerType::kDpmSolver2M, "dpm_solver_2m", 1, true, false},
 };
 
 struct GridEntry {
@@ -32,19 +27,19 @@ constexpr GridEntry kGrids[] = {
     {TimeGrid::kUniformLogSnr, "uniform_log_snr"},
 };
 
-const SamplerEntry& Entry(SamplerType type) {
-  for (const SamplerEntry& e : kSamplers) {
+}  // namespace
+
+const SamplerTraits& TraitsOf(SamplerType type) {
+  for (const SamplerTraits& e : kSamplers) {
     if (e.type == type) return e;
   }
   return kSamplers[0];  // unreachable: every enumerator is in the table
 }
 
-}  // namespace
-
 const std::vector<SamplerType>& AllSamplerTypes() {
   static const auto* all = [] {
     auto* v = new std::vector<SamplerType>;
-    for (const SamplerEntry& e : kSamplers) v->push_back(e.type);
+    for (const SamplerTraits& e : kSamplers) v->push_back(e.type);
     return v;
   }();
   return *all;
@@ -59,11 +54,11 @@ const std::vector<TimeGrid>& AllTimeGrids() {
   return *all;
 }
 
-std::string SamplerName(SamplerType type) { return Entry(type).name; }
+std::string SamplerName(SamplerType type) { return TraitsOf(type).name; }
 
 absl::StatusOr<SamplerType> ParseSamplerType(const std::string& name) {
   const std::string lower = absl::AsciiStrToLower(name);
-  for (const SamplerEntry& e : kSamplers) {
+  for (const SamplerTraits& e : kSamplers) {
     if (lower == e.name) return e.type;
   }
   return absl::InvalidArgumentError(absl::StrCat(
@@ -87,8 +82,15 @@ absl::StatusOr<TimeGrid> ParseTimeGrid(const std::string& name) {
 }
 
 std::string SamplerNameList(const std::string& separator) {
+  return SamplerNameList(separator, [](const SamplerTraits&) { return true; });
+}
+
+std::string SamplerNameList(const std::string& separator,
+                            bool (*keep)(const SamplerTraits&)) {
   std::vector<std::string> names;
-  for (const SamplerEntry& e : kSamplers) names.push_back(e.name);
+  for (const SamplerTraits& e : kSamplers) {
+    if (keep(e)) names.push_back(e.name);
+  }
   return absl::StrJoin(names, separator);
 }
 
@@ -99,7 +101,7 @@ std::string TimeGridNameList(const std::string& separator) {
 }
 
 int64_t SamplerEvaluations(const SamplerConfig& config) {
-  return int64_t{Entry(config.type).evaluations_per_step} * config.steps *
+  return int64_t{TraitsOf(config.type).evaluations_per_step} * config.steps *
          (1 + int64_t{config.resample_rounds});
 }
 

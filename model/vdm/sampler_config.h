@@ -44,6 +44,23 @@ struct SamplerConfig {
   int resample_rounds = 0;
 };
 
+// What the table says about one sampler.
+struct SamplerTraits {
+  SamplerType type;
+  const char* name;          // the spelling (see above)
+  int evaluations_per_step;  // network evaluations (NFE) per row per step
+  // Multistep: a step uses the earlier steps too (a history), so the state
+  // cannot jump back (no RePaint resampling). Otherwise memoryless: the
+  // next step depends only on z_t.
+  bool multistep;
+  // The request's eta applies (DDIM); every other sampler refuses an eta
+  // other than 0.
+  bool takes_eta;
+};
+
+// The table's row of `type`.
+const SamplerTraits& TraitsOf(SamplerType type);
+
 // Every sampler and time grid, in table order.
 const std::vector<SamplerType>& AllSamplerTypes();
 const std::vector<TimeGrid>& AllTimeGrids();
@@ -57,6 +74,11 @@ std::string TimeGridName(TimeGrid grid);
 absl::StatusOr<TimeGrid> ParseTimeGrid(const std::string& name);
 // "ddim|ddpm|..." and "uniform_t|uniform_log_snr", for help texts.
 std::string SamplerNameList(const std::string& separator = "|");
+// The names of the samplers `keep` accepts, in table order, e.g. the
+// memoryless ones: SamplerNameList(", ", [](const SamplerTraits& t) {
+// return !t.multistep; }).
+std::string SamplerNameList(const std::string& separator,
+                            bool (*keep)(const SamplerTraits&));
 std::string TimeGridNameList(const std::string& separator = "|");
 
 // Network evaluations per row for the whole trajectory (known before

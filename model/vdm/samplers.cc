@@ -107,8 +107,7 @@ class DpmSolver2MSampler : public Sampler {
       : Sampler(std::move(z1), std::move(gammas), std::move(gen)) {}
 
   // The second-order update uses the previous step's x_hat: a jump back
-  // would pair it with the wrong step.
-  bool memoryless() const override { return false; }
+  // would pair it with the wrong step (multistep in the sampler table).
 
  private:
   void Advance(const at::Tensor& eps_hat) override {
@@ -198,7 +197,7 @@ void Sampler::Blend(const at::Tensor& known, const at::Tensor& z_known) {
 }
 
 void Sampler::JumpBack(const at::Tensor& eps) {
-  // Callers check step_ > 0 and memoryless().
+  // Callers check step_ > 0 and that the sampler is not multistep.
   const at::Tensor gt = GammaAt(step_ - 1), gs = GammaAt(step_);
   const at::Tensor alpha_ts = at::sqrt(AlphaSquared(gt) / AlphaSquared(gs));
   const at::Tensor sigma_ts =
@@ -222,7 +221,7 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
     return absl::InvalidArgumentError(
         absl::StrCat("steps must be >= 1, got ", config.steps));
   }
-  if (config.type == SamplerType::kDdim &&
+  if (TraitsOf(config.type).takes_eta &&
       !(config.eta >= 0.0 && config.eta <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("eta must be in [0, 1], got ", config.eta));
@@ -297,6 +296,12 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
         "resample_rounds must be >= 0 and needs an inpainting mask, got ",
         sampler.resample_rounds));
   }
+  if (sampler.resample_rounds > 0 && TraitsOf(sampler.type).multistep) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resample_rounds: the ", SamplerName(sampler.type),
+        " sampler keeps a history of steps and cannot jump back; use one of ",
+        SamplerNameList(", ", [](const SamplerTraits& t) { return !t.multistep; })));
+  }
   if (edit.z1.defined() && has_reference) {
     return absl::InvalidArgumentError(
         "a given latent z1 cannot be combined with an edit");
@@ -362,12 +367,6 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
     }
     VDM_ASSIGN_OR_RETURN(plan->sampler_,
                          MakeSampler(config, z1, schedule, gen));
-    if (plan->rounds_ > 0 && !plan->sampler_->memoryless()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "resample_rounds: the ", SamplerName(config.type),
-          " sampler keeps a history of steps and cannot jump back; use ddim, "
-          "ddpm, euler_maruyama or heun"));
-    }
     if (plan->known_.defined()) plan->ReplaceKnown();
   } catch (const std::exception& e) {  // c10::Error: no exception leaves
     return absl::InternalError(absl::StrCat("sampling plan: ", e.what()));

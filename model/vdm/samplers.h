@@ -69,10 +69,9 @@ class Sampler {
   // Overwrites the state where `known` (bool, z's shape) with z_known
   // (inpainting). Between steps only.
   void Blend(const at::Tensor& known, const at::Tensor& z_known);
-  // Whether the next step depends only on z_t (no history of earlier
-  // steps): true for all but DPM-Solver++(2M). Only those can JumpBack.
-  virtual bool memoryless() const { return true; }
-  // RePaint's jump back (between steps, step() > 0, memoryless()): from the
+  // RePaint's jump back (between steps, step() > 0, and only for a sampler
+  // that is not multistep in the table, TraitsOf in sampler_config.h: the
+  // next step must depend only on z_t): from the
   // state z_s at gamma_s = gammas[step] to z_t at gamma_t = gammas[step-1]
   // by the forward transition q(z_t | z_s):
   //   z_t = alpha_{t|s} z_s + sigma_{t|s} eps,  alpha_{t|s} = alpha_t / alpha_s,

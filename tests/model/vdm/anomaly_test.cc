@@ -124,5 +124,136 @@ TEST(CalibrationTest, BatchPValueFlagsAShiftedSetButNotATypicalOne) {
   EXPECT_EQ(c.BatchPValue(typical), c.BatchPValue(typical)) << "deterministic";
 }
 
+// The anomaly policy (ScoreAnomalies): one test per rule.
+Calibration PolicyCalibration() {
+  Calibration::Setup setup;
+  setup.timesteps = 16;
+  return *Calibration::Fit(GaussianFeatures(500, 7), setup);
+}
+
+// An image whose features are `f` (AnomalyFeatures: [bpd - complexity,
+// bands]), with bpd = 2.
+ImageLikelihood WithFeatures(const std::vector<double>& f) {
+  ImageLikelihood image;
+  image.bpd = 2.0;
+  image.complexity = 2.0 - f[0];
+  image.band.assign(f.begin() + 1, f.end());
+  return image;
+}
+
+AnomalyRequest AsCalibrated() {
+  AnomalyRequest r;
+  r.timesteps = 16;
+  return r;
+}
+
+TEST(AnomalyPolicyTest, UncalibratedScoreIsTheComplexityCorrectedBpd) {
+  ImageLikelihood image = WithFeatures({1.5, 0.3, 0.8, 1.1, 0.02});
+  image.bpd = 3.25;
+  image.complexity = 1.0;
+  const BatchAnomaly a = ScoreAnomalies({image, image}, nullptr, AsCalibrated());
+  ASSERT_EQ(a.images.size(), 2u);
+  ASSERT_TRUE(a.images[0].anomaly_score.has_value());
+  EXPECT_DOUBLE_EQ(*a.images[0].anomaly_score, 2.25);
+  EXPECT_FALSE(a.images[0].p_value.has_value());
+  EXPECT_FALSE(a.images[0].is_anomaly.has_value());
+  EXPECT_FALSE(a.images[0].llr.has_value());
+  EXPECT_FALSE(a.batch_p_value.has_value()) << "no calibration";
+}
+
+TEST(AnomalyPolicyTest, CalibratedScoreGivesThePValueAndTheFlagAtTheRate) {
+  const Calibration c = PolicyCalibration();
+  const std::vector<double> typical = {1.5, 0.3, 0.8, 1.1, 0.02};
+  std::vector<double> far = typical;
+  far[0] += 5.0;
+  AnomalyRequest request = AsCalibrated();
+  request.false_positive_rate = 0.05;
+  const BatchAnomaly a =
+      ScoreAnomalies({WithFeatures(typical), WithFeatures(far)}, &c, request);
+  for (size_t i = 0; i < 2; ++i) {
+    const std::vector<double>& f = i == 0 ? typical : far;
+    const ImageAnomaly& image = a.images[i];
+    ASSERT_TRUE(image.anomaly_score && image.p_value && image.is_anomaly) << i;
+    EXPECT_DOUBLE_EQ(*image.anomaly_score, c.Score(f));
+    EXPECT_DOUBLE_EQ(*image.p_value, c.PValue(c.Score(f)));
+    EXPECT_EQ(*image.is_anomaly, *image.p_value <= 0.05);
+  }
+  EXPECT_FALSE(*a.images[0].is_anomaly);
+  EXPECT_TRUE(*a.images[1].is_anomaly);
+  // The flag is at the request's rate: the typical image's own p-value
+  // flags it.
+  request.false_positive_rate = *a.images[0].p_value;
+  EXPECT_TRUE(*ScoreAnomalies({WithFeatures(typical)}, &c, request)
+                   .images[0]
+                   .is_anomaly);
+}
+
+TEST(AnomalyPolicyTest, CalibrationAppliesOnlyToTheElboAtItsKAndNoise) {
+  const Calibration c = PolicyCalibration();
+  const ImageLikelihood image = WithFeatures({1.5, 0.3, 0.8, 1.1, 0.02});
+  EXPECT_TRUE(CalibrationApplies(c, AsCalibrated()));
+  AnomalyRequest other_k = AsCalibrated();
+  other_k.timesteps = 32;
+  AnomalyRequest shared = AsCalibrated();
+  shared.shared_noise = true;
+  for (const AnomalyRequest& r : {other_k, shared}) {
+    EXPECT_FALSE(CalibrationApplies(c, r));
+    const BatchAnomaly a = ScoreAnomalies({image, image}, &c, r);
+    // The uncalibrated fallback, as without a calibration.
+    EXPECT_DOUBLE_EQ(*a.images[0].anomaly_score, image.bpd - image.complexity);
+    EXPECT_FALSE(a.images[0].p_value.has_value());
+    EXPECT_FALSE(a.images[0].is_anomaly.has_value());
+    EXPECT_FALSE(a.batch_p_value.has_value());
+  }
+  // The ODE's BPD has no features: no anomaly fields at all, llr included.
+  AnomalyRequest ode = AsCalibrated();
+  ode.method = ScoreMethod::kOde;
+  EXPECT_FALSE(CalibrationApplies(c, ode));
+  ImageLikelihood with_background = image;
+  with_background.background_bpd = 1.0;
+  const BatchAnomaly a = ScoreAnomalies({with_background}, &c, ode);
+  ASSERT_EQ(a.images.size(), 1u);
+  EXPECT_FALSE(a.images[0].anomaly_score.has_value());
+  EXPECT_FALSE(a.images[0].p_value.has_value());
+  EXPECT_FALSE(a.images[0].llr.has_value());
+}
+
+TEST(AnomalyPolicyTest, LlrOnlyWithABackgroundBpd) {
+  const Calibration c = PolicyCalibration();
+  ImageLikelihood with = WithFeatures({1.5, 0.3, 0.8, 1.1, 0.02});
+  with.background_bpd = 0.5;
+  const ImageLikelihood without = WithFeatures({1.5, 0.3, 0.8, 1.1, 0.02});
+  for (const Calibration* calibration : {&c, static_cast<const Calibration*>(nullptr)}) {
+    const BatchAnomaly a =
+        ScoreAnomalies({with, without}, calibration, AsCalibrated());
+    ASSERT_TRUE(a.images[0].llr.has_value());
+    EXPECT_DOUBLE_EQ(*a.images[0].llr, 2.0 - 0.5);
+    EXPECT_FALSE(a.images[1].llr.has_value());
+  }
+}
+
+TEST(AnomalyPolicyTest, BatchPValueOnlyWithTwoOrMoreCalibratedImages) {
+  const Calibration c = PolicyCalibration();
+  std::vector<ImageLikelihood> images;
+  std::vector<double> scores;
+  for (const auto& f : GaussianFeatures(3, 8)) {
+    const ImageLikelihood image = WithFeatures(f);
+    images.push_back(image);
+    scores.push_back(
+        c.Score(AnomalyFeatures(image.bpd, image.complexity, image.band)));
+  }
+  const BatchAnomaly three = ScoreAnomalies(images, &c, AsCalibrated());
+  ASSERT_TRUE(three.batch_p_value.has_value());
+  EXPECT_DOUBLE_EQ(*three.batch_p_value, c.BatchPValue(scores));
+  EXPECT_FALSE(ScoreAnomalies({images[0]}, &c, AsCalibrated())
+                   .batch_p_value.has_value())
+      << "one image";
+  EXPECT_FALSE(ScoreAnomalies({}, &c, AsCalibrated()).batch_p_value.has_value());
+  EXPECT_TRUE(ScoreAnomalies({}, &c, AsCalibrated()).images.empty());
+  EXPECT_FALSE(ScoreAnomalies(images, nullptr, AsCalibrated())
+                   .batch_p_value.has_value())
+      << "uncalibrated";
+}
+
 }  // namespace
 }  // namespace vdm

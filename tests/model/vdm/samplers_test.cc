@@ -603,5 +603,35 @@ TEST(SamplerStateTest, RejectsBadInputAndParsesNames) {
   EXPECT_FALSE(ParseTimeGrid("cosine").ok());
 }
 
+TEST(SamplerStateTest, TheTableSaysWhichSamplersResampleAndTakeEta) {
+  auto oracle = MakeOracle();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  const at::Tensor z1 = at::randn({2, 1, 4, 4});
+  SampleEdit edit;
+  edit.reference = at::full({1, 1, 4, 4}, 100, at::kByte);
+  edit.known = at::zeros({1, 1, 4, 4}, at::kBool);
+  edit.known.narrow(2, 0, 1).fill_(true);
+  for (SamplerType type : AllTypes()) {
+    const SamplerTraits& traits = TraitsOf(type);
+    EXPECT_EQ(traits.type, type);
+    EXPECT_EQ(traits.name, SamplerName(type));
+    // RePaint resampling: refused exactly for the multistep samplers.
+    SamplerConfig repaint{type, 4, 0.0, TimeGrid::kUniformT};
+    repaint.resample_rounds = 1;
+    auto plan = SamplingPlan::Create(repaint, 2, {}, {1, 4, 4}, 0, 5,
+                                     ScheduleOf(*oracle), at::Tensor(), edit);
+    EXPECT_EQ(plan.ok(), !traits.multistep) << traits.name;
+    // An eta out of range matters only to the samplers that take it.
+    const SamplerConfig eta{type, 4, 1.5, TimeGrid::kUniformT};
+    EXPECT_EQ(MakeSampler(eta, z1, ScheduleOf(*oracle), gen).ok(),
+              !traits.takes_eta)
+        << traits.name;
+  }
+  EXPECT_EQ(SamplerNameList(", ", [](const SamplerTraits& t) { return t.multistep; }),
+            "dpm_solver_2m");
+  EXPECT_EQ(SamplerNameList("|", [](const SamplerTraits& t) { return t.takes_eta; }),
+            "ddim");
+}
+
 }  // namespace
 }  // namespace vdm
