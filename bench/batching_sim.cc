@@ -55,12 +55,12 @@ const char* const kKindNames[kKinds] = {"DDIM-10", "DDIM-50", "DDPM-250",
 
 struct Policy {
   const char* name;
-  Engine::Admission admission;
+  Admission admission;
 };
 const Policy kPolicies[] = {
-    {"one-at-a-time", Engine::Admission::kOneAtATime},
-    {"request-level", Engine::Admission::kRequestLevel},
-    {"continuous", Engine::Admission::kContinuous},
+    {"one-at-a-time", Admission::kOneAtATime},
+    {"request-level", Admission::kRequestLevel},
+    {"continuous", Admission::kContinuous},
 };
 
 // The mix: DDIM-10 30 %, BPD-K16 20 %, DDPM-250 `ddpm_share`, DDIM-50 the
@@ -146,14 +146,15 @@ Stats Measure(const std::vector<SimRequest>& trace, const SimOutcome& out,
   return s;
 }
 
-Stats RunOne(Engine::Admission admission, int max_batch, const CostModel& cost,
+Stats RunOne(Admission admission, int max_batch, const CostModel& cost,
              const std::vector<SimRequest>& trace, double load) {
   Engine::Options options;
-  options.admission = admission;
   options.max_batch = max_batch;
-  options.batch_window =
+  SimPolicy policy;
+  policy.admission = admission;
+  policy.batch_window =
       absl::Milliseconds(absl::GetFlag(FLAGS_batch_window_ms));
-  absl::StatusOr<SimOutcome> out = Simulate(options, cost, trace);
+  absl::StatusOr<SimOutcome> out = Simulate(options, policy, cost, trace);
   if (!out.ok()) {
     std::fprintf(stderr, "simulation failed: %s\n",
                  out.status().ToString().c_str());
@@ -231,7 +232,7 @@ ModelReport RunModel(const std::string& name, const CostModel& cost) {
     alone[i].arrival = absl::Seconds(1e6 * static_cast<double>(i));
   }
   const Stats solo =
-      RunOne(Engine::Admission::kContinuous, max_batch, cost, alone, 0);
+      RunOne(Admission::kContinuous, max_batch, cost, alone, 0);
   double slo[kKinds];
   absl::StrAppendFormat(
       &o,
@@ -356,7 +357,7 @@ ModelReport RunModel(const std::string& name, const CostModel& cost) {
         Load(0.5 * c64).c_str());
     for (int mb : {16, 32, 64, 128, 256}) {
       auto run = [&](double load) {
-        return RunOne(Engine::Admission::kContinuous, mb, cost,
+        return RunOne(Admission::kContinuous, mb, cost,
                       MakeTrace(n, load, share, seed), load);
       };
       // Geometric bisection for the highest load within the objective,
@@ -375,7 +376,7 @@ ModelReport RunModel(const std::string& name, const CostModel& cost) {
       }
       const double peak_load = 3 * capacity(mb);
       const double peak =
-          RunOne(Engine::Admission::kContinuous, mb, cost,
+          RunOne(Admission::kContinuous, mb, cost,
                  MakeTrace(n, peak_load, share, seed), peak_load)
               .rows_per_s;
       absl::StrAppendFormat(&o, "| %d | %s | %.3g | %s | %s |\n", mb,

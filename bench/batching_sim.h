@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "bench/admission.h"
 #include "server/engine.h"
 #include "server/jobs.h"
 
@@ -51,10 +52,17 @@ struct SimOutcome {
   int64_t rows = 0;
 };
 
+// How the simulated engine admits requests (bench/admission.h).
+struct SimPolicy {
+  Admission admission = Admission::kContinuous;
+  absl::Duration batch_window = absl::Milliseconds(5);  // kRequestLevel
+};
+
 // Runs `trace` (sorted by arrival) through an engine with `options` (clock,
-// threaded and max_queued_rows are set here). Fails when a request is
-// refused or fails, or when the engine stalls.
+// threaded, admission and max_queued_rows are set here) under `policy`.
+// Fails when a request is refused or fails, or when the engine stalls.
 absl::StatusOr<SimOutcome> Simulate(Engine::Options options,
+                                    const SimPolicy& policy,
                                     const CostModel& cost,
                                     const std::vector<SimRequest>& trace);
 

@@ -9,10 +9,13 @@
 #include "absl/strings/str_cat.h"
 #include "bench/batching_sim.h"
 #include "model/vdm/denoiser.h"
-#include "server/clock.h"
+#include "server/tasks.h"
+#include "server/testing/fake_clock.h"
 
 namespace vdm {
 namespace {
+
+constexpr int kSimClasses = 10;
 
 // eps_hat = 0 on a linear schedule gamma(t) = -5 + 10 t; each pass hands
 // its cost to `spend`, which moves the fake clock through it.
@@ -23,7 +26,7 @@ class SimDenoiser : public Denoiser {
       : cost_(cost), spend_(std::move(spend)) {}
 
   ImageShape shape() const override { return {1, 8, 8}; }
-  int num_classes() const override { return 10; }
+  int num_classes() const override { return kSimClasses; }
 
   absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z, const at::Tensor&,
                                      const at::Tensor&) override {
@@ -44,8 +47,14 @@ class SimDenoiser : public Denoiser {
 }  // namespace
 
 absl::StatusOr<SimOutcome> Simulate(Engine::Options options,
+                                    const SimPolicy& policy,
                                     const CostModel& cost,
                                     const std::vector<SimRequest>& trace) {
+  absl::StatusOr<std::unique_ptr<AdmissionPolicy>> admission =
+      MakeAdmissionPolicy(policy.admission, options.max_batch,
+                          policy.batch_window);
+  if (!admission.ok()) return admission.status();
+  options.admission = admission->get();
   FakeClock clock;
   const absl::Time origin = clock.Now();
   options.clock = &clock;
@@ -80,15 +89,19 @@ absl::StatusOr<SimOutcome> Simulate(Engine::Options options,
       const size_t i = next++;
       absl::Status s;
       if (trace[i].is_score) {
-        s = engine->SubmitScore(trace[i].score, {},
-                                [&finish, i](absl::StatusOr<ScoreResult> r) {
-                                  finish(i, r.status());
-                                });
+        s = engine->Submit(
+            MakeScoreTask(trace[i].score,
+                          [&finish, i](absl::StatusOr<ScoreResult> r) {
+                            finish(i, r.status());
+                          }),
+            {});
       } else {
-        s = engine->SubmitSample(trace[i].sample, {},
-                                 [&finish, i](absl::StatusOr<SampleResult> r) {
-                                   finish(i, r.status());
-                                 });
+        s = engine->Submit(
+            MakeSampleTask(trace[i].sample, kSimClasses,
+                           [&finish, i](absl::StatusOr<SampleResult> r) {
+                             finish(i, r.status());
+                           }),
+            {});
       }
       if (!s.ok() && failure.ok()) {
         failure = absl::InternalError(
@@ -108,7 +121,7 @@ absl::StatusOr<SimOutcome> Simulate(Engine::Options options,
   std::vector<std::unique_ptr<Denoiser>> replicas;
   replicas.push_back(std::make_unique<SimDenoiser>(cost, spend));
   absl::StatusOr<std::unique_ptr<Engine>> made =
-      Engine::Create(options, std::move(replicas), nullptr);
+      Engine::Create(options, std::move(replicas));
   if (!made.ok()) return made.status();
   engine = made->get();
 
@@ -120,10 +133,9 @@ absl::StatusOr<SimOutcome> Simulate(Engine::Options options,
     while (oldest < n && done[oldest]) ++oldest;
     absl::Time wake = next < n ? origin + trace[next].arrival
                                : absl::InfiniteFuture();
-    if (options.admission == Engine::Admission::kRequestLevel &&
-        oldest < next) {
+    if (policy.admission == Admission::kRequestLevel && oldest < next) {
       wake = std::min(wake,
-                      origin + trace[oldest].arrival + options.batch_window);
+                      origin + trace[oldest].arrival + policy.batch_window);
     }
     if (wake <= clock.Now() || wake == absl::InfiniteFuture()) {
       failure = absl::InternalError(absl::StrCat(

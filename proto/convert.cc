@@ -164,6 +164,27 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
   return decoded;
 }
 
+void ScoreToProto(const ImageBpd& s, const ImageAnomaly& a,
+                  v1::ImageScore* out) {
+  out->set_bpd(s.bpd);
+  if (s.ode_function_evaluations > 0) {  // no ELBO parts, no anomaly features
+    out->set_ode_function_evaluations(s.ode_function_evaluations);
+    if (s.ode_stderr_bpd) out->set_ode_stderr_bpd(*s.ode_stderr_bpd);
+    return;
+  }
+  out->set_prior_bpd(s.prior);
+  out->set_recon_bpd(s.recon);
+  out->set_diffusion_bpd(s.diffusion);
+  out->set_stderr_bpd(s.stderr_bpd);
+  out->set_complexity_bpd(s.complexity);
+  for (double b : s.band) out->add_band_bpd(b);
+  if (s.background_bpd) out->set_background_bpd(*s.background_bpd);
+  if (a.llr) out->set_llr(*a.llr);
+  if (a.anomaly_score) out->set_anomaly_score(*a.anomaly_score);
+  if (a.p_value) out->set_p_value(*a.p_value);
+  if (a.is_anomaly) out->set_is_anomaly(*a.is_anomaly);
+}
+
 void LatentToProto(const std::vector<float>& values, const ImageShape& shape,
                    v1::Latent* out) {
   out->set_channels(shape.channels);

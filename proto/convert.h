@@ -10,7 +10,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/vdm/anomaly.h"
 #include "model/vdm/image.h"
+#include "model/vdm/image_scores.h"
 #include "model/vdm/request.h"
 #include "model/vdm/sampler_config.h"
 #include "vdm/v1/vdm.pb.h"
@@ -46,6 +48,15 @@ absl::StatusOr<Image8> ImageFromProto(const v1::Image& image,
                                       const ImageShape* expect = nullptr);
 
 // A latent (C x H x W floats) on the wire, with its shape fields set.
+// A per-image score record (model/vdm/image_scores.h) and its anomaly
+// fields (anomaly.h ScoreAnomalies) as the wire's ImageScore: an ODE score
+// (ode_function_evaluations > 0) carries bpd and the ODE fields only; an
+// ELBO score its parts, complexity, bands, the anomaly fields and, with a
+// background model, background_bpd. The anomaly map (pixel_bits) is the
+// service's (it also encodes the PNG).
+void ScoreToProto(const ImageBpd& score, const ImageAnomaly& anomaly,
+                  v1::ImageScore* out);
+
 void LatentToProto(const std::vector<float>& values, const ImageShape& shape,
                    v1::Latent* out);
 // A wire latent of `expect`'s shape: its shape fields (when set) must be

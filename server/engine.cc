@@ -12,10 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "model/vdm/denoiser.h"
-#include "model/vdm/request.h"
+#include "model/vdm/rows.h"
 #include "model/vdm/status_macros.h"
-#include "server/metrics.h"
-#include "server/tasks.h"
 
 namespace vdm {
 
@@ -24,7 +22,8 @@ namespace vdm {
 // request's progress messages before its result.
 class CompletionQueue {
  public:
-  CompletionQueue(bool threaded, Metrics* metrics) : metrics_(metrics) {
+  CompletionQueue(bool threaded, EngineObserver* observer)
+      : observer_(observer) {
     if (threaded) thread_ = std::thread([this] { Run(); });
   }
   ~CompletionQueue() { Stop(); }
@@ -84,14 +83,14 @@ class CompletionQueue {
         last_trim_ = now;
       }
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
-      if (metrics_) metrics_->AddCompletionSeconds(seconds);
+      observer_->OnCompletionSeconds(seconds);
       mu_.Lock();
       busy_seconds_ += seconds;
       --running_;
     }
   }
 
-  Metrics* const metrics_;
+  EngineObserver* const observer_;
   absl::Time last_trim_ = absl::InfinitePast();  // completion thread only
   absl::Mutex mu_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
@@ -107,12 +106,10 @@ constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
 // many rows of max_batch.
 constexpr int64_t kVjpRowCost = 3;
 
-// Rows evaluated by all workers, with a condition to wait on.
-struct EvaluationCounter {
-  absl::Mutex mu;
-  int64_t rows ABSL_GUARDED_BY(mu) = 0;
-  int64_t admitted ABSL_GUARDED_BY(mu) = 0;  // jobs ever admitted
-};
+EngineObserver* NoObserver() {
+  static EngineObserver* const nobody = new EngineObserver();
+  return nobody;
+}
 
 // One device: a model replica and the loop that batches for it. Admit,
 // load, WaitIdle, Stop and stats are thread-safe; everything else runs on
@@ -121,38 +118,31 @@ class Worker {
  public:
   Worker(int index, std::unique_ptr<Denoiser> model,
          std::unique_ptr<Denoiser> background, const Engine::Options& options,
-         Metrics* metrics, CompletionQueue* completions,
-         EvaluationCounter* counter)
+         CompletionQueue* completions)
       : index_(index), model_(std::move(model)),
         background_(std::move(background)), options_(options),
-        metrics_(metrics), completions_(completions), counter_(counter) {
-    if (metrics_) seconds_ = metrics_->WorkerSecondsOf(index_);
+        observer_(options.observer), completions_(completions) {
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
 
-  const Denoiser& model() const { return *model_; }
-
-  // `width`: the rows of the job's first forward pass (the request-level
-  // admission policy fills batches by it).
-  absl::Status Admit(std::unique_ptr<Task> task, int64_t rows, int64_t width) {
+  absl::Status Admit(std::unique_ptr<Task> task, const Task::Cost& cost) {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::UnavailableError("server is shutting down");
-    if (rows > options_.max_queued_rows) {
+    if (cost.rows > options_.max_queued_rows) {
       // Not retryable: it would not fit into an empty queue either.
       return absl::InvalidArgumentError(absl::StrCat(
-          "request too large: ", rows, " network rows, more than the queue "
-          "holds (", options_.max_queued_rows, ")"));
+          "request too large: ", cost.rows, " network rows, more than the "
+          "queue holds (", options_.max_queued_rows, ")"));
     }
-    if (queued_rows_ + rows > options_.max_queued_rows) {
+    if (queued_rows_ + cost.rows > options_.max_queued_rows) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "queue full: ", queued_rows_, " rows admitted, limit ",
           options_.max_queued_rows, "; retry later"));
     }
-    queued_rows_ += rows;
-    incoming_.push_back({std::move(task), rows, width});
-    absl::MutexLock count(&counter_->mu);
-    ++counter_->admitted;
+    queued_rows_ += cost.rows;
+    observer_->OnAdmitted(task->method());
+    incoming_.push_back({std::move(task), cost.rows, cost.first_pass});
     return absl::OkStatus();
   }
 
@@ -173,7 +163,10 @@ class Worker {
   }
 
   // One iteration (see Engine::Step).
-  bool Step();
+  bool Step() {
+    const absl::Time start = Now();
+    return Iterate(start, TakeIncoming(/*wait=*/false));
+  }
 
   void Stop() {
     {
@@ -190,36 +183,50 @@ class Worker {
  private:
   struct Entry {
     std::unique_ptr<Task> task;
-    int64_t rows;  // admitted cost, released when the task leaves
-    int64_t width;  // rows of its first forward pass
+    int64_t rows;        // admitted cost, released when the task leaves
+    int64_t first_pass;  // rows of its first evaluation
+  };
+  // The rows of one forward pass: which live task gave how many, in order.
+  struct Batch {
+    Task::Pass pass = Task::Pass::kForward;
+    std::vector<std::pair<size_t, int64_t>> parts;  // live_ index, rows
+    std::vector<Rows> rows;
+    int64_t taken = 0;
+    // Rows of the parts whose task wants them on the background model, and
+    // the offset of each part among them (-1: not wanted).
+    std::vector<int64_t> background_offset;
+    absl::StatusOr<at::Tensor> background = at::Tensor();
   };
 
-  void Run();
+  void Run() {
+    while (TakeIncoming(/*wait=*/true)) Iterate(Now(), /*took=*/false);
+    FailAll();
+  }
   void FailAll();
-  // Moves newly admitted tasks into the live set and starts them. With
-  // `wait` (threaded): first waits for work when nothing is live; returns
-  // false when the worker must stop. Without: returns whether any arrived.
+  // Moves admissible tasks into the live set and starts them. With `wait`
+  // (threaded): first waits for work when nothing is live; returns false
+  // when the worker must stop. Without: returns whether any were let in.
   bool TakeIncoming(bool wait);
-  // kRequestLevel and kOneAtATime with nothing live: moves the next batch of
-  // jobs from incoming_ into `fresh` (see Engine::Admission).
-  void TakeBatch(bool wait, std::deque<Entry>* fresh)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // How many of incoming_ the admission policy lets in now.
+  size_t Admissible(bool wait) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One iteration after TakeIncoming (see Engine::Step).
   bool Iterate(absl::Time start, bool took);
   bool Sweep();
   // Gathers, evaluates and hands out one batch; adds its forward time.
   bool RunBatch(double* forward_seconds);
-  // eps_hat of the gathered rows, in order; with Options::score_fp32 and a
-  // reduced-precision replica, score rows in an fp32 pass of their own
-  // (`parts` and `rows` are reordered, scores first, to match).
-  absl::StatusOr<at::Tensor> EvaluateBatch(
-      std::vector<std::pair<size_t, int64_t>>& parts, std::vector<Rows>& rows);
-  // Evaluates the rows of the batch's parts whose task wants them on the
-  // background model and gives them to the tasks. Returns one status per
-  // live task (OK for the others); adds the forward time.
-  std::vector<absl::Status> RunBackground(
-      const std::vector<std::pair<size_t, int64_t>>& parts,
-      const std::vector<Rows>& rows, double* forward_seconds);
+  Batch Gather();
+  Batch GatherPass(Task::Pass pass, const std::vector<size_t>& order);
+  // The outputs of the batch's rows (the background model's in
+  // batch.background); records the pass.
+  absl::StatusOr<Evaluation> Forward(Batch& batch, double* forward_seconds);
+  // eps_hat of a plain batch, in order; with Options::score_fp32 and a
+  // reduced-precision replica, likelihood rows in an fp32 pass of their own
+  // (batch.parts and batch.rows are reordered, those first, to match).
+  absl::StatusOr<at::Tensor> EvaluatePlain(Batch& batch);
+  void RunBackground(Batch& batch, double* forward_seconds);
+  // Gives every task its outputs and retires the finished ones.
+  void Distribute(const Batch& batch, const absl::StatusOr<Evaluation>& out,
+                  absl::Time start);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
   absl::Time Now() const { return options_.clock->Now(); }
@@ -228,10 +235,8 @@ class Worker {
   std::unique_ptr<Denoiser> model_;
   std::unique_ptr<Denoiser> background_;  // may be null
   const Engine::Options options_;
-  Metrics* const metrics_;
+  EngineObserver* const observer_;
   CompletionQueue* const completions_;
-  EvaluationCounter* const counter_;
-  Metrics::WorkerSeconds seconds_{};  // when metrics_
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
@@ -246,16 +251,6 @@ class Worker {
   std::thread thread_;
 };
 
-void Worker::Run() {
-  while (TakeIncoming(/*wait=*/true)) Iterate(Now(), /*took=*/false);
-  FailAll();
-}
-
-bool Worker::Step() {
-  const absl::Time start = Now();
-  return Iterate(start, TakeIncoming(/*wait=*/false));
-}
-
 bool Worker::Iterate(absl::Time start, bool took) {
   bool worked = Sweep();
   double forward = 0;
@@ -264,10 +259,7 @@ bool Worker::Iterate(absl::Time start, bool took) {
   // Host time: the whole iteration (from after the wait for work) but the
   // forward pass.
   const double host = absl::ToDoubleSeconds(Now() - start) - forward;
-  if (metrics_) {
-    seconds_.forward->Increment(forward);
-    seconds_.host->Increment(host);
-  }
+  observer_->OnWorkerSeconds(index_, forward, host);
   absl::MutexLock lock(&mu_);
   stats_.host_seconds += host;
   return took || worked;
@@ -297,17 +289,16 @@ bool Worker::TakeIncoming(bool wait) {
     };
     if (wait && live_.empty()) mu_.Await(absl::Condition(&ready));
     if (wait && stopping_) return false;
-    if (options_.admission == Engine::Admission::kContinuous) {
-      fresh.swap(incoming_);
-    } else if (live_.empty()) {
-      TakeBatch(wait, &fresh);
+    for (size_t n = Admissible(wait); n > 0; --n) {
+      fresh.push_back(std::move(incoming_.front()));
+      incoming_.pop_front();
     }
   }
   const bool took = !fresh.empty();
   for (Entry& e : fresh) {
     absl::Status started;
     try {
-      started = e.task->Start(*model_);
+      started = e.task->Start(*model_, background_ != nullptr);
     } catch (const std::exception& err) {
       started = absl::InternalError(
           absl::StrCat("cannot start request: ", err.what()));
@@ -318,41 +309,31 @@ bool Worker::TakeIncoming(bool wait) {
   return wait || took;
 }
 
-void Worker::TakeBatch(bool wait, std::deque<Entry>* fresh) {
-  if (incoming_.empty()) return;
-  if (options_.admission == Engine::Admission::kRequestLevel) {
-    // The batch closes batch_window after its first job arrived, or as soon
-    // as the queued jobs' first passes fill max_batch rows.
-    auto full = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      int64_t width = 0;
-      for (const Entry& e : incoming_) width += e.width;
-      return stopping_ || width >= options_.max_batch;
+size_t Worker::Admissible(bool wait) {
+  if (options_.admission == nullptr) return incoming_.size();
+  while (true) {
+    std::vector<QueuedTask> queued;
+    for (const Entry& e : incoming_) {
+      queued.push_back({e.task->arrival(), e.first_pass});
+    }
+    absl::Time recheck = absl::InfiniteFuture();
+    const size_t n =
+        options_.admission->Admit(queued, live_.size(), Now(), &recheck);
+    if (n > 0 || !wait || stopping_ || !live_.empty() ||
+        recheck == absl::InfiniteFuture()) {
+      return std::min(n, incoming_.size());
+    }
+    // Threaded with nothing live: wait (real time) until the policy's time
+    // or until more arrive, then ask again.
+    const size_t seen = incoming_.size();
+    auto changed = [this, seen]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return stopping_ || incoming_.size() != seen;
     };
-    const absl::Duration open =
-        incoming_.front().task->arrival() + options_.batch_window - Now();
-    if (open > absl::ZeroDuration() && !full()) {
-      // Threaded: wait out the window (real time). Manual: the caller
-      // advances the clock and steps again.
-      if (!wait) return;
-      mu_.AwaitWithTimeout(absl::Condition(&full), open);
-      if (stopping_) return;
-    }
-  }
-  int64_t width = 0;
-  while (!incoming_.empty()) {
-    Entry& next = incoming_.front();
-    if (!fresh->empty() &&
-        (options_.admission == Engine::Admission::kOneAtATime ||
-         width + next.width > options_.max_batch)) {
-      break;
-    }
-    width += next.width;
-    fresh->push_back(std::move(next));
-    incoming_.pop_front();
+    mu_.AwaitWithTimeout(absl::Condition(&changed), recheck - Now());
   }
 }
 
-// Removes cancelled and expired requests before they cost another row.
+// Removes cancelled and expired tasks before they cost another row.
 bool Worker::Sweep() {
   const absl::Time now = Now();
   bool removed = false;
@@ -366,12 +347,12 @@ bool Worker::Sweep() {
     if (now >= c.deadline ||
         (cancelled && c.deadline != absl::InfiniteFuture() &&
          now >= c.deadline - kDeadlineSlack)) {
-      if (metrics_) metrics_->AddCancelled("deadline");
+      observer_->OnCancelled("deadline");
       Retire(i, absl::DeadlineExceededError(
                     "deadline expired before the request finished"));
       removed = true;
     } else if (cancelled) {
-      if (metrics_) metrics_->AddCancelled("cancelled");
+      observer_->OnCancelled("cancelled");
       Retire(i, absl::CancelledError("request cancelled by the client"));
       removed = true;
     }
@@ -381,8 +362,21 @@ bool Worker::Sweep() {
 
 bool Worker::RunBatch(double* forward_seconds) {
   if (live_.empty()) return false;
-  // Gather order: rotate the starting point so every request gets rows even
-  // when one alone could fill the batch; scores first when prioritized.
+  Batch batch = Gather();
+  if (batch.parts.empty()) return false;
+  const absl::Time start = Now();
+  const absl::StatusOr<Evaluation> out = Forward(batch, forward_seconds);
+  Distribute(batch, out, start);
+  return true;
+}
+
+// Which rows go into this iteration's pass. The starting task rotates every
+// iteration so every task gets rows even when one alone could fill the
+// batch; likelihood tasks go first with Options::score_priority. Rows that
+// need a vector-Jacobian product (Task::Pass::kForwardVjp) run in a pass of
+// their own, where a row costs about kVjpRowCost plain rows: when both
+// kinds are live, iterations alternate.
+Worker::Batch Worker::Gather() {
   std::vector<size_t> order(live_.size());
   for (size_t i = 0; i < order.size(); ++i) {
     order[i] = (rotation_ + i) % live_.size();
@@ -390,102 +384,190 @@ bool Worker::RunBatch(double* forward_seconds) {
   ++rotation_;
   if (options_.score_priority) {
     std::stable_partition(order.begin(), order.end(), [this](size_t i) {
-      return live_[i].task->is_score();
+      return live_[i].task->likelihood();
     });
   }
-  // Rows that need a vector-Jacobian product (ODE scores) run in a pass of
-  // their own, forward + backward with gradients, where a row costs about
-  // kVjpRowCost plain rows: when both kinds are live, iterations alternate.
   bool any_vjp = false, any_plain = false;
-  for (const Entry& e : live_) (e.task->needs_vjp() ? any_vjp : any_plain) = true;
-  if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
-  bool vjp = any_vjp && (!any_plain || vjp_turn_);
-  std::vector<std::pair<size_t, int64_t>> parts;  // task index, rows
-  std::vector<Rows> rows;
-  int64_t capacity = 0, room = 0;
-  auto gather = [&](bool kind) {
-    capacity = kind ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
-                    : options_.max_batch;
-    room = capacity;
-    for (size_t i : order) {
-      if (room == 0) break;
-      if (live_[i].task->needs_vjp() != kind) continue;
-      Rows r = live_[i].task->Take(room);
-      if (r.empty()) continue;
-      room -= r.size();
-      parts.emplace_back(i, r.size());
-      rows.push_back(std::move(r));
-    }
-  };
-  gather(vjp);
-  if (parts.empty() && any_vjp && any_plain) gather(vjp = !vjp);  // none ready
-  if (parts.empty()) return false;
-  const int64_t total = capacity - room;
-  const absl::Time start = Now();
-  absl::StatusOr<at::Tensor> eps;
-  at::Tensor vjps;  // v^T d eps / d z of a VJP batch
-  if (vjp) {
-    try {
-      absl::StatusOr<EpsVjp> out = EvaluateVjp(*model_, Rows::Cat(rows));
-      if (out.ok()) {
-        eps = out->eps.to(at::kCPU);
-        vjps = out->vjp.to(at::kCPU);
-      } else {
-        eps = out.status();
-      }
-    } catch (const std::exception& e) {
-      eps = absl::InternalError(absl::StrCat("forward+backward pass: ", e.what()));
-    }
-  } else {
-    torch::NoGradGuard no_grad;
-    try {
-      eps = EvaluateBatch(parts, rows);
-      if (eps.ok()) *eps = eps->to(at::kCPU);  // once per batch
-    } catch (const std::exception& e) {
-      eps = absl::InternalError(absl::StrCat("forward pass: ", e.what()));
-    }
+  for (const Entry& e : live_) {
+    (e.task->pass() == Task::Pass::kForwardVjp ? any_vjp : any_plain) = true;
   }
-  const absl::Time end = Now();
-  const double forward = absl::ToDoubleSeconds(end - start);
+  if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
+  const Task::Pass first = any_vjp && (!any_plain || vjp_turn_)
+                               ? Task::Pass::kForwardVjp
+                               : Task::Pass::kForward;
+  Batch batch = GatherPass(first, order);
+  if (batch.parts.empty() && any_vjp && any_plain) {  // none of them ready
+    batch = GatherPass(first == Task::Pass::kForward ? Task::Pass::kForwardVjp
+                                                     : Task::Pass::kForward,
+                       order);
+  }
+  return batch;
+}
+
+Worker::Batch Worker::GatherPass(Task::Pass pass,
+                                 const std::vector<size_t>& order) {
+  Batch batch;
+  batch.pass = pass;
+  const int64_t capacity =
+      pass == Task::Pass::kForwardVjp
+          ? std::max<int64_t>(1, options_.max_batch / kVjpRowCost)
+          : options_.max_batch;
+  for (size_t i : order) {
+    if (batch.taken == capacity) break;
+    if (live_[i].task->pass() != pass) continue;
+    Rows r = live_[i].task->Take(capacity - batch.taken);
+    if (r.empty()) continue;
+    batch.taken += r.size();
+    batch.parts.emplace_back(i, r.size());
+    batch.rows.push_back(std::move(r));
+  }
+  return batch;
+}
+
+absl::StatusOr<Evaluation> Worker::Forward(Batch& batch,
+                                           double* forward_seconds) {
+  const absl::Time start = Now();
+  absl::StatusOr<Evaluation> out;
+  try {
+    if (batch.pass == Task::Pass::kForwardVjp) {
+      absl::StatusOr<EpsVjp> both = EvaluateVjp(*model_, Rows::Cat(batch.rows));
+      if (both.ok()) {
+        out = Evaluation{both->eps.to(at::kCPU), both->vjp.to(at::kCPU), {}};
+      } else {
+        out = both.status();
+      }
+    } else {
+      torch::NoGradGuard no_grad;
+      absl::StatusOr<at::Tensor> eps = EvaluatePlain(batch);
+      if (eps.ok()) {
+        out = Evaluation{eps->to(at::kCPU), {}, {}};  // once per batch
+      } else {
+        out = eps.status();
+      }
+    }
+  } catch (const std::exception& e) {
+    out = absl::InternalError(absl::StrCat(
+        batch.pass == Task::Pass::kForwardVjp ? "forward+backward pass: "
+                                              : "forward pass: ",
+        e.what()));
+  }
+  const double forward = absl::ToDoubleSeconds(Now() - start);
   *forward_seconds += forward;
   {
     absl::MutexLock lock(&mu_);
     stats_.batches += 1;
-    stats_.rows += total;
+    stats_.rows += batch.taken;
     stats_.forward_seconds += forward;
   }
+  observer_->OnBatch(static_cast<int>(batch.taken), options_.max_batch,
+                     forward);
+  observer_->OnEvaluated(batch.taken);
+  RunBackground(batch, forward_seconds);
+  return out;
+}
+
+absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
+  if (!options_.score_fp32 || model_->precision() == Precision::kFp32) {
+    return Evaluate(*model_, Rows::Cat(batch.rows));
+  }
+  std::vector<size_t> order(batch.parts.size());
+  for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+  const auto exact = [&](size_t j) {
+    return live_[batch.parts[j].first].task->likelihood();
+  };
+  const size_t n_exact = static_cast<size_t>(
+      std::stable_partition(order.begin(), order.end(), exact) -
+      order.begin());
+  if (n_exact == 0) return Evaluate(*model_, Rows::Cat(batch.rows));
+  if (n_exact == order.size()) {
+    return Evaluate(*model_, Rows::Cat(batch.rows), /*fp32=*/true);
+  }
+  std::vector<std::pair<size_t, int64_t>> sorted_parts;
+  std::vector<Rows> sorted_rows;
+  for (size_t k = 0; k < order.size(); ++k) {
+    sorted_parts.push_back(batch.parts[order[k]]);
+    sorted_rows.push_back(std::move(batch.rows[order[k]]));
+  }
+  batch.parts = std::move(sorted_parts);
+  batch.rows = std::move(sorted_rows);  // the background model reads them after
+  const std::vector<Rows> exact_rows(batch.rows.begin(),
+                                     batch.rows.begin() + n_exact);
+  const std::vector<Rows> other_rows(batch.rows.begin() + n_exact,
+                                     batch.rows.end());
+  absl::StatusOr<at::Tensor> exact_eps =
+      Evaluate(*model_, Rows::Cat(exact_rows), /*fp32=*/true);
+  if (!exact_eps.ok()) return exact_eps;
+  absl::StatusOr<at::Tensor> other_eps = Evaluate(*model_, Rows::Cat(other_rows));
+  if (!other_eps.ok()) return other_eps;
+  return at::cat({exact_eps->to(at::kCPU), other_eps->to(at::kCPU)});
+}
+
+// The rows of the batch's tasks that want them, once more on the
+// background model (the likelihood ratio), in one pass.
+void Worker::RunBackground(Batch& batch, double* forward_seconds) {
+  batch.background_offset.assign(batch.parts.size(), -1);
+  if (!background_) return;
+  std::vector<Rows> wanted;
+  int64_t rows = 0;
+  for (size_t k = 0; k < batch.parts.size(); ++k) {
+    if (!live_[batch.parts[k].first].task->wants_background()) continue;
+    batch.background_offset[k] = rows;
+    rows += batch.parts[k].second;
+    wanted.push_back(batch.rows[k]);
+  }
+  if (wanted.empty()) return;
+  const absl::Time start = Now();
   {
-    absl::MutexLock lock(&counter_->mu);
-    counter_->rows += total;
+    torch::NoGradGuard no_grad;
+    try {
+      batch.background =
+          Evaluate(*background_, Rows::Cat(wanted), options_.score_fp32);
+      if (batch.background.ok()) {
+        *batch.background = batch.background->to(at::kCPU);
+      }
+    } catch (const std::exception& e) {
+      batch.background = absl::InternalError(
+          absl::StrCat("background model forward pass: ", e.what()));
+    }
   }
-  if (metrics_) {
-    metrics_->RecordBatch(static_cast<int>(total), options_.max_batch, forward);
+  const double forward = absl::ToDoubleSeconds(Now() - start);
+  *forward_seconds += forward;
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.background_rows += rows;
+    stats_.forward_seconds += forward;
   }
-  const std::vector<absl::Status> background =
-      RunBackground(parts, rows, forward_seconds);
+  observer_->OnEvaluated(rows);
+}
+
+void Worker::Distribute(const Batch& batch,
+                        const absl::StatusOr<Evaluation>& out,
+                        absl::Time start) {
   int64_t offset = 0;
   std::vector<std::pair<size_t, absl::Status>> finished;
-  for (const auto& [i, m] : parts) {
+  for (size_t k = 0; k < batch.parts.size(); ++k) {
+    const auto [i, m] = batch.parts[k];
     Task& task = *live_[i].task;
-    if (!task.started_forward() && metrics_) {
-      metrics_->RecordQueueTime(task.method(),
-                                absl::ToDoubleSeconds(start - task.arrival()));
+    if (!task.started_forward()) {
+      observer_->OnQueueTime(task.method(),
+                             absl::ToDoubleSeconds(start - task.arrival()));
     }
     task.MarkForward(start);
-    task.AddEvaluations(m);
-    absl::Status given;
-    if (eps.ok()) {
+    const int64_t background_at = batch.background_offset[k];
+    task.AddEvaluations(background_at >= 0 ? 2 * m : m);
+    absl::Status given = out.status();
+    if (given.ok() && background_at >= 0) given = batch.background.status();
+    if (given.ok()) {
+      Evaluation part = out->Slice(offset, m);
+      if (background_at >= 0) {
+        part.background = batch.background->narrow(0, background_at, m);
+      }
       try {
-        given = vjp ? task.GiveVjp(eps->narrow(0, offset, m),
-                                   vjps.narrow(0, offset, m))
-                    : task.Give(eps->narrow(0, offset, m));
+        given = task.Give(part);
       } catch (const std::exception& e) {
         given = absl::InternalError(absl::StrCat("request step: ", e.what()));
       }
-    } else {
-      given = eps.status();
     }
-    if (given.ok()) given = background[i];
     offset += m;
     if (!given.ok() || task.done()) finished.emplace_back(i, given);
   }
@@ -493,94 +575,6 @@ bool Worker::RunBatch(double* forward_seconds) {
   std::sort(finished.begin(), finished.end(),
             [](const auto& a, const auto& b) { return a.first > b.first; });
   for (auto& [i, status] : finished) Retire(i, std::move(status));
-  return true;
-}
-
-std::vector<absl::Status> Worker::RunBackground(
-    const std::vector<std::pair<size_t, int64_t>>& parts,
-    const std::vector<Rows>& rows, double* forward_seconds) {
-  std::vector<absl::Status> status(live_.size());
-  if (!background_) return status;
-  std::vector<Rows> wanted;
-  std::vector<std::pair<size_t, int64_t>> which;
-  for (size_t k = 0; k < parts.size(); ++k) {
-    if (!live_[parts[k].first].task->wants_background()) continue;
-    wanted.push_back(rows[k]);
-    which.push_back(parts[k]);
-  }
-  if (wanted.empty()) return status;
-  const absl::Time start = Now();
-  absl::StatusOr<at::Tensor> eps;
-  {
-    torch::NoGradGuard no_grad;
-    try {
-      eps = Evaluate(*background_, Rows::Cat(wanted), options_.score_fp32);
-      if (eps.ok()) *eps = eps->to(at::kCPU);
-    } catch (const std::exception& e) {
-      eps = absl::InternalError(
-          absl::StrCat("background model forward pass: ", e.what()));
-    }
-  }
-  const double forward = absl::ToDoubleSeconds(Now() - start);
-  *forward_seconds += forward;
-  int64_t offset = 0;
-  for (const auto& [i, m] : which) {
-    Task& task = *live_[i].task;
-    task.AddEvaluations(m);
-    if (!eps.ok()) {
-      status[i] = eps.status();
-    } else {
-      try {
-        status[i] = task.GiveBackground(eps->narrow(0, offset, m));
-      } catch (const std::exception& e) {
-        status[i] = absl::InternalError(
-            absl::StrCat("request step (background): ", e.what()));
-      }
-    }
-    offset += m;
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    stats_.background_rows += offset;
-    stats_.forward_seconds += forward;
-  }
-  absl::MutexLock lock(&counter_->mu);
-  counter_->rows += offset;
-  return status;
-}
-
-absl::StatusOr<at::Tensor> Worker::EvaluateBatch(
-    std::vector<std::pair<size_t, int64_t>>& parts, std::vector<Rows>& rows) {
-  if (!options_.score_fp32 || model_->precision() == Precision::kFp32) {
-    return Evaluate(*model_, Rows::Cat(rows));
-  }
-  std::vector<size_t> order(parts.size());
-  for (size_t j = 0; j < order.size(); ++j) order[j] = j;
-  const auto is_score = [&](size_t j) {
-    return live_[parts[j].first].task->is_score();
-  };
-  const size_t scores = static_cast<size_t>(
-      std::stable_partition(order.begin(), order.end(), is_score) -
-      order.begin());
-  if (scores == 0) return Evaluate(*model_, Rows::Cat(rows));
-  if (scores == order.size()) return Evaluate(*model_, Rows::Cat(rows), true);
-  std::vector<std::pair<size_t, int64_t>> sorted_parts;
-  std::vector<Rows> sorted_rows;
-  for (size_t k = 0; k < order.size(); ++k) {
-    sorted_parts.push_back(parts[order[k]]);
-    sorted_rows.push_back(std::move(rows[order[k]]));
-  }
-  parts = std::move(sorted_parts);
-  rows = std::move(sorted_rows);  // the background model reads them after
-  const std::vector<Rows> score_rows(rows.begin(), rows.begin() + scores);
-  const std::vector<Rows> sample_rows(rows.begin() + scores, rows.end());
-  absl::StatusOr<at::Tensor> score_eps =
-      Evaluate(*model_, Rows::Cat(score_rows), /*fp32=*/true);
-  if (!score_eps.ok()) return score_eps;
-  absl::StatusOr<at::Tensor> sample_eps =
-      Evaluate(*model_, Rows::Cat(sample_rows));
-  if (!sample_eps.ok()) return sample_eps;
-  return at::cat({score_eps->to(at::kCPU), sample_eps->to(at::kCPU)});
 }
 
 // Takes live_[index] out, releases its admitted rows and hands it to the
@@ -602,9 +596,8 @@ void Worker::Retire(size_t index, absl::Status status) {
 }
 
 void Worker::UpdateGauges() {
-  if (!metrics_) return;
   absl::MutexLock lock(&mu_);
-  metrics_->SetWorkerLoad(index_, static_cast<double>(incoming_.size()),
+  observer_->OnWorkerLoad(index_, static_cast<double>(incoming_.size()),
                           static_cast<double>(live_.size()),
                           static_cast<double>(queued_rows_));
 }
@@ -631,7 +624,7 @@ absl::Status CheckBackgroundModel(const Denoiser& model,
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     const Options& options, std::vector<std::unique_ptr<Denoiser>> replicas,
-    Metrics* metrics, std::vector<std::unique_ptr<Denoiser>> background) {
+    std::vector<std::unique_ptr<Denoiser>> background) {
   if (replicas.empty()) {
     return absl::InvalidArgumentError("engine needs at least one model replica");
   }
@@ -648,28 +641,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.max_batch < 1) {
     return absl::InvalidArgumentError("max_batch must be >= 1");
   }
-  if (options.batch_window < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("batch_window must be >= 0");
-  }
-  std::unique_ptr<Engine> engine(new Engine(options, metrics));
-  engine->has_background_ = !background.empty();
+  std::unique_ptr<Engine> engine(new Engine(options));
   for (size_t i = 0; i < replicas.size(); ++i) {
     const int index = static_cast<int>(engine->workers_.size());
     engine->workers_.push_back(std::make_unique<Worker>(
         index, std::move(replicas[i]),
         background.empty() ? nullptr : std::move(background[i]),
-        engine->options_, metrics, engine->completions_.get(),
-        engine->counter_.get()));
+        engine->options_, engine->completions_.get()));
   }
   return engine;
 }
 
-Engine::Engine(const Options& options, Metrics* metrics)
-    : options_(options),
-      completions_(
-          std::make_unique<CompletionQueue>(options.threaded, metrics)),
-      counter_(std::make_unique<EvaluationCounter>()) {
+Engine::Engine(const Options& options) : options_(options) {
   if (options_.clock == nullptr) options_.clock = Clock::Real();
+  if (options_.observer == nullptr) options_.observer = NoObserver();
+  completions_ =
+      std::make_unique<CompletionQueue>(options_.threaded, options_.observer);
 }
 
 Engine::~Engine() { Stop(); }
@@ -695,56 +682,16 @@ Worker* Engine::LeastLoaded() {
   return best;
 }
 
-absl::Status Engine::SubmitSample(SampleJob job, RequestControl control,
-                                  SampleCallback done) {
-  Worker* worker = LeastLoaded();
-  const int64_t rows =
-      SampleRowCost(job.sampler, job.num_images, job.conditioning,
-                    worker->model().num_classes());
-  const int64_t width =
-      job.num_images * RowsPerImage(job.conditioning,
-                                    worker->model().num_classes());
-  if (job.progress) {
-    // Progress goes through the completion queue too: off the worker, and
-    // in order with the result.
-    job.progress = [queue = completions_.get(),
-                    report = std::move(job.progress)](SampleProgress p) {
-      queue->Post([report, p = std::move(p)]() mutable {
-        report(std::move(p));
-      });
-    };
-  }
-  return worker->Admit(MakeSampleTask(std::move(job), std::move(control),
-                                      std::move(done), options_.clock->Now()),
-                       rows, width);
-}
-
-absl::Status Engine::SubmitScore(ScoreJob job, RequestControl control,
-                                 ScoreCallback done) {
-  Worker* worker = LeastLoaded();
-  job.background = has_background_;
-  const int64_t rows =
-      ScoreJobRowCost(job, static_cast<int64_t>(job.images.size()));
-  // The rows of the first pass: all K evaluations of every image (ELBO), or
-  // one row per image and trace sample (ODE).
-  const int64_t width =
-      job.method == ScoreMethod::kOde
-          ? static_cast<int64_t>(job.images.size()) * job.trace_samples
-          : rows;
-  return worker->Admit(MakeScoreTask(std::move(job), std::move(control),
-                                     std::move(done), options_.clock->Now()),
-                       rows, width);
-}
-
-absl::Status Engine::SubmitEncode(EncodeJob job, RequestControl control,
-                                  EncodeCallback done) {
-  Worker* worker = LeastLoaded();
-  const int64_t rows = EncodeRowCost(static_cast<int64_t>(job.images.size()),
-                                     job.sampler.steps);
-  const int64_t width = static_cast<int64_t>(job.images.size());  // per step
-  return worker->Admit(MakeEncodeTask(std::move(job), std::move(control),
-                                      std::move(done), options_.clock->Now()),
-                       rows, width);
+absl::Status Engine::Submit(std::unique_ptr<Task> task,
+                            RequestControl control) {
+  if (task == nullptr) return absl::InvalidArgumentError("no task");
+  const Task::Cost cost = task->cost();
+  // Progress goes through the completion queue too: off the worker, and in
+  // order with the result.
+  CompletionQueue* queue = completions_.get();
+  task->Admit(std::move(control), options_.clock->Now(),
+              [queue](std::function<void()> fn) { queue->Post(std::move(fn)); });
+  return LeastLoaded()->Admit(std::move(task), cost);
 }
 
 bool Engine::WaitIdle(absl::Time deadline) {
@@ -753,25 +700,13 @@ bool Engine::WaitIdle(absl::Time deadline) {
   return completions_->WaitEmpty(deadline) && idle;
 }
 
-bool Engine::AwaitEvaluations(int64_t rows, absl::Time deadline) {
-  absl::MutexLock lock(&counter_->mu);
-  auto reached = [this, rows]() ABSL_SHARED_LOCKS_REQUIRED(counter_->mu) {
-    return counter_->rows >= rows;
-  };
-  return counter_->mu.AwaitWithDeadline(absl::Condition(&reached), deadline);
-}
-
-bool Engine::AwaitAdmitted(int64_t jobs, absl::Time deadline) {
-  absl::MutexLock lock(&counter_->mu);
-  auto reached = [this, jobs]() ABSL_SHARED_LOCKS_REQUIRED(counter_->mu) {
-    return counter_->admitted >= jobs;
-  };
-  return counter_->mu.AwaitWithDeadline(absl::Condition(&reached), deadline);
-}
-
 int64_t Engine::network_evaluations() const {
-  absl::MutexLock lock(&counter_->mu);
-  return counter_->rows;
+  int64_t rows = 0;
+  for (const auto& w : workers_) {
+    const WorkerStats s = w->stats();
+    rows += s.rows + s.background_rows;
+  }
+  return rows;
 }
 
 double Engine::completion_seconds() const {

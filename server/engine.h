@@ -1,22 +1,23 @@
 // The continuous-batching engine (docs/design.md, "The engine"). Free of
-// torch and gRPC in its interface: the service hands it plain jobs
-// (jobs.h) and gets plain results back through callbacks.
+// torch and gRPC in its interface: it runs Tasks (server/task.h), each of
+// which states its own cost and how its rows are evaluated, and delivers
+// their results through the tasks' own callbacks.
 //
 // One worker per device owns a model replica. Each iteration it gathers up
-// to `max_batch` rows from every live request (a sampling trajectory at its
+// to `max_batch` rows from every live task (a sampling trajectory at its
 // current step, both halves of a guided pair, a scoring evaluation at its
-// own time t), runs one forward pass and advances each request. New
-// requests join at the next iteration; cancelled or expired ones leave at
-// the next iteration. Results, progress messages and their encoding run on
-// a completion thread, so the forward loop never waits on them.
+// own time t), runs one forward pass and advances each task. New tasks join
+// at the next iteration; cancelled or expired ones leave at the next
+// iteration. Results, progress messages and their encoding run on a
+// completion thread, so the forward loop never waits on them.
 //
 // Threaded (the server): one thread per worker plus the completion thread.
 // Manual (tests, simulations; Options::threaded = false): no threads; the
 // caller drives every iteration with Step() and callbacks run inline, so a
-// test with a FakeClock and a fake Denoiser sees exactly which rows went
+// test with a fake clock and a fake Denoiser sees exactly which rows went
 // into which batch.
 //
-// Thread-safe: Submit*, Stop, WaitIdle and the stats may be called from any
+// Thread-safe: Submit, Stop, WaitIdle and the stats may be called from any
 // thread; Step only in manual mode, from one thread.
 #ifndef VDM_SERVER_ENGINE_H_
 #define VDM_SERVER_ENGINE_H_
@@ -28,15 +29,16 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/admission.h"
 #include "server/clock.h"
+#include "server/engine_observer.h"
 #include "server/jobs.h"
+#include "server/task.h"
 
 namespace vdm {
 
 class CompletionQueue;
 class Denoiser;
-struct EvaluationCounter;
-class Metrics;
 class Worker;
 
 // Where a worker's time went (seconds of its clock).
@@ -57,60 +59,49 @@ absl::Status CheckBackgroundModel(const Denoiser& model,
 
 class Engine {
  public:
-  // When a worker lets queued jobs in (docs/design.md, "Admission policies").
-  // The server always uses kContinuous; the others exist so that
-  // vdm-batching-sim can measure continuous batching against them on the
-  // same engine.
-  enum class Admission {
-    kContinuous,    // every iteration admits whatever has arrived
-    kRequestLevel,  // only when nothing runs: a batch of requests that
-                    // arrived within batch_window of the first (or until
-                    // their first steps fill max_batch rows) runs to
-                    // completion before the next batch is let in
-    kOneAtATime,    // only when nothing runs, one job
-  };
   struct Options {
     int max_batch = 64;                // rows per forward pass
     int64_t max_queued_rows = 100000;  // admitted, unfinished rows per worker
-    bool score_priority = false;       // ScoreBPD rows go first in each batch
+    // Rows of likelihood tasks (Task::likelihood: ScoreBPD) go first in
+    // each batch.
+    bool score_priority = false;
     // When a replica samples in reduced precision (Denoiser::precision()),
-    // evaluate ScoreBPD rows in fp32 anyway (Denoiser::DenoiseFp32): a mixed
-    // batch becomes two forward passes (--score_precision=fp32).
+    // evaluate likelihood rows in fp32 anyway (Denoiser::DenoiseFp32): a
+    // mixed batch becomes two forward passes (--score_precision=fp32).
     bool score_fp32 = true;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
-    Admission admission = Admission::kContinuous;
-    absl::Duration batch_window = absl::Milliseconds(5);  // kRequestLevel
+    // When queued tasks are let in (admission.h); null = continuous: every
+    // iteration admits whatever has arrived. Must outlive the engine.
+    const AdmissionPolicy* admission = nullptr;
+    // Told of every event (metrics, tests); null = nobody. Must outlive
+    // the engine.
+    EngineObserver* observer = nullptr;
   };
 
-  // One worker per replica; `metrics` may be null and must outlive the engine.
-  // `background`: empty, or one background model per replica (the
-  // likelihood ratio of Ren et al. 2019), of the replicas' shape and
-  // num_classes: each ScoreBPD row is then also evaluated on the worker's
-  // background model, in the same iteration as on its replica, and the
-  // result carries background_bpd.
+  // One worker per replica. `background`: empty, or one background model
+  // per replica (the likelihood ratio of Ren et al. 2019), of the replicas'
+  // shape and num_classes: the rows of tasks that want it
+  // (Task::wants_background) are also evaluated on the worker's background
+  // model, in the same iteration as on its replica.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(
       const Options& options,
-      std::vector<std::unique_ptr<Denoiser>> replicas, Metrics* metrics,
+      std::vector<std::unique_ptr<Denoiser>> replicas,
       std::vector<std::unique_ptr<Denoiser>> background = {});
-  ~Engine();  // Stops the workers; unfinished requests fail with UNAVAILABLE.
+  ~Engine();  // Stops the workers; unfinished tasks fail with UNAVAILABLE.
 
-  // Admits a job or returns at once RESOURCE_EXHAUSTED (the queue is full
-  // now: retry later), INVALID_ARGUMENT (the job costs more rows than the
-  // whole queue holds: it never fits) or UNAVAILABLE (stopped). The callback runs exactly once, off the worker
-  // thread, unless Submit returned an error.
-  absl::Status SubmitSample(SampleJob job, RequestControl control,
-                            SampleCallback done);
-  absl::Status SubmitScore(ScoreJob job, RequestControl control,
-                           ScoreCallback done);
-  // Encode (DDIM inversion): its rows are batched like sampling rows.
-  absl::Status SubmitEncode(EncodeJob job, RequestControl control,
-                            EncodeCallback done);
+  // Admits a task to the least loaded worker by its Task::cost(), or
+  // returns at once RESOURCE_EXHAUSTED (the queue is full now: retry later),
+  // INVALID_ARGUMENT (it costs more rows than the whole queue holds: it
+  // never fits) or UNAVAILABLE (stopped). The task's Finish runs exactly
+  // once, off the worker thread, unless Submit returned an error (then the
+  // task is destroyed unfinished).
+  absl::Status Submit(std::unique_ptr<Task> task, RequestControl control);
 
   // Manual mode: one iteration of every worker (admit, drop cancelled and
-  // expired requests, one forward pass). Returns true when anything
-  // happened, false when every worker is idle (or, under kRequestLevel,
-  // holds queued jobs whose batch window is still open on the clock).
+  // expired tasks, one forward pass). Returns true when anything happened,
+  // false when every worker is idle (or holds queued tasks that its
+  // admission policy does not let in yet, e.g. an open batch window).
   bool Step();
 
   // Stops admitting, fails every unfinished request with UNAVAILABLE, joins
@@ -122,25 +113,16 @@ class Engine {
   // Blocks until no request is admitted or running and every callback has
   // run, or until `deadline` (real time). Returns true when idle.
   bool WaitIdle(absl::Time deadline);
-  // Block until network_evaluations() >= rows, or until `jobs` jobs have
-  // ever been admitted, or `deadline` (real time); false on the deadline.
-  // For tests that must know the engine has got somewhere, without sleeping.
-  bool AwaitEvaluations(int64_t rows, absl::Time deadline);
-  bool AwaitAdmitted(int64_t jobs, absl::Time deadline);
   std::vector<WorkerStats> worker_stats() const;
   // Real seconds the completion thread spent delivering results.
   double completion_seconds() const;
 
  private:
-  Engine(const Options& options, Metrics* metrics);
+  explicit Engine(const Options& options);
   Worker* LeastLoaded();
-  absl::Status Admit(Worker* worker, std::unique_ptr<class Task> task,
-                     int64_t rows);
 
   Options options_;
-  bool has_background_ = false;
   std::unique_ptr<CompletionQueue> completions_;
-  std::unique_ptr<EvaluationCounter> counter_;
   std::vector<std::unique_ptr<Worker>> workers_;
 };
 

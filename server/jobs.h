@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "model/vdm/image.h"
+#include "model/vdm/image_scores.h"
 #include "model/vdm/request.h"
 #include "model/vdm/sampler_config.h"
 
@@ -62,9 +63,6 @@ struct ScoreJob {
   int label = -1;              // -1 = "no label"
   bool shared_noise = false;   // common random numbers across images
   bool pixel_map = false;      // also the per-pixel diffusion term
-  // Set by the engine when it has a background model: every row is also
-  // evaluated on it, in the same batch (ImageBpd::background_bpd).
-  bool background = false;
   // kOde: the probability-flow ODE likelihood (ode_likelihood.h) instead;
   // timesteps, shared_noise and pixel_map do not apply.
   ScoreMethod method = ScoreMethod::kElbo;
@@ -79,26 +77,8 @@ inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
              : ScoreRowCost(n, job.timesteps);
 }
 
-// Per-image bits per dimension, its parts and the anomaly features
-// (model/vdm/anomaly.h).
-struct ImageBpd {
-  double bpd = 0, prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
-  double complexity = 0;          // PNG bits per dimension
-  std::vector<double> band;       // kBands, sums to `diffusion`
-  std::vector<float> pixel_bits;  // H x W, when ScoreJob::pixel_map
-  // With a background model (ScoreJob::background): the BPD of the same
-  // rows (z, gamma, label, times: common random numbers) under it, so
-  // bpd - background_bpd is the likelihood ratio of Ren et al. 2019.
-  std::optional<double> background_bpd;
-  // ScoreMethod::kOde: bpd is the ODE's; drift evaluations per probe and
-  // the standard error over the probes (with 2 or more). The ELBO parts
-  // above stay 0 and empty.
-  int64_t ode_function_evaluations = 0;
-  std::optional<double> ode_stderr_bpd;
-};
-
 struct ScoreResult {
-  std::vector<ImageBpd> scores;
+  std::vector<ImageBpd> scores;  // model/vdm/image_scores.h
   // Rows evaluated for the request: n K on the model, plus n K on the
   // background model when there is one.
   int64_t network_evaluations = 0;

@@ -186,6 +186,12 @@ Metrics::WorkerSeconds Metrics::WorkerSecondsOf(int worker) {
           &worker_seconds_->Add({{"worker", w}, {"phase", "host"}})};
 }
 
+void Metrics::OnWorkerSeconds(int worker, double forward, double host) {
+  const WorkerSeconds seconds = WorkerSecondsOf(worker);
+  seconds.forward->Increment(forward);
+  seconds.host->Increment(host);
+}
+
 void Metrics::SetWorkerLoad(int worker, double queued_requests,
                             double live_requests, double queued_rows) {
   const std::map<std::string, std::string> labels = {

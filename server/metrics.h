@@ -14,11 +14,12 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/engine_observer.h"
 #include "server/metrics_http.h"
 
 namespace vdm {
 
-class Metrics {
+class Metrics : public EngineObserver {
  public:
   Metrics();
   ~Metrics();
@@ -67,6 +68,23 @@ class Metrics {
   void AddImagesGenerated(double n) { images_generated_->Increment(n); }
   void AddImagesScored(double n) { images_scored_->Increment(n); }
   void AddCancelled(const std::string& reason);
+
+  // The engine's events (engine_observer.h) as the metrics above.
+  void OnQueueTime(const char* method, double seconds) override {
+    RecordQueueTime(method, seconds);
+  }
+  void OnCancelled(const char* reason) override { AddCancelled(reason); }
+  void OnBatch(int rows, int max_batch, double forward_seconds) override {
+    RecordBatch(rows, max_batch, forward_seconds);
+  }
+  void OnWorkerLoad(int worker, double queued, double live,
+                    double queued_rows) override {
+    SetWorkerLoad(worker, queued, live, queued_rows);
+  }
+  void OnWorkerSeconds(int worker, double forward, double host) override;
+  void OnCompletionSeconds(double seconds) override {
+    AddCompletionSeconds(seconds);
+  }
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;

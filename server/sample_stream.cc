@@ -7,6 +7,7 @@
 #include "server/request_log.h"
 #include "server/rpc_util.h"
 #include "server/service.h"
+#include "server/tasks.h"
 #include "server/validation.h"
 
 namespace vdm {
@@ -129,9 +130,8 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
     reactor->PushProgress(p, format);
   };
   Metrics* metrics = metrics_;
-  absl::Status admitted = engine_->SubmitSample(
-      *job, ControlOf(context),
-      [reactor, format, seed, metrics](absl::StatusOr<SampleResult> r) {
+  auto done = [reactor, format, seed,
+               metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return reactor->FinishWith(r.status());
         reactor->log().SetResult(r->network_evaluations, r->queue_seconds,
                                  r->compute_seconds);
@@ -142,7 +142,10 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
           if (metrics) metrics->AddImagesGenerated(r->images.size());
         }
         reactor->FinishWith(s);
-      });
+      };
+  absl::Status admitted = engine_->Submit(
+      MakeSampleTask(*std::move(job), model_.num_classes, std::move(done)),
+      ControlOf(context));
   if (!admitted.ok()) reactor->FinishWith(admitted);
   return reactor;
 }

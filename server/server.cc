@@ -23,6 +23,7 @@
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
+#include "server/tasks.h"
 
 namespace vdm {
 namespace {
@@ -290,9 +291,12 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   VDM_ASSIGN_OR_RETURN(description->calibration,
                        LoadCalibration(options.calibration_path,
                                        options.model_path));
+  const int num_classes = replicas.front()->num_classes();
+  server->observers_ = std::make_unique<ObserverPair>(server->metrics_.get(),
+                                                      options.observer);
+  engine_options.observer = server->observers_.get();
   VDM_ASSIGN_OR_RETURN(server->engine_,
                        Engine::Create(engine_options, std::move(replicas),
-                                      server->metrics_.get(),
                                       std::move(background)));
   VdmServiceImpl::Options limits = options.limits;
   limits.max_request_rows = options.engine.max_queued_rows;
@@ -303,7 +307,8 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   VDM_RETURN_IF_ERROR(server->Listen(options));
   server->SetServing(false);
   VDM_RETURN_IF_ERROR(
-      server->WarmUp(static_cast<int>(options.devices.size())));
+      server->WarmUp(static_cast<int>(options.devices.size()),
+                     num_classes));
   server->SetServing(true);
   return server;
 }
@@ -330,16 +335,18 @@ VdmServer::~VdmServer() { Shutdown(absl::ZeroDuration()); }
 // One small request per replica through the whole engine, so the first real
 // caller does not pay for lazy initialisation. Submitted together, they go
 // to different workers (each goes to the least loaded one).
-absl::Status VdmServer::WarmUp(int replicas) {
+absl::Status VdmServer::WarmUp(int replicas, int num_classes) {
   std::vector<std::promise<absl::Status>> done(replicas);
   for (int i = 0; i < replicas; ++i) {
     SampleJob job;
     job.num_images = 1;
     job.sampler.steps = 2;
-    VDM_RETURN_IF_ERROR(engine_->SubmitSample(
-        job, RequestControl{}, [&done, i](absl::StatusOr<SampleResult> r) {
-          done[i].set_value(r.status());
-        }));
+    VDM_RETURN_IF_ERROR(engine_->Submit(
+        MakeSampleTask(job, num_classes,
+                       [&done, i](absl::StatusOr<SampleResult> r) {
+                         done[i].set_value(r.status());
+                       }),
+        RequestControl{}));
   }
   for (auto& d : done) {
     const absl::Status status = d.get_future().get();

@@ -51,6 +51,9 @@ class VdmServer {
     // A file holding the bearer token VdmService calls must carry; empty =
     // no authentication. Health and reflection stay open for probes.
     std::string auth_token_file;
+    // Also told of the engine's events, beside the metrics (tests wait on
+    // it); null = none. Must outlive the server.
+    EngineObserver* observer = nullptr;
   };
 
   // Fails, before loading anything, on options that ValidateOptions
@@ -79,11 +82,51 @@ class VdmServer {
 
  private:
   VdmServer() = default;
-  absl::Status WarmUp(int replicas);
+  absl::Status WarmUp(int replicas, int num_classes);
   absl::Status Listen(const Options& options);
   void SetServing(bool serving);
 
+  // Forwards each engine event to the metrics and Options::observer.
+  class ObserverPair : public EngineObserver {
+   public:
+    ObserverPair(EngineObserver* a, EngineObserver* b) : a_(a), b_(b) {}
+    void OnAdmitted(const char* method) override {
+      Both(&EngineObserver::OnAdmitted, method);
+    }
+    void OnQueueTime(const char* method, double s) override {
+      Both(&EngineObserver::OnQueueTime, method, s);
+    }
+    void OnCancelled(const char* reason) override {
+      Both(&EngineObserver::OnCancelled, reason);
+    }
+    void OnBatch(int rows, int max_batch, double s) override {
+      Both(&EngineObserver::OnBatch, rows, max_batch, s);
+    }
+    void OnEvaluated(int64_t rows) override {
+      Both(&EngineObserver::OnEvaluated, rows);
+    }
+    void OnWorkerLoad(int w, double q, double l, double r) override {
+      Both(&EngineObserver::OnWorkerLoad, w, q, l, r);
+    }
+    void OnWorkerSeconds(int w, double f, double h) override {
+      Both(&EngineObserver::OnWorkerSeconds, w, f, h);
+    }
+    void OnCompletionSeconds(double s) override {
+      Both(&EngineObserver::OnCompletionSeconds, s);
+    }
+
+   private:
+    template <class... Args, class... Given>
+    void Both(void (EngineObserver::*event)(Args...), Given... given) {
+      (a_->*event)(given...);
+      if (b_ != nullptr) (b_->*event)(given...);
+    }
+    EngineObserver* const a_;
+    EngineObserver* const b_;
+  };
+
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<ObserverPair> observers_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<VdmServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;

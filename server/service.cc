@@ -12,6 +12,7 @@
 #include "proto/convert.h"
 #include "server/request_log.h"
 #include "server/rpc_util.h"
+#include "server/tasks.h"
 #include "server/validation.h"
 
 namespace vdm {
@@ -109,8 +110,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
   const uint64_t seed = job->seed;
   finish.log().SetImages(job->num_images);
   Metrics* metrics = metrics_;
-  absl::Status admitted = engine_->SubmitSample(
-      *std::move(job), ControlOf(context),
+  auto done =
       [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
@@ -118,7 +118,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
         absl::Status s = FillSampleResponse(*r, format, seed, response);
         if (s.ok() && metrics) metrics->AddImagesGenerated(r->images.size());
         finish(s);
-      });
+      };
+  absl::Status admitted =
+      engine_->Submit(MakeSampleTask(*std::move(job), model_.num_classes, std::move(done)), ControlOf(context));
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }
@@ -141,7 +143,6 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   finish.log().SetImages(static_cast<int64_t>(job->images.size()));
   // The anomaly policy (anomaly.h) decides whether the calibration applies.
   const Calibration* calibration = model_.calibration.get();
-  const bool ode = job->method == ScoreMethod::kOde;
   AnomalyRequest policy;
   policy.method = job->method;
   policy.timesteps = job->timesteps;
@@ -151,43 +152,23 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   }
   const ImageShape shape = model_.shape;
   Metrics* metrics = metrics_;
-  absl::Status admitted = engine_->SubmitScore(
-      *std::move(job), ControlOf(context),
-      [finish, seed, calibration, policy, shape, response, metrics,
-       ode](absl::StatusOr<ScoreResult> r) {
+  auto done =
+      [finish, seed, calibration, policy, shape, response,
+       metrics](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
-        std::vector<ImageLikelihood> likelihoods;
-        for (const ImageBpd& s : r->scores) {
-          likelihoods.push_back({s.bpd, s.complexity, s.band, s.background_bpd});
-        }
+        const std::vector<ImageLikelihood> likelihoods(r->scores.begin(),
+                                                       r->scores.end());
         const BatchAnomaly anomaly =
             ScoreAnomalies(likelihoods, calibration, policy);
         for (size_t i = 0; i < r->scores.size(); ++i) {
           const ImageBpd& s = r->scores[i];
           const ImageAnomaly& a = anomaly.images[i];
           v1::ImageScore* out = response->add_scores();
-          out->set_bpd(s.bpd);
-          if (ode) {  // the ODE's BPD only: no ELBO parts, no anomaly features
-            out->set_ode_function_evaluations(s.ode_function_evaluations);
-            if (s.ode_stderr_bpd) out->set_ode_stderr_bpd(*s.ode_stderr_bpd);
-            if (metrics) metrics->RecordBpd(s.bpd);
-            continue;
-          }
-          out->set_prior_bpd(s.prior);
-          out->set_recon_bpd(s.recon);
-          out->set_diffusion_bpd(s.diffusion);
-          out->set_stderr_bpd(s.stderr_bpd);
-          out->set_complexity_bpd(s.complexity);
-          for (double b : s.band) out->add_band_bpd(b);
-          if (s.background_bpd) out->set_background_bpd(*s.background_bpd);
-          if (a.llr) out->set_llr(*a.llr);
-          if (a.anomaly_score) out->set_anomaly_score(*a.anomaly_score);
-          if (a.p_value) out->set_p_value(*a.p_value);
-          if (a.is_anomaly) {
-            out->set_is_anomaly(*a.is_anomaly);
-            if (metrics) metrics->RecordAnomaly(*a.anomaly_score, *a.is_anomaly);
+          ScoreToProto(s, a, out);
+          if (a.is_anomaly && metrics) {
+            metrics->RecordAnomaly(*a.anomaly_score, *a.is_anomaly);
           }
           if (!s.pixel_bits.empty()) {
             const absl::Status map = FillAnomalyMap(s.pixel_bits, shape, out);
@@ -204,7 +185,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
         response->set_compute_seconds(r->compute_seconds);
         if (metrics) metrics->AddImagesScored(r->scores.size());
         finish(absl::OkStatus());
-      });
+      };
+  absl::Status admitted =
+      engine_->Submit(MakeScoreTask(*std::move(job), std::move(done)), ControlOf(context));
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }
@@ -224,8 +207,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
     return reactor;
   }
   finish.log().SetImages(static_cast<int64_t>(job->images.size()));
-  absl::Status admitted = engine_->SubmitEncode(
-      *std::move(job), ControlOf(context),
+  auto done =
       [finish, response](absl::StatusOr<EncodeResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
@@ -237,7 +219,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
         response->set_queue_seconds(r->queue_seconds);
         response->set_compute_seconds(r->compute_seconds);
         finish(absl::OkStatus());
-      });
+      };
+  absl::Status admitted =
+      engine_->Submit(MakeEncodeTask(*std::move(job), std::move(done)), ControlOf(context));
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }

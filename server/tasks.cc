@@ -5,81 +5,142 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <optional>
 #include <vector>
 
 #include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
+#include "model/vdm/image_scores.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/ode_likelihood.h"
+#include "model/vdm/request.h"
+#include "model/vdm/rows.h"
 #include "model/vdm/samplers.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/tensor_image.h"
 
 namespace vdm {
 
-double Task::QueueSeconds() const {
-  if (!started_forward()) return 0;
-  return absl::ToDoubleSeconds(first_forward_ - arrival_);
-}
-
-double Task::ComputeSeconds(absl::Time now) const {
-  if (!started_forward()) return 0;
-  return absl::ToDoubleSeconds(now - first_forward_);
-}
-
 namespace {
 
-// One evaluation of a step-wise plan (SamplingPlan, EncodePlan: all rows of
-// a step must be back before it advances) handed out in chunks of rows.
-class StepChunks {
+// One evaluation of a plan handed out in chunks of rows: all rows of an
+// evaluation must be back before the plan advances (a step of a sampler, a
+// stage of the ODE's RK4, the ELBO's n x K rows at once).
+class Chunks {
  public:
-  template <class Plan>
-  Rows Take(const Plan& plan, int64_t max_rows) {
+  Rows Take(RowPlan& plan, int64_t max_rows) {
+    if (plan.done()) return {};
     const int64_t m = std::min(max_rows, plan.rows_per_evaluation() - cursor_);
-    if (m <= 0 || plan.done()) return {};
+    if (m <= 0) return {};
     if (cursor_ == 0) input_ = plan.Next();
     taken_offset_ = cursor_;
     cursor_ += m;
     return input_.Slice(taken_offset_, m);
   }
-  // Keeps eps_hat for the rows of the last Take; true when all `total` rows
-  // of the evaluation are back (then eps() holds them and the next Take
+  // Keeps the outputs for the rows of the last Take; true when all rows of
+  // the evaluation are back (then whole() holds them and the next Take
   // starts the next evaluation).
-  bool Give(const at::Tensor& eps_hat, int64_t total) {
-    if (!eps_.defined() || eps_.size(0) != total) {
-      std::vector<int64_t> dims = eps_hat.sizes().vec();
-      dims[0] = total;
-      eps_ = at::empty(dims, at::kFloat);
-    }
-    eps_.narrow(0, taken_offset_, eps_hat.size(0)).copy_(eps_hat);
-    received_ += eps_hat.size(0);
+  bool Give(const Evaluation& part) {
+    const int64_t total = input_.size();
+    Keep(part.eps, total, &whole_.eps);
+    Keep(part.vjp, total, &whole_.vjp);
+    Keep(part.background, total, &whole_.background);
+    received_ += part.eps.size(0);
     if (received_ < total) return false;
     cursor_ = 0;
     received_ = 0;
     return true;
   }
-  const at::Tensor& eps() const { return eps_; }
+  const Evaluation& whole() const { return whole_; }
 
  private:
-  Rows input_;      // the current evaluation's rows
-  at::Tensor eps_;  // [total, C, H, W] outputs of it
+  void Keep(const at::Tensor& part, int64_t total, at::Tensor* into) const {
+    if (!part.defined()) return;
+    if (!into->defined() || into->size(0) != total) {
+      std::vector<int64_t> dims = part.sizes().vec();
+      dims[0] = total;
+      *into = at::empty(dims, at::kFloat);
+    }
+    into->narrow(0, taken_offset_, part.size(0)).copy_(part);
+  }
+
+  Rows input_;         // the current evaluation's rows
+  Evaluation whole_;   // the outputs for all of them
   int64_t cursor_ = 0, received_ = 0, taken_offset_ = 0;
 };
 
-// A SamplingPlan's evaluation handed out in chunks of rows.
-class SampleTask : public Task {
+// What every task shares: its plan's rows go out in chunks, and the result
+// reaches the job's callback with the task's cost and times.
+template <class Result>
+class PlanTask : public Task {
  public:
-  SampleTask(SampleJob job, RequestControl control, SampleCallback done,
-             absl::Time arrival)
-      : Task(std::move(control), arrival),
-        job_(std::move(job)),
-        done_cb_(std::move(done)) {}
+  using Callback = std::function<void(absl::StatusOr<Result>)>;
+  explicit PlanTask(Callback done) : done_cb_(std::move(done)) {}
 
-  bool is_score() const override { return false; }
+  Rows Take(int64_t max_rows) override {
+    return plan_ ? chunks_.Take(*plan_, max_rows) : Rows();
+  }
+  absl::Status Give(const Evaluation& out) override {
+    if (!chunks_.Give(out)) return absl::OkStatus();
+    return Advance(chunks_.whole());
+  }
+  bool done() const override { return plan_ && plan_->done(); }
+  void Finish(absl::Status error, absl::Time now) override {
+    if (!error.ok()) return done_cb_(error);
+    absl::StatusOr<Result> result = MakeResult();
+    if (result.ok()) {
+      result->network_evaluations = evaluations();
+      result->queue_seconds = QueueSeconds();
+      result->compute_seconds = ComputeSeconds(now);
+    }
+    done_cb_(std::move(result));
+  }
+
+ protected:
+  // All outputs of the plan's current evaluation are back.
+  virtual absl::Status Advance(const Evaluation& out) {
+    return plan_->Consume(out);
+  }
+  // The result once done (costs and times are filled in by Finish).
+  virtual absl::StatusOr<Result> MakeResult() = 0;
+
+  RowPlan* plan_ = nullptr;  // set by Start; owned by the subclass
+
+ private:
+  Callback done_cb_;
+  Chunks chunks_;
+};
+
+// Sampling: a SamplingPlan, with the job's edit and progress reports.
+class SampleTask : public PlanTask<SampleResult> {
+ public:
+  SampleTask(SampleJob job, int num_classes, SampleCallback done)
+      : PlanTask(std::move(done)), job_(std::move(job)),
+        num_classes_(num_classes) {}
+
+  Cost cost() const override {
+    return {SampleRowCost(job_.sampler, job_.num_images, job_.conditioning,
+                          num_classes_),
+            job_.num_images * RowsPerImage(job_.conditioning, num_classes_)};
+  }
   const char* method() const override { return "Sample"; }
 
-  absl::Status Start(Denoiser& model) override {
+  absl::Status Start(Denoiser& model, bool /*has_background*/) override {
     const ImageShape s = model.shape();
+    VDM_ASSIGN_OR_RETURN(const SampleEdit edit, MakeEdit(s));
+    VDM_ASSIGN_OR_RETURN(
+        plan_owned_, SamplingPlan::Create(job_.sampler, job_.num_images,
+                                          job_.conditioning, s,
+                                          model.num_classes(), job_.seed,
+                                          ScheduleOf(model), at::Tensor(),
+                                          edit));
+    plan_ = plan_owned_.get();
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::StatusOr<SampleEdit> MakeEdit(const ImageShape& s) const {
     SampleEdit edit;
     if (job_.reference) {
       VDM_ASSIGN_OR_RETURN(edit.reference, ToTensor({*job_.reference}, s));
@@ -103,42 +164,26 @@ class SampleTask : public Task {
                   edit.z1.data_ptr<float>() + static_cast<int64_t>(i) * d);
       }
     }
-    VDM_ASSIGN_OR_RETURN(
-        plan_, SamplingPlan::Create(job_.sampler, job_.num_images,
-                                    job_.conditioning, s, model.num_classes(),
-                                    job_.seed, ScheduleOf(model), at::Tensor(),
-                                    edit));
+    return edit;
+  }
+
+  absl::Status Advance(const Evaluation& out) override {
+    const int before = plan_owned_->sampler().step();
+    VDM_RETURN_IF_ERROR(plan_owned_->Consume(out));
+    if (job_.progress && plan_owned_->sampler().step() > before) Report();
     return absl::OkStatus();
   }
 
-  Rows Take(int64_t max_rows) override { return chunks_.Take(*plan_, max_rows); }
-
-  absl::Status Give(const at::Tensor& eps_hat) override {
-    if (!chunks_.Give(eps_hat, plan_->rows_per_evaluation())) {
-      return absl::OkStatus();
-    }
-    const int before = plan_->sampler().step();
-    VDM_RETURN_IF_ERROR(plan_->Consume(chunks_.eps()));
-    if (job_.progress && plan_->sampler().step() > before) Report();
-    return absl::OkStatus();
-  }
-
-  bool done() const override { return plan_ && plan_->done(); }
-
-  void Finish(absl::Status error, absl::Time now) override {
-    if (!error.ok()) return done_cb_(error);
+  absl::StatusOr<SampleResult> MakeResult() override {
     SampleResult result;
-    result.images = ToImages(plan_->Images());
-    result.network_evaluations = evaluations();
-    result.queue_seconds = QueueSeconds();
-    result.compute_seconds = ComputeSeconds(now);
-    done_cb_(std::move(result));
+    result.images = ToImages(plan_owned_->Images());
+    return result;
   }
 
- private:
-  // Progress after a completed step; previews are x_hat of that step.
+  // Progress after a completed step (previews are x_hat of that step),
+  // delivered off the worker thread, before the result.
   void Report() const {
-    const Sampler& sampler = plan_->sampler();
+    const Sampler& sampler = plan_owned_->sampler();
     SampleProgress progress;
     progress.step = sampler.step();
     progress.total_steps = sampler.steps();
@@ -147,297 +192,209 @@ class SampleTask : public Task {
         progress.step < progress.total_steps) {
       progress.previews = ToImages(ToUint8(sampler.x_hat()));
     }
-    job_.progress(std::move(progress));
+    Post([report = job_.progress, p = std::move(progress)]() mutable {
+      report(std::move(p));
+    });
   }
 
   const SampleJob job_;
-  SampleCallback done_cb_;
-  std::unique_ptr<SamplingPlan> plan_;
-  StepChunks chunks_;
+  const int num_classes_;
+  std::unique_ptr<SamplingPlan> plan_owned_;
 };
 
-// An EncodePlan (DDIM inversion) handed out in chunks of rows.
-class EncodeTask : public Task {
+// Encode: an EncodePlan (DDIM inversion); the result is the latents.
+class EncodeTask : public PlanTask<EncodeResult> {
  public:
-  EncodeTask(EncodeJob job, RequestControl control, EncodeCallback done,
-             absl::Time arrival)
-      : Task(std::move(control), arrival),
-        job_(std::move(job)),
-        done_cb_(std::move(done)) {}
+  EncodeTask(EncodeJob job, EncodeCallback done)
+      : PlanTask(std::move(done)), job_(std::move(job)) {}
 
-  bool is_score() const override { return false; }
+  Cost cost() const override {
+    const int64_t n = static_cast<int64_t>(job_.images.size());
+    return {EncodeRowCost(n, job_.sampler.steps), n};
+  }
   const char* method() const override { return "Encode"; }
 
-  absl::Status Start(Denoiser& model) override {
+  absl::Status Start(Denoiser& model, bool /*has_background*/) override {
     shape_ = model.shape();
     VDM_ASSIGN_OR_RETURN(const at::Tensor x, ToTensor(job_.images, shape_));
     VDM_ASSIGN_OR_RETURN(
-        plan_, EncodePlan::Create(x, job_.sampler, job_.label, shape_,
-                                  model.num_classes(), ScheduleOf(model)));
+        plan_owned_, EncodePlan::Create(x, job_.sampler, job_.label, shape_,
+                                        model.num_classes(), ScheduleOf(model)));
+    plan_ = plan_owned_.get();
     return absl::OkStatus();
   }
 
-  Rows Take(int64_t max_rows) override { return chunks_.Take(*plan_, max_rows); }
-
-  absl::Status Give(const at::Tensor& eps_hat) override {
-    if (!chunks_.Give(eps_hat, plan_->rows_per_evaluation())) {
-      return absl::OkStatus();
-    }
-    return plan_->Consume(chunks_.eps());
-  }
-
-  bool done() const override { return plan_ && plan_->done(); }
-
-  void Finish(absl::Status error, absl::Time now) override {
-    if (!error.ok()) return done_cb_(error);
+ private:
+  absl::StatusOr<EncodeResult> MakeResult() override {
     EncodeResult result;
     result.shape = shape_;
-    const at::Tensor z = plan_->z().to(at::kFloat).contiguous();
+    const at::Tensor z = plan_owned_->z().to(at::kFloat).contiguous();
     const int64_t d = shape_.dims();
     for (int64_t i = 0; i < z.size(0); ++i) {
       const float* p = z.data_ptr<float>() + i * d;
       result.latents.emplace_back(p, p + d);
     }
-    result.network_evaluations = evaluations();
-    result.queue_seconds = QueueSeconds();
-    result.compute_seconds = ComputeSeconds(now);
-    done_cb_(std::move(result));
+    return result;
   }
 
- private:
   const EncodeJob job_;
-  EncodeCallback done_cb_;
   ImageShape shape_;
-  std::unique_ptr<EncodePlan> plan_;
-  StepChunks chunks_;
+  std::unique_ptr<EncodePlan> plan_owned_;
 };
 
-// A LikelihoodPlan handed out in chunks of rows.
-// What the ELBO and the ODE score tasks share: the job, the images as a
-// tensor with their labels ("no label" = num_classes), and the delivery of
-// the result with the task's cost and times.
-class ScoreTaskBase : public Task {
- public:
-  ScoreTaskBase(ScoreJob job, RequestControl control, ScoreCallback done,
-                absl::Time arrival)
-      : Task(std::move(control), arrival),
-        job_(std::move(job)),
-        done_cb_(std::move(done)) {}
+// The images of a score job as a tensor, with their labels ("no label" =
+// num_classes).
+struct ScoreInputs {
+  at::Tensor x, labels;
+};
+absl::StatusOr<ScoreInputs> MakeScoreInputs(const ScoreJob& job,
+                                            const Denoiser& model) {
+  VDM_ASSIGN_OR_RETURN(at::Tensor x, ToTensor(job.images, model.shape()));
+  const int64_t label = job.label >= 0 ? job.label : model.num_classes();
+  at::Tensor labels = at::full({x.size(0)}, label, at::kLong);
+  return ScoreInputs{std::move(x), std::move(labels)};
+}
 
-  bool is_score() const override { return true; }
+// ScoreBPD by the ELBO: a LikelihoodPlan, and with the worker's background
+// model a second plan over the same rows. Its rows stream: a chunk is
+// consumed as soon as it comes back (LikelihoodPlan::RowsAt and
+// Consume(begin, ...)), so the n x K rows of a large request are never all
+// in memory at once, as the whole-evaluation RowPlan form would hold them.
+class ScoreTask : public PlanTask<ScoreResult> {
+ public:
+  ScoreTask(ScoreJob job, ScoreCallback done)
+      : PlanTask(std::move(done)), job_(std::move(job)) {}
+
+  Cost cost() const override {
+    const int64_t rows =
+        ScoreRowCost(static_cast<int64_t>(job_.images.size()), job_.timesteps);
+    return {rows, rows};  // all K evaluations of every image at once
+  }
+  bool likelihood() const override { return true; }
   const char* method() const override { return "ScoreBPD"; }
-
- protected:
-  struct Inputs {
-    at::Tensor x, labels;
-  };
-  absl::StatusOr<Inputs> MakeInputs(const Denoiser& model) const {
-    VDM_ASSIGN_OR_RETURN(at::Tensor x, ToTensor(job_.images, model.shape()));
-    const int64_t label = job_.label >= 0 ? job_.label : model.num_classes();
-    at::Tensor labels = at::full({x.size(0)}, label, at::kLong);
-    return Inputs{std::move(x), std::move(labels)};
-  }
-  void Deliver(ScoreResult result, absl::Time now) {
-    result.network_evaluations = evaluations();
-    result.queue_seconds = QueueSeconds();
-    result.compute_seconds = ComputeSeconds(now);
-    done_cb_(std::move(result));
-  }
-
-  const ScoreJob job_;
-  ScoreCallback done_cb_;
-};
-
-class ScoreTask : public ScoreTaskBase {
- public:
-  using ScoreTaskBase::ScoreTaskBase;
-
-  absl::Status Start(Denoiser& model) override {
-    VDM_ASSIGN_OR_RETURN(const Inputs in, MakeInputs(model));
-    const at::Tensor& x = in.x;
-    const at::Tensor& labels = in.labels;
-    LikelihoodOptions options;
-    options.times = job_.timesteps;
-    options.shared_noise = job_.shared_noise;
-    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
-    VDM_ASSIGN_OR_RETURN(plan_, LikelihoodPlan::Create(x, labels, options,
-                                                       ScheduleOf(model), gen));
-    if (job_.background) {
-      // The same draws from the same seed and the model's schedule: the
-      // background plan's rows are the main plan's, so only its eps_hat
-      // (GiveBackground) differ.
-      at::Generator again = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
-      VDM_ASSIGN_OR_RETURN(
-          background_, LikelihoodPlan::Create(x, labels, options,
-                                              ScheduleOf(model), again));
-    }
-    return absl::OkStatus();
-  }
+  bool wants_background() const override { return background_ != nullptr; }
 
   Rows Take(int64_t max_rows) override {
-    const int64_t m = std::min(max_rows, plan_->rows() - cursor_);
+    if (!plan_owned_) return {};
+    const int64_t m = std::min(max_rows, plan_owned_->rows() - cursor_);
     if (m <= 0) return {};
-    absl::StatusOr<Rows> rows = plan_->RowsAt(cursor_, m);
+    absl::StatusOr<Rows> rows = plan_owned_->RowsAt(cursor_, m);
     if (!rows.ok()) return {};  // cannot happen: [cursor_, cursor_ + m) is valid
     taken_offset_ = cursor_;
     cursor_ += m;
     return *std::move(rows);
   }
 
-  absl::Status Give(const at::Tensor& eps_hat) override {
-    return plan_->Consume(taken_offset_, eps_hat);
-  }
-
-  bool wants_background() const override { return background_ != nullptr; }
-  absl::Status GiveBackground(const at::Tensor& eps_hat) override {
-    if (!background_) return absl::InternalError("no background plan");
-    return background_->Consume(taken_offset_, eps_hat);
-  }
-
-  bool done() const override {
-    return plan_ && plan_->complete() &&
-           (!background_ || background_->complete());
-  }
-
-  void Finish(absl::Status error, absl::Time now) override {
-    if (!error.ok()) return done_cb_(error);
-    absl::StatusOr<BpdScores> s = plan_->Result();
-    if (!s.ok()) return done_cb_(s.status());
-    at::Tensor background_bpd;
-    if (background_) {
-      absl::StatusOr<BpdScores> b = background_->Result();
-      if (!b.ok()) return done_cb_(b.status());
-      background_bpd = b->bpd;
+  absl::Status Give(const Evaluation& out) override {
+    VDM_RETURN_IF_ERROR(plan_owned_->Consume(taken_offset_, out.eps));
+    if (!background_) return absl::OkStatus();
+    if (!out.background.defined()) {
+      return absl::InternalError("no background model outputs");
     }
-    ScoreResult result;
-    for (int64_t i = 0; i < plan_->num_images(); ++i) {
-      ImageBpd b;
-      b.bpd = s->bpd[i].item<double>();
-      b.prior = s->prior[i].item<double>();
-      b.recon = s->recon[i].item<double>();
-      b.diffusion = s->diffusion[i].item<double>();
-      b.stderr_bpd = s->stderr_bpd[i].item<double>();
-      const at::Tensor band = s->band[i].contiguous();
-      b.band.assign(band.data_ptr<double>(), band.data_ptr<double>() + band.numel());
-      absl::StatusOr<double> complexity = ComplexityBpd(job_.images[i]);
-      if (!complexity.ok()) return done_cb_(complexity.status());
-      b.complexity = *complexity;
-      if (background_bpd.defined()) {
-        b.background_bpd = background_bpd[i].item<double>();
-      }
-      if (job_.pixel_map) {
-        const at::Tensor map = s->pixel_bits[i].to(at::kFloat).contiguous();
-        b.pixel_bits.assign(map.data_ptr<float>(),
-                            map.data_ptr<float>() + map.numel());
-      }
-      result.scores.push_back(std::move(b));
+    return background_->Consume(taken_offset_, out.background);
+  }
+
+  absl::Status Start(Denoiser& model, bool has_background) override {
+    VDM_ASSIGN_OR_RETURN(const ScoreInputs in, MakeScoreInputs(job_, model));
+    LikelihoodOptions options;
+    options.times = job_.timesteps;
+    options.shared_noise = job_.shared_noise;
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
+    VDM_ASSIGN_OR_RETURN(
+        plan_owned_, LikelihoodPlan::Create(in.x, in.labels, options,
+                                            ScheduleOf(model), gen));
+    plan_ = plan_owned_.get();
+    if (has_background) {
+      // The same draws from the same seed and the model's schedule: the
+      // background plan's rows are the main plan's, so only its eps_hat
+      // (Evaluation::background) differs.
+      at::Generator again = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
+      VDM_ASSIGN_OR_RETURN(
+          background_, LikelihoodPlan::Create(in.x, in.labels, options,
+                                              ScheduleOf(model), again));
     }
-    Deliver(std::move(result), now);
+    return absl::OkStatus();
   }
 
  private:
-  std::unique_ptr<LikelihoodPlan> plan_;
-  std::unique_ptr<LikelihoodPlan> background_;  // ScoreJob::background
+  absl::StatusOr<ScoreResult> MakeResult() override {
+    VDM_ASSIGN_OR_RETURN(const BpdScores s, plan_owned_->Result());
+    std::optional<BpdScores> b;
+    if (background_) {
+      VDM_ASSIGN_OR_RETURN(b, background_->Result());
+    }
+    ScoreResult result;
+    VDM_ASSIGN_OR_RETURN(result.scores,
+                         ImageScoresOf(s, job_.images, job_.pixel_map,
+                                       b ? &*b : nullptr));
+    return result;
+  }
+
+  const ScoreJob job_;
+  std::unique_ptr<LikelihoodPlan> plan_owned_;
+  std::unique_ptr<LikelihoodPlan> background_;  // with a background model
   int64_t cursor_ = 0, taken_offset_ = 0;
 };
 
-// An OdeLikelihoodPlan: every evaluation's n x M rows (with probes) handed
-// out in chunks; the plan advances when all of them are back.
-class OdeScoreTask : public ScoreTaskBase {
+// ScoreBPD by the probability-flow ODE: an OdeLikelihoodPlan, whose rows
+// carry probes and run in forward + backward passes.
+class OdeScoreTask : public PlanTask<ScoreResult> {
  public:
-  using ScoreTaskBase::ScoreTaskBase;
+  OdeScoreTask(ScoreJob job, ScoreCallback done)
+      : PlanTask(std::move(done)), job_(std::move(job)) {}
 
-  bool needs_vjp() const override { return true; }
+  Cost cost() const override {
+    const int64_t n = static_cast<int64_t>(job_.images.size());
+    // One row per image and trace sample per evaluation.
+    return {OdeRowCost(n, job_.ode_steps, job_.trace_samples),
+            n * job_.trace_samples};
+  }
+  Pass pass() const override { return Pass::kForwardVjp; }
+  bool likelihood() const override { return true; }
+  const char* method() const override { return "ScoreBPD"; }
 
-  absl::Status Start(Denoiser& model) override {
-    VDM_ASSIGN_OR_RETURN(const Inputs in, MakeInputs(model));
+  absl::Status Start(Denoiser& model, bool /*has_background*/) override {
+    VDM_ASSIGN_OR_RETURN(const ScoreInputs in, MakeScoreInputs(job_, model));
     OdeOptions options;
     options.steps = job_.ode_steps;
     options.trace_samples = job_.trace_samples;
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
-    VDM_ASSIGN_OR_RETURN(plan_,
+    VDM_ASSIGN_OR_RETURN(plan_owned_,
                          OdeLikelihoodPlan::Create(in.x, in.labels, options,
                                                    ScheduleOf(model), gen));
-    const ImageShape s = model.shape();
-    eps_ = at::empty(
-        {plan_->rows_per_evaluation(), s.channels, s.height, s.width},
-        at::kFloat);
-    vjp_ = at::empty_like(eps_);
+    plan_ = plan_owned_.get();
     return absl::OkStatus();
   }
 
-  Rows Take(int64_t max_rows) override {
-    const int64_t m =
-        std::min(max_rows, plan_->rows_per_evaluation() - cursor_);
-    if (m <= 0 || done()) return {};
-    if (cursor_ == 0) input_ = plan_->Next();
-    taken_offset_ = cursor_;
-    cursor_ += m;
-    return input_.Slice(taken_offset_, m);
-  }
-
-  absl::Status Give(const at::Tensor&) override {
-    return absl::InternalError("ODE rows need vector-Jacobian products");
-  }
-
-  absl::Status GiveVjp(const at::Tensor& eps_hat,
-                       const at::Tensor& vjp) override {
-    eps_.narrow(0, taken_offset_, eps_hat.size(0)).copy_(eps_hat);
-    vjp_.narrow(0, taken_offset_, vjp.size(0)).copy_(vjp);
-    received_ += eps_hat.size(0);
-    if (received_ < plan_->rows_per_evaluation()) return absl::OkStatus();
-    cursor_ = 0;
-    received_ = 0;
-    return plan_->Consume(eps_, vjp_);
-  }
-
-  bool done() const override { return plan_ && plan_->done(); }
-
-  void Finish(absl::Status error, absl::Time now) override {
-    if (!error.ok()) return done_cb_(error);
-    absl::StatusOr<OdeScores> s = plan_->Result();
-    if (!s.ok()) return done_cb_(s.status());
-    ScoreResult result;
-    for (int64_t i = 0; i < plan_->num_images(); ++i) {
-      ImageBpd b;
-      b.bpd = s->bpd[i].item<double>();
-      b.ode_function_evaluations = s->function_evaluations;
-      const double se = s->stderr_bpd[i].item<double>();
-      if (!std::isnan(se)) b.ode_stderr_bpd = se;
-      result.scores.push_back(std::move(b));
-    }
-    Deliver(std::move(result), now);
-  }
-
  private:
-  std::unique_ptr<OdeLikelihoodPlan> plan_;
-  Rows input_;
-  at::Tensor eps_, vjp_;
-  int64_t cursor_ = 0, received_ = 0, taken_offset_ = 0;
+  absl::StatusOr<ScoreResult> MakeResult() override {
+    VDM_ASSIGN_OR_RETURN(const OdeScores s, plan_owned_->Result());
+    ScoreResult result;
+    result.scores = ImageScoresOf(s);
+    return result;
+  }
+
+  const ScoreJob job_;
+  std::unique_ptr<OdeLikelihoodPlan> plan_owned_;
 };
 
 }  // namespace
 
-std::unique_ptr<Task> MakeSampleTask(SampleJob job, RequestControl control,
-                                     SampleCallback done, absl::Time arrival) {
-  return std::make_unique<SampleTask>(std::move(job), std::move(control),
-                                      std::move(done), arrival);
+std::unique_ptr<Task> MakeSampleTask(SampleJob job, int num_classes,
+                                     SampleCallback done) {
+  return std::make_unique<SampleTask>(std::move(job), num_classes,
+                                      std::move(done));
 }
 
-std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, RequestControl control,
-                                     EncodeCallback done, absl::Time arrival) {
-  return std::make_unique<EncodeTask>(std::move(job), std::move(control),
-                                      std::move(done), arrival);
+std::unique_ptr<Task> MakeEncodeTask(EncodeJob job, EncodeCallback done) {
+  return std::make_unique<EncodeTask>(std::move(job), std::move(done));
 }
 
-std::unique_ptr<Task> MakeScoreTask(ScoreJob job, RequestControl control,
-                                    ScoreCallback done, absl::Time arrival) {
+std::unique_ptr<Task> MakeScoreTask(ScoreJob job, ScoreCallback done) {
   if (job.method == ScoreMethod::kOde) {
-    return std::make_unique<OdeScoreTask>(std::move(job), std::move(control),
-                                          std::move(done), arrival);
+    return std::make_unique<OdeScoreTask>(std::move(job), std::move(done));
   }
-  return std::make_unique<ScoreTask>(std::move(job), std::move(control),
-                                     std::move(done), arrival);
+  return std::make_unique<ScoreTask>(std::move(job), std::move(done));
 }
 
 }  // namespace vdm

@@ -4,6 +4,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "model/vdm/anomaly.h"
 #include "model/vdm/likelihood.h"
@@ -55,21 +56,19 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
       score.labels = at::full({m}, options.label, at::kLong);
     }
     VDM_ASSIGN_OR_RETURN(BpdScores s, ScoreImages(model, part, score));
-    at::Tensor background;
+    std::optional<BpdScores> b;
     if (options.background != nullptr) {
       OnSchedule on_schedule(*options.background, model);
-      VDM_ASSIGN_OR_RETURN(BpdScores b, ScoreImages(on_schedule, part, score));
-      background = b.bpd;
+      VDM_ASSIGN_OR_RETURN(b, ScoreImages(on_schedule, part, score));
     }
-    const std::vector<Image8> pictures = ToImages(part);
-    for (int64_t i = 0; i < m; ++i) {
+    // The server's per-image records (image_scores.h), plus the features.
+    VDM_ASSIGN_OR_RETURN(std::vector<ImageBpd> records,
+                         ImageScoresOf(s, ToImages(part), /*pixel_map=*/false,
+                                       b ? &*b : nullptr));
+    for (ImageBpd& record : records) {
       ScoredImage r;
-      r.bpd = s.bpd[i].item<double>();
-      VDM_ASSIGN_OR_RETURN(r.complexity, ComplexityBpd(pictures[i]));
-      const at::Tensor band = s.band[i].contiguous();
-      r.band.assign(band.data_ptr<double>(), band.data_ptr<double>() + band.numel());
+      static_cast<ImageBpd&>(r) = std::move(record);
       r.features = AnomalyFeatures(r.bpd, r.complexity, r.band);
-      if (background.defined()) r.background_bpd = background[i].item<double>();
       out.push_back(std::move(r));
     }
     if (options.progress) options.progress(begin + m, n);

@@ -15,13 +15,14 @@
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/denoiser.h"
+#include "model/vdm/image_scores.h"
 
 namespace vdm {
 
-// bpd, complexity, band and, with SetScoring::background, background_bpd
-// (the BPD of the same rows under the background model): what the anomaly
-// policy (ScoreAnomalies) reads.
-struct ScoredImage : ImageLikelihood {
+// The server's per-image record (image_scores.h: bpd, its parts,
+// complexity, band and, with SetScoring::background, background_bpd, the
+// BPD of the same rows under the background model), plus the features.
+struct ScoredImage : ImageBpd {
   std::vector<double> features;  // AnomalyFeatures(bpd, complexity, band)
 };
 

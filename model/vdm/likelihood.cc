@@ -126,6 +126,11 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   return absl::OkStatus();
 }
 
+Rows LikelihoodPlan::Next() {
+  absl::StatusOr<Rows> all = RowsAt(0, rows());
+  return all.ok() ? *std::move(all) : Rows();  // [0, rows()) is always valid
+}
+
 absl::StatusOr<Rows> LikelihoodPlan::RowsAt(int64_t begin,
                                             int64_t count) const {
   if (begin < 0 || count < 1 || begin + count > rows()) {

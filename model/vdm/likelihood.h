@@ -100,8 +100,10 @@ at::Tensor BandProfile(const at::Tensor& losses, const at::Tensor& times,
 at::Tensor RowWeights(int times, int replicates);
 
 // The likelihood of n images. Not thread-safe (one caller at a time); all
-// tensors live on the CPU.
-class LikelihoodPlan {
+// tensors live on the CPU. As a RowPlan it is one evaluation of all its
+// rows (Next() = RowsAt(0, rows())); RowsAt and Consume(begin, ...) give
+// any chunking directly.
+class LikelihoodPlan : public RowPlan {
  public:
   // x_uint8 [n, C, H, W] (any integer dtype, values 0..255); labels [n]
   // int64, the label each image's rows carry (num_classes = "no label"), or
@@ -126,6 +128,13 @@ class LikelihoodPlan {
   absl::Status Consume(int64_t begin, const at::Tensor& eps_hat);
   int64_t received() const { return received_; }
   bool complete() const { return received_ == rows(); }
+  // RowPlan.
+  int64_t rows_per_evaluation() const override { return rows(); }
+  Rows Next() override;
+  absl::Status Consume(const Evaluation& out) override {
+    return Consume(0, out.eps);
+  }
+  bool done() const override { return complete(); }
   // The scores once complete().
   absl::StatusOr<BpdScores> Result() const;
   // Per-row diffusion losses in nats [n, K] (valid once complete()) and the

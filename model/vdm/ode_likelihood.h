@@ -74,7 +74,7 @@ struct OdeScores {
   int64_t function_evaluations = 0;  // per image (each M rows)
 };
 
-class OdeLikelihoodPlan {
+class OdeLikelihoodPlan : public RowPlan {
  public:
   // x_uint8 [n, C, H, W] (integer dtype), label [n] int64 (num_classes for
   // "no label"). Draws the dequantization from `gen` now and the probes
@@ -85,16 +85,19 @@ class OdeLikelihoodPlan {
 
   int64_t num_images() const { return n_; }
   // n x M rows per evaluation: image i's probe m is row i M + m.
-  int64_t rows_per_evaluation() const { return n_ * m_; }
+  int64_t rows_per_evaluation() const override { return n_ * m_; }
   int64_t evaluations() const { return OdeFunctionEvaluations(steps_); }
   int64_t evaluation() const { return step_ * kOdeStages + stage_; }
-  bool done() const { return step_ >= steps_; }
+  bool done() const override { return step_ >= steps_; }
 
   // The rows of the current evaluation, with probes (fresh each call; call
   // once per evaluation).
-  Rows Next();
+  Rows Next() override;
   // eps_hat and v^T d eps_hat / d z for all rows of the last Next().
   absl::Status Consume(const at::Tensor& eps_hat, const at::Tensor& vjp);
+  absl::Status Consume(const Evaluation& out) override {
+    return Consume(out.eps, out.vjp);
+  }
   absl::StatusOr<OdeScores> Result() const;
 
  private:

@@ -13,6 +13,14 @@ Rows Rows::Slice(int64_t begin, int64_t count) const {
   return r;
 }
 
+Evaluation Evaluation::Slice(int64_t begin, int64_t count) const {
+  Evaluation e;
+  e.eps = eps.narrow(0, begin, count);
+  if (vjp.defined()) e.vjp = vjp.narrow(0, begin, count);
+  if (background.defined()) e.background = background.narrow(0, begin, count);
+  return e;
+}
+
 Rows Rows::Cat(const std::vector<Rows>& parts) {
   if (parts.size() == 1) return parts.front();
   std::vector<at::Tensor> z, gamma, label, probe;

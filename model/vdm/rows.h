@@ -38,6 +38,36 @@ struct Rows {
   static Rows Cat(const std::vector<Rows>& parts);
 };
 
+// What the network gives back for rows, in their order: eps_hat [m, C, H, W]
+// float32, and for rows with probes (a forward + backward pass) vjp =
+// v^T d eps_hat / d z; with the engine's background model (the likelihood
+// ratio), that model's eps_hat of the same rows. Undefined when absent.
+struct Evaluation {
+  at::Tensor eps;
+  at::Tensor vjp;
+  at::Tensor background;
+
+  // Rows [begin, begin + count) of every defined part.
+  Evaluation Slice(int64_t begin, int64_t count) const;
+};
+
+// What every plan of network rows has in common (SamplingPlan, EncodePlan,
+// LikelihoodPlan, OdeLikelihoodPlan): it hands out the rows of its next
+// evaluation and advances when the network's outputs for all of them come
+// back. A plan that needs VJPs sets Rows::probe and reads Evaluation::vjp.
+// The engine's tasks hand the rows out in chunks (server/tasks.cc), so a
+// plan never sees how they were batched.
+class RowPlan {
+ public:
+  virtual ~RowPlan() = default;
+  // Rows of the next evaluation (Next() is not called once done()).
+  virtual int64_t rows_per_evaluation() const = 0;
+  virtual Rows Next() = 0;
+  // The outputs for every row of the last Next(), in its order.
+  virtual absl::Status Consume(const Evaluation& out) = 0;
+  virtual bool done() const = 0;
+};
+
 // eps_hat [m, C, H, W] for `rows`; rows without labels get "no label".
 // With `fp32`, in full fp32 whatever the model's precision()
 // (Denoiser::DenoiseFp32).

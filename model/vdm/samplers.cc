@@ -388,7 +388,7 @@ at::Tensor SamplingPlan::Images() const {
   return images;
 }
 
-Rows SamplingPlan::Next() const {
+Rows SamplingPlan::Next() {
   Rows rows = sampler_->Next();
   rows.label = labels_;
   if (!guided_) return rows;
@@ -475,7 +475,7 @@ absl::StatusOr<std::unique_ptr<EncodePlan>> EncodePlan::Create(
   return plan;
 }
 
-Rows EncodePlan::Next() const {
+Rows EncodePlan::Next() {
   Rows rows = sampler_->Next();
   rows.label = labels_;
   return rows;

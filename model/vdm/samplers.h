@@ -130,7 +130,7 @@ struct SampleEdit {
 // negative label); Consume
 // takes eps_hat for all of them, combines guided pairs and advances. Not
 // thread-safe (one caller at a time).
-class SamplingPlan {
+class SamplingPlan : public RowPlan {
  public:
 
 
@@ -147,12 +147,17 @@ class SamplingPlan {
   int64_t num_images() const { return n_; }
   bool guided() const { return guided_; }
   // Rows of every evaluation: n or 2n.
-  int64_t rows_per_evaluation() const { return guided_ ? 2 * n_ : n_; }
-  Rows Next() const;
+  int64_t rows_per_evaluation() const override {
+    return guided_ ? 2 * n_ : n_;
+  }
+  Rows Next() override;
   absl::Status Consume(const at::Tensor& eps_hat);
+  absl::Status Consume(const Evaluation& out) override {
+    return Consume(out.eps);
+  }
 
   const Sampler& sampler() const { return *sampler_; }
-  bool done() const { return sampler_->done(); }
+  bool done() const override { return sampler_->done(); }
   // Uint8 [n, C, H, W]: the samples once done() (the reference where known).
   at::Tensor Images() const;
 
@@ -185,7 +190,7 @@ class SamplingPlan {
 // gives the image back up to the discretization error, which shrinks with
 // the steps. One row per image per step, labelled `label` (-1 = "no
 // label"); no guidance. Not thread-safe (one caller at a time).
-class EncodePlan {
+class EncodePlan : public RowPlan {
  public:
   // images uint8 [n, C, H, W] of `shape`.
   static absl::StatusOr<std::unique_ptr<EncodePlan>> Create(
@@ -193,10 +198,13 @@ class EncodePlan {
       const ImageShape& shape, int num_classes, const ScheduleFn& schedule);
 
   int64_t num_images() const { return labels_.size(0); }
-  int64_t rows_per_evaluation() const { return num_images(); }
-  Rows Next() const;
+  int64_t rows_per_evaluation() const override { return num_images(); }
+  Rows Next() override;
   absl::Status Consume(const at::Tensor& eps_hat);
-  bool done() const { return sampler_->done(); }
+  absl::Status Consume(const Evaluation& out) override {
+    return Consume(out.eps);
+  }
+  bool done() const override { return sampler_->done(); }
   int step() const { return sampler_->step(); }
   int steps() const { return sampler_->steps(); }
   // The current state; the latents z_1 [n, C, H, W] float32 once done().

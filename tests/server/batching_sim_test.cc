@@ -1,4 +1,4 @@
-// The engine's admission policies (Engine::Admission) on the batching
+// The admission policies (bench/admission.h) on the batching
 // simulation's fake clock: three requests and a score with known arrival
 // times, and the batches and completion times worked out by hand for each
 // policy. Costs: 10 ms per pass + 1 ms per row.
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "model/vdm/denoiser.h"
+#include "server/tasks.h"
 
 namespace vdm {
 namespace {
@@ -49,14 +50,15 @@ struct Schedule {
   std::vector<double> done_ms;     // per request: arrival + latency
 };
 
-Schedule Simulated(Engine::Admission admission, int max_batch) {
+Schedule Simulated(Admission admission, int max_batch) {
   Engine::Options options;
-  options.admission = admission;
   options.max_batch = max_batch;
-  options.batch_window = absl::Milliseconds(5);
+  SimPolicy policy;
+  policy.admission = admission;
+  policy.batch_window = absl::Milliseconds(5);
   const std::vector<SimRequest> trace = Trace();
   absl::StatusOr<SimOutcome> out = Simulate(
-      options, {absl::Milliseconds(10), absl::Milliseconds(1)}, trace);
+      options, policy, {absl::Milliseconds(10), absl::Milliseconds(1)}, trace);
   EXPECT_TRUE(out.ok()) << out.status();
   Schedule s;
   if (!out.ok()) return s;
@@ -74,14 +76,14 @@ Schedule Simulated(Engine::Admission admission, int max_batch) {
 TEST(AdmissionTest, ContinuousJoinsAtTheNextPass) {
   // R1 and R2 arrive during R0's first pass and join the second; R2 leaves
   // after it, R0 and R1 after the third; R3 arrives during the third.
-  const Schedule s = Simulated(Engine::Admission::kContinuous, 8);
+  const Schedule s = Simulated(Admission::kContinuous, 8);
   EXPECT_THAT(s.rows, ElementsAre(1, 5, 3, 2));
   EXPECT_THAT(s.starts_ms, ElementsAre(0, 11, 26, 39));
   EXPECT_THAT(s.done_ms, ElementsAre(39, 39, 26, 51));
 }
 
 TEST(AdmissionTest, OneAtATimeRunsEachRequestAlone) {
-  const Schedule s = Simulated(Engine::Admission::kOneAtATime, 8);
+  const Schedule s = Simulated(Admission::kOneAtATime, 8);
   EXPECT_THAT(s.rows, ElementsAre(1, 1, 1, 2, 2, 2, 2));
   EXPECT_THAT(s.starts_ms, ElementsAre(0, 11, 22, 33, 45, 57, 69));
   EXPECT_THAT(s.done_ms, ElementsAre(33, 57, 69, 81));
@@ -91,7 +93,7 @@ TEST(AdmissionTest, RequestLevelBatchClosesWhenTheWindowEnds) {
   // R0, R1 and R2 (5 rows < 8) arrive within R0's 5 ms window: one batch
   // at 5 ms that runs to completion; R3 waits for it although it arrived
   // (at 30 ms) while only R0 was left.
-  const Schedule s = Simulated(Engine::Admission::kRequestLevel, 8);
+  const Schedule s = Simulated(Admission::kRequestLevel, 8);
   EXPECT_THAT(s.rows, ElementsAre(5, 3, 1, 2));
   EXPECT_THAT(s.starts_ms, ElementsAre(5, 20, 33, 44));
   EXPECT_THAT(s.done_ms, ElementsAre(44, 33, 20, 56));
@@ -101,7 +103,7 @@ TEST(AdmissionTest, RequestLevelBatchClosesWhenMaxBatchIsFull) {
   // With max_batch 4, R2's arrival at 4 ms fills the batch (1 + 2 + 2 rows)
   // before the window ends: R0 and R1 start at once; R2 does not fit and
   // waits, with R3, for the next batch.
-  const Schedule s = Simulated(Engine::Admission::kRequestLevel, 4);
+  const Schedule s = Simulated(Admission::kRequestLevel, 4);
   EXPECT_THAT(s.rows, ElementsAre(3, 3, 1, 4));
   EXPECT_THAT(s.starts_ms, ElementsAre(4, 17, 30, 41));
   EXPECT_THAT(s.done_ms, ElementsAre(41, 30, 55, 55));
@@ -110,7 +112,7 @@ TEST(AdmissionTest, RequestLevelBatchClosesWhenMaxBatchIsFull) {
 TEST(AdmissionTest, ContinuousBatchesRespectMaxBatch) {
   // The default policy with max_batch 2: R1's and R2's pairs cannot share
   // a pass; the rotation gives each request its turn.
-  const Schedule s = Simulated(Engine::Admission::kContinuous, 2);
+  const Schedule s = Simulated(Admission::kContinuous, 2);
   for (int64_t rows : s.rows) EXPECT_LE(rows, 2);
   int64_t total = 0;
   for (int64_t rows : s.rows) total += rows;
@@ -131,24 +133,26 @@ class ZeroDenoiser : public Denoiser {
 };
 
 TEST(AdmissionTest, ThreadedRequestLevelFinishesAfterTheWindow) {
-  for (Engine::Admission a : {Engine::Admission::kRequestLevel,
-                              Engine::Admission::kOneAtATime}) {
+  for (Admission a : {Admission::kRequestLevel, Admission::kOneAtATime}) {
+    auto policy = MakeAdmissionPolicy(a, 64, absl::Milliseconds(2));
+    ASSERT_TRUE(policy.ok());
     Engine::Options options;
-    options.admission = a;
-    options.batch_window = absl::Milliseconds(2);
+    options.admission = policy->get();
     std::vector<std::unique_ptr<Denoiser>> replicas;
     replicas.push_back(std::make_unique<ZeroDenoiser>());
-    auto engine = *Engine::Create(options, std::move(replicas), nullptr);
+    auto engine = *Engine::Create(options, std::move(replicas));
     int done = 0;  // callbacks run on the one completion thread
     for (int i = 0; i < 3; ++i) {
       SampleJob job;
       job.sampler.steps = 2;
       ASSERT_TRUE(engine
-                      ->SubmitSample(job, {},
-                                     [&done](absl::StatusOr<SampleResult> r) {
-                                       EXPECT_TRUE(r.ok()) << r.status();
-                                       ++done;
-                                     })
+                      ->Submit(MakeSampleTask(
+                                   job, 10,
+                                   [&done](absl::StatusOr<SampleResult> r) {
+                                     EXPECT_TRUE(r.ok()) << r.status();
+                                     ++done;
+                                   }),
+                               {})
                       .ok());
     }
     ASSERT_TRUE(engine->WaitIdle(absl::Now() + absl::Seconds(60)));
@@ -158,11 +162,8 @@ TEST(AdmissionTest, ThreadedRequestLevelFinishesAfterTheWindow) {
 }
 
 TEST(AdmissionTest, NegativeBatchWindowIsRefused) {
-  Engine::Options options;
-  options.batch_window = absl::Milliseconds(-1);
-  std::vector<std::unique_ptr<Denoiser>> replicas;
-  replicas.push_back(std::make_unique<ZeroDenoiser>());
-  EXPECT_EQ(Engine::Create(options, std::move(replicas), nullptr)
+  EXPECT_EQ(MakeAdmissionPolicy(Admission::kRequestLevel, 8,
+                                absl::Milliseconds(-1))
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);

@@ -22,6 +22,8 @@
 #include "model/vdm/ode_likelihood.h"
 #include "model/vdm/samplers.h"
 #include "model/vdm/tensor_image.h"
+#include "server/tasks.h"
+#include "server/testing/fake_clock.h"
 
 namespace vdm {
 namespace {
@@ -30,6 +32,23 @@ using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
 
 constexpr int kClasses = 10;  // label 10 = "no label"
+
+// The engine's one Submit with each kind of task.
+absl::Status SubmitSample(Engine& engine, SampleJob job,
+                          RequestControl control, SampleCallback done) {
+  return engine.Submit(MakeSampleTask(std::move(job), kClasses, std::move(done)),
+                       std::move(control));
+}
+absl::Status SubmitScore(Engine& engine, ScoreJob job, RequestControl control,
+                         ScoreCallback done) {
+  return engine.Submit(MakeScoreTask(std::move(job), std::move(done)),
+                       std::move(control));
+}
+absl::Status SubmitEncode(Engine& engine, EncodeJob job,
+                          RequestControl control, EncodeCallback done) {
+  return engine.Submit(MakeEncodeTask(std::move(job), std::move(done)),
+                       std::move(control));
+}
 
 // One forward pass as the fake saw it.
 struct Batch {
@@ -154,7 +173,7 @@ class EngineTest : public ::testing::Test {
     model_ = model.get();
     std::vector<std::unique_ptr<Denoiser>> replicas;
     replicas.push_back(std::move(model));
-    engine_ = *Engine::Create(options, std::move(replicas), nullptr);
+    engine_ = *Engine::Create(options, std::move(replicas));
   }
 
   // With a background model (a FakeDenoiser of the given slope; 0.1 = the
@@ -170,7 +189,7 @@ class EngineTest : public ::testing::Test {
     std::vector<std::unique_ptr<Denoiser>> replicas, backgrounds;
     replicas.push_back(std::move(model));
     backgrounds.push_back(std::move(background));
-    auto engine = Engine::Create(options, std::move(replicas), nullptr,
+    auto engine = Engine::Create(options, std::move(replicas),
                                  std::move(backgrounds));
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = *std::move(engine);
@@ -192,11 +211,11 @@ TEST_F(EngineTest, RowsOfDifferentSamplersAndKindsShareABatch) {
   Make();
   Outcome<SampleResult> a, b;
   Outcome<ScoreResult> c;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 3, 1), {}, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 3, 2, 1.0, SamplerType::kHeun),
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 3, 2, 1.0, SamplerType::kHeun),
                                     {}, b.Callback())
                   .ok());
-  ASSERT_TRUE(engine_->SubmitScore(Score(1, 4, 3), {}, c.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine_, Score(1, 4, 3), {}, c.Callback()).ok());
   ASSERT_TRUE(engine_->Step());
   // One forward pass: DDIM's 2 rows, Heun's 1, the score's 4 times.
   EXPECT_THAT(Labels(0), ElementsAre(1, 1, 2, 3, 3, 3, 3));
@@ -229,8 +248,8 @@ TEST_F(EngineTest, EncodeRowsShareBatchesWithSamplingAndClimbInGamma) {
   encode.label = 5;
   Outcome<EncodeResult> e;
   Outcome<SampleResult> a;
-  ASSERT_TRUE(engine_->SubmitEncode(encode, {}, e.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitEncode(*engine_, encode, {}, e.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 3, 1), {}, a.Callback()).ok());
   ASSERT_TRUE(engine_->Step());
   // max_batch 4: the encode's 3 rows and one of the sample's 2.
   EXPECT_THAT(Labels(0), ElementsAre(5, 5, 5, 1));
@@ -276,10 +295,10 @@ TEST_F(EngineTest, EncodeRowsShareBatchesWithSamplingAndClimbInGamma) {
 TEST_F(EngineTest, NewRequestJoinsAtTheNextIterationAndLeavesWhenDone) {
   Make();
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 4, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 4, 1), {}, a.Callback()).ok());
   engine_->Step();
   EXPECT_THAT(Labels(0), ElementsAre(1));
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 2, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 2, 2), {}, b.Callback()).ok());
   engine_->Step();
   engine_->Step();
   EXPECT_THAT(Labels(1), ElementsAre(2, 2, 1));
@@ -296,7 +315,7 @@ TEST_F(EngineTest, NewRequestJoinsAtTheNextIterationAndLeavesWhenDone) {
 TEST_F(EngineTest, GuidedRequestsEvaluateBothHalvesInOnePass) {
   Make();
   Outcome<SampleResult> a;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 1, 4, 3.0), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 1, 4, 3.0), {}, a.Callback()).ok());
   engine_->Step();
   EXPECT_THAT(Labels(0), ElementsAre(4, 4, kClasses, kClasses));
   ASSERT_TRUE(a.result.ok());
@@ -311,8 +330,8 @@ TEST_F(EngineTest, ResultsDoNotDependOnWhatSharesTheBatch) {
   Make(options);
   Outcome<SampleResult> a, b;
   const SampleJob ja = Sample(2, 5, 1, 2.0), jb = Sample(3, 4, 2);
-  ASSERT_TRUE(engine_->SubmitSample(ja, {}, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(jb, {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, ja, {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, jb, {}, b.Callback()).ok());
   while (engine_->Step()) {
   }
   ASSERT_TRUE(a.result.ok() && b.result.ok());
@@ -342,8 +361,8 @@ TEST_F(EngineTest, OdeRowsRunInTheirOwnVjpPassesAlternatingWithPlainRows) {
   ode.method = ScoreMethod::kOde;
   ode.ode_steps = 1;  // 4 evaluations of 2 images x 2 probes = 4 rows each
   ode.trace_samples = 2;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 4, 1), {}, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitScore(ode, {}, c.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 4, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine_, ode, {}, c.Callback()).ok());
   while (engine_->Step()) {
   }
   const std::vector<Batch> batches = model_->batches();
@@ -396,8 +415,8 @@ TEST_F(EngineTest, CancelledRequestLeavesAtTheNextIteration) {
   RequestControl control;
   control.is_cancelled = [&cancelled] { return cancelled.load(); };
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 100, 1), control, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 3, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 100, 1), control, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 3, 2), {}, b.Callback()).ok());
   engine_->Step();
   cancelled = true;
   engine_->Step();
@@ -418,8 +437,8 @@ TEST_F(EngineTest, DeadlineOnTheClockStopsTheRequest) {
   RequestControl control;
   control.deadline = clock_.Now() + absl::Seconds(1);
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 50, 1), control, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 5, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 50, 1), control, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 5, 2), {}, b.Callback()).ok());
   while (engine_->Step()) {
   }
   EXPECT_EQ(a.result.status().code(), absl::StatusCode::kDeadlineExceeded);
@@ -437,9 +456,9 @@ TEST_F(EngineTest, DeadlineOnTheClockStopsTheRequest) {
 TEST_F(EngineTest, QueueTimeIsMeasuredOnTheClock) {
   Make({}, absl::Milliseconds(100));
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 2, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 2, 1), {}, a.Callback()).ok());
   engine_->Step();  // t = 0.1 s
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 1, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 1, 2), {}, b.Callback()).ok());
   clock_.Advance(absl::Milliseconds(50));  // B waits 50 ms for the next pass
   engine_->Step();
   ASSERT_TRUE(b.result.ok());
@@ -455,9 +474,9 @@ TEST_F(EngineTest, ScorePriorityPutsScoreRowsFirst) {
     Make(options);
     Outcome<SampleResult> s;
     Outcome<ScoreResult> c;
-    ASSERT_TRUE(engine_->SubmitSample(Sample(4, 10, 1), {}, s.Callback()).ok());
+    ASSERT_TRUE(SubmitSample(*engine_, Sample(4, 10, 1), {}, s.Callback()).ok());
     engine_->Step();  // the sample fills the batch
-    ASSERT_TRUE(engine_->SubmitScore(Score(1, 8, 3), {}, c.Callback()).ok());
+    ASSERT_TRUE(SubmitScore(*engine_, Score(1, 8, 3), {}, c.Callback()).ok());
     engine_->Step();
     engine_->Step();
     if (priority) {
@@ -480,17 +499,17 @@ TEST_F(EngineTest, FullQueueIsRefusedAtOnceAndFreedRowsAreReused) {
   Make(options);
   Outcome<SampleResult> a, b, c;
   // 80 rows can never fit a 50-row queue: not retryable.
-  absl::Status too_big = engine_->SubmitSample(Sample(4, 20, 1), {}, a.Callback());
+  absl::Status too_big = SubmitSample(*engine_, Sample(4, 20, 1), {}, a.Callback());
   EXPECT_EQ(too_big.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(too_big.message()), ::testing::HasSubstr("50"));
-  ASSERT_TRUE(engine_->SubmitSample(Sample(4, 10, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(4, 10, 2), {}, b.Callback()).ok());
   // 20 more rows fit an empty queue but not this one: retry later.
-  absl::Status full = engine_->SubmitSample(Sample(1, 20, 3), {}, c.Callback());
+  absl::Status full = SubmitSample(*engine_, Sample(1, 20, 3), {}, c.Callback());
   EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(full.message()), ::testing::HasSubstr("limit 50"));
   while (engine_->Step()) {
   }
-  EXPECT_TRUE(engine_->SubmitSample(Sample(1, 20, 3), {}, c.Callback()).ok());
+  EXPECT_TRUE(SubmitSample(*engine_, Sample(1, 20, 3), {}, c.Callback()).ok());
   engine_->Stop();
   EXPECT_EQ(a.calls, 0) << "a refused job's callback never runs";
   EXPECT_EQ(c.result.status().code(), absl::StatusCode::kUnavailable);
@@ -501,8 +520,8 @@ TEST_F(EngineTest, MaxBatchIsRespectedAndLargeRequestsShareFairly) {
   options.max_batch = 8;
   Make(options);
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(8, 3, 1), {}, a.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitSample(Sample(8, 3, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(8, 3, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(8, 3, 2), {}, b.Callback()).ok());
   while (engine_->Step()) {
   }
   ASSERT_EQ(Batches(), 6u);
@@ -520,8 +539,8 @@ TEST_F(EngineTest, ProgressArrivesInOrderBeforeTheResult) {
     events.push_back(absl::StrCat("step ", p.step, "/", p.total_steps,
                                   " previews ", p.previews.size()));
   };
-  ASSERT_TRUE(engine_
-                  ->SubmitSample(job, {},
+  ASSERT_TRUE(SubmitSample(
+                  *engine_, job, {},
                                  [&events](absl::StatusOr<SampleResult> r) {
                                    events.push_back(r.ok() ? "result" : "error");
                                  })
@@ -536,14 +555,14 @@ TEST_F(EngineTest, ProgressArrivesInOrderBeforeTheResult) {
 TEST_F(EngineTest, StopFailsWhatIsLeftWithUnavailable) {
   Make();
   Outcome<SampleResult> a, b;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 10, 1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 10, 1), {}, a.Callback()).ok());
   engine_->Step();
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 10, 2), {}, b.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 10, 2), {}, b.Callback()).ok());
   engine_->Stop();
   EXPECT_EQ(a.result.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(b.result.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(a.calls + b.calls, 2);
-  EXPECT_EQ(engine_->SubmitSample(Sample(1, 1, 3), {}, a.Callback()).code(),
+  EXPECT_EQ(SubmitSample(*engine_, Sample(1, 1, 3), {}, a.Callback()).code(),
             absl::StatusCode::kUnavailable);
 }
 
@@ -553,8 +572,8 @@ TEST_F(EngineTest, BackgroundModelEvaluatesTheScoreRowsOfEachBatch) {
   MakeWithBackground(options, /*slope=*/0.3);
   Outcome<SampleResult> s;
   Outcome<ScoreResult> c;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(2, 10, 1), {}, s.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitScore(Score(1, 8, 3), {}, c.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 10, 1), {}, s.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine_, Score(1, 8, 3), {}, c.Callback()).ok());
   int iterations = 0;
   while (c.calls == 0 && engine_->Step()) ++iterations;
   const std::vector<Batch> main = model_->batches();
@@ -604,8 +623,8 @@ TEST_F(EngineTest, BackgroundEqualToTheModelGivesALikelihoodRatioOfZero) {
   MakeWithBackground(options, /*slope=*/0.1);
   Outcome<ScoreResult> c;
   Outcome<SampleResult> s;
-  ASSERT_TRUE(engine_->SubmitSample(Sample(1, 6, 1), {}, s.Callback()).ok());
-  ASSERT_TRUE(engine_->SubmitScore(Score(3, 6, 3), {}, c.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*engine_, Sample(1, 6, 1), {}, s.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine_, Score(3, 6, 3), {}, c.Callback()).ok());
   while (engine_->Step()) {
   }
   ASSERT_TRUE(c.result.ok()) << c.result.status();
@@ -619,7 +638,7 @@ TEST_F(EngineTest, BackgroundEqualToTheModelGivesALikelihoodRatioOfZero) {
 TEST_F(EngineTest, WithoutBackgroundModelThereIsNoBackgroundBpd) {
   Make();
   Outcome<ScoreResult> c;
-  ASSERT_TRUE(engine_->SubmitScore(Score(2, 4, 3), {}, c.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine_, Score(2, 4, 3), {}, c.Callback()).ok());
   while (engine_->Step()) {
   }
   ASSERT_TRUE(c.result.ok());
@@ -646,7 +665,7 @@ TEST(EngineCreateTest, RefusesABackgroundModelThatDoesNotFit) {
     backgrounds.push_back(std::move(background));
     Engine::Options options;
     options.threaded = false;
-    return Engine::Create(options, std::move(replicas), nullptr,
+    return Engine::Create(options, std::move(replicas),
                           std::move(backgrounds))
         .status();
   };
@@ -666,7 +685,7 @@ TEST(EngineCreateTest, RefusesABackgroundModelThatDoesNotFit) {
   backgrounds.push_back(std::make_unique<FakeDenoiser>());
   Engine::Options options;
   options.threaded = false;
-  EXPECT_FALSE(Engine::Create(options, std::move(replicas), nullptr,
+  EXPECT_FALSE(Engine::Create(options, std::move(replicas),
                               std::move(backgrounds))
                    .ok());
 }
@@ -709,13 +728,13 @@ void RunMixed(std::unique_ptr<FakeDenoiser> model, bool score_fp32,
   options.score_fp32 = score_fp32;
   std::vector<std::unique_ptr<Denoiser>> replicas;
   replicas.push_back(std::move(model));
-  run->engine = *Engine::Create(options, std::move(replicas), nullptr);
+  run->engine = *Engine::Create(options, std::move(replicas));
   Engine* engine = run->engine.get();
   if (with_sample) {
     ASSERT_TRUE(
-        engine->SubmitSample(Sample(2, 3, 1), {}, run->sample.Callback()).ok());
+        SubmitSample(*engine, Sample(2, 3, 1), {}, run->sample.Callback()).ok());
   }
-  ASSERT_TRUE(engine->SubmitScore(Score(2, 4, 3), {}, run->score.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*engine, Score(2, 4, 3), {}, run->score.Callback()).ok());
   while (engine->Step()) {
   }
 }
@@ -760,12 +779,12 @@ TEST(ThreadedEngineTest, CallbacksRunOffTheWorkerThread) {
   FakeDenoiser* fake = model.get();
   std::vector<std::unique_ptr<Denoiser>> replicas;
   replicas.push_back(std::move(model));
-  auto engine = *Engine::Create({}, std::move(replicas), nullptr);
+  auto engine = *Engine::Create({}, std::move(replicas));
   absl::Mutex mu;
   std::thread::id callback_thread;
   bool done = false;
-  ASSERT_TRUE(engine
-                  ->SubmitSample(Sample(2, 3, 1), {},
+  ASSERT_TRUE(SubmitSample(
+                  *engine, Sample(2, 3, 1), {},
                                  [&](absl::StatusOr<SampleResult> r) {
                                    absl::MutexLock lock(&mu);
                                    EXPECT_TRUE(r.ok()) << r.status();
