@@ -43,10 +43,12 @@ ABSL_FLAG(std::string, devices, "auto",
 ABSL_FLAG(int, threads, 0,
           "torch intra-op threads per replica; 0 = the available CPUs divided "
           "among the CPU replicas");
-ABSL_FLAG(std::string, precision, "fp32",
-          "forward-pass precision: fp32, bf16 (autocast; about 1.9x the rows/s "
-          "on a CPU with bf16 units) or auto (bf16 where the CPU has "
-          "avx512_bf16/amx_bf16 or the GPU is sm_80+, else fp32)");
+ABSL_FLAG(std::string, precision, "auto",
+          "forward-pass precision: fp32, bf16 (autocast; 1.8-2.2x the rows/s "
+          "on a CPU with AMX, 0.7x on one with only avx512_bf16) or auto "
+          "(measured at start-up: bf16 where the device computes it natively "
+          "and it runs >= 1.15x fp32's rows/s, else fp32; GetModelInfo "
+          "says why)");
 ABSL_FLAG(std::string, score_precision, "fp32",
           "ScoreBPD rows: fp32 = in fp32 whatever --precision is (bf16 moves "
           "BPD; docs/performance.md), same = in --precision");

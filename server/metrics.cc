@@ -110,8 +110,15 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   build_info_ = &BuildGauge()
                      .Name("vdm_build_info")
                      .Help("Always 1: the server's version and the served "
-                           "model (path, prediction, parameter count)")
+                           "model (path, prediction, parameter count, "
+                           "forward precision)")
                      .Register(r);
+  precision_rates_ =
+      &BuildGauge()
+           .Name("vdm_precision_rows_per_second")
+           .Help("Forward rows per second measured at start-up in each "
+                 "precision by --precision=auto (0 = not measured)")
+           .Register(r);
   ready_gauge_ = &BuildGauge()
                      .Name("vdm_ready")
                      .Help("1 while the server is ready to serve (model "
@@ -141,13 +148,20 @@ absl::Status Metrics::Expose(const std::string& address) {
 }
 
 void Metrics::SetBuildInfo(const std::string& version, const std::string& model,
-                           const std::string& prediction, int64_t parameters) {
+                           const std::string& prediction, int64_t parameters,
+                           const std::string& precision) {
   build_info_
       ->Add({{"version", version},
              {"model", model},
              {"prediction", prediction},
-             {"parameters", std::to_string(parameters)}})
+             {"parameters", std::to_string(parameters)},
+             {"precision", precision}})
       .Set(1);
+}
+
+void Metrics::SetPrecisionRates(double fp32, double bf16) {
+  precision_rates_->Add({{"precision", "fp32"}}).Set(fp32);
+  precision_rates_->Add({{"precision", "bf16"}}).Set(bf16);
 }
 
 void Metrics::SetReady(bool ready) {

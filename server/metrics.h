@@ -26,9 +26,13 @@ class Metrics : public EngineObserver {
 
   // Serves /metrics on `address` (HOST:PORT; port 0 picks a free one).
   absl::Status Expose(const std::string& address);
-  // vdm_build_info{version, model, prediction, parameters} = 1.
+  // vdm_build_info{version, model, prediction, parameters, precision} = 1.
   void SetBuildInfo(const std::string& version, const std::string& model,
-                    const std::string& prediction, int64_t parameters);
+                    const std::string& prediction, int64_t parameters,
+                    const std::string& precision = "fp32");
+  // vdm_precision_rows_per_second{precision}: what --precision=auto
+  // measured at start-up.
+  void SetPrecisionRates(double fp32, double bf16);
   // Readiness as /readyz and vdm_ready report it (the server sets it when
   // it reports SERVING on the health service, and clears it when draining).
   void SetReady(bool ready);
@@ -109,6 +113,7 @@ class Metrics : public EngineObserver {
   prometheus::Histogram* anomaly_;
   prometheus::Counter* flagged_;
   prometheus::Family<prometheus::Gauge>* build_info_;
+  prometheus::Family<prometheus::Gauge>* precision_rates_;
   std::atomic<bool> ready_{false};
 };
 

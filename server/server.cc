@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <future>
+#include <map>
 #include <vector>
 
 #include <glog/logging.h>
@@ -233,17 +234,34 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   absl::StatusOr<ModelDescription> description;
   Engine::Options engine_options = options.engine;
   engine_options.score_fp32 = options.score_precision == "fp32";
+  // --precision=auto is measured on the first replica of each device and
+  // its choice reused for the others there.
+  std::map<std::string, Precision> measured;
   for (const std::string& device : options.devices) {
     TorchScriptModel::Options load;
     load.path = options.model_path;
     load.device = device;
     load.precision = options.precision;
+    load.timing_rows = std::min(options.engine.max_batch, 32);
+    if (auto it = measured.find(device); it != measured.end()) {
+      load.precision = PrecisionName(it->second);
+    }
     VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
                          TorchScriptModel::Load(load));
+    if (const auto& trial = model->precision_trial()) {
+      measured[device] = trial->chosen;
+      LOG(INFO) << "vdm-server: --precision=auto on " << device << ": "
+                << trial->reason;
+    }
     if (replicas.empty()) {
       description = Describe(*model, device);
       if (description.ok()) {
         description->precision = PrecisionName(model->precision());
+        if (const auto& trial = model->precision_trial()) {
+          description->precision_choice = trial->reason;
+          description->fp32_rows_per_second = trial->fp32_rows_per_second;
+          description->bf16_rows_per_second = trial->bf16_rows_per_second;
+        }
         description->score_precision = engine_options.score_fp32
                                            ? std::string("fp32")
                                            : description->precision;
@@ -255,7 +273,12 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
         parameters += p.numel();
       }
       server->metrics_->SetBuildInfo(kVersion, options.model_path,
-                                     model->prediction(), parameters);
+                                     model->prediction(), parameters,
+                                     PrecisionName(model->precision()));
+      if (const auto& trial = model->precision_trial()) {
+        server->metrics_->SetPrecisionRates(trial->fp32_rows_per_second,
+                                            trial->bf16_rows_per_second);
+      }
     }
     replicas.push_back(std::move(model));
   }
@@ -266,8 +289,9 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
       TorchScriptModel::Options load;
       load.path = options.background_model_path;
       load.device = options.devices[i];
-      load.precision = options.precision;  // its rows are score rows: fp32
-                                           // unless --score_precision=same
+      // Its rows are score rows: fp32 unless --score_precision=same, then
+      // in the precision its replica resolved to.
+      load.precision = PrecisionName(replicas[i]->precision());
       absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
           TorchScriptModel::Load(load);
       if (!model.ok()) {

@@ -252,6 +252,9 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
   response->set_background_model_path(model_.background_path);
   response->set_precision(model_.precision);
   response->set_score_precision(model_.score_precision);
+  response->set_precision_choice(model_.precision_choice);
+  response->set_fp32_rows_per_second(model_.fp32_rows_per_second);
+  response->set_bf16_rows_per_second(model_.bf16_rows_per_second);
   response->set_replicas(model_.replicas);
   response->set_threads_per_replica(model_.threads_per_replica);
   if (model_.calibration) {

@@ -32,6 +32,9 @@ struct ModelDescription {
   // What the replicas compute in (GetModelInfo): "fp32" or "bf16" for
   // sampling, and for ScoreBPD rows.
   std::string precision = "fp32", score_precision = "fp32";
+  // With --precision=auto: why `precision` won, and the measured rates.
+  std::string precision_choice;
+  double fp32_rows_per_second = 0, bf16_rows_per_second = 0;
   // The replicas (one worker each) and intra-op threads per replica.
   int replicas = 1, threads_per_replica = 1;
   // The anomaly calibration loaded with the model (anomaly.h), or null.

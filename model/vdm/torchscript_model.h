@@ -6,13 +6,37 @@
 
 #include <torch/script.h>
 
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "model/vdm/denoiser.h"
 
 namespace vdm {
+
+// What --precision=auto measured on a replica, and what it chose.
+struct PrecisionTrial {
+  Precision chosen = Precision::kFp32;
+  double fp32_rows_per_second = 0;  // 0 = not measured
+  double bf16_rows_per_second = 0;
+  std::string reason;  // one line, for the log and GetModelInfo
+};
+
+// bf16 must be at least this much faster than fp32 for auto to choose it.
+inline constexpr double kBf16MinSpeedup = 1.15;
+
+// The choice of --precision=auto: fp32 unless the device computes bf16
+// natively and bf16 measures at least `min_speedup` x fp32's rows/s.
+// `seconds(p)` runs one forward pass of `rows` rows in precision p and
+// returns how long it took (injected in tests). One warm-up pass each, then
+// three alternated rounds; each precision's fastest round counts. A failed
+// pass chooses fp32 and says why.
+PrecisionTrial ChoosePrecision(
+    bool native_bf16, int rows,
+    const std::function<absl::StatusOr<double>(Precision)>& seconds,
+    double min_speedup = kBf16MinSpeedup);
 
 class TorchScriptModel : public Denoiser {
  public:
@@ -23,10 +47,13 @@ class TorchScriptModel : public Denoiser {
     // in the precision below (and in fp32 too when that is bf16).
     bool check_forward = true;
     // "fp32", "bf16" (autocast: convolutions and matrix products in bf16,
-    // the output cast back to f32) or "auto" (bf16 where the
-    // hardware computes it natively: a CPU with avx512_bf16 or amx_bf16, a
-    // CUDA device of compute capability >= 8; else fp32).
+    // the output cast back to f32) or "auto": by measurement
+    // (ChoosePrecision below), bf16 only where the hardware computes it
+    // natively (a CPU with avx512_bf16 or amx_bf16, a CUDA device of compute
+    // capability >= 8), it passes the contract check, and a forward pass of
+    // `timing_rows` rows runs at least kBf16MinSpeedup x faster than fp32.
     std::string precision = "fp32";
+    int timing_rows = 32;
   };
 
   // Loads and checks the model. A broken model is refused with a message that
@@ -50,6 +77,10 @@ class TorchScriptModel : public Denoiser {
                                          const at::Tensor& gamma,
                                          const at::Tensor& label) override;
   Precision precision() const override { return precision_; }
+  // With precision "auto": what was measured and why precision() won.
+  const std::optional<PrecisionTrial>& precision_trial() const {
+    return trial_;
+  }
   // Denoise with gradients on z, then torch::autograd::grad of <eps, v>.
   absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
                                     const at::Tensor& gamma,
@@ -70,6 +101,9 @@ class TorchScriptModel : public Denoiser {
       : module_(std::move(module)), options_(options), device_(device) {}
   absl::Status CheckContract();
   absl::Status CheckForward(Precision precision);
+  // --precision=auto after the contract check: times both precisions
+  // (ChoosePrecision) and keeps the faster.
+  void MeasurePrecision();
   absl::StatusOr<at::Tensor> Forward(const at::Tensor& z,
                                      const at::Tensor& gamma,
                                      const at::Tensor& label,
@@ -83,10 +117,13 @@ class TorchScriptModel : public Denoiser {
   std::string prediction_;
   std::string metadata_;
   Precision precision_ = Precision::kFp32;
+  std::optional<PrecisionTrial> trial_;
 };
 
 // Resolves a --precision value ("fp32", "bf16", "auto") for `device`
-// ("cpu", "cuda:N"); INVALID_ARGUMENT naming `flag` for anything else.
+// ("cpu", "cuda:N"); INVALID_ARGUMENT naming `flag` for anything else. For
+// "auto" this is the candidate (bf16 where HasNativeBf16), which Load then
+// keeps only if it measures faster (ChoosePrecision).
 absl::StatusOr<Precision> ResolvePrecision(const std::string& spec,
                                            const std::string& device,
                                            const std::string& flag =

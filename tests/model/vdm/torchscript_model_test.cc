@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
@@ -262,6 +264,69 @@ TEST(TorchScriptModelTest, PrecisionIsParsedAndAutoFollowsTheHardware) {
   auto refused = TorchScriptModel::Load(WithPrecision("tiny.pt", "int8"));
   ASSERT_FALSE(refused.ok());
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("int8"));
+}
+
+// A timing of fixed seconds per forward pass in each precision.
+std::function<absl::StatusOr<double>(Precision)> Timing(double fp32,
+                                                        double bf16,
+                                                        int* calls = nullptr) {
+  return [=](Precision p) -> absl::StatusOr<double> {
+    if (calls) ++*calls;
+    return p == Precision::kBf16 ? bf16 : fp32;
+  };
+}
+
+TEST(ChoosePrecisionTest, Bf16OnlyWhenItMeasuresClearlyFaster) {
+  // A CPU with AMX: bf16 twice as fast.
+  PrecisionTrial t = ChoosePrecision(true, 32, Timing(0.2, 0.1));
+  EXPECT_EQ(t.chosen, Precision::kBf16);
+  EXPECT_NEAR(t.fp32_rows_per_second, 160, 1e-9);
+  EXPECT_NEAR(t.bf16_rows_per_second, 320, 1e-9);
+  EXPECT_THAT(t.reason, HasSubstr("2.00x"));
+  // avx512_bf16 without AMX: bf16 is slower (0.71x measured on such a CPU).
+  t = ChoosePrecision(true, 32, Timing(0.1, 0.1 / 0.71));
+  EXPECT_EQ(t.chosen, Precision::kFp32);
+  EXPECT_THAT(t.reason, HasSubstr("0.71x"));
+  // Faster, but by less than the margin.
+  EXPECT_EQ(ChoosePrecision(true, 32, Timing(0.11, 0.1)).chosen,
+            Precision::kFp32);
+  EXPECT_EQ(ChoosePrecision(true, 32, Timing(0.116, 0.1)).chosen,
+            Precision::kBf16);
+}
+
+TEST(ChoosePrecisionTest, NoNativeBf16IsNotTimedAndAFailedPassMeansFp32) {
+  int calls = 0;
+  const PrecisionTrial none = ChoosePrecision(false, 32, Timing(1, 0.1, &calls));
+  EXPECT_EQ(none.chosen, Precision::kFp32);
+  EXPECT_EQ(calls, 0);
+  EXPECT_EQ(none.bf16_rows_per_second, 0);
+  auto failing = [](Precision p) -> absl::StatusOr<double> {
+    if (p == Precision::kBf16) return absl::InternalError("no bf16 kernel");
+    return 0.1;
+  };
+  const PrecisionTrial failed = ChoosePrecision(true, 32, failing);
+  EXPECT_EQ(failed.chosen, Precision::kFp32);
+  EXPECT_THAT(failed.reason, HasSubstr("no bf16 kernel"));
+}
+
+TEST(ChoosePrecisionTest, AutoLoadMeasuresAndReportsItsChoice) {
+  TorchScriptModel::Options o = WithPrecision("tiny.pt", "auto");
+  o.timing_rows = 4;
+  auto model = TorchScriptModel::Load(o);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const auto& trial = (*model)->precision_trial();
+  ASSERT_TRUE(trial.has_value());
+  EXPECT_EQ(trial->chosen, (*model)->precision());
+  EXPECT_FALSE(trial->reason.empty());
+  if (HasNativeBf16("cpu")) {
+    EXPECT_GT(trial->fp32_rows_per_second, 0);
+    EXPECT_GT(trial->bf16_rows_per_second, 0);
+  } else {
+    EXPECT_EQ((*model)->precision(), Precision::kFp32);
+  }
+  EXPECT_FALSE((*TorchScriptModel::Load(WithPrecision("tiny.pt", "fp32")))
+                   ->precision_trial()
+                   .has_value());
 }
 
 }  // namespace
