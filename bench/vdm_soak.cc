@@ -117,6 +117,90 @@ void Deadline(grpc::ClientContext* c, absl::Duration d) {
   c->set_deadline(absl::ToChronoTime(absl::Now() + d));
 }
 
+// The calls of the mix, by kind: call i on `context` (deadline 5 min), and
+// how it ended.
+grpc::Status CallSample(vdm::v1::VdmService::Stub& stub,
+                        grpc::ClientContext* context, int i) {
+  vdm::v1::SampleResponse resp;
+  return stub.Sample(context, SampleRequest(i), &resp);
+}
+
+// With previews; DATA_LOSS when the stream ends OK without a result.
+grpc::Status CallSampleStream(vdm::v1::VdmService::Stub& stub,
+                              grpc::ClientContext* context, int i) {
+  vdm::v1::SampleRequest r = SampleRequest(i);
+  r.set_preview_every(2);
+  auto reader = stub.SampleStream(context, r);
+  vdm::v1::SampleStreamResponse m;
+  bool result = false;
+  while (reader->Read(&m)) result = result || m.has_result();
+  grpc::Status status = reader->Finish();
+  if (status.ok() && !result) status = grpc::Status(StatusCode::DATA_LOSS, "no result");
+  return status;
+}
+
+grpc::Status CallScore(vdm::v1::VdmService::Stub& stub,
+                       grpc::ClientContext* context, int i) {
+  vdm::v1::ScoreRequest r;
+  r.set_format(vdm::v1::IMAGE_FORMAT_RAW);
+  r.set_timesteps(8 + 8 * (i % 2));
+  r.set_seed(i);
+  for (int k = 0; k < 1 + i % 8; ++k) r.add_images()->set_data(Pixels(i + k));
+  vdm::v1::ScoreResponse resp;
+  return stub.ScoreBPD(context, r, &resp);
+}
+
+// A long Sample the client cancels 20-69 ms after sending it.
+grpc::Status CallCancelled(vdm::v1::VdmService::Stub& stub,
+                           grpc::ClientContext* context, int i) {
+  vdm::v1::SampleRequest r = SampleRequest(i);
+  r.set_steps(1000);
+  vdm::v1::SampleResponse resp;
+  grpc::Status status;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  stub.async()->Sample(context, &r, &resp, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    status = s;
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait_for(lock, std::chrono::milliseconds(20 + i % 50), [&] { return done; });
+  lock.unlock();
+  context->TryCancel();
+  lock.lock();
+  cv.wait(lock, [&] { return done; });
+  return status;
+}
+
+// A long Sample on a context of its own whose deadline (30-99 ms) expires.
+grpc::Status CallDeadline(vdm::v1::VdmService::Stub& stub, int i) {
+  grpc::ClientContext short_context;
+  Deadline(&short_context, absl::Milliseconds(30 + i % 70));
+  vdm::v1::SampleRequest r = SampleRequest(i);
+  r.set_steps(1000);
+  vdm::v1::SampleResponse resp;
+  return stub.Sample(&short_context, r, &resp);
+}
+
+// Every other one a PNG decompression bomb, else num_images = 0.
+grpc::Status CallBadInput(vdm::v1::VdmService::Stub& stub,
+                          grpc::ClientContext* context, int i) {
+  if (i % 20 == 9) {
+    vdm::v1::ScoreRequest r;
+    r.set_format(vdm::v1::IMAGE_FORMAT_PNG);
+    r.add_images()->set_data(BombPng());
+    vdm::v1::ScoreResponse resp;
+    return stub.ScoreBPD(context, r, &resp);
+  }
+  vdm::v1::SampleRequest r = SampleRequest(i);
+  r.set_num_images(0);
+  vdm::v1::SampleResponse resp;
+  return stub.Sample(context, r, &resp);
+}
+
 // Call i of the mix; returns its kind and code, and whether the code is one
 // its kind may end with.
 Outcome Call(vdm::v1::VdmService::Stub& stub, int i) {
@@ -130,87 +214,34 @@ Outcome Call(vdm::v1::VdmService::Stub& stub, int i) {
     case 0:
     case 1:
     case 2:
-    case 3: {
+    case 3:
       out.kind = "Sample";
-      vdm::v1::SampleResponse resp;
-      status = stub.Sample(&context, SampleRequest(i), &resp);
+      status = CallSample(stub, &context, i);
       break;
-    }
-    case 4: {
+    case 4:
       out.kind = "SampleStream";
-      vdm::v1::SampleRequest r = SampleRequest(i);
-      r.set_preview_every(2);
-      auto reader = stub.SampleStream(&context, r);
-      vdm::v1::SampleStreamResponse m;
-      bool result = false;
-      while (reader->Read(&m)) result = result || m.has_result();
-      status = reader->Finish();
-      if (status.ok() && !result) status = grpc::Status(StatusCode::DATA_LOSS, "no result");
+      status = CallSampleStream(stub, &context, i);
       break;
-    }
     case 5:
-    case 6: {
+    case 6:
       out.kind = "ScoreBPD";
-      vdm::v1::ScoreRequest r;
-      r.set_format(vdm::v1::IMAGE_FORMAT_RAW);
-      r.set_timesteps(8 + 8 * (i % 2));
-      r.set_seed(i);
-      for (int k = 0; k < 1 + i % 8; ++k) r.add_images()->set_data(Pixels(i + k));
-      vdm::v1::ScoreResponse resp;
-      status = stub.ScoreBPD(&context, r, &resp);
+      status = CallScore(stub, &context, i);
       break;
-    }
-    case 7: {  // cancelled by the client while it runs
+    case 7:  // cancelled by the client while it runs
       out.kind = "Cancelled";
       allowed = {StatusCode::CANCELLED, StatusCode::OK};
-      vdm::v1::SampleRequest r = SampleRequest(i);
-      r.set_steps(1000);
-      vdm::v1::SampleResponse resp;
-      std::mutex mu;
-      std::condition_variable cv;
-      bool done = false;
-      stub.async()->Sample(&context, &r, &resp, [&](grpc::Status s) {
-        std::lock_guard<std::mutex> lock(mu);
-        status = s;
-        done = true;
-        cv.notify_all();
-      });
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait_for(lock, std::chrono::milliseconds(20 + i % 50), [&] { return done; });
-      lock.unlock();
-      context.TryCancel();
-      lock.lock();
-      cv.wait(lock, [&] { return done; });
+      status = CallCancelled(stub, &context, i);
       break;
-    }
-    case 8: {  // deadline expires
+    case 8:  // deadline expires
       out.kind = "Deadline";
       allowed = {StatusCode::DEADLINE_EXCEEDED, StatusCode::OK};
-      grpc::ClientContext short_context;
-      Deadline(&short_context, absl::Milliseconds(30 + i % 70));
-      vdm::v1::SampleRequest r = SampleRequest(i);
-      r.set_steps(1000);
-      vdm::v1::SampleResponse resp;
-      status = stub.Sample(&short_context, r, &resp);
+      status = CallDeadline(stub, i);
       break;
-    }
-    case 9: {  // bad input
+    case 9:  // bad input
       out.kind = "BadInput";
       allowed = {StatusCode::INVALID_ARGUMENT};
-      if (i % 20 == 9) {
-        vdm::v1::ScoreRequest r;
-        r.set_format(vdm::v1::IMAGE_FORMAT_PNG);
-        r.add_images()->set_data(BombPng());
-        vdm::v1::ScoreResponse resp;
-        status = stub.ScoreBPD(&context, r, &resp);
-      } else {
-        vdm::v1::SampleRequest r = SampleRequest(i);
-        r.set_num_images(0);
-        vdm::v1::SampleResponse resp;
-        status = stub.Sample(&context, r, &resp);
-      }
+      status = CallBadInput(stub, &context, i);
       break;
-    }
   }
   out.code = status.error_code();
   out.expected = allowed.count(out.code) > 0;

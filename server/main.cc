@@ -105,6 +105,71 @@ int WaitForSignal() {
   return static_cast<unsigned char>(byte);
 }
 
+// The server's options as the flags give them (one assignment per flag).
+vdm::VdmServer::Options OptionsFromFlags() {
+  vdm::VdmServer::Options options;
+  options.model_path = absl::GetFlag(FLAGS_model);
+  options.calibration_path = absl::GetFlag(FLAGS_calibration);
+  options.background_model_path = absl::GetFlag(FLAGS_background_model);
+  options.address = absl::GetFlag(FLAGS_address);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',
+                                   absl::SkipWhitespace());
+  options.threads = absl::GetFlag(FLAGS_threads);
+  options.precision = absl::GetFlag(FLAGS_precision);
+  options.score_precision = absl::GetFlag(FLAGS_score_precision);
+  options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
+  options.engine.max_queued_rows = absl::GetFlag(FLAGS_max_queued_rows);
+  options.engine.score_priority = absl::GetFlag(FLAGS_score_priority);
+  options.limits.max_images_per_request =
+      absl::GetFlag(FLAGS_max_images_per_request);
+  options.limits.max_steps = absl::GetFlag(FLAGS_max_steps);
+  options.limits.max_timesteps = absl::GetFlag(FLAGS_max_timesteps);
+  options.limits.max_batch = options.engine.max_batch;
+  options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  return options;
+}
+
+// Waits for SIGTERM/SIGINT, then drains for up to --drain_seconds and
+// returns once the server has stopped.
+void ServeUntilSignal(vdm::VdmServer& server) {
+  const int signal_number = WaitForSignal();
+  LOG(INFO) << absl::StrFormat("vdm-server: signal %d, draining (up to %d s)",
+                               signal_number,
+                               absl::GetFlag(FLAGS_drain_seconds));
+  // A second signal shortens the drain (in-flight calls fail with
+  // UNAVAILABLE at once); it never skips it: the process still stops cleanly.
+  vdm::VdmServer* raw = &server;
+  std::thread([raw] {
+    const int again = WaitForSignal();
+    LOG(WARNING) << absl::StrFormat(
+        "vdm-server: signal %d again, cutting the drain short", again);
+    raw->HurryShutdown();
+  }).detach();
+  server.Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  server.Wait();
+}
+
+// Where the time went (docs/performance.md, "Worker busy fraction"), of a
+// server up since `start`.
+void LogWorkerTime(vdm::VdmServer& server, absl::Time start) {
+  const double wall = absl::ToDoubleSeconds(absl::Now() - start);
+  const std::vector<vdm::WorkerStats> stats = server.engine().worker_stats();
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const vdm::WorkerStats& w = stats[i];
+    LOG(INFO) << absl::StrFormat(
+        "vdm-server: worker %d: %d batches, %d rows, forward %.2f s, host "
+        "%.2f s of %.1f s up",
+        i, w.batches, w.rows, w.forward_seconds, w.host_seconds, wall);
+  }
+  LOG(INFO) << absl::StrFormat("vdm-server: completion thread: %.2f s",
+                               server.engine().completion_seconds());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -130,31 +195,7 @@ int main(int argc, char** argv) {
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
 
-  vdm::VdmServer::Options options;
-  options.model_path = absl::GetFlag(FLAGS_model);
-  options.calibration_path = absl::GetFlag(FLAGS_calibration);
-  options.background_model_path = absl::GetFlag(FLAGS_background_model);
-  options.address = absl::GetFlag(FLAGS_address);
-  options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
-  options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',
-                                   absl::SkipWhitespace());
-  options.threads = absl::GetFlag(FLAGS_threads);
-  options.precision = absl::GetFlag(FLAGS_precision);
-  options.score_precision = absl::GetFlag(FLAGS_score_precision);
-  options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
-  options.engine.max_queued_rows = absl::GetFlag(FLAGS_max_queued_rows);
-  options.engine.score_priority = absl::GetFlag(FLAGS_score_priority);
-  options.limits.max_images_per_request =
-      absl::GetFlag(FLAGS_max_images_per_request);
-  options.limits.max_steps = absl::GetFlag(FLAGS_max_steps);
-  options.limits.max_timesteps = absl::GetFlag(FLAGS_max_timesteps);
-  options.limits.max_batch = options.engine.max_batch;
-  options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
-  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
-  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
-  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
-  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
-
+  const vdm::VdmServer::Options options = OptionsFromFlags();
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {
     std::fprintf(stderr, "vdm-server: --drain_seconds: %d must be >= 0\n",
                  absl::GetFlag(FLAGS_drain_seconds));
@@ -177,33 +218,8 @@ int main(int argc, char** argv) {
       "vdm-server: serving %s on port %d (metrics port %d), ready in %.1f s",
       options.model_path, (*server)->port(), (*server)->metrics_port(),
       absl::ToDoubleSeconds(absl::Now() - start));
-  const int signal_number = WaitForSignal();
-  LOG(INFO) << absl::StrFormat("vdm-server: signal %d, draining (up to %d s)",
-                               signal_number,
-                               absl::GetFlag(FLAGS_drain_seconds));
-  // A second signal shortens the drain (in-flight calls fail with
-  // UNAVAILABLE at once); it never skips it: the process still stops cleanly.
-  vdm::VdmServer* raw = server->get();
-  std::thread([raw] {
-    const int again = WaitForSignal();
-    LOG(WARNING) << absl::StrFormat(
-        "vdm-server: signal %d again, cutting the drain short", again);
-    raw->HurryShutdown();
-  }).detach();
-  (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
-  (*server)->Wait();
-  // Where the time went (docs/performance.md, "Worker busy fraction").
-  const double wall = absl::ToDoubleSeconds(absl::Now() - start);
-  const std::vector<vdm::WorkerStats> stats = (*server)->engine().worker_stats();
-  for (size_t i = 0; i < stats.size(); ++i) {
-    const vdm::WorkerStats& w = stats[i];
-    LOG(INFO) << absl::StrFormat(
-        "vdm-server: worker %d: %d batches, %d rows, forward %.2f s, host "
-        "%.2f s of %.1f s up",
-        i, w.batches, w.rows, w.forward_seconds, w.host_seconds, wall);
-  }
-  LOG(INFO) << absl::StrFormat("vdm-server: completion thread: %.2f s",
-                               (*server)->engine().completion_seconds());
+  ServeUntilSignal(**server);
+  LogWorkerTime(**server, start);
   LOG(INFO) << "vdm-server: stopped";
   return 0;
 }

@@ -19,6 +19,7 @@ Histogram::BucketBoundaries LatencyBuckets() {
 
 }  // namespace
 
+// One piece though long: a flat list of registrations, one per metric family.
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   auto& r = *registry_;
   requests_ = &BuildCounter()

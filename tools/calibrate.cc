@@ -11,6 +11,7 @@
 // seed layout (tools/anomaly_scoring.h).
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -39,40 +40,28 @@ ABSL_FLAG(int, exclude_class, -2,
           "split, as vdm-train --exclude_class did; -1 = none; -2 (default) = "
           "the model metadata's training.exclude_class, else none");
 
-int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "Fits the anomaly calibration of a VDM on held-out training images.");
-  absl::ParseCommandLine(argc, argv);
-  vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
-  const std::string path = absl::GetFlag(FLAGS_model);
-  auto model = vdm::TorchScriptModel::Load({path});
-  if (!model.ok()) {
-    std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(model.status().message()).c_str());
-    return 1;
-  }
+namespace {
+
+// --images, else the model metadata's dataset.validation_images, else 0.
+int64_t HeldOutImages(const vdm::TorchScriptModel& model) {
   int64_t held_out = absl::GetFlag(FLAGS_images);
   if (held_out == 0) {
-    const auto meta = nlohmann::json::parse((*model)->metadata(), nullptr, false);
+    const auto meta = nlohmann::json::parse(model.metadata(), nullptr, false);
     if (meta.is_object() && meta.contains("dataset") &&
         meta["dataset"].contains("validation_images")) {
       held_out = meta["dataset"]["validation_images"].get<int64_t>();
     }
   }
-  if (held_out < 50) {
-    std::fprintf(stderr, "vdm-calibrate: need --images >= 50 held-out images "
-                         "(the model's metadata names none)\n");
-    return 2;
-  }
-  auto all = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "train",
-                                 (*model)->shape(), 0);
-  if (!all.ok()) {
-    std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(all.status().message()).c_str());
-    return 1;
-  }
+  return held_out;
+}
+
+// --exclude_class, with -2 resolved from the model metadata's
+// training.exclude_class (else -1, none).
+int ExcludedClass(const vdm::TorchScriptModel& model) {
   int excluded = absl::GetFlag(FLAGS_exclude_class);
   if (excluded == -2) {
     excluded = -1;
-    const auto meta = nlohmann::json::parse((*model)->metadata(), nullptr, false);
+    const auto meta = nlohmann::json::parse(model.metadata(), nullptr, false);
     if (meta.is_object() && meta.contains("training") &&
         meta["training"].is_object() &&
         meta["training"].contains("exclude_class") &&
@@ -80,6 +69,78 @@ int main(int argc, char** argv) {
       excluded = meta["training"]["exclude_class"].get<int>();
     }
   }
+  return excluded;
+}
+
+// Fits the calibration on the features of the scored images (training
+// images from..last, without class `excluded` when >= 0), recording how
+// they were scored.
+absl::StatusOr<vdm::Calibration> FitCalibration(
+    const std::vector<vdm::ScoredImage>& scored,
+    const vdm::AnomalyRequest& as_scored, uint64_t seed, int64_t from,
+    int64_t last, int excluded) {
+  std::vector<std::vector<double>> features;
+  for (const auto& s : scored) features.push_back(s.features);
+  vdm::Calibration::Setup setup;
+  setup.timesteps = as_scored.timesteps;
+  setup.shared_noise = as_scored.shared_noise;
+  setup.seed = seed;
+  setup.data = absl::StrFormat("%s train images %d..%d%s (the trainer's held-out "
+                               "validation split)",
+                               absl::GetFlag(FLAGS_data), from, last,
+                               excluded >= 0 ? absl::StrFormat(" without class %d", excluded)
+                                             : std::string());
+  return vdm::Calibration::Fit(features, setup);
+}
+
+// The policy on the calibration images themselves, as the server would
+// score them: the calibration applies, and at the default rate about that
+// fraction is flagged (the conformal rule). False when it does not apply.
+bool CheckOnOwnImages(const vdm::Calibration& calibration,
+                      const std::vector<vdm::ScoredImage>& scored,
+                      const vdm::AnomalyRequest& as_scored) {
+  if (!vdm::CalibrationApplies(calibration, as_scored)) {
+    std::fprintf(stderr, "vdm-calibrate: the fitted setup does not match the "
+                         "scoring (a bug)\n");
+    return false;
+  }
+  const std::vector<vdm::ImageLikelihood> likelihoods(scored.begin(),
+                                                      scored.end());
+  const vdm::BatchAnomaly own =
+      vdm::ScoreAnomalies(likelihoods, &calibration, as_scored);
+  int flagged = 0;
+  for (const vdm::ImageAnomaly& a : own.images) flagged += *a.is_anomaly;
+  std::fprintf(stderr, "vdm-calibrate: %d of %zu calibration images flagged "
+                       "at the default rate %g\n",
+               flagged, own.images.size(), vdm::kDefaultFalsePositiveRate);
+  return true;
+}
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(status.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Fits the anomaly calibration of a VDM on held-out training images.");
+  absl::ParseCommandLine(argc, argv);
+  vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
+  const std::string path = absl::GetFlag(FLAGS_model);
+  auto model = vdm::TorchScriptModel::Load({path});
+  if (!model.ok()) return Fail(model.status());
+  int64_t held_out = HeldOutImages(**model);
+  if (held_out < 50) {
+    std::fprintf(stderr, "vdm-calibrate: need --images >= 50 held-out images "
+                         "(the model's metadata names none)\n");
+    return 2;
+  }
+  auto all = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "train",
+                                 (*model)->shape(), 0);
+  if (!all.ok()) return Fail(all.status());
+  const int excluded = ExcludedClass(**model);
   if (excluded >= 0) {
     *all = vdm::WithoutClass(*all, excluded);
     std::fprintf(stderr, "vdm-calibrate: without class %d: %lld training "
@@ -98,55 +159,19 @@ int main(int argc, char** argv) {
                  absl::ToDoubleSeconds(absl::Now() - start));
   };
   auto scored = vdm::ScoreSet(**model, set.images, scoring);
-  if (!scored.ok()) {
-    std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(scored.status().message()).c_str());
-    return 1;
-  }
-  std::vector<std::vector<double>> features;
-  for (const auto& s : *scored) features.push_back(s.features);
+  if (!scored.ok()) return Fail(scored.status());
   // How ScoreSet scored the images (the ELBO at K, independent noise): the
   // setup the server's policy matches requests against.
   vdm::AnomalyRequest as_scored;
   as_scored.timesteps = scoring.timesteps;
-  vdm::Calibration::Setup setup;
-  setup.timesteps = as_scored.timesteps;
-  setup.shared_noise = as_scored.shared_noise;
-  setup.seed = scoring.seed;
-  setup.data = absl::StrFormat("%s train images %d..%d%s (the trainer's held-out "
-                               "validation split)",
-                               absl::GetFlag(FLAGS_data), from, all->size() - 1,
-                               excluded >= 0 ? absl::StrFormat(" without class %d", excluded)
-                                             : std::string());
-  auto calibration = vdm::Calibration::Fit(features, setup);
-  if (!calibration.ok()) {
-    std::fprintf(stderr, "vdm-calibrate: %s\n",
-                 std::string(calibration.status().message()).c_str());
-    return 1;
-  }
-  // The policy on the calibration images themselves, as the server would
-  // score them: the calibration applies, and at the default rate about that
-  // fraction is flagged (the conformal rule).
-  if (!vdm::CalibrationApplies(*calibration, as_scored)) {
-    std::fprintf(stderr, "vdm-calibrate: the fitted setup does not match the "
-                         "scoring (a bug)\n");
-    return 1;
-  }
-  const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
-                                                      scored->end());
-  const vdm::BatchAnomaly own =
-      vdm::ScoreAnomalies(likelihoods, &*calibration, as_scored);
-  int flagged = 0;
-  for (const vdm::ImageAnomaly& a : own.images) flagged += *a.is_anomaly;
-  std::fprintf(stderr, "vdm-calibrate: %d of %zu calibration images flagged "
-                       "at the default rate %g\n",
-               flagged, own.images.size(), vdm::kDefaultFalsePositiveRate);
+  auto calibration = FitCalibration(*scored, as_scored, scoring.seed, from,
+                                    all->size() - 1, excluded);
+  if (!calibration.ok()) return Fail(calibration.status());
+  if (!CheckOnOwnImages(*calibration, *scored, as_scored)) return 1;
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) out = path + ".calibration.json";
   const absl::Status written = vdm::WriteFileAtomic(out, calibration->ToJson());
-  if (!written.ok()) {
-    std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(written.message()).c_str());
-    return 1;
-  }
+  if (!written.ok()) return Fail(written);
   std::printf("vdm-calibrate: %lld images scored at K = %d in %.0f s; wrote %s\n",
               static_cast<long long>(set.size()), scoring.timesteps,
               absl::ToDoubleSeconds(absl::Now() - start), out.c_str());

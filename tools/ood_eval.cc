@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -123,62 +124,74 @@ at::Tensor Shuffle(const at::Tensor& x, at::Generator& gen) {
   return flat.view(x.sizes());
 }
 
-}  // namespace
+// The model, its calibration and the optional background model. The
+// errors name what failed to load, as main prints them.
+struct Models {
+  std::unique_ptr<vdm::TorchScriptModel> model;
+  std::optional<vdm::Calibration> calibration;
+  std::unique_ptr<vdm::TorchScriptModel> background;
+};
 
-int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "AUROC / AUPR / FPR@95TPR of the anomaly scores on out-of-distribution "
-      "sets made from the test images.");
-  absl::ParseCommandLine(argc, argv);
-  vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
+absl::StatusOr<Models> LoadModels() {
+  Models m;
   const std::string path = absl::GetFlag(FLAGS_model);
   auto model = vdm::TorchScriptModel::Load({path});
-  if (!model.ok()) {
-    std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(model.status().message()).c_str());
-    return 1;
-  }
+  if (!model.ok()) return model.status();
+  m.model = *std::move(model);
   std::string cal_path = absl::GetFlag(FLAGS_calibration);
   if (cal_path.empty()) cal_path = path + ".calibration.json";
   auto text = vdm::ReadFile(cal_path);
   absl::StatusOr<vdm::Calibration> calibration =
       text.ok() ? vdm::Calibration::FromJson(*text) : text.status();
-  if (!calibration.ok()) {
-    std::fprintf(stderr, "vdm-ood-eval: %s\n",
-                 std::string(calibration.status().message()).c_str());
-    return 1;
-  }
-  std::unique_ptr<vdm::TorchScriptModel> background;
+  if (!calibration.ok()) return calibration.status();
+  m.calibration = *std::move(calibration);
   if (const std::string b = absl::GetFlag(FLAGS_background_model); !b.empty()) {
     auto loaded = vdm::TorchScriptModel::Load({b});
     if (!loaded.ok()) {
-      std::fprintf(stderr, "vdm-ood-eval: --background_model: %s\n",
-                   std::string(loaded.status().message()).c_str());
-      return 1;
+      return absl::Status(loaded.status().code(),
+                          absl::StrCat("--background_model: ",
+                                       loaded.status().message()));
     }
-    background = *std::move(loaded);
+    m.background = *std::move(loaded);
   }
-  const int64_t n_in = absl::GetFlag(FLAGS_in_images);
-  const int64_t n_ood = absl::GetFlag(FLAGS_ood_images);
-  const int excluded = absl::GetFlag(FLAGS_exclude_class);
-  auto test = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "t10k",
-                                  (*model)->shape(), 0);
-  at::Tensor held_out;
+  return m;
+}
+
+// The t10k images the sets come from: `in` (the in-distribution images),
+// `base` (what the made sets transform) and, with --exclude_class, `held_out`
+// (that class's images; `in` and `base` are then of the other classes).
+struct TestImages {
+  at::Tensor in, base, held_out;
+};
+
+absl::StatusOr<TestImages> LoadTestImages(const vdm::ImageShape& shape,
+                                          int64_t n_in, int64_t n_ood,
+                                          int excluded) {
+  auto test = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "t10k", shape, 0);
+  TestImages t;
   if (test.ok() && excluded >= 0) {
-    held_out = test->images.index_select(
+    t.held_out = test->images.index_select(
         0, test->labels.eq(excluded).nonzero().flatten());
-    held_out = held_out.narrow(0, 0, std::min(n_ood, held_out.size(0)));
+    t.held_out = t.held_out.narrow(0, 0, std::min(n_ood, t.held_out.size(0)));
     *test = vdm::WithoutClass(*test, excluded);
   }
   if (!test.ok() || test->size() < n_in + n_ood) {
-    std::fprintf(stderr, "vdm-ood-eval: cannot read %lld test images\n",
-                 static_cast<long long>(n_in + n_ood));
-    return 1;
+    return absl::NotFoundError(
+        absl::StrFormat("cannot read %lld test images",
+                        static_cast<long long>(n_in + n_ood)));
   }
-  at::Generator gen =
-      at::make_generator<at::CPUGeneratorImpl>(absl::GetFlag(FLAGS_seed));
-  const at::Tensor in = test->images.narrow(0, 0, n_in);
-  const at::Tensor base = test->images.narrow(0, n_in, n_ood);
-  std::vector<std::pair<std::string, at::Tensor>> all_sets = {
+  t.in = test->images.narrow(0, 0, n_in);
+  t.base = test->images.narrow(0, n_in, n_ood);
+  return t;
+}
+
+using ImageSets = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Every out-of-distribution set (the file comment's list), drawing from
+// `gen` in this order; "class" only with --exclude_class.
+ImageSets MakeSets(const TestImages& t, int64_t n_ood, at::Generator& gen) {
+  const at::Tensor& base = t.base;
+  ImageSets all_sets = {
       {"noise", at::randint(0, 256, base.sizes(), gen, at::TensorOptions(at::kLong)).to(at::kByte)},
       {"constant", (at::randint(0, 256, {n_ood, 1, 1, 1}, gen, at::TensorOptions(at::kLong)) *
                     at::ones(base.sizes(), at::kLong)).to(at::kByte)},
@@ -187,10 +200,15 @@ int main(int argc, char** argv) {
       {"shuffled", Shuffle(base, gen)},
       {"flipped", base.flip({2}).contiguous()},
   };
-  if (held_out.defined()) {
-    all_sets.emplace_back("class", held_out);
+  if (t.held_out.defined()) {
+    all_sets.emplace_back("class", t.held_out);
   }
-  std::vector<std::pair<std::string, at::Tensor>> sets;
+  return all_sets;
+}
+
+// The sets --sets names, in its order; "class" becomes class_N.
+absl::StatusOr<ImageSets> SelectSets(const ImageSets& all_sets, int excluded) {
+  ImageSets sets;
   for (absl::string_view name :
        absl::StrSplit(absl::GetFlag(FLAGS_sets), ',', absl::SkipEmpty())) {
     bool found = false;
@@ -202,117 +220,130 @@ int main(int argc, char** argv) {
       found = true;
     }
     if (!found) {
-      std::fprintf(stderr, "vdm-ood-eval: --sets: no set '%s'%s\n",
-                   std::string(name).c_str(),
-                   name == "class" ? " (it needs --exclude_class)" : "");
-      return 2;
+      return absl::InvalidArgumentError(
+          absl::StrCat("--sets: no set '", name, "'",
+                       name == "class" ? " (it needs --exclude_class)" : ""));
     }
   }
-  const bool class_scores = absl::GetFlag(FLAGS_class_scores);
-  const int classes = (*model)->num_classes();
-  if (class_scores && classes < 2) {
-    std::fprintf(stderr, "vdm-ood-eval: --class_scores needs a "
-                         "class-conditional model\n");
-    return 2;
-  }
-  const double dims = static_cast<double>((*model)->shape().channels) *
-                      (*model)->shape().height * (*model)->shape().width;
+  return sets;
+}
+
+// Score name -> one value per image, in the images' order.
+using Scores = std::map<std::string, std::vector<double>>;
+
+// How every set is scored: as ScoreSet scores it, with the anomaly fields
+// from the server's policy (ScoreAnomalies).
+struct Scorer {
+  vdm::TorchScriptModel* model = nullptr;
   vdm::SetScoring scoring;
-  scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
-  scoring.seed = absl::GetFlag(FLAGS_seed);
-  scoring.background = background.get();
-  // The anomaly fields come from the server's policy (ScoreAnomalies), for
-  // images scored as ScoreSet scores them: the ELBO at K, independent noise.
+  const vdm::Calibration* calibration = nullptr;
   vdm::AnomalyRequest as_scored;
-  as_scored.timesteps = scoring.timesteps;
-  if (!vdm::CalibrationApplies(*calibration, as_scored)) {
-    std::fprintf(stderr,
-                 "vdm-ood-eval: the calibration is for K = %d%s; give "
-                 "--timesteps=%d\n",
-                 calibration->setup().timesteps,
-                 calibration->setup().shared_noise ? " with shared noise" : "",
-                 calibration->setup().timesteps);
-    return 2;
+  bool class_scores = false;
+  absl::Time start;
+};
+
+// Exits with a message: a set that cannot be scored ends the evaluation.
+template <typename T>
+T OrExit(absl::StatusOr<T> s) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(s.status().message()).c_str());
+    std::exit(1);
   }
-  const absl::Time start = absl::Now();
-  using Scores = std::map<std::string, std::vector<double>>;
-  std::vector<vdm::ImageLikelihood> in_likelihoods;
-  auto score = [&](const at::Tensor& x, const std::string& name,
-                   std::vector<vdm::ImageLikelihood>* kept = nullptr) -> Scores {
-    auto scored = vdm::ScoreSet(**model, x, scoring);
-    Scores out;
-    if (!scored.ok()) {
-      std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(scored.status().message()).c_str());
-      std::exit(1);
+  return *std::move(s);
+}
+
+// "class entropy" and "-(max_y gain)" of each image of `x`, whose bpd with
+// no label is `bpd`: bpd under each label, on the same rows (same seeds:
+// only the label differs); log p(x|y) ~ -D ln2 bpd_y, uniform p(y).
+void AddClassScores(const Scorer& scorer, const at::Tensor& x,
+                    const std::vector<vdm::ImageLikelihood>& unlabelled,
+                    Scores* out) {
+  const vdm::TorchScriptModel& model = *scorer.model;
+  const int classes = model.num_classes();
+  const double dims = static_cast<double>(model.shape().channels) *
+                      model.shape().height * model.shape().width;
+  vdm::SetScoring conditional = scorer.scoring;
+  conditional.background = nullptr;
+  std::vector<std::vector<double>> by_label;
+  for (int y = 0; y < classes; ++y) {
+    conditional.label = y;
+    const std::vector<vdm::ScoredImage> c =
+        OrExit(vdm::ScoreSet(*scorer.model, x, conditional));
+    std::vector<double> b;
+    for (const auto& s : c) b.push_back(s.bpd);
+    by_label.push_back(std::move(b));
+  }
+  for (size_t i = 0; i < unlabelled.size(); ++i) {
+    double best = by_label[0][i];
+    std::vector<double> logit(classes);
+    for (int y = 0; y < classes; ++y) {
+      best = std::min(best, by_label[y][i]);
+      logit[y] = -dims * std::log(2.0) * by_label[y][i];
     }
-    const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
-                                                        scored->end());
-    // Uncalibrated, the policy's score is bpd - complexity.
-    const vdm::BatchAnomaly plain =
-        vdm::ScoreAnomalies(likelihoods, nullptr, as_scored);
-    const vdm::BatchAnomaly calibrated =
-        vdm::ScoreAnomalies(likelihoods, &*calibration, as_scored);
-    for (size_t i = 0; i < likelihoods.size(); ++i) {
-      out["bpd"].push_back(likelihoods[i].bpd);
-      out["bpd - complexity"].push_back(*plain.images[i].anomaly_score);
-      out["anomaly_score"].push_back(*calibrated.images[i].anomaly_score);
-      if (calibrated.images[i].llr) out["llr"].push_back(*calibrated.images[i].llr);
+    const double top = *std::max_element(logit.begin(), logit.end());
+    double z = 0;
+    for (double l : logit) z += std::exp(l - top);
+    double entropy = 0;
+    for (double l : logit) {
+      const double p = std::exp(l - top) / z;
+      if (p > 0) entropy -= p * std::log(p);
     }
-    if (kept != nullptr) *kept = likelihoods;
-    if (class_scores) {
-      // bpd under each label, on the same rows (same seeds: only the label
-      // differs); log p(x|y) ~ -D ln2 bpd_y, uniform p(y).
-      vdm::SetScoring conditional = scoring;
-      conditional.background = nullptr;
-      std::vector<std::vector<double>> by_label;
-      for (int y = 0; y < classes; ++y) {
-        conditional.label = y;
-        auto c = vdm::ScoreSet(**model, x, conditional);
-        if (!c.ok()) {
-          std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(c.status().message()).c_str());
-          std::exit(1);
-        }
-        std::vector<double> b;
-        for (const auto& s : *c) b.push_back(s.bpd);
-        by_label.push_back(std::move(b));
-      }
-      for (size_t i = 0; i < scored->size(); ++i) {
-        double best = by_label[0][i];
-        std::vector<double> logit(classes);
-        for (int y = 0; y < classes; ++y) {
-          best = std::min(best, by_label[y][i]);
-          logit[y] = -dims * std::log(2.0) * by_label[y][i];
-        }
-        const double top = *std::max_element(logit.begin(), logit.end());
-        double z = 0;
-        for (double l : logit) z += std::exp(l - top);
-        double entropy = 0;
-        for (double l : logit) {
-          const double p = std::exp(l - top) / z;
-          if (p > 0) entropy -= p * std::log(p);
-        }
-        out["class entropy"].push_back(entropy);
-        // Higher = more anomalous: the best label explains the image less
-        // well than no label does (negated gain of the best label).
-        out["-(max_y gain)"].push_back(best - (*scored)[i].bpd);
-      }
-    }
-    std::fprintf(stderr, "vdm-ood-eval: scored %s (%lld images), %.0f s\n",
-                 name.c_str(), static_cast<long long>(x.size(0)),
-                 absl::ToDoubleSeconds(absl::Now() - start));
-    return out;
-  };
-  const Scores in_scores = score(in, "test (in-distribution)", &in_likelihoods);
+    (*out)["class entropy"].push_back(entropy);
+    // Higher = more anomalous: the best label explains the image less
+    // well than no label does (negated gain of the best label).
+    (*out)["-(max_y gain)"].push_back(best - unlabelled[i].bpd);
+  }
+}
+
+// The scores of the images `x` (the set `name`); their likelihoods also go
+// to `kept` when given.
+Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
+                   const std::string& name,
+                   std::vector<vdm::ImageLikelihood>* kept = nullptr) {
+  const std::vector<vdm::ScoredImage> scored =
+      OrExit(vdm::ScoreSet(*scorer.model, x, scorer.scoring));
+  Scores out;
+  const std::vector<vdm::ImageLikelihood> likelihoods(scored.begin(),
+                                                      scored.end());
+  // Uncalibrated, the policy's score is bpd - complexity.
+  const vdm::BatchAnomaly plain =
+      vdm::ScoreAnomalies(likelihoods, nullptr, scorer.as_scored);
+  const vdm::BatchAnomaly calibrated =
+      vdm::ScoreAnomalies(likelihoods, scorer.calibration, scorer.as_scored);
+  for (size_t i = 0; i < likelihoods.size(); ++i) {
+    out["bpd"].push_back(likelihoods[i].bpd);
+    out["bpd - complexity"].push_back(*plain.images[i].anomaly_score);
+    out["anomaly_score"].push_back(*calibrated.images[i].anomaly_score);
+    if (calibrated.images[i].llr) out["llr"].push_back(*calibrated.images[i].llr);
+  }
+  if (kept != nullptr) *kept = likelihoods;
+  if (scorer.class_scores) AddClassScores(scorer, x, likelihoods, &out);
+  std::fprintf(stderr, "vdm-ood-eval: scored %s (%lld images), %.0f s\n",
+               name.c_str(), static_cast<long long>(x.size(0)),
+               absl::ToDoubleSeconds(absl::Now() - scorer.start));
+  return out;
+}
+
+// The score kinds of the table, in its order.
+std::vector<std::string> ScoreKinds(bool background, bool class_scores) {
   std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
   if (background) kinds.push_back("llr");
   if (class_scores) {
     kinds.push_back("class entropy");
     kinds.push_back("-(max_y gain)");
   }
+  return kinds;
+}
+
+// Scores each set and prints its table rows against the in-distribution
+// scores, then the mean AUROC of each kind over the sets.
+void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
+                     const Scores& in_scores,
+                     const std::vector<std::string>& kinds) {
   std::printf("| set | score | AUROC | AUPR | FPR@95%%TPR |\n|---|---|---|---|---|\n");
   std::map<std::string, double> mean_auroc;
   for (const auto& [name, x] : sets) {
-    const Scores ood = score(x, name);
+    const Scores ood = ScoreImages(scorer, x, name);
     for (const std::string& k : kinds) {
       const double auroc = Auroc(ood.at(k), in_scores.at(k));
       mean_auroc[k] += auroc / sets.size();
@@ -325,20 +356,87 @@ int main(int argc, char** argv) {
     std::printf("| mean over the %zu sets | %s | %.3f | | |\n", sets.size(),
                 k.c_str(), mean_auroc[k]);
   }
+}
+
+// The observed false-positive rate of is_anomaly on the in-distribution
+// images at nominal 1% and 5%.
+void PrintFalsePositives(const Scorer& scorer,
+                         const std::vector<vdm::ImageLikelihood>& in_likelihoods,
+                         int64_t n_in) {
   std::printf("\nis_anomaly on %lld in-distribution test images (not used for "
               "calibration; %zu calibration images):\n",
-              static_cast<long long>(n_in), calibration->size());
+              static_cast<long long>(n_in), scorer.calibration->size());
   for (double rate : {0.01, 0.05}) {
-    vdm::AnomalyRequest at_rate = as_scored;
+    vdm::AnomalyRequest at_rate = scorer.as_scored;
     at_rate.false_positive_rate = rate;
     int flagged = 0;
     for (const vdm::ImageAnomaly& a :
-         vdm::ScoreAnomalies(in_likelihoods, &*calibration, at_rate).images) {
+         vdm::ScoreAnomalies(in_likelihoods, scorer.calibration, at_rate).images) {
       flagged += *a.is_anomaly;
     }
     std::printf("  nominal %.0f%%: observed %.2f%% (%d of %lld)\n", 100 * rate,
                 100.0 * flagged / n_in, flagged, static_cast<long long>(n_in));
   }
-  std::printf("took %.0f s\n", absl::ToDoubleSeconds(absl::Now() - start));
+}
+
+int Fail(const absl::Status& status, int exit_code) {
+  std::fprintf(stderr, "vdm-ood-eval: %s\n", std::string(status.message()).c_str());
+  return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "AUROC / AUPR / FPR@95TPR of the anomaly scores on out-of-distribution "
+      "sets made from the test images.");
+  absl::ParseCommandLine(argc, argv);
+  vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
+  absl::StatusOr<Models> models = LoadModels();
+  if (!models.ok()) return Fail(models.status(), 1);
+  const int64_t n_in = absl::GetFlag(FLAGS_in_images);
+  const int64_t n_ood = absl::GetFlag(FLAGS_ood_images);
+  const int excluded = absl::GetFlag(FLAGS_exclude_class);
+  absl::StatusOr<TestImages> test =
+      LoadTestImages(models->model->shape(), n_in, n_ood, excluded);
+  if (!test.ok()) return Fail(test.status(), 1);
+  at::Generator gen =
+      at::make_generator<at::CPUGeneratorImpl>(absl::GetFlag(FLAGS_seed));
+  absl::StatusOr<ImageSets> sets =
+      SelectSets(MakeSets(*test, n_ood, gen), excluded);
+  if (!sets.ok()) return Fail(sets.status(), 2);
+  const bool class_scores = absl::GetFlag(FLAGS_class_scores);
+  if (class_scores && models->model->num_classes() < 2) {
+    return Fail(absl::InvalidArgumentError(
+                    "--class_scores needs a class-conditional model"),
+                2);
+  }
+  Scorer scorer;
+  scorer.model = models->model.get();
+  scorer.scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
+  scorer.scoring.seed = absl::GetFlag(FLAGS_seed);
+  scorer.scoring.background = models->background.get();
+  scorer.calibration = &*models->calibration;
+  // The anomaly fields come from the server's policy (ScoreAnomalies), for
+  // images scored as ScoreSet scores them: the ELBO at K, independent noise.
+  scorer.as_scored.timesteps = scorer.scoring.timesteps;
+  scorer.class_scores = class_scores;
+  const vdm::Calibration::Setup& setup = scorer.calibration->setup();
+  if (!vdm::CalibrationApplies(*scorer.calibration, scorer.as_scored)) {
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+                    "the calibration is for K = %d%s; give --timesteps=%d",
+                    setup.timesteps,
+                    setup.shared_noise ? " with shared noise" : "",
+                    setup.timesteps)),
+                2);
+  }
+  scorer.start = absl::Now();
+  std::vector<vdm::ImageLikelihood> in_likelihoods;
+  const Scores in_scores =
+      ScoreImages(scorer, test->in, "test (in-distribution)", &in_likelihoods);
+  PrintSeparation(scorer, *sets, in_scores,
+                  ScoreKinds(models->background != nullptr, class_scores));
+  PrintFalsePositives(scorer, in_likelihoods, n_in);
+  std::printf("took %.0f s\n", absl::ToDoubleSeconds(absl::Now() - scorer.start));
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "model/vdm/diffusion.h"
@@ -265,16 +266,17 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
   return s;
 }
 
-absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
-    const SamplerConfig& sampler, int64_t num_images,
-    const Conditioning& conditioning, const ImageShape& shape,
-    int num_classes, uint64_t seed, const ScheduleFn& schedule,
-    const at::Tensor& labels, const SampleEdit& edit) {
+namespace {
+
+// SamplingPlan::Create's checks of the request alone, before any tensor
+// work, in the order it reports them.
+absl::Status CheckPlanRequest(const SamplerConfig& sampler, int64_t num_images,
+                              const Conditioning& c, int num_classes,
+                              const SampleEdit& edit) {
   if (num_images < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_images must be >= 1, got ", num_images));
   }
-  Conditioning c = conditioning;
   for (int l : {c.label, c.negative_label}) {
     if (l >= num_classes && num_classes > 0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -306,6 +308,81 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
     return absl::InvalidArgumentError(
         "a given latent z1 cannot be combined with an edit");
   }
+  return absl::OkStatus();
+}
+
+// The label of each of the num_images images, [n] int64: `labels` when
+// defined (then every image has one: c->label becomes 0), else the
+// conditioning's row label. May throw (c10::Error).
+absl::StatusOr<at::Tensor> ImageLabels(const at::Tensor& labels,
+                                       int64_t num_images, int num_classes,
+                                       Conditioning* c) {
+  if (!labels.defined()) {
+    return at::full({num_images}, RowLabel(*c, num_classes), at::kLong);
+  }
+  const at::Tensor l = labels.to(at::kCPU).to(at::kLong).reshape({-1});
+  if (l.numel() != num_images || num_classes == 0 ||
+      (l.numel() > 0 && (l.min().item<int64_t>() < 0 ||
+                         l.max().item<int64_t>() >= num_classes))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "labels must be ", num_images, " values in [0, ", num_classes, ")"));
+  }
+  c->label = 0;  // every image has a label
+  return l;
+}
+
+// The trajectory's start, float [dims]: noise drawn from `gen` (drawn even
+// when it is not used, so the sampler's draws do not depend on edit.z1), or
+// the given latent edit.z1. May throw (c10::Error).
+absl::StatusOr<at::Tensor> StartLatent(const std::vector<int64_t>& dims,
+                                       at::Generator& gen,
+                                       const SampleEdit& edit) {
+  at::Tensor z1 = at::randn(dims, gen, at::kFloat);
+  if (!edit.z1.defined()) return z1;
+  if (edit.z1.sizes() != at::IntArrayRef(dims) ||
+      !edit.z1.is_floating_point()) {
+    return absl::InvalidArgumentError(
+        "the latent z1 must be float [num_images, C, H, W] of the model's "
+        "shape");
+  }
+  return edit.z1.to(at::kCPU).to(at::kFloat);
+}
+
+// An edit's tensors expanded to [dims]: the reference image (uint8), it in
+// model space, and the known-pixel mask (bool; undefined without
+// inpainting). May throw (c10::Error).
+struct EditTensors {
+  at::Tensor reference, f, known;
+};
+
+absl::StatusOr<EditTensors> ExpandEdit(const SampleEdit& edit,
+                                       const ImageShape& shape,
+                                       const std::vector<int64_t>& dims) {
+  const at::Tensor ref = edit.reference.to(at::kCPU);
+  if (ref.dim() != 4 || ref.size(0) != 1 || ref.size(1) != shape.channels ||
+      ref.size(2) != shape.height || ref.size(3) != shape.width) {
+    return absl::InvalidArgumentError(
+        "the reference image must be uint8 [1, C, H, W] of the model's shape");
+  }
+  EditTensors e;
+  e.reference = ref.to(at::kByte).expand(dims).contiguous();
+  e.f = ToModelSpace(e.reference);
+  if (edit.known.defined()) {
+    e.known = edit.known.to(at::kCPU).to(at::kBool).expand(dims).contiguous();
+  }
+  return e;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
+    const SamplerConfig& sampler, int64_t num_images,
+    const Conditioning& conditioning, const ImageShape& shape,
+    int num_classes, uint64_t seed, const ScheduleFn& schedule,
+    const at::Tensor& labels, const SampleEdit& edit) {
+  VDM_RETURN_IF_ERROR(
+      CheckPlanRequest(sampler, num_images, conditioning, num_classes, edit));
+  Conditioning c = conditioning;
   std::unique_ptr<SamplingPlan> plan(new SamplingPlan());
   plan->n_ = num_images;
   plan->rounds_ = sampler.resample_rounds;
@@ -314,48 +391,19 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
   plan->replace_gen_ =
       at::make_generator<at::CPUGeneratorImpl>(seed ^ 0x9E3779B97F4A7C15ull);
   try {
-    if (labels.defined()) {
-      const at::Tensor l = labels.to(at::kCPU).to(at::kLong).reshape({-1});
-      if (l.numel() != num_images || num_classes == 0 ||
-          (l.numel() > 0 && (l.min().item<int64_t>() < 0 ||
-                             l.max().item<int64_t>() >= num_classes))) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "labels must be ", num_images, " values in [0, ", num_classes,
-            ")"));
-      }
-      plan->labels_ = l;
-      c.label = 0;  // every image has a label
-    } else {
-      plan->labels_ =
-          at::full({num_images}, RowLabel(c, num_classes), at::kLong);
-    }
+    VDM_ASSIGN_OR_RETURN(plan->labels_,
+                         ImageLabels(labels, num_images, num_classes, &c));
     plan->guided_ = IsGuided(c, num_classes);
     const std::vector<int64_t> dims = {num_images, shape.channels,
                                        shape.height, shape.width};
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-    at::Tensor z1 = at::randn(dims, gen, at::kFloat);
-    if (edit.z1.defined()) {
-      if (edit.z1.sizes() != at::IntArrayRef(dims) ||
-          !edit.z1.is_floating_point()) {
-        return absl::InvalidArgumentError(
-            "the latent z1 must be float [num_images, C, H, W] of the model's "
-            "shape");
-      }
-      z1 = edit.z1.to(at::kCPU).to(at::kFloat);
-    }
+    VDM_ASSIGN_OR_RETURN(at::Tensor z1, StartLatent(dims, gen, edit));
     SamplerConfig config = sampler;
-    if (has_reference) {
-      const at::Tensor ref = edit.reference.to(at::kCPU);
-      if (ref.dim() != 4 || ref.size(0) != 1 || ref.size(1) != shape.channels ||
-          ref.size(2) != shape.height || ref.size(3) != shape.width) {
-        return absl::InvalidArgumentError(
-            "the reference image must be uint8 [1, C, H, W] of the model's shape");
-      }
-      plan->reference_ = ref.to(at::kByte).expand(dims).contiguous();
-      plan->f_ = ToModelSpace(plan->reference_);
-      if (edit.known.defined()) {
-        plan->known_ = edit.known.to(at::kCPU).to(at::kBool).expand(dims).contiguous();
-      }
+    if (edit.reference.defined()) {
+      VDM_ASSIGN_OR_RETURN(EditTensors e, ExpandEdit(edit, shape, dims));
+      plan->reference_ = e.reference;
+      plan->f_ = e.f;
+      plan->known_ = e.known;
       if (edit.strength < 1.0) {
         // SDEdit: start from the reference noised to t = strength.
         config.t_start = edit.strength;
