@@ -202,7 +202,15 @@ Metrics::WorkerSeconds Metrics::WorkerSecondsOf(int worker) {
 }
 
 void Metrics::OnWorkerSeconds(int worker, double forward, double host) {
-  const WorkerSeconds seconds = WorkerSecondsOf(worker);
+  WorkerSeconds seconds;
+  {
+    absl::MutexLock lock(&worker_seconds_mu_);
+    while (static_cast<int>(worker_seconds_of_.size()) <= worker) {
+      worker_seconds_of_.push_back(
+          WorkerSecondsOf(static_cast<int>(worker_seconds_of_.size())));
+    }
+    seconds = worker_seconds_of_[worker];
+  }
   seconds.forward->Increment(forward);
   seconds.host->Increment(host);
 }

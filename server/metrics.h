@@ -7,8 +7,10 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -114,6 +116,11 @@ class Metrics : public EngineObserver {
   prometheus::Counter* flagged_;
   prometheus::Family<prometheus::Gauge>* build_info_;
   prometheus::Family<prometheus::Gauge>* precision_rates_;
+  // Each worker's seconds counters, looked up once (OnWorkerSeconds runs
+  // every iteration of every worker).
+  absl::Mutex worker_seconds_mu_;
+  std::vector<WorkerSeconds> worker_seconds_of_
+      ABSL_GUARDED_BY(worker_seconds_mu_);
   std::atomic<bool> ready_{false};
 };
 
