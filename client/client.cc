@@ -409,6 +409,10 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
   request.set_method(params.method);
   request.set_ode_steps(params.ode_steps);
   request.set_trace_samples(params.trace_samples);
+  request.set_ode_rtol(params.ode_rtol);
+  request.set_ode_atol(params.ode_atol);
+  request.set_ode_max_evaluations(params.ode_max_evaluations);
+  request.set_dequantization(params.dequantization);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }

@@ -150,11 +150,17 @@ struct ScoreParams {
   int chunk_size = 100;          // images per RPC
   std::optional<float> false_positive_rate;  // unset = the server's (0.01)
   bool anomaly_map = false;      // also the per-pixel maps
-  // SCORE_METHOD_ODE: the probability-flow ODE likelihood; 0 = the
-  // server's defaults (32 steps, 1 probe).
+  // SCORE_METHOD_ODE: the probability-flow ODE likelihood; 0 and
+  // UNSPECIFIED = the server's defaults (the adaptive solver, 1 solve per
+  // image, Gaussian dequantization). vdm.proto ScoreRequest says what each
+  // means.
   vdm::v1::ScoreMethod method = vdm::v1::SCORE_METHOD_UNSPECIFIED;
   int ode_steps = 0;
   int trace_samples = 0;
+  double ode_rtol = 0;
+  double ode_atol = 0;
+  int ode_max_evaluations = 0;
+  vdm::v1::Dequantization dequantization = vdm::v1::DEQUANTIZATION_UNSPECIFIED;
 };
 
 // One scored image. `index` is its position in the ScoreInput.

@@ -116,11 +116,23 @@ ABSL_FLAG(std::string, method, "elbo",
           "score: elbo (the variational bound, default) or ode (the exact "
           "likelihood of the dequantized image by the probability-flow ODE).");
 ABSL_FLAG(int, ode_steps, 0,
-          "score --method=ode: RK4 steps (4 network evaluations each); 0 = "
-          "the server's default, 32.");
+          "score --method=ode: 0 = the adaptive solver (the default); N = "
+          "RK4 with N steps (4 N network evaluations).");
 ABSL_FLAG(int, trace_samples, 0,
-          "score --method=ode: Hutchinson probes per image; 2+ give a "
+          "score --method=ode: independent solves per image; 2+ give a "
           "standard error. 0 = 1.");
+ABSL_FLAG(double, ode_rtol, 0,
+          "score --method=ode: the adaptive solver's relative tolerance; 0 = "
+          "the server's default.");
+ABSL_FLAG(double, ode_atol, 0,
+          "score --method=ode: the adaptive solver's absolute tolerance; 0 = "
+          "the server's default.");
+ABSL_FLAG(int, ode_max_evaluations, 0,
+          "score --method=ode: the adaptive solver's evaluations per solve at "
+          "most; 0 = the server's default.");
+ABSL_FLAG(std::string, dequantization, "",
+          "score --method=ode: gaussian (the VDM's own q(z_0 | x), the "
+          "default) or uniform.");
 
 namespace {
 
@@ -153,7 +165,9 @@ Usage:
       grid and label the latents were encoded with)
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] [--false_positive_rate=F]
-      [--method=elbo|ode [--ode_steps=N] [--trace_samples=M]]
+      [--method=elbo|ode [--ode_steps=N | --ode_rtol=R --ode_atol=A
+                         --ode_max_evaluations=E] [--trace_samples=M]
+                         [--dequantization=gaussian|uniform]]
       [--map_dir=DIR] (--idx=FILE [--limit=N] | FILE.png ...)
   vdm-client [--target=HOST:PORT] info
   vdm-client [--target=HOST:PORT] health     (exit 0 only when SERVING)
@@ -488,11 +502,28 @@ int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
     params.method = vdm::v1::SCORE_METHOD_ODE;
     params.ode_steps = absl::GetFlag(FLAGS_ode_steps);
     params.trace_samples = absl::GetFlag(FLAGS_trace_samples);
+    params.ode_rtol = absl::GetFlag(FLAGS_ode_rtol);
+    params.ode_atol = absl::GetFlag(FLAGS_ode_atol);
+    params.ode_max_evaluations = absl::GetFlag(FLAGS_ode_max_evaluations);
+    const std::string deq = absl::GetFlag(FLAGS_dequantization);
+    if (deq == "gaussian") {
+      params.dequantization = vdm::v1::DEQUANTIZATION_GAUSSIAN;
+    } else if (deq == "uniform") {
+      params.dequantization = vdm::v1::DEQUANTIZATION_UNIFORM;
+    } else if (!deq.empty()) {
+      return Usage("--dequantization must be gaussian or uniform");
+    }
   } else if (method != "elbo") {
     return Usage("--method must be elbo or ode");
   } else if (absl::GetFlag(FLAGS_ode_steps) != 0 ||
-             absl::GetFlag(FLAGS_trace_samples) != 0) {
-    return Usage("--ode_steps and --trace_samples need --method=ode");
+             absl::GetFlag(FLAGS_trace_samples) != 0 ||
+             absl::GetFlag(FLAGS_ode_rtol) != 0 ||
+             absl::GetFlag(FLAGS_ode_atol) != 0 ||
+             absl::GetFlag(FLAGS_ode_max_evaluations) != 0 ||
+             !absl::GetFlag(FLAGS_dequantization).empty()) {
+    return Usage(
+        "--ode_steps, --trace_samples, --ode_rtol, --ode_atol, "
+        "--ode_max_evaluations and --dequantization need --method=ode");
   }
   if (const auto fpr = absl::GetFlag(FLAGS_false_positive_rate)) {
     params.false_positive_rate = static_cast<float>(*fpr);

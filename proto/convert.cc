@@ -170,6 +170,7 @@ void ScoreToProto(const ImageBpd& s, const ImageAnomaly& a,
   if (s.ode_function_evaluations > 0) {  // no ELBO parts, no anomaly features
     out->set_ode_function_evaluations(s.ode_function_evaluations);
     if (s.ode_stderr_bpd) out->set_ode_stderr_bpd(*s.ode_stderr_bpd);
+    if (s.ode_error_bpd) out->set_ode_error_bpd(*s.ode_error_bpd);
     return;
   }
   out->set_prior_bpd(s.prior);

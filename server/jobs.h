@@ -66,14 +66,13 @@ struct ScoreJob {
   // kOde: the probability-flow ODE likelihood (ode_likelihood.h) instead;
   // timesteps, shared_noise and pixel_map do not apply.
   ScoreMethod method = ScoreMethod::kElbo;
-  int ode_steps = kDefaultOdeSteps;
-  int trace_samples = 1;
+  OdeOptions ode;  // request.h: solver, tolerances, dequantization, probes
 };
 
 // Network rows a score job of n images costs (ODE rows are forward + VJP).
 inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
   return job.method == ScoreMethod::kOde
-             ? OdeRowCost(n, job.ode_steps, job.trace_samples)
+             ? OdeRowCost(n, job.ode)
              : ScoreRowCost(n, job.timesteps);
 }
 

@@ -30,10 +30,12 @@ namespace {
 class Chunks {
  public:
   Rows Take(RowPlan& plan, int64_t max_rows) {
-    if (plan.done()) return {};
-    const int64_t m = std::min(max_rows, plan.rows_per_evaluation() - cursor_);
-    if (m <= 0) return {};
+    if (plan.done() || max_rows <= 0) return {};
+    // An evaluation's size is known once its rows are (an adaptive ODE
+    // drops trajectories as they finish).
     if (cursor_ == 0) input_ = plan.Next();
+    const int64_t m = std::min(max_rows, input_.size() - cursor_);
+    if (m <= 0) return {};
     taken_offset_ = cursor_;
     cursor_ += m;
     return input_.Slice(taken_offset_, m);
@@ -346,8 +348,9 @@ class OdeScoreTask : public PlanTask<ScoreResult> {
   Cost cost() const override {
     const int64_t n = static_cast<int64_t>(job_.images.size());
     // One row per image and trace sample per evaluation.
-    return {OdeRowCost(n, job_.ode_steps, job_.trace_samples),
-            n * job_.trace_samples};
+    // At most: an adaptive solve stops costing rows as each of its
+    // trajectories (one per image and trace sample) finishes.
+    return {OdeRowCost(n, job_.ode), n * job_.ode.trace_samples};
   }
   Pass pass() const override { return Pass::kForwardVjp; }
   bool likelihood() const override { return true; }
@@ -355,9 +358,7 @@ class OdeScoreTask : public PlanTask<ScoreResult> {
 
   absl::Status Start(Denoiser& model, bool /*has_background*/) override {
     VDM_ASSIGN_OR_RETURN(const ScoreInputs in, MakeScoreInputs(job_, model));
-    OdeOptions options;
-    options.steps = job_.ode_steps;
-    options.trace_samples = job_.trace_samples;
+    const OdeOptions& options = job_.ode;
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
     VDM_ASSIGN_OR_RETURN(plan_owned_,
                          OdeLikelihoodPlan::Create(in.x, in.labels, options,

@@ -314,6 +314,68 @@ absl::StatusOr<EncodeJob> ToEncodeJob(const v1::EncodeRequest& r,
   return job;
 }
 
+namespace {
+
+// The ODE options of a ScoreBPD request (vdm.proto ScoreRequest): refused,
+// naming the field, when set for the ELBO, out of range, or a tolerance of
+// the adaptive solver given with RK4's ode_steps.
+absl::Status ToOdeOptions(const v1::ScoreRequest& r, ScoreMethod method,
+                          OdeOptions* o) {
+  const std::pair<bool, const char*> set[] = {
+      {r.ode_steps() != 0, "ode_steps"},
+      {r.trace_samples() != 0, "trace_samples"},
+      {r.ode_rtol() != 0, "ode_rtol"},
+      {r.ode_atol() != 0, "ode_atol"},
+      {r.ode_max_evaluations() != 0, "ode_max_evaluations"},
+      {r.dequantization() != v1::DEQUANTIZATION_UNSPECIFIED, "dequantization"}};
+  if (method != ScoreMethod::kOde) {
+    for (const auto& [is_set, name] : set) {
+      if (is_set) {
+        return Invalid(absl::StrCat(
+            name, ": only applies with method SCORE_METHOD_ODE"));
+      }
+    }
+    return absl::OkStatus();
+  }
+  if (r.ode_steps() != 0) {
+    o->solver = OdeSolver::kRk4;
+    o->steps = r.ode_steps();
+    for (int k = 2; k <= 4; ++k) {
+      if (set[k].first) {
+        return Invalid(absl::StrCat(
+            set[k].second, ": applies to the adaptive solver only (ode_steps "
+            "0); with ode_steps = ", r.ode_steps(), " the solve is RK4"));
+      }
+    }
+  } else {
+    o->solver = OdeSolver::kDormandPrince;
+    if (r.ode_rtol() != 0) o->rtol = r.ode_rtol();
+    if (r.ode_atol() != 0) o->atol = r.ode_atol();
+    if (r.ode_max_evaluations() != 0) {
+      o->max_evaluations = r.ode_max_evaluations();
+    }
+  }
+  o->trace_samples = r.trace_samples() == 0 ? 1 : r.trace_samples();
+  switch (r.dequantization()) {
+    case v1::DEQUANTIZATION_UNSPECIFIED:
+    case v1::DEQUANTIZATION_GAUSSIAN:
+      o->dequantization = Dequantization::kGaussian;
+      break;
+    case v1::DEQUANTIZATION_UNIFORM:
+      o->dequantization = Dequantization::kUniform;
+      break;
+    default:
+      return Invalid(absl::StrCat("dequantization: unknown value ",
+                                  static_cast<int>(r.dequantization()),
+                                  "; see enum vdm.v1.Dequantization"));
+  }
+  const absl::Status checked = CheckOdeOptions(*o);
+  if (!checked.ok()) return Invalid(std::string(checked.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
                                     const RequestLimits& limits,
                                     const ModelDescription& model) {
@@ -327,30 +389,17 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
   }
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(model, r.has_label(), r.label()));
   VDM_ASSIGN_OR_RETURN(job.method, ScoreMethodFromProto(r.method()));
-  if (job.method == ScoreMethod::kOde) {
-    job.ode_steps = r.ode_steps() == 0 ? kDefaultOdeSteps : r.ode_steps();
-    if (job.ode_steps < 1 || job.ode_steps > kMaxOdeSteps) {
-      return Invalid(absl::StrFormat("ode_steps: %d is out of range [1, %d]",
-                                     r.ode_steps(), kMaxOdeSteps));
-    }
-    job.trace_samples = r.trace_samples() == 0 ? 1 : r.trace_samples();
-    if (job.trace_samples < 1 || job.trace_samples > kMaxTraceSamples) {
-      return Invalid(absl::StrFormat(
-          "trace_samples: %d is out of range [1, %d]", r.trace_samples(),
-          kMaxTraceSamples));
-    }
-  } else if (r.ode_steps() != 0 || r.trace_samples() != 0) {
-    return Invalid(absl::StrCat(r.ode_steps() != 0 ? "ode_steps" : "trace_samples",
-                                ": only applies with method SCORE_METHOD_ODE"));
-  }
+  VDM_RETURN_IF_ERROR(ToOdeOptions(r, job.method, &job.ode));
   const int64_t rows = ScoreJobRowCost(job, n);
   if (job.method == ScoreMethod::kOde && rows > limits.max_request_rows) {
     return Invalid(absl::StrFormat(
         "request too large: %d images x %d trace_samples x %d function "
-        "evaluations (4 x ode_steps) = %d rows, more than this server admits "
-        "for one request (%d, --max_queued_rows); send fewer images or steps",
-        n, job.trace_samples, OdeFunctionEvaluations(job.ode_steps), rows,
-        limits.max_request_rows));
+        "evaluations (%s) = %d rows, more than this server admits for one "
+        "request (%d, --max_queued_rows); send fewer images or evaluations",
+        n, job.ode.trace_samples, OdeMaxEvaluations(job.ode),
+        job.ode.solver == OdeSolver::kRk4 ? "4 x ode_steps"
+                                          : "ode_max_evaluations",
+        rows, limits.max_request_rows));
   }
   if (rows > limits.max_request_rows) {
     return Invalid(absl::StrFormat(

@@ -47,9 +47,11 @@ std::vector<ImageBpd> ImageScoresOf(const OdeScores& s) {
   for (int64_t i = 0; i < s.bpd.size(0); ++i) {
     ImageBpd b;
     b.bpd = s.bpd[i].item<double>();
-    b.ode_function_evaluations = s.function_evaluations;
+    b.ode_function_evaluations = s.evaluations[i].item<int64_t>();
     const double se = s.stderr_bpd[i].item<double>();
     if (!std::isnan(se)) b.ode_stderr_bpd = se;
+    const double error = s.solver_error_bpd[i].item<double>();
+    if (!std::isnan(error)) b.ode_error_bpd = error;
     out.push_back(std::move(b));
   }
   return out;

@@ -29,11 +29,12 @@ struct OdeScores;
 struct ImageBpd : ImageLikelihood {
   double prior = 0, recon = 0, diffusion = 0, stderr_bpd = 0;
   std::vector<float> pixel_bits;  // H x W, when asked for (anomaly_map)
-  // ScoreMethod::kOde: bpd is the ODE's; drift evaluations per probe and
-  // the standard error over the probes (with 2 or more). The ELBO parts
-  // stay 0 and empty.
+  // ScoreMethod::kOde: bpd is the ODE's; network evaluations per solve,
+  // the standard error over the solves (with 2 or more) and the adaptive
+  // solver's error estimate. The ELBO parts stay 0 and empty.
   int64_t ode_function_evaluations = 0;
   std::optional<double> ode_stderr_bpd;
+  std::optional<double> ode_error_bpd;
 };
 
 // The records of an ELBO score of `images` (their complexity is computed

@@ -13,21 +13,42 @@
 // and log p_0(z_0) = log p_1(z_1) + int_{gamma(0)}^{gamma(1)} div dgamma
 // along the solution from z_0 to z_1, with p_1 = N(0, I).
 //
-// Convention (bits per dimension of the 0..255 data, as the ELBO's BPD):
-// pixels x get uniform dequantization y = x + u, u ~ U[0, 1)^D; the model
-// space is f = 2 y / 256 - 1 (the ELBO's bin centre is u = 1/2) and the ODE
-// starts at z_0 = alpha_0 f. Then log p(y) = log p_0(z_0) + D log(2 alpha_0
-// / 256) and bpd = -log p(y) / (D ln 2). Since P(x) = int p(x + u) du,
-// Jensen gives -log2 P(x) <= -E_u log2 p(x + u): the ODE BPD is an (in
-// expectation) upper bound on the discrete negative log-likelihood of the
-// ODE's own model, like the ELBO's BPD is for the VDM's discrete decoder.
+// Dequantization (OdeOptions::dequantization). P(x) of the 8-bit pixels x
+// is a discrete probability; the ODE gives a density, so it is bounded by
+// a dequantizer q(z_0 | x) (docs/likelihood.md):
+// - kGaussian (the default): the VDM's own forward step, z_0 = alpha_0
+//   f(x) + sigma_0 eps, f the bin centre 2 (x + 1/2) / 256 - 1, with the
+//   VDM's discrete decoder p(x | z_0) (a 256-way softmax per pixel, as the
+//   ELBO's reconstruction term). Then
+//     -log P(x) <= E_q[-log p(x | z_0) + log q(z_0 | x) - log p_ODE(z_0)],
+//   the gap being E_q KL(q(z_0 | x) || p(z_0 | x)): small where the decoder
+//   is sharp, as it is at sigma_0 / alpha_0 = exp(gamma_0 / 2).
+// - kUniform: y = x + u, u ~ U[0, 1)^D, model space f = 2 y / 256 - 1,
+//   z_0 = alpha_0 f: log p(y) = log p_0(z_0) + D log(2 alpha_0 / 256) and
+//   -log2 P(x) <= -E_u log2 p(x + u) (Jensen). sigma_0 is a sixth of a bin,
+//   so p_0 peaks at the bin centres and uniform noise lands between the
+//   peaks: a loose bound (+0.5 bits/dim over the ELBO on the shipped model).
+// - kBinCentres: u = 1/2, a density value, not a bound.
+// bpd = the bound in nats / (D ln 2), as the ELBO's BPD.
 //
-// The divergence is the Skilling-Hutchinson estimate v^T J v with fresh
-// probes v at every evaluation (unbiased at every quadrature node, so the
-// integral is unbiased), J = d eps_hat / d z from Denoiser::DenoiseVjp;
-// M probes per image give M independent estimates of log p and a standard
-// error when M >= 2. The trajectory z uses the mean of the M rows' eps_hat
-// (they are the same input).
+// Trajectories. Each image gets M = trace_samples independent solves, each
+// with its own dequantization draw and its own Hutchinson probe v, drawn
+// at Create and fixed along the solve (so the integrand is a smooth
+// function of gamma and an adaptive solver can control its error; the
+// estimate v^T J v is unbiased at every node, so the integral is too). The
+// score is the mean over the M solves and its standard error their spread,
+// which covers the dequantization and the trace estimator together.
+//
+// Solvers (OdeOptions::solver). Dormand-Prince 5(4) (the default) adapts
+// each trajectory's steps in gamma to rtol / atol on the state (z, and the
+// log-density integral on its own, so the D components of z do not dilute
+// it), with the 5th-order solution propagated and the standard controller
+// (Hairer, Norsett & Wanner, II.4). Rows carry their own gamma, so every
+// trajectory takes its own steps inside the shared batches; a finished
+// trajectory stops costing rows. Its error estimate is the sum over
+// accepted steps of the embedded estimate's effect on log p (the
+// log-density integral's local error plus z_1 . dz for the prior term), in
+// bits/dim. RK4 on a uniform grid (kRk4) is the fixed-cost reference.
 //
 // Not thread-safe (one caller at a time); the engine's task owns the plan.
 #ifndef VDM_MODEL_VDM_ODE_LIKELIHOOD_H_
@@ -38,6 +59,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -48,30 +70,24 @@
 
 namespace vdm {
 
-enum class TraceProbe {
-  kRademacher,  // v_i = +-1: the lowest variance; exact for diagonal J
-  kGaussian,    // v ~ N(0, I)
-};
-
-struct OdeOptions {
-  int steps = kDefaultOdeSteps;  // RK4 steps, uniform in gamma, >= 1
-  int trace_samples = 1;         // probes per image, >= 1
-  TraceProbe probe = TraceProbe::kRademacher;
-  // false: uniform dequantization y = x + u (the ODE BPD). true: y = x + 1/2
-  // (the bin centres, no dequantization noise; a density, not a bound).
-  bool bin_centres = false;
-};
-
-// Per image [n] float64, except z1.
+// Per image [n] float64 unless said otherwise. Trajectory m of image i is
+// row i M + m of the [n M, ...] tensors.
 struct OdeScores {
-  at::Tensor bpd;            // mean over the probes
-  at::Tensor stderr_bpd;     // over the probes; NaN with one probe
-  at::Tensor log_density;    // log p_0(z_0) in nats (mean over probes)
-  at::Tensor prior_log_density;  // log N(z_1; 0, I)
-  at::Tensor divergence;     // [n, M] the integral of div per probe
-  at::Tensor z0;             // [n, C, H, W] float64, the start
-  at::Tensor z1;             // [n, C, H, W] float64, the end
-  int64_t function_evaluations = 0;  // per image (each M rows)
+  at::Tensor bpd;            // mean over the trajectories
+  at::Tensor stderr_bpd;     // over the trajectories; NaN with one
+  // The solver's error estimate of bpd (kDormandPrince); NaN for kRk4.
+  at::Tensor solver_error_bpd;
+  at::Tensor evaluations;    // [n] int64: per trajectory, the mean over M
+  at::Tensor log_density;    // [n, M] log p_ODE(z_0) in nats (model space z)
+  at::Tensor prior_log_density;  // [n, M] log N(z_1; 0, I)
+  at::Tensor divergence;     // [n, M] the integral of div
+  // [n, M] nats: -log p(x | z_0) + log q(z_0 | x) (kGaussian), or
+  // -D log(2 alpha_0 / 256) (kUniform, kBinCentres): bound = this -
+  // log_density.
+  at::Tensor dequantization;
+  at::Tensor z0;             // [n M, C, H, W] float64, the starts
+  at::Tensor z1;             // [n M, C, H, W] float64, the ends
+  int64_t total_evaluations = 0;  // rows evaluated, all trajectories
 };
 
 class OdeLikelihoodPlan : public RowPlan {
@@ -84,14 +100,13 @@ class OdeLikelihoodPlan : public RowPlan {
       const OdeOptions& options, const ScheduleFn& schedule, at::Generator gen);
 
   int64_t num_images() const { return n_; }
-  // n x M rows per evaluation: image i's probe m is row i M + m.
-  int64_t rows_per_evaluation() const override { return n_ * m_; }
-  int64_t evaluations() const { return OdeFunctionEvaluations(steps_); }
-  int64_t evaluation() const { return step_ * kOdeStages + stage_; }
-  bool done() const override { return step_ >= steps_; }
+  // One row per unfinished trajectory per evaluation (n M at first).
+  int64_t rows_per_evaluation() const override { return active_.size(0); }
+  bool done() const override { return active_.size(0) == 0; }
+  // Evaluations so far (rows of all trajectories).
+  int64_t total_evaluations() const { return total_evaluations_; }
 
-  // The rows of the current evaluation, with probes (fresh each call; call
-  // once per evaluation).
+  // The rows of the current stage of every unfinished trajectory.
   Rows Next() override;
   // eps_hat and v^T d eps_hat / d z for all rows of the last Next().
   absl::Status Consume(const at::Tensor& eps_hat, const at::Tensor& vjp);
@@ -102,22 +117,27 @@ class OdeLikelihoodPlan : public RowPlan {
 
  private:
   OdeLikelihoodPlan() = default;
-  at::Tensor StageState() const;  // z at the current stage [n,C,H,W] f64
-  double StageGamma() const;
+  void EndStep();  // after the last stage: accept or reject, next h
 
   int64_t n_ = 0, m_ = 1, dims_ = 0;
-  int steps_ = 0;
-  TraceProbe probe_kind_ = TraceProbe::kRademacher;
-  double gamma0_ = 0, gamma1_ = 0, h_ = 0, log_alpha0_ = 0;
-  at::Generator gen_;
-  at::Tensor label_;   // [n M]
-  at::Tensor z0_;      // [n,C,H,W] f64
-  at::Tensor z_;       // the state at the current step
-  at::Tensor div_;     // [n, M] f64, integral so far
-  at::Tensor k_[kOdeStages];    // drift at each stage of the current step
-  at::Tensor d_[kOdeStages];    // [n, M] divergence at each stage
-  at::Tensor probe_;   // the probes of the last Next()
-  int step_ = 0, stage_ = 0;
+  std::vector<int64_t> image_dims_;  // C, H, W
+  OdeOptions options_;
+  double gamma0_ = 0, gamma1_ = 0;
+  at::Tensor label_, probe_;  // [R] int64, [R, D] f32 (R = n M)
+  at::Tensor dequantization_;  // [R] nats (see OdeScores)
+  at::Tensor z0_;              // [R, D] f64
+  // Per trajectory [R]: the state, the step size, the evaluations and the
+  // error estimate (nats).
+  at::Tensor z_, logp_, gamma_, h_, evaluations_, error_;
+  at::Tensor active_;          // [A] int64: the unfinished trajectories
+  at::Tensor forced_;          // [A] bool: take the rest in one step
+  // Of the active trajectories, this step: the stage states and slopes.
+  at::Tensor stage_z_, stage_gamma_;
+  std::vector<at::Tensor> k_, d_;  // [A, D], [A]
+  int stage_ = 0;
+  bool first_step_ = true;
+  at::Tensor rejected_;        // [A] bool: the last attempt was rejected
+  int64_t total_evaluations_ = 0;
 };
 
 // Runs a plan synchronously, `max_rows` rows per forward+backward pass.

@@ -1,5 +1,7 @@
 #include "model/vdm/request.h"
 
+#include "absl/strings/str_cat.h"
+
 namespace vdm {
 
 bool IsGuided(const Conditioning& c, int num_classes) {
@@ -33,13 +35,49 @@ int64_t EncodeRowCost(int64_t num_images, int steps) {
   return num_images * steps;
 }
 
-int64_t OdeFunctionEvaluations(int steps) {
-  return int64_t{kOdeStages} * steps;
+int64_t OdeMaxEvaluations(const OdeOptions& options) {
+  return options.solver == OdeSolver::kRk4
+             ? int64_t{kRk4Stages} * options.steps
+             : int64_t{options.max_evaluations};
 }
 
-int64_t OdeRowCost(int64_t num_images, int steps, int trace_samples) {
-  return num_images * trace_samples * OdeFunctionEvaluations(steps);
+int64_t OdeRowCost(int64_t num_images, const OdeOptions& options) {
+  return num_images * options.trace_samples * OdeMaxEvaluations(options);
 }
+
+absl::Status CheckOdeOptions(const OdeOptions& o) {
+  if (o.trace_samples < 1 || o.trace_samples > kMaxTraceSamples) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("trace_samples: ", o.trace_samples,
+                     " is out of range [1, ", kMaxTraceSamples, "]"));
+  }
+  if (o.solver == OdeSolver::kRk4) {
+    if (o.steps < 1 || o.steps > kMaxOdeSteps) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ode_steps: ", o.steps, " is out of range [1, ",
+                       kMaxOdeSteps, "]"));
+    }
+    return absl::OkStatus();
+  }
+  if (!(o.rtol >= kMinOdeTolerance && o.rtol <= kMaxOdeTolerance)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ode_rtol: ", o.rtol, " is out of range [",
+                     kMinOdeTolerance, ", ", kMaxOdeTolerance, "]"));
+  }
+  if (!(o.atol >= kMinOdeTolerance && o.atol <= kMaxOdeTolerance)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ode_atol: ", o.atol, " is out of range [",
+                     kMinOdeTolerance, ", ", kMaxOdeTolerance, "]"));
+  }
+  if (o.max_evaluations < kMinOdeEvaluations ||
+      o.max_evaluations > kMaxOdeEvaluations) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ode_max_evaluations: ", o.max_evaluations, " is out of range [",
+        kMinOdeEvaluations, ", ", kMaxOdeEvaluations, "]"));
+  }
+  return absl::OkStatus();
+}
+
 
 uint64_t ChunkSeed(uint64_t base, int64_t chunk) {
   // Golden-ratio stride: distinct, well spread seeds for every chunk.

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "absl/status/status.h"
+
 #include "model/vdm/sampler_config.h"
 
 namespace vdm {
@@ -49,17 +51,71 @@ int64_t EncodeRowCost(int64_t num_images, int steps);
 // (ode_likelihood.h).
 enum class ScoreMethod { kElbo, kOde };
 
-// The probability-flow ODE is integrated by classical RK4 on a grid uniform
-// in gamma: 4 network evaluations (each a forward and a vector-Jacobian
-// product) per step, for each of the trace-estimator probes of each image.
-inline constexpr int kDefaultOdeSteps = 32;
+// How the probability-flow ODE likelihood (ode_likelihood.h) is computed.
+// Every image gets `trace_samples` independent solves (trajectories), each
+// with its own dequantization draw and its own fixed Hutchinson probe.
+enum class OdeSolver {
+  // Dormand-Prince 5(4), adaptive per trajectory with rtol / atol (the
+  // default): 6 network evaluations per attempted step (first same as last),
+  // plus 1 at the start.
+  kDormandPrince,
+  // Classical RK4 on `steps` steps uniform in gamma: 4 evaluations per step.
+  kRk4,
+};
+
+enum class Dequantization {
+  // The VDM's own q(z_0 | x) = N(alpha_0 f(x), sigma_0^2) with its discrete
+  // decoder p(x | z_0): a variational bound on -log P(x) (the default).
+  kGaussian,
+  // y = x + u, u ~ U[0, 1)^D: the ODE density of the dequantized pixels.
+  kUniform,
+  // y = x + 1/2, no noise: a density at the bin centres, not a bound.
+  kBinCentres,
+};
+
+enum class TraceProbe {
+  kRademacher,  // v_i = +-1: the lowest variance; exact for diagonal J
+  kGaussian,    // v ~ N(0, I)
+};
+
+// Defaults chosen by measurement against a 1,024-step RK4 reference
+// (docs/likelihood.md, "Converged by default").
+inline constexpr double kDefaultOdeRtol = 1e-3;
+inline constexpr double kDefaultOdeAtol = 1e-3;
+inline constexpr int kDefaultOdeMaxEvaluations = 400;
+inline constexpr double kMinOdeTolerance = 1e-7;
+inline constexpr double kMaxOdeTolerance = 0.1;
+inline constexpr int kMaxOdeEvaluations = 4000;
+// The first evaluation and two Dormand-Prince steps.
+inline constexpr int kMinOdeEvaluations = 13;
+inline constexpr int kDefaultOdeSteps = 32;  // kRk4 when no steps are given
 inline constexpr int kMaxOdeSteps = 1000;
 inline constexpr int kMaxTraceSamples = 64;
-inline constexpr int kOdeStages = 4;
-// Function evaluations (drift evaluations) per image for `steps` RK4 steps.
-int64_t OdeFunctionEvaluations(int steps);
-// Network rows (each a forward and a VJP) of an ODE ScoreBPD request.
-int64_t OdeRowCost(int64_t num_images, int steps, int trace_samples);
+inline constexpr int kRk4Stages = 4;
+
+struct OdeOptions {
+  OdeSolver solver = OdeSolver::kDormandPrince;
+  double rtol = kDefaultOdeRtol;   // kDormandPrince
+  double atol = kDefaultOdeAtol;   // kDormandPrince
+  // kDormandPrince: evaluations per trajectory at most; a trajectory that
+  // reaches it takes the rest of the interval in one step, whose error its
+  // error estimate then shows.
+  int max_evaluations = kDefaultOdeMaxEvaluations;
+  int steps = kDefaultOdeSteps;    // kRk4
+  int trace_samples = 1;           // trajectories per image, >= 1
+  TraceProbe probe = TraceProbe::kRademacher;
+  Dequantization dequantization = Dequantization::kGaussian;
+};
+
+// Network evaluations (each a forward and a vector-Jacobian product) per
+// trajectory: exactly 4 x steps for kRk4, at most max_evaluations for
+// kDormandPrince.
+int64_t OdeMaxEvaluations(const OdeOptions& options);
+// OK, or InvalidArgument naming the field out of range (trace_samples,
+// ode_steps for kRk4, ode_rtol, ode_atol, ode_max_evaluations).
+absl::Status CheckOdeOptions(const OdeOptions& options);
+// Network rows an ODE ScoreBPD request of n images costs at most.
+int64_t OdeRowCost(int64_t num_images, const OdeOptions& options);
 
 // The seed of chunk `chunk` of a dataset scored in chunks whose chunk 0 uses
 // `base` (the client's chunked ScoreBPD and the trainer's evaluation):

@@ -109,7 +109,7 @@ tail -n +2 "$work/scores.csv" | awk -F, '{ if (NF != 14 || ($14 != "0" && $14 !=
   fail "calibrated columns missing: $(cat "$work/scores.csv")"
 $c score --method=ode --ode_steps=2 --trace_samples=2 --seed=1 --csv="$work/ode.csv" \
   "$work/ref.png" >"$work/ode.txt" 2>&1 || fail "score --method=ode: $(cat "$work/ode.txt")"
-tail -n +2 "$work/ode.csv" | awk -F, '{ if (NF != 16 || $15 != "8" || $16 == "") exit 1 }' ||
+tail -n +2 "$work/ode.csv" | awk -F, '{ if (NF != 17 || $15 != "8" || $16 == "" || $17 != "") exit 1 }' ||
   fail "ODE columns: $(cat "$work/ode.csv")"
 if $c score --method=ode --ode_steps=5000 "$work/ref.png" >"$work/err.txt" 2>&1; then
   fail "ode_steps=5000 was accepted"; fi

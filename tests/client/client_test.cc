@@ -82,15 +82,16 @@ TEST(ScoresCsvTest, GroupsShowWhenARowHasThemInDeclarationOrder) {
       Lines(FormatScoresCsv({ode, llr, Row(2, 4)}));
   ASSERT_EQ(lines.size(), 4u);
   EXPECT_EQ(lines[0], std::string(kHeader) +
-                          ",ode_function_evaluations,ode_stderr_bpd,llr,"
-                          "background_bpd");
+                          ",ode_function_evaluations,ode_stderr_bpd,"
+                          "ode_error_bpd,llr,background_bpd");
   // A row without a group leaves its cells empty; an unset optional too.
-  EXPECT_THAT(lines[1], ::testing::EndsWith(",,,8,,,"));
-  EXPECT_THAT(lines[2], ::testing::EndsWith(",,,,,0.500000,2.500000"));
-  EXPECT_THAT(lines[3], ::testing::EndsWith(",,,,,,"));
+  EXPECT_THAT(lines[1], ::testing::EndsWith(",,,8,,,,"));
+  EXPECT_THAT(lines[2], ::testing::EndsWith(",,,,,,0.500000,2.500000"));
+  EXPECT_THAT(lines[3], ::testing::EndsWith(",,,,,,,"));
   // Only the ODE group: its columns and nothing of the llr's.
   EXPECT_EQ(Lines(FormatScoresCsv({ode}))[0],
-            std::string(kHeader) + ",ode_function_evaluations,ode_stderr_bpd");
+            std::string(kHeader) +
+                ",ode_function_evaluations,ode_stderr_bpd,ode_error_bpd");
 }
 
 // ImageScore as a change to vdm.proto would leave it: its own fields, copied

@@ -493,6 +493,7 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(row["ode_function_evaluations"], 4 * 2)
             self.assertIsNotNone(row["ode_stderr_bpd"])
             self.assertGreater(row["ode_stderr_bpd"], 0)
+            self.assertIsNone(row["ode_error_bpd"])  # RK4 has no estimate
             self.assertTrue(math.isfinite(row["bpd"]))
             # The ELBO-only parts are 0 or absent.
             self.assertEqual(row["diffusion_bpd"], 0)
@@ -506,6 +507,22 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(one.network_evaluations, 1 * 1 * 4 * 3)
         self.assertEqual(one[0]["ode_function_evaluations"], 4 * 3)
         self.assertIsNone(one[0]["ode_stderr_bpd"])
+        # The default solver is adaptive: each image's evaluations (1 + 6
+        # per attempted step, up to the cap), an error estimate, and the
+        # request costs what the solves used. Uniform dequantization is
+        # reachable by name; it changes the value.
+        adaptive = self.client.score(images, seed=5, method="ode",
+                                     ode_max_evaluations=37)
+        for row in adaptive:
+            self.assertLessEqual(row["ode_function_evaluations"], 37)
+            self.assertEqual(row["ode_function_evaluations"] % 6, 1)
+            self.assertGreaterEqual(row["ode_error_bpd"], 0)
+            self.assertTrue(math.isfinite(row["bpd"]))
+        self.assertEqual(adaptive.network_evaluations,
+                         sum(r["ode_function_evaluations"] for r in adaptive))
+        uniform = self.client.score(images[:1], seed=5, method="ode",
+                                    ode_steps=3, dequantization="uniform")
+        self.assertNotEqual(uniform[0]["bpd"], one[0]["bpd"])
         # ELBO records have no ODE keys, and the CSV no ODE columns.
         elbo = self.client.score(images, seed=5, method="elbo")
         self.assertEqual(tuple(elbo[0]), vdm_client.CSV_FIELDS)
@@ -520,7 +537,7 @@ class ClientTest(unittest.TestCase):
             self.client.score(images, method="exact")
         with self.assertRaisesRegex(ValueError, "method"):
             self.client.score(images, method=7)
-        for name in ("ode_steps", "trace_samples"):
+        for name in ("ode_steps", "trace_samples", "ode_max_evaluations"):
             with self.subTest(name=name):
                 # Refused client-side without method="ode", as vdm-client does.
                 with self.assertRaisesRegex(ValueError, f"{name} needs method"):
@@ -536,6 +553,20 @@ class ClientTest(unittest.TestCase):
                            method="ode", ode_steps=-1)
         self.assertInvalid("trace_samples", self.client.score, images,
                            method="ode", trace_samples=65)
+        self.assertInvalid("ode_rtol", self.client.score, images,
+                           method="ode", ode_rtol=0.5)
+        self.assertInvalid("ode_atol", self.client.score, images,
+                           method="ode", ode_atol=-1.0)
+        self.assertInvalid("ode_max_evaluations", self.client.score, images,
+                           method="ode", ode_max_evaluations=5)
+        self.assertInvalid("ode_rtol", self.client.score, images,
+                           method="ode", ode_steps=4, ode_rtol=1e-4)
+        with self.assertRaisesRegex(ValueError, "ode_rtol needs method"):
+            self.client.score(images, ode_rtol=1e-4)
+        with self.assertRaisesRegex(ValueError, "dequantization"):
+            self.client.score(images, method="ode", dequantization="triangular")
+        with self.assertRaisesRegex(ValueError, "dequantization needs method"):
+            self.client.score(images, dequantization="uniform")
 
     def test_score_ode_csv_matches_cpp_client_byte_for_byte(self):
         """5 images (two chunks of the server's 4) through `vdm-client score
@@ -564,10 +595,11 @@ class ClientTest(unittest.TestCase):
                     ours = vdm_client.scores_to_csv(rows)
                     self.assertEqual(ours, cpp)
                     header = ours.splitlines()[0].split(",")
-                    self.assertEqual(header[-2:], list(vdm_client.ODE_FIELDS))
+                    self.assertEqual(header[-3:], list(vdm_client.ODE_FIELDS))
                     first = ours.splitlines()[1].split(",")
-                    self.assertEqual(first[-2], "8")
-                    self.assertEqual(first[-1] == "", trace_samples == 1)
+                    self.assertEqual(first[-3], "8")
+                    self.assertEqual(first[-2] == "", trace_samples == 1)
+                    self.assertEqual(first[-1], "")  # RK4: no error estimate
         # ODE columns before the llr columns, as FormatScoresCsv writes them.
         both = [dict(r, llr=0.25, background_bpd=1.0) for r in rows]
         header = vdm_client.scores_to_csv(both).splitlines()[0]
@@ -624,13 +656,18 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(written, vdm_client.scores_to_csv(rows))
             done = cli("score", images, "--method=ode", "--ode_steps=2")
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertIn("ode function evaluations per image and probe: 8",
+            self.assertIn("mean ode function evaluations per solve: 8.0",
                           done.stdout)
             # The ODE flags need --method=ode; bad values are the server's.
-            done = cli("score", images, "--ode_steps=2")
-            self.assertEqual(done.returncode, 2)
-            self.assertIn("--ode_steps and --trace_samples need --method=ode",
-                          done.stderr)
+            for flag in ("--ode_steps=2", "--ode_rtol=1e-4",
+                         "--dequantization=uniform"):
+                done = cli("score", images, flag)
+                self.assertEqual(done.returncode, 2, flag)
+                self.assertIn("need --method=ode", done.stderr)
+            done = cli("score", images, "--method=ode",
+                       "--ode_max_evaluations=25", "--dequantization=uniform")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("ode_error", done.stdout)
             done = cli("score", images, "--method=exact")
             self.assertEqual(done.returncode, 2)
             self.assertIn("--method", done.stderr)

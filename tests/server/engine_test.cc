@@ -359,8 +359,9 @@ TEST_F(EngineTest, OdeRowsRunInTheirOwnVjpPassesAlternatingWithPlainRows) {
   Outcome<ScoreResult> c;
   ScoreJob ode = Score(2, 4, 3);
   ode.method = ScoreMethod::kOde;
-  ode.ode_steps = 1;  // 4 evaluations of 2 images x 2 probes = 4 rows each
-  ode.trace_samples = 2;
+  ode.ode.solver = OdeSolver::kRk4;
+  ode.ode.steps = 1;  // 4 evaluations of 2 images x 2 probes = 4 rows each
+  ode.ode.trace_samples = 2;
   ASSERT_TRUE(SubmitSample(*engine_, Sample(2, 4, 1), {}, a.Callback()).ok());
   ASSERT_TRUE(SubmitScore(*engine_, ode, {}, c.Callback()).ok());
   while (engine_->Step()) {
@@ -390,9 +391,7 @@ TEST_F(EngineTest, OdeRowsRunInTheirOwnVjpPassesAlternatingWithPlainRows) {
   ASSERT_EQ(c.result->scores.size(), 2u);
   // The same scores as the library alone gives (the plan owns its probes).
   FakeDenoiser alone;
-  OdeOptions o;
-  o.steps = 1;
-  o.trace_samples = 2;
+  const OdeOptions& o = ode.ode;
   absl::StatusOr<at::Tensor> x = ToTensor(ode.images, alone.shape());
   ASSERT_TRUE(x.ok());
   absl::StatusOr<OdeScores> want = OdeLikelihood(

@@ -329,6 +329,23 @@ TEST_F(ServiceTest, OdeScoreReturnsTheOdeBpdAndItsCost) {
   request.set_trace_samples(0);
   ASSERT_TRUE(CallScore(request, &a).ok());
   EXPECT_FALSE(a.scores(0).has_ode_stderr_bpd());
+  EXPECT_FALSE(a.scores(0).has_ode_error_bpd()) << "RK4 has no estimate";
+  // The default, adaptive solver: each image's own evaluations (1 + 6 per
+  // attempted step, at most the cap) and its error estimate; the request
+  // costs what its solves used.
+  request.set_ode_steps(0);
+  request.set_ode_max_evaluations(61);
+  ASSERT_TRUE(CallScore(request, &a).ok());
+  int64_t used = 0;
+  for (const v1::ImageScore& s : a.scores()) {
+    EXPECT_GE(s.ode_function_evaluations(), kMinOdeEvaluations);
+    EXPECT_LE(s.ode_function_evaluations(), 61);
+    EXPECT_EQ(s.ode_function_evaluations() % 6, 1);
+    ASSERT_TRUE(s.has_ode_error_bpd());
+    EXPECT_GE(s.ode_error_bpd(), 0);
+    used += s.ode_function_evaluations();
+  }
+  EXPECT_EQ(a.network_evaluations(), used);
   ASSERT_TRUE(CallScore(ScoreRequest(1, 4, 1), &a).ok());
   EXPECT_EQ(a.scores(0).ode_function_evaluations(), 0);
 }
@@ -921,7 +938,7 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   ASSERT_TRUE(ode->rows[0].score.has_ode_stderr_bpd());
   EXPECT_THAT(client::FormatScoresCsv(ode->rows),
               ::testing::HasSubstr(absl::StrFormat(
-                  ",4,%.6f\n", ode->rows[0].score.ode_stderr_bpd())));
+                  ",4,%.6f,\n", ode->rows[0].score.ode_stderr_bpd())));
   // Another K than the calibration's: uncalibrated fields.
   params.timesteps = 16;
   auto other = client.ScoreImages(client::RawInput(probe), params);

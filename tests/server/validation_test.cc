@@ -561,8 +561,70 @@ TEST(ScoreValidationTest, AcceptsTheOdeWithItsDefaults) {
   const absl::StatusOr<ScoreJob> job = ToScoreJob(r, {}, Conditional());
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->method, ScoreMethod::kOde);
-  EXPECT_EQ(job->ode_steps, kDefaultOdeSteps);
-  EXPECT_EQ(job->trace_samples, 1);
+  EXPECT_EQ(job->ode.solver, OdeSolver::kDormandPrince);
+  EXPECT_EQ(job->ode.rtol, kDefaultOdeRtol);
+  EXPECT_EQ(job->ode.atol, kDefaultOdeAtol);
+  EXPECT_EQ(job->ode.max_evaluations, kDefaultOdeMaxEvaluations);
+  EXPECT_EQ(job->ode.dequantization, Dequantization::kGaussian);
+  EXPECT_EQ(job->ode.trace_samples, 1);
+}
+
+TEST(ScoreValidationTest, TakesTheOdeOptionsItIsGiven) {
+  v1::ScoreRequest r = Score(1);
+  r.set_method(v1::SCORE_METHOD_ODE);
+  r.set_ode_rtol(1e-4);
+  r.set_ode_atol(2e-5);
+  r.set_ode_max_evaluations(1000);
+  r.set_dequantization(v1::DEQUANTIZATION_UNIFORM);
+  r.set_trace_samples(3);
+  absl::StatusOr<ScoreJob> job = ToScoreJob(r, {}, Conditional());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->ode.rtol, 1e-4);
+  EXPECT_EQ(job->ode.atol, 2e-5);
+  EXPECT_EQ(job->ode.max_evaluations, 1000);
+  EXPECT_EQ(job->ode.dequantization, Dequantization::kUniform);
+  EXPECT_EQ(job->ode.trace_samples, 3);
+  // ode_steps picks RK4 with that many steps.
+  v1::ScoreRequest rk4 = Score(1);
+  rk4.set_method(v1::SCORE_METHOD_ODE);
+  rk4.set_ode_steps(12);
+  job = ToScoreJob(rk4, {}, Conditional());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->ode.solver, OdeSolver::kRk4);
+  EXPECT_EQ(job->ode.steps, 12);
+}
+
+TEST(ScoreValidationTest, RefusesAdaptiveOptionsOutOfRangeOrWithRk4) {
+  auto ode = [] {
+    v1::ScoreRequest r = Score(1);
+    r.set_method(v1::SCORE_METHOD_ODE);
+    return r;
+  };
+  for (double tol : {-1e-3, 1e-9, 0.5, std::numeric_limits<double>::quiet_NaN()}) {
+    v1::ScoreRequest r = ode();
+    r.set_ode_rtol(tol);
+    ExpectRefused(ScoreStatus(r), "ode_rtol");
+    r = ode();
+    r.set_ode_atol(tol);
+    ExpectRefused(ScoreStatus(r), "ode_atol");
+  }
+  for (int evals : {-1, kMinOdeEvaluations - 1, kMaxOdeEvaluations + 1}) {
+    v1::ScoreRequest r = ode();
+    r.set_ode_max_evaluations(evals);
+    ExpectRefused(ScoreStatus(r), "ode_max_evaluations");
+  }
+  v1::ScoreRequest r = ode();
+  r.set_dequantization(static_cast<v1::Dequantization>(9));
+  ExpectRefused(ScoreStatus(r), "dequantization");
+  // A tolerance means the adaptive solver; ode_steps means RK4.
+  r = ode();
+  r.set_ode_steps(8);
+  r.set_ode_rtol(1e-4);
+  ExpectRefused(ScoreStatus(r), "ode_rtol");
+  r = ode();
+  r.set_ode_steps(8);
+  r.set_ode_max_evaluations(100);
+  ExpectRefused(ScoreStatus(r), "ode_max_evaluations");
 }
 
 TEST(ScoreValidationTest, RefusesNoImagesOrTooMany) {
@@ -632,6 +694,14 @@ TEST(ScoreValidationTest, RefusesOdeOptionsWithoutTheOde) {
     probes.set_method(method);
     probes.set_trace_samples(2);
     ExpectRefused(ScoreStatus(probes), "trace_samples");
+    v1::ScoreRequest tol = Score();
+    tol.set_method(method);
+    tol.set_ode_atol(1e-3);
+    ExpectRefused(ScoreStatus(tol), "ode_atol");
+    v1::ScoreRequest deq = Score();
+    deq.set_method(method);
+    deq.set_dequantization(v1::DEQUANTIZATION_UNIFORM);
+    ExpectRefused(ScoreStatus(deq), "dequantization");
   }
 }
 
@@ -668,6 +738,15 @@ TEST(ScoreValidationTest, RefusesARequestThatCouldNeverBeAdmitted) {
   EXPECT_TRUE(ScoreStatus(ode, Conditional(), limits).ok());
   ode.set_ode_steps(2);
   ExpectTooLarge(ScoreStatus(ode, Conditional(), limits), "ode_steps");
+  // The adaptive solver is admitted by its cap: 1 x 1 x 13 rows at most.
+  limits.max_request_rows = kMinOdeEvaluations;
+  v1::ScoreRequest adaptive = Score(1);
+  adaptive.set_method(v1::SCORE_METHOD_ODE);
+  adaptive.set_ode_max_evaluations(kMinOdeEvaluations);
+  EXPECT_TRUE(ScoreStatus(adaptive, Conditional(), limits).ok());
+  adaptive.set_ode_max_evaluations(kMinOdeEvaluations + 1);
+  ExpectTooLarge(ScoreStatus(adaptive, Conditional(), limits),
+                 "ode_max_evaluations");
 }
 
 }  // namespace

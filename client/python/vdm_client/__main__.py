@@ -2,7 +2,9 @@
 
     python3 -m vdm_client --target=HOST:PORT sample --num=4 --steps=10 --seed=1 --out=grid.png
     python3 -m vdm_client --target=HOST:PORT score a.png b.npy [--csv=scores.csv]
-        [--method=elbo|ode [--ode_steps=N] [--trace_samples=M]]
+        [--method=elbo|ode [--ode_steps=N | --ode_rtol=R --ode_atol=A
+        --ode_max_evaluations=E] [--trace_samples=M]
+        [--dequantization=gaussian|uniform]]
     python3 -m vdm_client --target=HOST:PORT encode --image=x.png [--steps=S]
         [--time_grid=G] [--label=L] [--out=latent.npy]   (float32 (n, C, H, W))
     python3 -m vdm_client --target=HOST:PORT decode --latent=latent.npy
@@ -92,15 +94,26 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--csv", default=None,
                        help="write the scores as CSV (else print a table)")
     score.add_argument("--method", default="elbo", choices=SCORE_METHODS,
-                       help="elbo (the variational bound) or ode (the "
-                       "likelihood of the dequantized image by the "
-                       "probability-flow ODE, docs/likelihood.md)")
+                       help="elbo (the variational bound) or ode (a bound "
+                       "through the probability-flow ODE's density, "
+                       "docs/likelihood.md)")
     score.add_argument("--ode_steps", type=int, default=None,
-                       help="--method=ode: RK4 steps (4 network evaluations "
-                       "each); default the server's, 32")
+                       help="--method=ode: RK4 with N steps (4 N network "
+                       "evaluations); default the adaptive solver")
     score.add_argument("--trace_samples", type=int, default=None,
-                       help="--method=ode: Hutchinson probes per image; 2+ "
+                       help="--method=ode: independent solves per image; 2+ "
                        "give a standard error. Default 1")
+    score.add_argument("--ode_rtol", type=float, default=None,
+                       help="--method=ode: the adaptive solver's relative "
+                       "tolerance (default the server's)")
+    score.add_argument("--ode_atol", type=float, default=None,
+                       help="--method=ode: its absolute tolerance")
+    score.add_argument("--ode_max_evaluations", type=int, default=None,
+                       help="--method=ode: its evaluations per solve at most")
+    score.add_argument("--dequantization", default=None,
+                       choices=("gaussian", "uniform"),
+                       help="--method=ode: gaussian (the VDM's own q(z_0|x), "
+                       "the default) or uniform")
 
     def latent_flags(command, out, out_help):
         command.add_argument("--steps", type=int, default=50)
@@ -248,9 +261,11 @@ def _image_shape(client: Client) -> tuple:
 
 def _run_score(client: Client, args) -> int:
     ode = args.method == "ode"
-    if not ode and (args.ode_steps is not None
-                    or args.trace_samples is not None):
-        raise ValueError("--ode_steps and --trace_samples need --method=ode")
+    ode_flags = ("ode_steps", "trace_samples", "ode_rtol", "ode_atol",
+                 "ode_max_evaluations", "dequantization")
+    if not ode and any(getattr(args, f) is not None for f in ode_flags):
+        raise ValueError(", ".join("--" + f for f in ode_flags) +
+                         " need --method=ode")
     _check_readable(*args.files)
     images, names = _load_images(args.files, _image_shape(client))
     start = time.monotonic()
@@ -258,18 +273,19 @@ def _run_score(client: Client, args) -> int:
                         label=args.label, shared_noise=args.shared_noise,
                         false_positive_rate=args.false_positive_rate,
                         chunk=args.chunk, method=args.method,
-                        ode_steps=args.ode_steps,
-                        trace_samples=args.trace_samples)
+                        **{f: getattr(args, f) for f in ode_flags})
     seconds = time.monotonic() - start
     if args.csv:
         write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
     elif ode:
-        print(f"{'index':>7} {'bpd':>9} {'ode_stderr':>10}  file")
+        print(f"{'index':>7} {'bpd':>9} {'ode_stderr':>10} {'ode_error':>10} "
+              f"{'evals':>6}  file")
         for row, name in zip(rows, names):
-            stderr = row["ode_stderr_bpd"]
-            stderr = f"{stderr:10.4f}" if stderr is not None else f"{'':10}"
-            print(f"{row['index']:7d} {row['bpd']:9.4f} {stderr}  {name}")
+            cells = [f"{row[k]:10.4f}" if row[k] is not None else f"{'':10}"
+                     for k in ("ode_stderr_bpd", "ode_error_bpd")]
+            print(f"{row['index']:7d} {row['bpd']:9.4f} {' '.join(cells)} "
+                  f"{row['ode_function_evaluations']:6d}  {name}")
     else:
         print(f"{'index':>7} {'bpd':>9} {'prior':>9} {'recon':>9} "
               f"{'diffusion':>9} {'stderr':>9}  file")
@@ -285,8 +301,8 @@ def _run_score(client: Client, args) -> int:
         label = key.replace("_bpd", " bpd")
         print(f"mean {label}: {sum(r[key] for r in rows) / n:.4f}")
     if ode:
-        print("ode function evaluations per image and probe: "
-              f"{rows[0]['ode_function_evaluations']}")
+        evals = sum(r["ode_function_evaluations"] for r in rows) / n
+        print(f"mean ode function evaluations per solve: {evals:.1f}")
     print(f"seed: {rows.seed}\nnetwork evaluations: {rows.network_evaluations}\n"
           f"time: {seconds:.3f} s in {rows.chunks} chunk(s)")
     return OK

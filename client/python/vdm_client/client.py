@@ -74,8 +74,8 @@ def _group_columns(group: str) -> tuple:
 CSV_FIELDS = ("index",) + _group_columns("")
 # Added after CSV_FIELDS, and as keys of score()'s records, when the images
 # were scored by the probability-flow ODE (score(method="ode")):
-# ode_function_evaluations (4 x ode_steps) and ode_stderr_bpd (None unless
-# trace_samples >= 2).
+# ode_function_evaluations (per solve), ode_stderr_bpd (None unless
+# trace_samples >= 2) and ode_error_bpd (None with RK4's ode_steps).
 ODE_FIELDS = _group_columns("ode")
 # Added after CSV_FIELDS (and after ODE_FIELDS when both are there), and as
 # keys of score()'s records, when a server with a background model
@@ -753,7 +753,11 @@ class Client:
               chunk: Optional[int] = None,
               method: Union[str, int] = "elbo",
               ode_steps: Optional[int] = None,
-              trace_samples: Optional[int] = None) -> ScoreResult:
+              trace_samples: Optional[int] = None,
+              ode_rtol: Optional[float] = None,
+              ode_atol: Optional[float] = None,
+              ode_max_evaluations: Optional[int] = None,
+              dequantization: Union[str, int, None] = None) -> ScoreResult:
         """Bits per dimension and anomaly scores of `images` (numpy uint8
         H x W or H x W x C arrays, or PIL images): a ScoreResult, one dict per
         image with the keys of CSV_FIELDS (p_value and is_anomaly are None
@@ -762,18 +766,24 @@ class Client:
 
         method: one of SCORE_METHODS (or the vdm.v1.ScoreMethod value):
         "elbo" (the default), the variational bound with K = timesteps;
-        "ode", the likelihood of the uniformly dequantized image by the
-        probability-flow ODE (docs/likelihood.md): "bpd" is the ODE's, the
-        ELBO-only keys are 0 or None, and the records get ODE_FIELDS:
-        "ode_function_evaluations" (4 x ode_steps) and "ode_stderr_bpd"
-        (the trace estimator's standard error; None unless trace_samples
-        >= 2). timesteps, shared_noise, false_positive_rate and anomaly_map
-        are then ignored by the server. ode_steps: RK4 steps in [1, 1000]
-        (None = 32); trace_samples: Hutchinson probes per image in [1, 64]
-        (None = 1); both only with method="ode" (else ValueError). Each image
-        costs trace_samples x 4 x ode_steps network evaluations (forward and
-        vector-Jacobian product); out-of-range values come back as
-        VdmError INVALID_ARGUMENT naming the field.
+        "ode", a bound on the discrete likelihood through the
+        probability-flow ODE's density (docs/likelihood.md): "bpd" is the
+        ODE's, the ELBO-only keys are 0 or None, and the records get
+        ODE_FIELDS: "ode_function_evaluations" (the network evaluations a
+        solve used), "ode_stderr_bpd" (the standard error over the solves;
+        None unless trace_samples >= 2) and "ode_error_bpd" (the adaptive
+        solver's error estimate; None with RK4). timesteps, shared_noise,
+        false_positive_rate and anomaly_map are then ignored by the server.
+        The ODE options apply only with method="ode" (else ValueError):
+        ode_steps None or 0 = the adaptive solver (Dormand-Prince) with
+        ode_rtol / ode_atol in [1e-7, 0.1] and at most ode_max_evaluations
+        in [13, 4000] per solve (None = the server's defaults); ode_steps
+        N in [1, 1000] = RK4 with 4 N evaluations; trace_samples in [1, 64]
+        independent solves per image (None = 1); dequantization "gaussian"
+        (None, the default) or "uniform" (or the vdm.v1.Dequantization
+        value). Each evaluation is a forward and a vector-Jacobian product
+        per solve; out-of-range values come back as VdmError
+        INVALID_ARGUMENT naming the field.
 
         The images go in requests of `chunk` images (default: the server's
         max_images_per_request). With a seed, chunk c > 0 uses the seed
@@ -783,10 +793,18 @@ class Client:
         """
         method = _enum_value(vdm_pb2.ScoreMethod, "SCORE_METHOD_", method,
                              "method")
-        ode = {"ode_steps": ode_steps, "trace_samples": trace_samples}
+        ode = {"ode_steps": ode_steps, "trace_samples": trace_samples,
+               "ode_max_evaluations": ode_max_evaluations}
         for name, value in ode.items():
             ode[name] = 0 if value is None else _int32(value, name)
-            if ode[name] != 0 and method != vdm_pb2.SCORE_METHOD_ODE:
+        for name, value in (("ode_rtol", ode_rtol), ("ode_atol", ode_atol)):
+            ode[name] = 0.0 if value is None else float(value)
+        ode["dequantization"] = (
+            0 if dequantization is None else
+            _enum_value(vdm_pb2.Dequantization, "DEQUANTIZATION_",
+                        dequantization, "dequantization"))
+        for name, value in ode.items():
+            if value != 0 and method != vdm_pb2.SCORE_METHOD_ODE:
                 raise ValueError(f"{name} needs method='ode'")
         protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
         if not protos:
@@ -806,8 +824,7 @@ class Client:
                 images=protos[begin:end], format=vdm_pb2.IMAGE_FORMAT_RAW,
                 timesteps=int(timesteps), shared_noise=bool(shared_noise),
                 anomaly_map=bool(anomaly_map), method=method,
-                ode_steps=ode["ode_steps"],
-                trace_samples=ode["trace_samples"])
+                **ode)
             if base is not None:
                 request.seed = base if shared_noise else _chunk_seed(base, c)
             if label is not None:
