@@ -78,11 +78,11 @@ enum class TraceProbe {
   kGaussian,    // v ~ N(0, I)
 };
 
-// Defaults chosen by measurement against a 1,024-step RK4 reference
+// Defaults chosen by measurement against a 1,000-step RK4 reference
 // (docs/likelihood.md, "Converged by default").
-inline constexpr double kDefaultOdeRtol = 1e-3;
-inline constexpr double kDefaultOdeAtol = 1e-3;
-inline constexpr int kDefaultOdeMaxEvaluations = 400;
+inline constexpr double kDefaultOdeRtol = 1e-5;
+inline constexpr double kDefaultOdeAtol = 1e-5;
+inline constexpr int kDefaultOdeMaxEvaluations = 3000;
 inline constexpr double kMinOdeTolerance = 1e-7;
 inline constexpr double kMaxOdeTolerance = 0.1;
 inline constexpr int kMaxOdeEvaluations = 4000;

@@ -6,8 +6,8 @@
     images.seed                                             # the seed used
     rows = client.score(images, seed=1)                     # one dict per image
     rows[0]["bpd"]
-    ode = client.score(images, method="ode", ode_steps=32)  # the ODE's bpd
-    ode[0]["ode_function_evaluations"]                      # 4 x ode_steps
+    ode = client.score(images, method="ode")  # the ODE's bpd
+    ode[0]["ode_function_evaluations"]          # what its adaptive solve used
     latents = client.encode(images, steps=50)               # float32 (C, H, W) each
     client.decode(latents, steps=50)                        # the images back
 
