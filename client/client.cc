@@ -265,6 +265,7 @@ vdm::v1::SampleRequest SampleRequestOf(const SampleParams& params) {
     request.mutable_init_image()->set_data(params.init_image_png);
   }
   if (params.strength) request.set_strength(*params.strength);
+  if (params.strength_t) request.set_strength_t(*params.strength_t);
   if (!params.mask_png.empty()) request.mutable_mask()->set_data(params.mask_png);
   request.set_resample_rounds(params.resample_rounds);
   for (const Latent& z : params.latents) {

@@ -96,10 +96,12 @@ struct SampleParams {
   // Wire format of the returned images; both are decoded into Image8.
   vdm::v1::ImageFormat format = vdm::v1::IMAGE_FORMAT_RAW;
   std::optional<int> negative_label;  // negative-label guidance
-  // Editing: the image to edit as PNG bytes, the SDEdit strength and the
-  // inpainting mask as PNG bytes (white = known).
+  // Editing: the image to edit as PNG bytes, the SDEdit strength (the noise
+  // variance fraction sigma^2 of the start; or strength_t, the time t) and
+  // the inpainting mask as PNG bytes (white = known).
   std::string init_image_png;
   std::optional<float> strength;
+  std::optional<float> strength_t;
   std::string mask_png;
   int resample_rounds = 0;  // RePaint resampling (inpainting), 0..10
   // Decoding: one image per latent (set num_images to latents.size(); the

@@ -72,9 +72,15 @@ ABSL_FLAG(int, negative_label, -1,
           "sample/edit/inpaint: negative-label guidance away from this class "
           "(needs --guidance other than 1); -1 = none.");
 ABSL_FLAG(std::string, image, "", "edit/inpaint: the PNG image to edit.");
-ABSL_FLAG(double, strength, 0.5,
-          "edit: image-to-image strength in (0, 1]: how far into the noise "
-          "the image is taken before sampling back (small keeps it).");
+ABSL_FLAG(std::optional<double>, strength, std::nullopt,
+          "edit: image-to-image strength in (0, 1]: the noise variance "
+          "fraction sigma^2 the image is taken to before sampling back "
+          "(small keeps it, 1 = from pure noise; equal steps change the "
+          "image about evenly); default 0.5 unless --strength_t is given.");
+ABSL_FLAG(std::optional<double>, strength_t, std::nullopt,
+          "edit: the start as the time t in (0, 1] instead (the old meaning "
+          "of --strength: this model's t below about 0.5 adds almost no "
+          "noise); not with --strength.");
 ABSL_FLAG(std::string, mask, "",
           "inpaint: gray PNG of the image's size, white = known pixels.");
 ABSL_FLAG(int, resample_rounds, 0,
@@ -150,7 +156,7 @@ Usage:
       [--guidance=G] [--label=L] [--seed=S]
       [--out=grid.png] [--out_dir=DIR] [--repeat=N]
   vdm-client [--target=HOST:PORT] sample ... --negative_label=L --guidance=G
-  vdm-client [--target=HOST:PORT] edit --image=X.png [--strength=0.5]
+  vdm-client [--target=HOST:PORT] edit --image=X.png [--strength=0.5 | --strength_t=T]
       [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
   vdm-client [--target=HOST:PORT] inpaint --image=X.png --mask=M.png (white = known)
       [--label=L --guidance=G] [--num=N] [--out=grid.png] [--out_dir=DIR]
@@ -319,7 +325,13 @@ int RunSample(const VdmClient& client, const std::string& command) {
     if (!image.ok()) return Fail(image.status());
     params.init_image_png = *std::move(image);
     if (command == "edit") {
-      params.strength = static_cast<float>(absl::GetFlag(FLAGS_strength));
+      // Both given: both sent, and the server names strength_t.
+      const std::optional<double> strength = absl::GetFlag(FLAGS_strength);
+      const std::optional<double> strength_t = absl::GetFlag(FLAGS_strength_t);
+      if (strength || !strength_t) {
+        params.strength = static_cast<float>(strength.value_or(0.5));
+      }
+      if (strength_t) params.strength_t = static_cast<float>(*strength_t);
     } else {
       if (absl::GetFlag(FLAGS_mask).empty()) return Usage("inpaint needs --mask");
       absl::StatusOr<std::string> mask = vdm::ReadFile(absl::GetFlag(FLAGS_mask));

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes docs/images/editing.png, the README's picture of the editing calls:
 # one row each for inpainting (reference, mask, 6 results), image-to-image
-# (reference, then 6 results at strength 0.9 towards class 1, trouser) and
+# (reference, then 6 results at strength_t 0.9, the time t = 0.9, i.e.
+# strength 0.96, towards class 1, trouser) and
 # negative-label guidance (6 samples of class 9, ankle boot, pushed away
 # from class 7, sneaker; then 6 without the negative label) and
 # interpolation (test images 0 and 1 encoded by DDIM inversion, their
@@ -37,7 +38,7 @@ PY
 c="build/vdm-client --target=127.0.0.1:$port"
 $c inpaint --image="$work/reference.png" --mask="$work/mask.png" --num=6 \
   --steps=50 --seed=3 --out= --out_dir="$work/inpaint" >/dev/null
-$c edit --image="$work/reference.png" --strength=0.9 --label=1 --guidance=3 \
+$c edit --image="$work/reference.png" --strength_t=0.9 --label=1 --guidance=3 \
   --num=6 --steps=50 --seed=3 --out= --out_dir="$work/edit" >/dev/null
 $c sample --label=9 --guidance=3 --negative_label=7 --num=6 --steps=50 \
   --seed=3 --out= --out_dir="$work/negative" >/dev/null

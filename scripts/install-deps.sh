@@ -17,6 +17,7 @@ packages=(
   yamllint
   clang libclang-rt-14-dev
   python3-grpcio python3-protobuf python3-numpy python3-pil
+  python3-pip python3-venv python3-setuptools python3-wheel
 )
 optional=(ccache)
 

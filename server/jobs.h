@@ -33,10 +33,12 @@ struct SampleJob {
   Conditioning conditioning;  // label (-1 = none) and guidance scale
   uint64_t seed = 0;
   // Editing (SampleEdit in model/vdm/samplers.h): the reference image,
-  // SDEdit strength (1 = none) and the inpainting mask (1 where known,
-  // H x W), when set.
+  // SDEdit strength (1 = none; the noise variance fraction sigma^2 of the
+  // start, or with strength_is_time the time t, from strength_t) and the
+  // inpainting mask (1 where known, H x W), when set.
   std::optional<Image8> reference;
   double strength = 1.0;
+  bool strength_is_time = false;
   std::vector<uint8_t> known;
   // Decoding (SampleEdit::z1): one latent per image, C x H x W floats each,
   // the trajectory's start instead of noise; empty = drawn from the seed.

@@ -147,6 +147,9 @@ class SampleTask : public PlanTask<SampleResult> {
     if (job_.reference) {
       VDM_ASSIGN_OR_RETURN(edit.reference, ToTensor({*job_.reference}, s));
       edit.strength = job_.strength;
+      edit.strength_scale = job_.strength_is_time
+                                ? SampleEdit::StrengthScale::kTime
+                                : SampleEdit::StrengthScale::kNoiseFraction;
       if (!job_.known.empty()) {
         edit.known = at::from_blob(const_cast<uint8_t*>(job_.known.data()),
                                    {1, 1, s.height, s.width}, at::kByte)

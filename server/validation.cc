@@ -56,16 +56,25 @@ absl::Status CheckEdit(const v1::SampleRequest& r,
                        const ModelDescription& model, SampleJob& job) {
   const bool has_image = r.has_init_image() && !r.init_image().data().empty();
   const bool has_mask = r.has_mask() && !r.mask().data().empty();
-  if (r.has_strength() && !(r.strength() > 0.0f && r.strength() <= 1.0f)) {
+  if (r.has_strength() && r.has_strength_t()) {
     return Invalid(
-        absl::StrCat("strength: ", r.strength(), " is out of range (0, 1]"));
+        "strength_t: give either strength (noise variance fraction) or "
+        "strength_t (time), not both");
+  }
+  // Whichever of the two is set, by its own name.
+  const bool has_strength = r.has_strength() || r.has_strength_t();
+  const char* name = r.has_strength_t() ? "strength_t" : "strength";
+  const float strength = r.has_strength_t() ? r.strength_t() : r.strength();
+  if (has_strength && !(strength > 0.0f && strength <= 1.0f)) {
+    return Invalid(
+        absl::StrCat(name, ": ", strength, " is out of range (0, 1]"));
   }
   if (!has_image) {
-    if (r.has_strength()) return Invalid("strength: needs an init_image");
+    if (has_strength) return Invalid(absl::StrCat(name, ": needs an init_image"));
     if (has_mask) return Invalid("mask: needs an init_image");
     return absl::OkStatus();
   }
-  if (!has_mask && (!r.has_strength() || r.strength() == 1.0f)) {
+  if (!has_mask && (!has_strength || strength == 1.0f)) {
     return Invalid(
         "init_image: give a strength < 1 (image-to-image) or a mask "
         "(inpainting)");
@@ -75,7 +84,8 @@ absl::Status CheckEdit(const v1::SampleRequest& r,
     return Invalid(absl::StrCat("init_image: ", image.status().message()));
   }
   job.reference = *std::move(image);
-  job.strength = r.has_strength() ? r.strength() : 1.0;
+  job.strength = has_strength ? strength : 1.0;
+  job.strength_is_time = r.has_strength_t();
   if (has_mask) {
     const ImageShape gray{1, model.shape.height, model.shape.width};
     absl::StatusOr<Image8> mask = InputImage(r.mask(), gray);
@@ -187,10 +197,10 @@ absl::StatusOr<Conditioning> CheckConditioning(const v1::SampleRequest& r,
 absl::Status CheckLatents(const v1::SampleRequest& r,
                           const ModelDescription& model, SampleJob& job) {
   if (r.latents_size() == 0) return absl::OkStatus();
-  if (job.reference || r.has_strength()) {
+  if (job.reference || r.has_strength() || r.has_strength_t()) {
     return Invalid(
-        "latents: decoding cannot be combined with init_image, strength or "
-        "mask");
+        "latents: decoding cannot be combined with init_image, strength, "
+        "strength_t or mask");
   }
   for (int i = 0; i < r.latents_size(); ++i) {
     absl::StatusOr<std::vector<float>> z =

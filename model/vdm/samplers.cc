@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -266,6 +268,49 @@ absl::StatusOr<std::unique_ptr<Sampler>> MakeSampler(
   return s;
 }
 
+absl::StatusOr<double> EditStartTime(const SampleEdit& edit,
+                                     const ScheduleFn& schedule) {
+  const double s = edit.strength;
+  if (!(s > 0.0 && s <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("strength must be in (0, 1], got ", s));
+  }
+  if (edit.strength_scale == SampleEdit::StrengthScale::kTime || s == 1.0) {
+    return s;
+  }
+  // gamma = logit(sigma^2); the schedule is increasing in t.
+  const double target = std::log(s) - std::log1p(-s);
+  constexpr int kPoints = 257;
+  double lo = 0.0, hi = 1.0;
+  for (int round = 0; round < 2; ++round) {
+    VDM_ASSIGN_OR_RETURN(
+        GammaValues g, schedule(at::linspace(lo, hi, kPoints, at::kDouble)
+                                    .to(at::kFloat)));
+    const at::Tensor gamma = g.gamma.to(at::kCPU).to(at::kDouble).reshape({-1});
+    if (gamma.numel() != kPoints || !at::isfinite(gamma).all().item<bool>()) {
+      return absl::InvalidArgumentError(
+          "schedule gamma(t) returned a wrong shape or non-finite values");
+    }
+    const double* v = gamma.data_ptr<double>();
+    if (round == 0 && target <= v[0]) return kMinEditStartTime;
+    if (round == 0 && target >= v[kPoints - 1]) return 1.0;
+    // The first grid point at or above the target (v is increasing).
+    int k = 1;
+    while (k < kPoints - 1 && v[k] < target) ++k;
+    const double step = (hi - lo) / (kPoints - 1);
+    const double t0 = lo + (k - 1) * step, t1 = lo + k * step;
+    if (round == 1) {
+      const double span = v[k] - v[k - 1];
+      const double f = span > 0.0 ? (target - v[k - 1]) / span : 1.0;
+      const double t = t0 + std::clamp(f, 0.0, 1.0) * (t1 - t0);
+      return std::clamp(t, kMinEditStartTime, 1.0);
+    }
+    lo = t0;
+    hi = t1;
+  }
+  return absl::InternalError("unreachable");
+}
+
 namespace {
 
 // SamplingPlan::Create's checks of the request alone, before any tensor
@@ -405,11 +450,11 @@ absl::StatusOr<std::unique_ptr<SamplingPlan>> SamplingPlan::Create(
       plan->f_ = e.f;
       plan->known_ = e.known;
       if (edit.strength < 1.0) {
-        // SDEdit: start from the reference noised to t = strength.
-        config.t_start = edit.strength;
+        // SDEdit: start from the reference noised to the strength's time.
+        VDM_ASSIGN_OR_RETURN(config.t_start, EditStartTime(edit, schedule));
         VDM_ASSIGN_OR_RETURN(
             GammaValues g,
-            schedule(at::full({1}, static_cast<float>(edit.strength), at::kFloat)));
+            schedule(at::full({1}, static_cast<float>(config.t_start), at::kFloat)));
         z1 = Diffuse(plan->f_, g.gamma.to(at::kCPU).to(at::kFloat), z1);
       }
     }

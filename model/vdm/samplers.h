@@ -111,8 +111,16 @@ struct SampleEdit {
   // uint8 [1, C, H, W]: the image to edit.
   at::Tensor reference;
   // Image-to-image (SDEdit, Meng et al. 2022): start from the reference
-  // noised to t = strength and sample from there; 1 = plain sampling.
+  // noised to the time t that `strength` names and sample from there;
+  // 1 = plain sampling. On the default scale, kNoiseFraction, strength is
+  // the noise variance fraction sigma^2(t) = sigmoid(gamma(t)) of the start
+  // (what diffusers' strength amounts to), so equal steps of strength change
+  // the image about evenly; kTime is the time t itself (with a linear
+  // log-SNR schedule its first half adds almost no noise). EditStartTime
+  // gives the t.
+  enum class StrengthScale { kNoiseFraction, kTime };
   double strength = 1.0;
+  StrengthScale strength_scale = StrengthScale::kNoiseFraction;
   // Inpainting (the replacement method): bool [1, C, H, W] or [1, 1, H, W],
   // true where the reference is known. After every step the known pixels
   // are replaced by the reference noised to the new time; the returned
@@ -123,6 +131,17 @@ struct SampleEdit {
   // the inverse of EncodePlan).
   at::Tensor z1;
 };
+
+// The time t at which an image-to-image edit starts (strength in (0, 1]):
+// on kTime the strength itself; on kNoiseFraction the t with
+// sigmoid(gamma(t)) = strength, i.e. gamma(t) = logit(strength) clamped to
+// [gamma(0), gamma(1)] (1 -> t = 1), found on `schedule` (increasing) by
+// two rounds of a 257-point grid and linear interpolation in gamma, exact to
+// float rounding for a linear schedule. Strengths at or below sigma^2(0)
+// give the smallest start, t = kMinEditStartTime (the reference, decoded).
+inline constexpr double kMinEditStartTime = 1e-6;
+absl::StatusOr<double> EditStartTime(const SampleEdit& edit,
+                                     const ScheduleFn& schedule);
 
 // A sampling request: a Sampler for n images plus what it is conditioned
 // on. Next() returns every row of the next evaluation (n rows, or 2n with

@@ -60,6 +60,12 @@ $c inpaint --image="$work/ref.png" --mask="$work/mask.png" --num=2 --steps=5 \
 [ "$(ls "$work/inpaint" | wc -l)" -eq 2 ] || fail "inpaint wrote no images"
 $c edit --image="$work/ref.png" --strength=0.3 --num=1 --steps=5 --out="$work/edit.png" \
   >/dev/null 2>&1 || fail "edit"
+$c edit --image="$work/ref.png" --strength_t=0.3 --num=1 --steps=5 --out="$work/edit_t.png" \
+  >/dev/null 2>&1 || fail "edit --strength_t"
+if $c edit --image="$work/ref.png" --strength=0.3 --strength_t=0.3 --steps=5 --out= \
+    >"$work/err.txt" 2>&1; then fail "--strength with --strength_t was accepted"; fi
+grep -q "INVALID_ARGUMENT" "$work/err.txt" && grep -q "strength_t" "$work/err.txt" ||
+  fail "the strength error does not name the field: $(cat "$work/err.txt")"
 if $c inpaint --image="$work/ref.png" --mask="$work/bad_mask.png" --steps=5 --out= \
     >"$work/err.txt" 2>&1; then fail "a wrong-size mask was accepted"; fi
 grep -q "INVALID_ARGUMENT" "$work/err.txt" && grep -q "mask" "$work/err.txt" ||

@@ -247,6 +247,22 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(len(edited), 2)
         self.assertEqual(edited.network_evaluations, 2 * 6)
         self.assertInvalid("strength", self.client.edit, image, strength=1.5)
+        self.assertInvalid("strength_t", self.client.edit, image,
+                           strength_t=1.5)
+        for both in ({}, {"strength": 0.5, "strength_t": 0.5}):
+            with self.assertRaises(ValueError):
+                self.client.edit(image, **both)
+        # strength is the noise variance fraction sigma^2(t): on this
+        # model's linear log-SNR schedule the edit at strength s is the edit
+        # at strength_t = (logit(s) - gamma(0)) / (gamma(1) - gamma(0)).
+        info = self.client.info()
+        g0, g1 = info["gamma_min"], info["gamma_max"]
+        for s in (0.1, 0.5, 0.9):
+            t = (math.log(s / (1 - s)) - g0) / (g1 - g0)
+            by_noise = self.client.edit(image, strength=s, steps=6, seed=2)
+            by_time = self.client.edit(image, strength_t=t, steps=6, seed=2)
+            diff = np.abs(by_noise[0].astype(int) - by_time[0].astype(int))
+            self.assertLessEqual(diff.mean(), 0.5, f"strength {s}, t {t}")
         self.assertInvalid("negative_label", self.client.sample, steps=2,
                            label=1, negative_label=1, guidance=2.0)
 

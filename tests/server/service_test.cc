@@ -414,6 +414,12 @@ TEST_F(ServiceTest, InvalidSampleFieldsAreNamed) {
        "strength"},
       {[](v1::SampleRequest* r) {
          r->mutable_init_image()->set_data(std::string(784, 'x'));
+         r->set_strength(0.5f);
+         r->set_strength_t(0.5f);
+       },
+       "strength_t"},
+      {[](v1::SampleRequest* r) {
+         r->mutable_init_image()->set_data(std::string(784, 'x'));
        },
        "init_image"},
       {[](v1::SampleRequest* r) {
@@ -708,17 +714,25 @@ TEST_F(ServiceTest, InpaintingKeepsTheKnownPixelsAndEditingKeepsTheImage) {
   }
   EXPECT_EQ(response.network_evaluations(), 3 * 6 * 2);
   // Image-to-image at a small strength stays close to the image; it runs
-  // only the steps below that strength.
-  v1::SampleRequest edit = SampleRequest(2, 10, 8);
-  edit.mutable_init_image()->set_data(*EncodePng(reference));
-  edit.set_strength(0.05f);
-  ASSERT_TRUE(CallSample(edit, &response).ok());
-  int close = 0;
-  for (int p = 0; p < 28 * 28; ++p) {
-    close += std::abs(static_cast<uint8_t>(response.images(0).data()[p]) -
-                      reference.pixels[p]) <= 16;
+  // only the steps below that strength: a noise variance fraction of 0.001
+  // (strength), or the time t = 0.05 (strength_t, with this schedule a
+  // sigma^2 of about 4e-6).
+  for (bool by_time : {false, true}) {
+    v1::SampleRequest edit = SampleRequest(2, 10, 8);
+    edit.mutable_init_image()->set_data(*EncodePng(reference));
+    if (by_time) {
+      edit.set_strength_t(0.05f);
+    } else {
+      edit.set_strength(0.001f);
+    }
+    ASSERT_TRUE(CallSample(edit, &response).ok());
+    int close = 0;
+    for (int p = 0; p < 28 * 28; ++p) {
+      close += std::abs(static_cast<uint8_t>(response.images(0).data()[p]) -
+                        reference.pixels[p]) <= 16;
+    }
+    EXPECT_GT(close, 28 * 28 * 3 / 4) << (by_time ? "strength_t" : "strength");
   }
-  EXPECT_GT(close, 28 * 28 * 3 / 4);
 }
 
 TEST_F(ServiceTest, ResamplingMultipliesTheRowsAndKeepsTheKnownPixels) {

@@ -199,7 +199,15 @@ TEST(SampleValidationTest, AcceptsImageToImageAndDecoding) {
   const absl::StatusOr<SampleJob> edited = ToSampleJob(edit, {}, Conditional());
   ASSERT_TRUE(edited.ok()) << edited.status();
   EXPECT_EQ(edited->strength, 0.25);
+  EXPECT_FALSE(edited->strength_is_time) << "strength is sigma^2";
   EXPECT_TRUE(edited->known.empty());
+  v1::SampleRequest by_time = edit;
+  by_time.clear_strength();
+  by_time.set_strength_t(0.75f);
+  const absl::StatusOr<SampleJob> timed = ToSampleJob(by_time, {}, Conditional());
+  ASSERT_TRUE(timed.ok()) << timed.status();
+  EXPECT_EQ(timed->strength, 0.75);
+  EXPECT_TRUE(timed->strength_is_time);
 
   v1::SampleRequest decode = Decode();
   AddLatent(&decode);
@@ -351,10 +359,32 @@ TEST(SampleValidationTest, RefusesAStrengthOutOfRange) {
   }
 }
 
+TEST(SampleValidationTest, RefusesAStrengthTOutOfRange) {
+  for (float strength : {0.0f, -0.5f, 1.5f}) {
+    v1::SampleRequest r = Sample();
+    r.mutable_init_image()->set_data(std::string(kPixels, 'x'));
+    r.set_strength_t(strength);
+    ExpectRefused(SampleStatus(r), "strength_t");
+  }
+}
+
+TEST(SampleValidationTest, RefusesStrengthAndStrengthTTogether) {
+  v1::SampleRequest r = Sample();
+  r.mutable_init_image()->set_data(std::string(kPixels, 'x'));
+  r.set_strength(0.5f);
+  r.set_strength_t(0.5f);
+  ExpectRefused(SampleStatus(r), "strength_t");
+  EXPECT_THAT(std::string(SampleStatus(r).message()),
+              HasSubstr("give either strength"));
+}
+
 TEST(SampleValidationTest, RefusesAStrengthWithoutAnInitImage) {
   v1::SampleRequest r = Sample();
   r.set_strength(0.5f);
   ExpectRefused(SampleStatus(r), "strength");
+  r.clear_strength();
+  r.set_strength_t(0.5f);
+  ExpectRefused(SampleStatus(r), "strength_t");
 }
 
 TEST(SampleValidationTest, RefusesAMaskWithoutAnInitImage) {
@@ -370,6 +400,10 @@ TEST(SampleValidationTest, RefusesAnInitImageWithoutAnEdit) {
     if (strength_one) r.set_strength(1.0f);
     ExpectRefused(SampleStatus(r), "init_image");
   }
+  v1::SampleRequest r = Sample();
+  r.mutable_init_image()->set_data(std::string(kPixels, 'x'));
+  r.set_strength_t(1.0f);
+  ExpectRefused(SampleStatus(r), "init_image");
 }
 
 TEST(SampleValidationTest, RefusesAnInitImageOfAnotherShape) {

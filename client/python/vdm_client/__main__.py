@@ -48,8 +48,10 @@ def _seed(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The installed command (pip install ./client/python) or the module.
+    installed = os.path.basename(sys.argv[0]) == "vdm-client-py"
     parser = argparse.ArgumentParser(
-        prog="python3 -m vdm_client",
+        prog="vdm-client-py" if installed else "python3 -m vdm_client",
         description="A command-line client for vdm-serve.")
     parser.add_argument("--target", default="localhost:50051",
                         help="server address HOST:PORT")

@@ -541,7 +541,7 @@ class Client:
     def _sample_request(self, num_images, steps, sampler, eta, label, guidance,
                         seed, time_grid, preview_every=0, negative_label=None,
                         init_image=None, strength=None, mask=None,
-                        resample_rounds=0, latents=None):
+                        resample_rounds=0, latents=None, strength_t=None):
         request = vdm_pb2.SampleRequest(
             num_images=int(num_images), steps=int(steps),
             sampler=_enum_value(vdm_pb2.Sampler, "SAMPLER_", sampler, "sampler"),
@@ -562,6 +562,8 @@ class Client:
             request.init_image.CopyFrom(_image_to_proto(init_image, 0))
         if strength is not None:
             request.strength = float(strength)
+        if strength_t is not None:
+            request.strength_t = float(strength_t)
         if mask is not None:
             request.mask.CopyFrom(_mask_to_proto(mask))
         request.resample_rounds = int(resample_rounds)
@@ -605,21 +607,32 @@ class Client:
         response = self._call(self._stub.Sample, request)
         return self._sample_result(response, request.num_images)
 
-    def edit(self, image, strength: float, num_images: int = 1,
+    def edit(self, image, strength: Optional[float] = None,
+             num_images: int = 1,
              steps: int = 50, sampler: Union[str, int] = "ddim",
              eta: float = 0.0, label: Optional[int] = None,
              guidance: Optional[float] = None,
              negative_label: Optional[int] = None, seed: Optional[int] = None,
-             time_grid: Union[str, int] = "uniform_t") -> SampleResult:
+             time_grid: Union[str, int] = "uniform_t",
+             strength_t: Optional[float] = None) -> SampleResult:
         """Image-to-image (SDEdit): `image` (numpy uint8 of the model's shape,
-        or PIL) noised to t = strength in (0, 1) and sampled back, with
-        `steps` steps over that shorter interval (the evaluations follow the
-        steps as in sample()). Small strength keeps the image; a label and
-        guidance steer it. Returns a SampleResult like sample()."""
+        or PIL) noised until the noise variance fraction sigma^2(t) equals
+        `strength` in (0, 1] and sampled back, with `steps` steps over that
+        shorter interval (the evaluations follow the steps as in sample()).
+        Small strength keeps the image, equal steps of it change the image
+        about evenly, 1 = from pure noise; a label and guidance steer it.
+        `strength_t` instead gives the start as the time t itself (the old
+        meaning of strength); exactly one of the two (else ValueError).
+        Returns a SampleResult like sample()."""
+        if (strength is None) == (strength_t is None):
+            raise ValueError("edit: give exactly one of strength (noise "
+                             "variance fraction) and strength_t (time), got "
+                             f"strength={strength}, strength_t={strength_t}")
         request = self._sample_request(num_images, steps, sampler, eta, label,
                                        guidance, seed, time_grid,
                                        negative_label=negative_label,
-                                       init_image=image, strength=strength)
+                                       init_image=image, strength=strength,
+                                       strength_t=strength_t)
         response = self._call(self._stub.Sample, request)
         return self._sample_result(response, request.num_images)
 

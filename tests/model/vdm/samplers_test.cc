@@ -402,7 +402,8 @@ TEST(EditTest, ImageToImageKeepsTheImageAtLowStrengthAndSamplesAtFull) {
   auto same = [&](const at::Tensor& x) {
     return (x == reference.expand_as(x)).to(at::kDouble).mean().item<double>();
   };
-  const double low = same(edit(0.2)), mid = same(edit(0.6));
+  // strength is the noise variance fraction sigma^2 of the start.
+  const double low = same(edit(0.01)), mid = same(edit(0.5));
   const double full = same(edit(1.0));
   EXPECT_GT(low, 0.95) << "a small strength keeps the image";
   EXPECT_LT(mid, low);
@@ -416,6 +417,74 @@ TEST(EditTest, ImageToImageKeepsTheImageAtLowStrengthAndSamplesAtFull) {
   bad.edit.reference = reference;
   bad.edit.strength = 1.5;
   EXPECT_FALSE(SampleImages(*oracle, bad).ok());
+}
+
+TEST(EditTest, StrengthIsTheNoiseVarianceFractionOfTheStart) {
+  for (OracleSchedule schedule : {OracleSchedule::kLinear, OracleSchedule::kWarped}) {
+    OracleOptions o;
+    o.schedule = schedule;
+    auto oracle = MakeOracle(o);
+    const ScheduleFn fn = ScheduleOf(*oracle);
+    auto sigma2_at = [&](double t) {
+      const GammaValues g = *fn(at::full({1}, t, at::kFloat));
+      return 1.0 / (1.0 + std::exp(-g.gamma.item<double>()));
+    };
+    for (double s : {0.001, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99}) {
+      SampleEdit edit;
+      edit.strength = s;
+      const absl::StatusOr<double> t = EditStartTime(edit, fn);
+      ASSERT_TRUE(t.ok()) << t.status();
+      EXPECT_GT(*t, 0.0);
+      EXPECT_LT(*t, 1.0);
+      EXPECT_NEAR(sigma2_at(*t), s, 1e-4 * s + 1e-6) << "t = " << *t;
+      edit.strength_scale = SampleEdit::StrengthScale::kTime;
+      EXPECT_EQ(*EditStartTime(edit, fn), s) << "the old scale: t itself";
+    }
+    SampleEdit edit;
+    edit.strength = 1.0;
+    EXPECT_EQ(*EditStartTime(edit, fn), 1.0);
+    edit.strength = 1e-9;  // below sigma^2(0) = sigmoid(-13.3) = 1.7e-6
+    EXPECT_EQ(*EditStartTime(edit, fn), kMinEditStartTime);
+    for (double bad : {0.0, -0.1, 1.5, std::nan("")}) {
+      edit.strength = bad;
+      EXPECT_FALSE(EditStartTime(edit, fn).ok()) << bad;
+    }
+  }
+  // On the linear schedule, in closed form: gamma(t) = logit(s).
+  auto oracle = MakeOracle();
+  SampleEdit edit;
+  edit.strength = 0.5;  // logit 0: t = 13.3 / 18.3
+  EXPECT_NEAR(*EditStartTime(edit, ScheduleOf(*oracle)), 13.3 / 18.3, 1e-6);
+}
+
+TEST(EditTest, EveryStrengthScaleAndSamplerStartsAtTheSameTime) {
+  // An edit at strength s (sigma^2) is the edit at strength_t = t(s), for
+  // every sampler: they all start their grid at that t.
+  auto oracle = MakeOracle();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  const at::Tensor reference = oracle->Sample(1, 0, gen);
+  SampleEdit by_noise;
+  by_noise.reference = reference;
+  by_noise.strength = 0.4;
+  const double t = *EditStartTime(by_noise, ScheduleOf(*oracle));
+  SampleEdit by_time = by_noise;
+  by_time.strength = t;
+  by_time.strength_scale = SampleEdit::StrengthScale::kTime;
+  for (SamplerType type : {SamplerType::kDdim, SamplerType::kDdpm,
+                           SamplerType::kEulerMaruyama, SamplerType::kHeun,
+                           SamplerType::kDpmSolver2M}) {
+    for (TimeGrid grid : {TimeGrid::kUniformT, TimeGrid::kUniformLogSnr}) {
+      SampleOptions o;
+      o.sampler = {type, 8, 0.0, grid};
+      o.num_images = 20;
+      o.seed = 7;
+      o.edit = by_noise;
+      const at::Tensor a = *SampleImages(*oracle, o);
+      o.edit = by_time;
+      const at::Tensor b = *SampleImages(*oracle, o);
+      EXPECT_TRUE(at::equal(a, b)) << SamplerName(type);
+    }
+  }
 }
 
 TEST(SamplerTest, ParameterizationsGiveTheSameSamples) {
