@@ -88,7 +88,7 @@ inline constexpr double kMaxOdeTolerance = 0.1;
 inline constexpr int kMaxOdeEvaluations = 4000;
 // The first evaluation and two Dormand-Prince steps.
 inline constexpr int kMinOdeEvaluations = 13;
-inline constexpr int kDefaultOdeSteps = 32;  // kRk4 when no steps are given
+inline constexpr int kDefaultOdeSteps = 32;  // OdeOptions::steps (kRk4) in the library
 inline constexpr int kMaxOdeSteps = 1000;
 inline constexpr int kMaxTraceSamples = 64;
 inline constexpr int kRk4Stages = 4;
