@@ -1,6 +1,7 @@
 #include "tools/anomaly_scoring.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/script.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include "model/vdm/anomaly.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/request.h"
+#include "model/vdm/rows.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/tensor_image.h"
 
@@ -50,6 +52,7 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
     const at::Tensor part = images.narrow(0, begin, m);
     ScoreOptions score;
     score.likelihood.times = options.timesteps;
+    score.likelihood.time_proposal = options.time_proposal;
     score.seed = ChunkSeed(options.seed, c);
     score.batch_rows = 64;
     if (options.label >= 0) {
@@ -74,6 +77,47 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
     if (options.progress) options.progress(begin + m, n);
   }
   return out;
+}
+
+absl::StatusOr<ProposalFitData> ProposalFitLosses(
+    Denoiser& model, const at::Tensor& images, int fit_bins, uint64_t seed,
+    int64_t chunk,
+    const std::function<void(int64_t done, int64_t total)>& progress) {
+  if (fit_bins < 1 || chunk < 1) {
+    return absl::InvalidArgumentError("fit_bins and chunk must be >= 1");
+  }
+  const int64_t n = images.size(0);
+  ProposalFitData data;
+  data.fit_bins = fit_bins;
+  torch::NoGradGuard no_grad;
+  LikelihoodOptions options;
+  options.times = 2 * fit_bins;
+  options.replicates = 2;
+  for (int64_t begin = 0, c = 0; begin < n; begin += chunk, ++c) {
+    const int64_t m = std::min(chunk, n - begin);
+    at::Generator gen =
+        at::make_generator<at::CPUGeneratorImpl>(ChunkSeed(seed, c));
+    VDM_ASSIGN_OR_RETURN(
+        std::unique_ptr<LikelihoodPlan> plan,
+        LikelihoodPlan::Create(images.narrow(0, begin, m),
+                               at::full({m}, int64_t{model.num_classes()},
+                                        at::kLong),
+                               options, ScheduleOf(model), gen));
+    for (int64_t r = 0; r < plan->rows(); r += 64) {
+      const int64_t rows = std::min<int64_t>(64, plan->rows() - r);
+      VDM_ASSIGN_OR_RETURN(const Rows in, plan->RowsAt(r, rows));
+      VDM_ASSIGN_OR_RETURN(const at::Tensor eps_hat, Evaluate(model, in));
+      VDM_RETURN_IF_ERROR(plan->Consume(r, eps_hat));
+    }
+    // Row k = 2 j + r is replicate r's point in bin j: the fit layout.
+    const at::Tensor losses = plan->row_losses().contiguous();
+    for (int64_t i = 0; i < m; ++i) {
+      const double* p = losses[i].data_ptr<double>();
+      data.loss.emplace_back(p, p + options.times);
+    }
+    if (progress) progress(begin + m, n);
+  }
+  return data;
 }
 
 }  // namespace vdm

@@ -10,12 +10,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/denoiser.h"
 #include "model/vdm/image_scores.h"
+#include "model/vdm/time_proposal.h"
 
 namespace vdm {
 
@@ -31,6 +33,9 @@ struct SetScoring {
   uint64_t seed = 0;
   int64_t chunk = 64;  // images per request, as vdm-client sends them
   int label = -1;      // the label every row carries; -1 = "no label"
+  // The model's time proposal (LikelihoodOptions::time_proposal), as the
+  // server applies it when the calibration file has one; null = uniform.
+  std::shared_ptr<const TimeProposal> time_proposal;
   // A background model (likelihood ratio), evaluated on the model's rows
   // (its z at the model's gamma: common random numbers), as the server
   // does with --background_model. Null = none.
@@ -42,6 +47,16 @@ struct SetScoring {
 absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
                                                   const at::Tensor& images,
                                                   const SetScoring& options);
+
+// The data FitTimeProposal fits a proposal on (time_proposal.h): each image
+// of `images` (uint8 [n, C, H, W]) scored with uniform times at K = 2
+// fit_bins in G = 2 replicates, so that each replicate puts one (t, eps)
+// draw in each of the fit_bins bins; the losses in nats, "no label", in
+// chunks of `chunk` images seeded ChunkSeed(seed, c).
+absl::StatusOr<ProposalFitData> ProposalFitLosses(
+    Denoiser& model, const at::Tensor& images, int fit_bins, uint64_t seed,
+    int64_t chunk = 16,
+    const std::function<void(int64_t done, int64_t total)>& progress = {});
 
 }  // namespace vdm
 

@@ -9,18 +9,36 @@
 // metadata.dataset.validation_images (else --images) images of the training
 // set, never trained on. They are scored with the server's code, K and
 // seed layout (tools/anomaly_scoring.h).
+//
+// First (--time_proposal, the default) it fits the proposal over diffusion
+// times that the server's ELBO scores use (model/vdm/time_proposal.h): the
+// first --proposal_images held-out images at K = 2 --proposal_fit_bins
+// uniform times (their own seed, --proposal_seed), FitTimeProposal's
+// choice of shape, bins and floor by held-out folds. Then it scores all
+// held-out images with that proposal and fits the anomaly Gaussian on
+// them, so the features are the ones the server computes. Both go in one
+// version 2 file (model/vdm/calibration_file.h).
+#include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
 #include "model/vdm/anomaly.h"
+#include "model/vdm/calibration_file.h"
+#include "model/vdm/likelihood.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
 #include "nlohmann/json.hpp"
 #include "tools/anomaly_scoring.h"
@@ -35,6 +53,18 @@ ABSL_FLAG(int, timesteps, 16, "K, as ScoreBPD requests will use");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the scoring noise");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
 ABSL_FLAG(std::string, out, "", "output; empty = MODEL.calibration.json");
+ABSL_FLAG(bool, time_proposal, true,
+          "fit the proposal over diffusion times first and score the "
+          "calibration images with it; false = uniform times, no proposal");
+ABSL_FLAG(int64_t, proposal_images, 256,
+          "held-out images the proposal is fitted on (the first of the split)");
+ABSL_FLAG(int, proposal_fit_bins, 64,
+          "fit bins F: 2F rows per image, two draws per bin");
+ABSL_FLAG(std::string, proposal_losses, "",
+          "a file of the fit's losses (one image per line): read when it "
+          "exists, else written after they are computed; empty = none");
+ABSL_FLAG(uint64_t, proposal_seed, 2,
+          "seed of the proposal fit's rows (not the scoring seed)");
 ABSL_FLAG(int, exclude_class, -2,
           "leave out this class's training images before taking the held-out "
           "split, as vdm-train --exclude_class did; -1 = none; -2 (default) = "
@@ -72,6 +102,104 @@ int ExcludedClass(const vdm::TorchScriptModel& model) {
   return excluded;
 }
 
+// "DATA train images FROM..LAST[ without class N]".
+std::string Provenance(int64_t from, int64_t last, int excluded) {
+  return absl::StrFormat("%s train images %d..%d%s", absl::GetFlag(FLAGS_data),
+                         from, last,
+                         excluded >= 0 ? absl::StrFormat(" without class %d", excluded)
+                                       : std::string());
+}
+
+// The fit's losses from `path` (written by an earlier run with the same
+// images and fit bins), or NotFound.
+absl::StatusOr<vdm::ProposalFitData> ReadLosses(const std::string& path,
+                                                int bins, int64_t n) {
+  if (path.empty()) return absl::NotFoundError("no file");
+  absl::StatusOr<std::string> text = vdm::ReadFile(path);
+  if (!text.ok()) return text.status();
+  vdm::ProposalFitData data;
+  data.fit_bins = bins;
+  for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipEmpty())) {
+    std::vector<double> l;
+    for (absl::string_view v : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+      double d;
+      if (!absl::SimpleAtod(v, &d)) return absl::InvalidArgumentError(path);
+      l.push_back(d);
+    }
+    if (static_cast<int>(l.size()) != 2 * bins) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": a line without 2 x ", bins, " losses"));
+    }
+    data.loss.push_back(std::move(l));
+  }
+  if (static_cast<int64_t>(data.loss.size()) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", data.loss.size(), " images, not ", n));
+  }
+  return data;
+}
+
+// Fits the time proposal on the first --proposal_images of `set` (training
+// images from.. of the held-out split), for the estimator at `timesteps`.
+absl::StatusOr<vdm::TimeProposal> FitProposal(vdm::TorchScriptModel& model,
+                                              const vdm::Dataset& set,
+                                              int timesteps, int64_t from,
+                                              int excluded) {
+  const int64_t n = std::min<int64_t>(absl::GetFlag(FLAGS_proposal_images),
+                                      set.size());
+  const int bins = absl::GetFlag(FLAGS_proposal_fit_bins);
+  const uint64_t seed = absl::GetFlag(FLAGS_proposal_seed);
+  const absl::Time start = absl::Now();
+  const std::string cache = absl::GetFlag(FLAGS_proposal_losses);
+  absl::StatusOr<vdm::ProposalFitData> data = ReadLosses(cache, bins, n);
+  if (!data.ok()) {
+    data = vdm::ProposalFitLosses(
+        model, set.images.narrow(0, 0, n), bins, seed, 16,
+        [start](int64_t done, int64_t total) {
+          std::fprintf(stderr, "vdm-calibrate: proposal fit %lld/%lld images, %.0f s\n",
+                       static_cast<long long>(done), static_cast<long long>(total),
+                       absl::ToDoubleSeconds(absl::Now() - start));
+        });
+    if (!data.ok()) return data.status();
+    if (!cache.empty()) {
+      std::string text;
+      for (const auto& l : data->loss) text += absl::StrJoin(l, " ") + "\n";
+      VDM_RETURN_IF_ERROR(vdm::WriteFileAtomic(cache, text));
+    }
+  } else {
+    std::fprintf(stderr, "vdm-calibrate: proposal fit losses from %s\n",
+                 cache.c_str());
+  }
+  vdm::ProposalFitOptions options;
+  options.times = timesteps;
+  options.replicates = vdm::ReplicatesFor({timesteps});
+  // Candidate bin counts that divide the fit bins.
+  options.bins.clear();
+  for (int b : {16, 32, 64}) {
+    if (b <= bins && bins % b == 0) options.bins.push_back(b);
+  }
+  if (options.bins.empty()) options.bins.push_back(bins);
+  vdm::TimeProposal::Provenance provenance;
+  provenance.data = absl::StrCat(Provenance(from, from + n - 1, excluded),
+                                 " (the first of the held-out split)");
+  provenance.seed = seed;
+  provenance.fit_rows_per_image = 2 * bins;
+  auto fit = vdm::FitTimeProposal(*data, options, provenance);
+  if (!fit.ok()) return fit.status();
+  for (const std::string& line : fit->candidates) {
+    std::fprintf(stderr, "vdm-calibrate: proposal candidate %s\n", line.c_str());
+  }
+  const vdm::TimeProposal& q = fit->proposal;
+  std::fprintf(stderr,
+               "vdm-calibrate: time proposal %s, %d bins, floor %.2f, max weight "
+               "%.1f: predicted K = %d variance %.3f of uniform times (held-out "
+               "folds), %.0f s\n",
+               q.provenance().target.c_str(), q.bins(), q.provenance().floor,
+               q.MaxWeight(), timesteps, fit->predicted_variance / fit->uniform_variance,
+               absl::ToDoubleSeconds(absl::Now() - start));
+  return q;
+}
+
 // Fits the calibration on the features of the scored images (training
 // images from..last, without class `excluded` when >= 0), recording how
 // they were scored.
@@ -84,12 +212,10 @@ absl::StatusOr<vdm::Calibration> FitCalibration(
   vdm::Calibration::Setup setup;
   setup.timesteps = as_scored.timesteps;
   setup.shared_noise = as_scored.shared_noise;
+  setup.time_proposal = as_scored.time_proposal;
   setup.seed = seed;
-  setup.data = absl::StrFormat("%s train images %d..%d%s (the trainer's held-out "
-                               "validation split)",
-                               absl::GetFlag(FLAGS_data), from, last,
-                               excluded >= 0 ? absl::StrFormat(" without class %d", excluded)
-                                             : std::string());
+  setup.data = absl::StrCat(Provenance(from, last, excluded),
+                            " (the trainer's held-out validation split)");
   return vdm::Calibration::Fit(features, setup);
 }
 
@@ -152,6 +278,13 @@ int main(int argc, char** argv) {
   vdm::SetScoring scoring;
   scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
   scoring.seed = absl::GetFlag(FLAGS_seed);
+  vdm::CalibrationFile file;
+  if (absl::GetFlag(FLAGS_time_proposal)) {
+    auto q = FitProposal(**model, set, scoring.timesteps, from, excluded);
+    if (!q.ok()) return Fail(q.status());
+    file.time_proposal = std::make_shared<const vdm::TimeProposal>(*std::move(q));
+    scoring.time_proposal = file.time_proposal;
+  }
   const absl::Time start = absl::Now();
   scoring.progress = [start](int64_t done, int64_t total) {
     std::fprintf(stderr, "vdm-calibrate: %lld/%lld images, %.0f s\n",
@@ -164,13 +297,22 @@ int main(int argc, char** argv) {
   // setup the server's policy matches requests against.
   vdm::AnomalyRequest as_scored;
   as_scored.timesteps = scoring.timesteps;
+  as_scored.time_proposal = scoring.time_proposal != nullptr;
   auto calibration = FitCalibration(*scored, as_scored, scoring.seed, from,
                                     all->size() - 1, excluded);
   if (!calibration.ok()) return Fail(calibration.status());
   if (!CheckOnOwnImages(*calibration, *scored, as_scored)) return 1;
+  double mean_se = 0;
+  for (const auto& s : *scored) mean_se += s.stderr_bpd / scored->size();
+  std::fprintf(stderr, "vdm-calibrate: mean standard error at K = %d: %.4f "
+                       "bits/dim (%s times)\n",
+               scoring.timesteps, mean_se,
+               scoring.time_proposal ? "importance-sampled" : "uniform");
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) out = path + ".calibration.json";
-  const absl::Status written = vdm::WriteFileAtomic(out, calibration->ToJson());
+  file.anomaly = std::make_shared<const vdm::Calibration>(*std::move(calibration));
+  const absl::Status written =
+      vdm::WriteFileAtomic(out, vdm::CalibrationFileToJson(file));
   if (!written.ok()) return Fail(written);
   std::printf("vdm-calibrate: %lld images scored at K = %d in %.0f s; wrote %s\n",
               static_cast<long long>(set.size()), scoring.timesteps,

@@ -42,6 +42,7 @@
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
 #include "model/vdm/anomaly.h"
+#include "model/vdm/calibration_file.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
@@ -54,6 +55,7 @@ ABSL_FLAG(std::string, data, "/usr/share/datasets/fashion-mnist",
 ABSL_FLAG(int64_t, in_images, 500, "in-distribution test images");
 ABSL_FLAG(int64_t, ood_images, 300, "images per out-of-distribution set");
 ABSL_FLAG(int, timesteps, 16, "K (the calibration's)");
+
 ABSL_FLAG(uint64_t, seed, 7, "seed of the scoring noise and of the sets");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
 ABSL_FLAG(std::string, background_model, "",
@@ -129,6 +131,8 @@ at::Tensor Shuffle(const at::Tensor& x, at::Generator& gen) {
 struct Models {
   std::unique_ptr<vdm::TorchScriptModel> model;
   std::optional<vdm::Calibration> calibration;
+  // The calibration file's time proposal, which the server would score with.
+  std::shared_ptr<const vdm::TimeProposal> time_proposal;
   std::unique_ptr<vdm::TorchScriptModel> background;
 };
 
@@ -140,11 +144,14 @@ absl::StatusOr<Models> LoadModels() {
   m.model = *std::move(model);
   std::string cal_path = absl::GetFlag(FLAGS_calibration);
   if (cal_path.empty()) cal_path = path + ".calibration.json";
-  auto text = vdm::ReadFile(cal_path);
-  absl::StatusOr<vdm::Calibration> calibration =
-      text.ok() ? vdm::Calibration::FromJson(*text) : text.status();
-  if (!calibration.ok()) return calibration.status();
-  m.calibration = *std::move(calibration);
+  absl::StatusOr<vdm::CalibrationFile> file = vdm::ReadCalibrationFile(cal_path);
+  if (!file.ok()) return file.status();
+  if (file->anomaly == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(cal_path, ": no anomaly.fast section"));
+  }
+  m.calibration = *file->anomaly;
+  m.time_proposal = file->time_proposal;
   if (const std::string b = absl::GetFlag(FLAGS_background_model); !b.empty()) {
     auto loaded = vdm::TorchScriptModel::Load({b});
     if (!loaded.ok()) {
@@ -416,17 +423,22 @@ int main(int argc, char** argv) {
   scorer.scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
   scorer.scoring.seed = absl::GetFlag(FLAGS_seed);
   scorer.scoring.background = models->background.get();
+  scorer.scoring.time_proposal = models->time_proposal;
   scorer.calibration = &*models->calibration;
   // The anomaly fields come from the server's policy (ScoreAnomalies), for
-  // images scored as ScoreSet scores them: the ELBO at K, independent noise.
+  // images scored as ScoreSet scores them: the ELBO at K, independent noise,
+  // the file's time proposal when it has one (as the server scores).
   scorer.as_scored.timesteps = scorer.scoring.timesteps;
+  scorer.as_scored.time_proposal = scorer.scoring.time_proposal != nullptr;
   scorer.class_scores = class_scores;
   const vdm::Calibration::Setup& setup = scorer.calibration->setup();
   if (!vdm::CalibrationApplies(*scorer.calibration, scorer.as_scored)) {
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
-                    "the calibration is for K = %d%s; give --timesteps=%d",
+                    "the calibration is for K = %d%s%s; give --timesteps=%d",
                     setup.timesteps,
                     setup.shared_noise ? " with shared noise" : "",
+                    setup.time_proposal ? " with the time proposal"
+                                        : " with uniform times",
                     setup.timesteps)),
                 2);
   }

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "model/vdm/calibration_file.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -131,33 +133,47 @@ double Calibration::BatchPValue(const std::vector<double>& scores,
   return (1.0 + at_least) / (resamples + 1.0);
 }
 
-std::string Calibration::ToJson() const {
-  nlohmann::json j;
-  j["format"] = "vdm-calibration/1";
+void Calibration::ToJsonValue(nlohmann::json* out) const {
+  nlohmann::json& j = *out;
   j["model"] = "gaussian, full covariance";
   j["features"] = {"bpd - complexity_bpd", "band_bpd[0..3] (t in quarters)"};
   j["bands"] = kBands;
   j["timesteps"] = setup_.timesteps;
   j["shared_noise"] = setup_.shared_noise;
+  j["time_proposal"] = setup_.time_proposal;
   j["seed"] = setup_.seed;
   j["data"] = setup_.data;
   j["mean"] = mean_;
   j["cholesky"] = cholesky_;
   j["log_normalizer"] = log_normalizer_;
   j["sorted_scores"] = sorted_scores_;
-  return j.dump(1);
+}
+
+std::string Calibration::ToJson() const {
+  CalibrationFile file;
+  file.anomaly = std::make_shared<const Calibration>(*this);
+  return CalibrationFileToJson(file);
 }
 
 absl::StatusOr<Calibration> Calibration::FromJson(const std::string& text) {
-  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-  if (!j.is_object() || j.value("format", "") != "vdm-calibration/1") {
+  VDM_ASSIGN_OR_RETURN(const CalibrationFile file, ParseCalibrationFile(text));
+  if (file.anomaly == nullptr) {
     return absl::InvalidArgumentError(
-        "calibration: not a vdm-calibration/1 JSON document");
+        "calibration: the file has no anomaly.fast section");
+  }
+  return *file.anomaly;
+}
+
+absl::StatusOr<Calibration> Calibration::FromJsonValue(const nlohmann::json& j) {
+  if (!j.is_object()) {
+    return absl::InvalidArgumentError("calibration: not a JSON object");
   }
   Calibration c;
   try {
     c.setup_.timesteps = j.at("timesteps").get<int>();
     c.setup_.shared_noise = j.at("shared_noise").get<bool>();
+    // Absent in version 1 files, which predate the proposal.
+    c.setup_.time_proposal = j.value("time_proposal", false);
     c.setup_.seed = j.at("seed").get<uint64_t>();
     c.setup_.data = j.value("data", "");
     c.mean_ = j.at("mean").get<std::vector<double>>();
@@ -187,7 +203,8 @@ bool CalibrationApplies(const Calibration& calibration,
                         const AnomalyRequest& request) {
   return request.method == ScoreMethod::kElbo &&
          calibration.setup().timesteps == request.timesteps &&
-         calibration.setup().shared_noise == request.shared_noise;
+         calibration.setup().shared_noise == request.shared_noise &&
+         calibration.setup().time_proposal == request.time_proposal;
 }
 
 BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,

@@ -31,6 +31,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/vdm/image.h"
+#include "nlohmann/json_fwd.hpp"
 #include "model/vdm/request.h"
 
 namespace vdm {
@@ -57,6 +58,11 @@ class Calibration {
     bool shared_noise = false;
     uint64_t seed = 0;
     std::string data;  // where the images came from (provenance)
+    // The features were computed with the calibration file's time proposal
+    // (time_proposal.h). The proposal changes the estimate's noise, and so
+    // the spread the Gaussian learnt: a request scored without it must not
+    // use this calibration (and the other way round).
+    bool time_proposal = false;
   };
 
   // Fits the Gaussian to `features` (n rows of the same length, n > length)
@@ -64,8 +70,15 @@ class Calibration {
   // calibration images for p-values.
   static absl::StatusOr<Calibration> Fit(
       const std::vector<std::vector<double>>& features, const Setup& setup);
+  // A calibration file (calibration_file.h), version 1 or 2: its
+  // "anomaly.fast" section (an error when it has none).
   static absl::StatusOr<Calibration> FromJson(const std::string& json);
+  // A version 2 calibration file with this calibration as its only section.
   std::string ToJson() const;
+  // The section itself ("anomaly.fast", or a version 1 document's top
+  // level); errors name the field.
+  static absl::StatusOr<Calibration> FromJsonValue(const nlohmann::json& j);
+  void ToJsonValue(nlohmann::json* j) const;
 
   const Setup& setup() const { return setup_; }
   size_t dimension() const { return mean_.size(); }
@@ -108,6 +121,8 @@ struct AnomalyRequest {
   ScoreMethod method = ScoreMethod::kElbo;
   int timesteps = 16;
   bool shared_noise = false;
+  // Scored with the model's time proposal (time_proposal.h).
+  bool time_proposal = false;
   double false_positive_rate = kDefaultFalsePositiveRate;
 };
 
@@ -127,7 +142,8 @@ struct BatchAnomaly {
 };
 
 // Whether `calibration` applies to images scored as `request` says: by the
-// ELBO, with the calibration set's K and noise option.
+// ELBO, with the calibration set's K, noise option and time proposal (or
+// uniform times).
 bool CalibrationApplies(const Calibration& calibration,
                         const AnomalyRequest& request);
 

@@ -60,6 +60,13 @@ absl::Status CheckInputs(const at::Tensor& x, const LikelihoodOptions& o) {
   if (o.discrete_steps < 0) {
     return absl::InvalidArgumentError("discrete_steps must be >= 0");
   }
+  if (o.time_proposal != nullptr && o.discrete_steps != 0) {
+    // A step i = ceil(t T) would need the proposal's mass over the step,
+    // not its density at t; nothing scores discrete time with a proposal.
+    return absl::InvalidArgumentError(
+        "a time proposal applies to the continuous-time loss only "
+        "(discrete_steps must be 0)");
+  }
   return absl::OkStatus();
 }
 
@@ -97,8 +104,19 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   // Random numbers, in a fixed order: u, eps, eps0.
   const at::Tensor u =
       at::rand({shared ? 1 : n, ReplicatesFor(options_)}, gen, at::kDouble);
-  const at::Tensor t = ReplicatedTimes(k, u).expand({n, k}).reshape({-1});
-  t_ = t.clone();
+  at::Tensor t = ReplicatedTimes(k, u).expand({n, k}).reshape({-1}).clone();
+  importance_ = at::ones({n * k}, at::kDouble);
+  if (options_.time_proposal != nullptr) {
+    // The layout is in u; each time is F^{-1}(u), weighted by 1 / q(t).
+    const TimeProposal& q = *options_.time_proposal;
+    double* tp = t.data_ptr<double>();
+    double* wp = importance_.data_ptr<double>();
+    for (int64_t r = 0; r < n * k; ++r) {
+      tp[r] = q.InverseCdf(tp[r]);
+      wp[r] = 1.0 / q.Density(tp[r]);
+    }
+  }
+  t_ = t;
   eps_ = at::randn(RowShape(shared ? k : n * k, f_), gen, at::kFloat);
   if (shared) eps_ = eps_.repeat({n, 1, 1, 1});
   const at::Tensor eps0 =
@@ -166,7 +184,8 @@ void LikelihoodPlan::LossesFor(int64_t begin, const at::Tensor& eps_hat) {
   const at::Tensor rows = at::arange(begin, begin + m, at::kLong);
   const at::Tensor weight =
       RowWeights(options_.times, ReplicatesFor(options_))
-          .index_select(0, rows.remainder(options_.times));
+          .index_select(0, rows.remainder(options_.times)) *
+      importance_.narrow(0, begin, m);
   pixel_.index_add_(0, rows.div(options_.times, "floor"),
                     per_dim * weight.view({m, 1, 1, 1}));
 }
@@ -202,8 +221,11 @@ absl::StatusOr<BpdScores> LikelihoodPlan::Result() const {
     return absl::FailedPreconditionError(absl::StrCat(
         "likelihood plan has ", received_, " of ", rows(), " rows"));
   }
+  // Importance-weighted losses: each replicate's mean of L / q estimates
+  // the integral without bias.
+  const at::Tensor weighted = row_losses() * row_importance();
   const ReplicatedEstimate e =
-      EstimateFromReplicates(row_losses(), ReplicatesFor(options_));
+      EstimateFromReplicates(weighted, ReplicatesFor(options_));
   const int64_t dims = f_[0].numel();
   BpdScores s;
   s.prior = NatsToBpd(prior_, dims);
@@ -211,7 +233,7 @@ absl::StatusOr<BpdScores> LikelihoodPlan::Result() const {
   s.diffusion = NatsToBpd(e.mean, dims);
   s.stderr_bpd = NatsToBpd(at::sqrt(e.variance), dims);
   s.bpd = s.prior + s.recon + s.diffusion;
-  s.band = NatsToBpd(BandProfile(row_losses(), row_times(), kBands,
+  s.band = NatsToBpd(BandProfile(weighted, row_times(), kBands,
                                  RowWeights(options_.times,
                                             ReplicatesFor(options_))),
                      dims);
@@ -225,7 +247,8 @@ at::Tensor BandProfile(const at::Tensor& losses, const at::Tensor& times,
   const at::Tensor band =
       (times * bands).floor().clamp(0, bands - 1).to(at::kLong);
   at::Tensor out = at::zeros({n, bands}, losses.options());
-  out.scatter_add_(1, band, losses * weights.to(losses.dtype()).view({1, -1}));
+  const at::Tensor w = weights.to(losses.dtype());
+  out.scatter_add_(1, band, losses * (w.dim() == 1 ? w.view({1, -1}) : w));
   return out;
 }
 

@@ -23,6 +23,7 @@
 #include "model/vdm/denoiser.h"
 #include "model/vdm/rows.h"
 #include "model/vdm/schedule.h"
+#include "model/vdm/time_proposal.h"
 
 namespace vdm {
 
@@ -53,6 +54,12 @@ struct LikelihoodOptions {
   // T > 0: the discrete-time VLB with T steps at t = i / T, s = (i - 1) / T,
   // i = ceil(t T) (uniform over 1..T for uniform t).
   int discrete_steps = 0;
+  // Importance-sampled times (time_proposal.h): the layout above is laid
+  // out in u and each time is t = F^{-1}(u), F the proposal's CDF, and each
+  // row's loss is weighted by 1 / q(t). Every replicate stays an unbiased
+  // estimate, so the standard error stays honest. Null = uniform times.
+  // Continuous time only (discrete_steps = 0).
+  std::shared_ptr<const TimeProposal> time_proposal;
 };
 
 // The number of replicates G used for `options` (resolves 0 = automatic).
@@ -89,8 +96,9 @@ struct BpdScores {
 
 // The band profile [n, bands] in the units of `losses` [n, K], from the
 // rows' times [n, K]: row k adds weights[k] losses[k] to the band of its
-// time. With the estimator's weights (RowWeights) the bands sum to its
-// estimate.
+// time; weights is [K] (the same for every image) or [n, K]. With the
+// estimator's weights (RowWeights, times the importance weights with a
+// time proposal) the bands sum to its estimate.
 at::Tensor BandProfile(const at::Tensor& losses, const at::Tensor& times,
                        int bands, const at::Tensor& weights);
 
@@ -137,10 +145,14 @@ class LikelihoodPlan : public RowPlan {
   bool done() const override { return complete(); }
   // The scores once complete().
   absl::StatusOr<BpdScores> Result() const;
-  // Per-row diffusion losses in nats [n, K] (valid once complete()) and the
-  // rows' times t [n, K].
+  // Per-row diffusion losses in nats [n, K] (valid once complete()), the
+  // rows' times t [n, K] and their importance weights 1 / q(t) [n, K] (all
+  // 1 with uniform times): the estimate averages losses x weights.
   at::Tensor row_losses() const { return losses_.reshape({num_images(), -1}); }
   at::Tensor row_times() const { return t_.reshape({num_images(), -1}); }
+  at::Tensor row_importance() const {
+    return importance_.reshape({num_images(), -1});
+  }
 
  private:
   LikelihoodPlan(at::Tensor x, const LikelihoodOptions& options)
@@ -160,6 +172,7 @@ class LikelihoodPlan : public RowPlan {
   at::Tensor prior_, recon_;  // [n] float64 nats
   at::Tensor losses_;         // [n K] float64 nats
   at::Tensor t_;              // [n K] float64 times
+  at::Tensor importance_;     // [n K] float64 1 / q(t), 1 if uniform
   at::Tensor pixel_;          // [n, C, H, W] float64 nats, summed over rows
   std::vector<bool> got_;     // rows received
   int64_t received_ = 0;
