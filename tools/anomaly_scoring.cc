@@ -111,9 +111,12 @@ absl::StatusOr<ProposalFitData> ProposalFitLosses(
     }
     // Row k = 2 j + r is replicate r's point in bin j: the fit layout.
     const at::Tensor losses = plan->row_losses().contiguous();
+    const at::Tensor control = plan->row_control().contiguous();
     for (int64_t i = 0; i < m; ++i) {
       const double* p = losses[i].data_ptr<double>();
       data.loss.emplace_back(p, p + options.times);
+      const double* c = control[i].data_ptr<double>();
+      data.control.emplace_back(c, c + options.times);
     }
     if (progress) progress(begin + m, n);
   }

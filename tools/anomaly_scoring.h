@@ -51,7 +51,8 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
 // The data FitTimeProposal fits a proposal on (time_proposal.h): each image
 // of `images` (uint8 [n, C, H, W]) scored with uniform times at K = 2
 // fit_bins in G = 2 replicates, so that each replicate puts one (t, eps)
-// draw in each of the fit_bins bins; the losses in nats, "no label", in
+// draw in each of the fit_bins bins; the losses and the control variate's
+// values (LikelihoodPlan::row_control) in nats, "no label", in
 // chunks of `chunk` images seeded ChunkSeed(seed, c).
 absl::StatusOr<ProposalFitData> ProposalFitLosses(
     Denoiser& model, const at::Tensor& images, int fit_bins, uint64_t seed,

@@ -110,8 +110,8 @@ std::string Provenance(int64_t from, int64_t last, int excluded) {
                                        : std::string());
 }
 
-// The fit's losses from `path` (written by an earlier run with the same
-// images and fit bins), or NotFound.
+// The fit's losses and control values from `path` (written by an earlier
+// run with the same images and fit bins), or NotFound.
 absl::StatusOr<vdm::ProposalFitData> ReadLosses(const std::string& path,
                                                 int bins, int64_t n) {
   if (path.empty()) return absl::NotFoundError("no file");
@@ -126,11 +126,12 @@ absl::StatusOr<vdm::ProposalFitData> ReadLosses(const std::string& path,
       if (!absl::SimpleAtod(v, &d)) return absl::InvalidArgumentError(path);
       l.push_back(d);
     }
-    if (static_cast<int>(l.size()) != 2 * bins) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": a line without 2 x ", bins, " losses"));
+    if (static_cast<int>(l.size()) != 4 * bins) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": a line without 2 x ", bins, " losses and control values"));
     }
-    data.loss.push_back(std::move(l));
+    data.loss.emplace_back(l.begin(), l.begin() + 2 * bins);
+    data.control.emplace_back(l.begin() + 2 * bins, l.end());
   }
   if (static_cast<int64_t>(data.loss.size()) != n) {
     return absl::InvalidArgumentError(
@@ -163,7 +164,10 @@ absl::StatusOr<vdm::TimeProposal> FitProposal(vdm::TorchScriptModel& model,
     if (!data.ok()) return data.status();
     if (!cache.empty()) {
       std::string text;
-      for (const auto& l : data->loss) text += absl::StrJoin(l, " ") + "\n";
+      for (size_t i = 0; i < data->loss.size(); ++i) {
+        text += absl::StrJoin(data->loss[i], " ") + " " +
+                absl::StrJoin(data->control[i], " ") + "\n";
+      }
       VDM_RETURN_IF_ERROR(vdm::WriteFileAtomic(cache, text));
     }
   } else {
@@ -192,10 +196,10 @@ absl::StatusOr<vdm::TimeProposal> FitProposal(vdm::TorchScriptModel& model,
   const vdm::TimeProposal& q = fit->proposal;
   std::fprintf(stderr,
                "vdm-calibrate: time proposal %s, %d bins, floor %.2f, max weight "
-               "%.1f: predicted K = %d variance %.3f of uniform times (held-out "
+               "%.1f%s: predicted K = %d variance %.3f of uniform times (held-out "
                "folds), %.0f s\n",
                q.provenance().target.c_str(), q.bins(), q.provenance().floor,
-               q.MaxWeight(), timesteps, fit->predicted_variance / fit->uniform_variance,
+               q.MaxWeight(), q.has_control() ? ", control variate" : "", timesteps, fit->predicted_variance / fit->uniform_variance,
                absl::ToDoubleSeconds(absl::Now() - start));
   return q;
 }

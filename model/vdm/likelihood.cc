@@ -121,10 +121,24 @@ absl::Status LikelihoodPlan::Draw(const ScheduleFn& schedule,
   if (shared) eps_ = eps_.repeat({n, 1, 1, 1});
   const at::Tensor eps0 =
       at::randn(RowShape(shared ? 1 : n, f_), gen, at::kDouble).expand_as(f_);
+  beta_ = at::zeros({n * k}, at::kDouble);
+  control_ = at::zeros({n * k}, at::kDouble);
   if (options_.discrete_steps == 0) {
     VDM_ASSIGN_OR_RETURN(GammaValues g, Evaluate(schedule, t));
     gamma_ = g.gamma;
     dgamma_ = g.dgamma_dt;
+    // The control variate: E ||eps||^2 = D at every t.
+    const double dims = static_cast<double>(f_[0].numel());
+    control_ = 0.5 * dgamma_ *
+               (eps_.to(at::kDouble).pow(2).flatten(1).sum(1) - dims);
+    if (options_.time_proposal != nullptr &&
+        options_.time_proposal->has_control()) {
+      double* bp = beta_.data_ptr<double>();
+      const double* tp = t.data_ptr<double>();
+      for (int64_t r = 0; r < n * k; ++r) {
+        bp[r] = options_.time_proposal->Control(tp[r]);
+      }
+    }
   } else {
     const double steps = options_.discrete_steps;
     const at::Tensor i = at::ceil(t * steps).clamp(1, steps);
@@ -175,12 +189,20 @@ void LikelihoodPlan::LossesFor(int64_t begin, const at::Tensor& eps_hat) {
           : DiffusionLossDiscrete(eps, eps_hat64, gamma_.narrow(0, begin, m),
                                   gamma_s_.narrow(0, begin, m),
                                   options_.discrete_steps);
-  losses_.narrow(0, begin, m).copy_(loss);
+  const at::Tensor beta = beta_.narrow(0, begin, m);
+  losses_.narrow(0, begin, m).copy_(loss - beta * control_.narrow(0, begin, m));
   // The same loss per element (it sums to `loss` over an image's elements),
-  // accumulated per image for the pixel map.
+  // accumulated per image for the pixel map; the control variate per
+  // element (beta 0.5 gamma' (eps_d^2 - 1), zero mean) keeps its sum the
+  // row's controlled loss.
   const at::Tensor sq = (eps - eps_hat64).pow(2);
-  const at::Tensor per_dim = sq * (loss / sq.flatten(1).sum(1).clamp_min(1e-300))
-                                      .view({m, 1, 1, 1});
+  at::Tensor per_dim = sq * (loss / sq.flatten(1).sum(1).clamp_min(1e-300))
+                                .view({m, 1, 1, 1});
+  if (options_.discrete_steps == 0) {
+    per_dim = per_dim - (beta * 0.5 * dgamma_.narrow(0, begin, m))
+                                .view({m, 1, 1, 1}) *
+                            (eps.pow(2) - 1);
+  }
   const at::Tensor rows = at::arange(begin, begin + m, at::kLong);
   const at::Tensor weight =
       RowWeights(options_.times, ReplicatesFor(options_))

@@ -58,7 +58,9 @@ struct LikelihoodOptions {
   // out in u and each time is t = F^{-1}(u), F the proposal's CDF, and each
   // row's loss is weighted by 1 / q(t). Every replicate stays an unbiased
   // estimate, so the standard error stays honest. Null = uniform times.
-  // Continuous time only (discrete_steps = 0).
+  // With the proposal's control variate (TimeProposal::Control), each row's
+  // loss is L - beta(t) 0.5 gamma'(t) (||eps||^2 - D), unbiased for any
+  // beta. Continuous time only (discrete_steps = 0).
   std::shared_ptr<const TimeProposal> time_proposal;
 };
 
@@ -145,14 +147,19 @@ class LikelihoodPlan : public RowPlan {
   bool done() const override { return complete(); }
   // The scores once complete().
   absl::StatusOr<BpdScores> Result() const;
-  // Per-row diffusion losses in nats [n, K] (valid once complete()), the
-  // rows' times t [n, K] and their importance weights 1 / q(t) [n, K] (all
-  // 1 with uniform times): the estimate averages losses x weights.
+  // Per-row diffusion losses in nats [n, K] (valid once complete(); with a
+  // control variate, the controlled loss), the rows' times t [n, K] and
+  // their importance weights 1 / q(t) [n, K] (all 1 with uniform times):
+  // the estimate averages losses x weights. row_control() is each row's
+  // 0.5 gamma'(t) (||eps||^2 - D) [n, K] (continuous time), which the
+  // losses already carry times beta(t) when the proposal has a control
+  // variate.
   at::Tensor row_losses() const { return losses_.reshape({num_images(), -1}); }
   at::Tensor row_times() const { return t_.reshape({num_images(), -1}); }
   at::Tensor row_importance() const {
     return importance_.reshape({num_images(), -1});
   }
+  at::Tensor row_control() const { return control_.reshape({num_images(), -1}); }
 
  private:
   LikelihoodPlan(at::Tensor x, const LikelihoodOptions& options)
@@ -173,6 +180,8 @@ class LikelihoodPlan : public RowPlan {
   at::Tensor losses_;         // [n K] float64 nats
   at::Tensor t_;              // [n K] float64 times
   at::Tensor importance_;     // [n K] float64 1 / q(t), 1 if uniform
+  at::Tensor control_;        // [n K] float64 0.5 gamma' (||eps||^2 - D)
+  at::Tensor beta_;           // [n K] float64 its coefficient (0: none)
   at::Tensor pixel_;          // [n, C, H, W] float64 nats, summed over rows
   std::vector<bool> got_;     // rows received
   int64_t received_ = 0;

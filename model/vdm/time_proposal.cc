@@ -20,7 +20,8 @@ constexpr int kOffsetGrid = 256;
 // normalized to mean 1 and mixed with `floor`.
 absl::StatusOr<TimeProposal> Shape(const std::vector<double>& target,
                                    int bins, double floor,
-                                   TimeProposal::Provenance provenance) {
+                                   TimeProposal::Provenance provenance,
+                                   std::vector<double> control) {
   const int f = static_cast<int>(target.size());
   std::vector<double> merged(bins, 0.0);
   for (int b = 0; b < f; ++b) merged[b * bins / f] += target[b] * bins / f;
@@ -30,7 +31,46 @@ absl::StatusOr<TimeProposal> Shape(const std::vector<double>& target,
     v = mean > 0 ? (1 - floor) * v / mean + floor : 1.0;
   }
   provenance.floor = floor;
-  return TimeProposal::FromBins(std::move(merged), std::move(provenance));
+  return TimeProposal::FromBins(std::move(merged), std::move(provenance),
+                                std::move(control));
+}
+
+// The control variate's coefficient per bin of `bins`, by least squares on
+// the differences of each image's two draws in a fit bin (which removes the
+// image's own level): empty without control data.
+std::vector<double> ControlCoefficients(const ProposalFitData& d,
+                                        const std::vector<int>& rows,
+                                        int bins) {
+  if (d.control.empty()) return {};
+  const int f = d.fit_bins;
+  std::vector<double> num(bins, 0.0), den(bins, 0.0);
+  for (int i : rows) {
+    for (int b = 0; b < f; ++b) {
+      const double dl = d.loss[i][2 * b] - d.loss[i][2 * b + 1];
+      const double dc = d.control[i][2 * b] - d.control[i][2 * b + 1];
+      num[b * bins / f] += dl * dc;
+      den[b * bins / f] += dc * dc;
+    }
+  }
+  std::vector<double> beta(bins);
+  for (int b = 0; b < bins; ++b) beta[b] = den[b] > 0 ? num[b] / den[b] : 0.0;
+  return beta;
+}
+
+// The losses L - beta c (the data as it is when beta is empty).
+ProposalFitData Controlled(const ProposalFitData& d,
+                           const std::vector<double>& beta) {
+  ProposalFitData out;
+  out.fit_bins = d.fit_bins;
+  out.loss = d.loss;
+  if (beta.empty()) return out;
+  const int f = d.fit_bins, bins = static_cast<int>(beta.size());
+  for (size_t i = 0; i < d.loss.size(); ++i) {
+    for (int k = 0; k < 2 * f; ++k) {
+      out.loss[i][k] -= beta[(k / 2) * bins / f] * d.control[i][k];
+    }
+  }
+  return out;
 }
 
 // The three shapes' targets per fit bin from the images `rows` of `data`.
@@ -72,7 +112,8 @@ double MeanPredicted(const ProposalFitData& data, const std::vector<int>& rows,
 }  // namespace
 
 absl::StatusOr<TimeProposal> TimeProposal::FromBins(std::vector<double> density,
-                                                    Provenance provenance) {
+                                                    Provenance provenance,
+                                                    std::vector<double> control) {
   if (density.empty()) {
     return absl::InvalidArgumentError("time proposal: no bins");
   }
@@ -86,7 +127,19 @@ absl::StatusOr<TimeProposal> TimeProposal::FromBins(std::vector<double> density,
     }
     total += density[b];
   }
+  if (!control.empty() && control.size() != density.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "time proposal: ", control.size(), " control coefficients for ",
+        density.size(), " bins"));
+  }
+  for (size_t b = 0; b < control.size(); ++b) {
+    if (!std::isfinite(control[b])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "time proposal: control coefficient of bin ", b, " is not finite"));
+    }
+  }
   TimeProposal q;
+  q.control_ = std::move(control);
   const double bins = static_cast<double>(density.size());
   q.cdf_.assign(1, 0.0);
   for (double& d : density) {
@@ -103,6 +156,13 @@ double TimeProposal::Density(double t) const {
   const int b = std::clamp(static_cast<int>(std::floor(t * bins())), 0,
                            bins() - 1);
   return density_[b];
+}
+
+double TimeProposal::Control(double t) const {
+  if (control_.empty()) return 0;
+  const int b = std::clamp(static_cast<int>(std::floor(t * bins())), 0,
+                           bins() - 1);
+  return control_[b];
 }
 
 double TimeProposal::InverseCdf(double u) const {
@@ -131,13 +191,18 @@ void TimeProposal::ToJsonValue(nlohmann::json* j) const {
   out["seed"] = provenance_.seed;
   out["fit_rows_per_image"] = provenance_.fit_rows_per_image;
   out["predicted_variance_ratio"] = provenance_.predicted_variance_ratio;
+  if (!control_.empty()) {
+    out["control_variate"] = {
+        {"kind", "0.5 gamma'(t) (||eps||^2 - D), per bin of t"},
+        {"coefficient", control_}};
+  }
 }
 
 absl::StatusOr<TimeProposal> TimeProposal::FromJsonValue(const nlohmann::json& j) {
   if (!j.is_object()) {
     return absl::InvalidArgumentError("time_proposal: not a JSON object");
   }
-  std::vector<double> density;
+  std::vector<double> density, control;
   Provenance p;
   try {
     density = j.at("density").get<std::vector<double>>();
@@ -152,10 +217,14 @@ absl::StatusOr<TimeProposal> TimeProposal::FromJsonValue(const nlohmann::json& j
     p.seed = j.value("seed", uint64_t{0});
     p.fit_rows_per_image = j.value("fit_rows_per_image", 0);
     p.predicted_variance_ratio = j.value("predicted_variance_ratio", 0.0);
+    if (j.contains("control_variate")) {
+      control = j.at("control_variate").at("coefficient").get<std::vector<double>>();
+    }
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("time_proposal: ", e.what()));
   }
-  absl::StatusOr<TimeProposal> q = FromBins(std::move(density), std::move(p));
+  absl::StatusOr<TimeProposal> q =
+      FromBins(std::move(density), std::move(p), std::move(control));
   if (!q.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "time_proposal: ", q.status().message()));
@@ -207,6 +276,16 @@ absl::StatusOr<ProposalFit> FitTimeProposal(const ProposalFitData& data,
         "time proposal fit: needs fit_bins >= 1 and at least 2 images per "
         "fold (%d images, %d folds)", n, o.folds));
   }
+  if (!data.control.empty() && data.control.size() != data.loss.size()) {
+    return absl::InvalidArgumentError(
+        "time proposal fit: control data for another number of images");
+  }
+  for (size_t i = 0; i < data.control.size(); ++i) {
+    if (data.control[i].size() != data.loss[i].size()) {
+      return absl::InvalidArgumentError(
+          "time proposal fit: control data of another size than the losses");
+    }
+  }
   for (const auto& l : data.loss) {
     if (static_cast<int>(l.size()) != 2 * f) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -244,8 +323,6 @@ absl::StatusOr<ProposalFit> FitTimeProposal(const ProposalFitData& data,
   auto target_of = [&](const Targets& t, int shape) -> const std::vector<double>& {
     return shape == 0 ? t.sqrt_l2 : shape == 1 ? t.sqrt_v : t.mean;
   };
-  std::vector<Targets> fold_targets;
-  for (int k = 0; k < o.folds; ++k) fold_targets.push_back(TargetsOf(data, fit[k]));
   const absl::StatusOr<TimeProposal> uniform =
       TimeProposal::FromBins(std::vector<double>(1, 1.0));
   ProposalFit out{*uniform, 0, 0, {}};
@@ -255,19 +332,30 @@ absl::StatusOr<ProposalFit> FitTimeProposal(const ProposalFitData& data,
   double best = -1;
   int best_shape = 0, best_bins = 0;
   double best_floor = 0;
-  for (int shape = 0; shape < 3; ++shape) {
-    for (int bins : o.bins) {
+  for (int bins : o.bins) {
+    // Per fold: beta and the shapes' targets from the fit images, and the
+    // controlled losses the held-out images are judged on.
+    std::vector<std::vector<double>> beta(o.folds);
+    std::vector<ProposalFitData> controlled(o.folds);
+    std::vector<Targets> targets;
+    for (int k = 0; k < o.folds; ++k) {
+      beta[k] = ControlCoefficients(data, fit[k], bins);
+      controlled[k] = Controlled(data, beta[k]);
+      targets.push_back(TargetsOf(controlled[k], fit[k]));
+    }
+    for (int shape = 0; shape < 3; ++shape) {
       for (double fl : o.floors) {
         double predicted = 0;
         for (int k = 0; k < o.folds; ++k) {
           absl::StatusOr<TimeProposal> q =
-              Shape(target_of(fold_targets[k], shape), bins, fl, {});
+              Shape(target_of(targets[k], shape), bins, fl, {}, beta[k]);
           if (!q.ok()) return q.status();
-          predicted += MeanPredicted(data, held[k], *q, o) / o.folds;
+          predicted += MeanPredicted(controlled[k], held[k], *q, o) / o.folds;
         }
         out.candidates.push_back(absl::StrFormat(
-            "%s B=%d floor=%.2f: predicted variance ratio %.3f", names[shape],
-            bins, fl, predicted / out.uniform_variance));
+            "%s B=%d floor=%.2f%s: predicted variance ratio %.3f", names[shape],
+            bins, fl, data.control.empty() ? "" : " +control",
+            predicted / out.uniform_variance));
         if (best < 0 || predicted < best) {
           best = predicted;
           best_shape = shape;
@@ -280,9 +368,10 @@ absl::StatusOr<ProposalFit> FitTimeProposal(const ProposalFitData& data,
   out.predicted_variance = best;
   provenance.target = names[best_shape];
   provenance.predicted_variance_ratio = best / out.uniform_variance;
+  std::vector<double> beta = ControlCoefficients(data, all, best_bins);
   absl::StatusOr<TimeProposal> q =
-      Shape(target_of(TargetsOf(data, all), best_shape), best_bins, best_floor,
-            std::move(provenance));
+      Shape(target_of(TargetsOf(Controlled(data, beta), all), best_shape),
+            best_bins, best_floor, std::move(provenance), beta);
   if (!q.ok()) return q.status();
   out.proposal = *std::move(q);
   return out;

@@ -2,6 +2,7 @@
 // exported model, driven through the client library and raw stubs.
 #include "server/service.h"
 
+#include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -24,7 +25,11 @@
 #include "client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "model/vdm/anomaly.h"
+#include "model/vdm/calibration_file.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/likelihood.h"
+#include "model/vdm/time_proposal.h"
+#include "model/vdm/torchscript_model.h"
 #include "server/server.h"
 #include "server/testing/engine_events.h"
 
@@ -959,6 +964,110 @@ TEST(ServiceCalibrationTest, CalibratedScoresGivePValuesFlagsAndTheCsvColumns) {
   ASSERT_TRUE(other.ok());
   EXPECT_FALSE(other->rows[0].score.has_p_value());
   EXPECT_THAT((*server)->metrics().Scrape(), HasSubstr("vdm_flagged_images_total"));
+}
+
+// The calibration file's time proposal (time_proposal.h): ELBO scores use
+// it by default and are the library's scores with it; time_sampling turns
+// it off, and the anomaly calibration fitted with it then does not apply.
+TEST_F(ServiceTest, ScoresUseTheCalibrationFilesTimeProposal) {
+  CalibrationFile file;
+  TimeProposal::Provenance provenance;
+  provenance.target = "lopsided, for the test";
+  file.time_proposal = std::make_shared<const TimeProposal>(
+      *TimeProposal::FromBins({6, 3, 1, 0.5, 0.5, 0.5, 0.25, 0.25}, provenance));
+  std::vector<std::vector<double>> features;
+  for (int i = 0; i < 30; ++i) {
+    features.push_back({0.1 * i, 1 + 0.01 * i * i, 0.3 + 0.02 * (i % 5),
+                        0.2 + 0.03 * (i % 3), 0.1 + 0.001 * (i % 7)});
+  }
+  Calibration::Setup setup;
+  setup.timesteps = 8;
+  setup.time_proposal = true;
+  file.anomaly = std::make_shared<const Calibration>(*Calibration::Fit(features, setup));
+  const std::string path = ::testing::TempDir() + "/tiny.proposal.calibration.json";
+  ASSERT_TRUE(WriteFileAtomic(path, CalibrationFileToJson(file)).ok());
+  VdmServer::Options options = TinyOptions();
+  options.calibration_path = path;
+  Start(options);
+
+  auto info = client_->GetInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_TRUE(info->time_proposal());
+  EXPECT_EQ(info->time_proposal_bins(), 8);
+  EXPECT_TRUE(info->calibration_time_proposal());
+
+  // The library's scores of the same images and seed, with and without it.
+  auto model = TorchScriptModel::Load({options.model_path});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int n = 3;
+  at::Tensor x = at::empty({n, 1, 28, 28}, at::kByte);
+  for (int i = 0; i < n; ++i) {
+    for (int p = 0; p < 28 * 28; ++p) {
+      x[i][0][p / 28][p % 28] = (p * (i + 3)) % 256;
+    }
+  }
+  auto library = [&](std::shared_ptr<const TimeProposal> q) {
+    ScoreOptions o;
+    o.likelihood.times = 8;
+    o.likelihood.time_proposal = std::move(q);
+    o.seed = 42;
+    return ScoreImages(**model, x, o).value();
+  };
+  const BpdScores with = library(file.time_proposal), without = library(nullptr);
+
+  v1::ScoreRequest request = ScoreRequest(n, 8, 42);
+  v1::ScoreResponse by_default;
+  ASSERT_TRUE(CallScore(request, &by_default).ok());
+  request.set_time_sampling(v1::TIME_SAMPLING_PROPOSAL);
+  v1::ScoreResponse asked;
+  ASSERT_TRUE(CallScore(request, &asked).ok());
+  request.set_time_sampling(v1::TIME_SAMPLING_UNIFORM);
+  v1::ScoreResponse uniform;
+  ASSERT_TRUE(CallScore(request, &uniform).ok());
+  for (int i = 0; i < n; ++i) {
+    // Up to float rounding by batch position (as in ServiceTest's others).
+    const double se = with.stderr_bpd[i].item<double>();
+    EXPECT_NEAR(by_default.scores(i).bpd(), with.bpd[i].item<double>(), 1e-5 * se);
+    EXPECT_NEAR(by_default.scores(i).stderr_bpd(), se, 1e-5 * se);
+    EXPECT_NEAR(asked.scores(i).bpd(), with.bpd[i].item<double>(), 1e-5 * se);
+    EXPECT_NEAR(uniform.scores(i).bpd(), without.bpd[i].item<double>(),
+                1e-5 * without.stderr_bpd[i].item<double>());
+    // The calibration was fitted with the proposal: it applies to the
+    // first two, not to uniform times.
+    EXPECT_TRUE(by_default.scores(i).has_p_value());
+    EXPECT_TRUE(asked.scores(i).has_p_value());
+    EXPECT_FALSE(uniform.scores(i).has_p_value());
+  }
+  EXPECT_NE(by_default.scores(0).bpd(), uniform.scores(0).bpd())
+      << "other times, so other numbers";
+
+  // Refused, naming the field: an unknown value, and any value with the ODE.
+  request.set_time_sampling(static_cast<v1::TimeSampling>(7));
+  v1::ScoreResponse refused;
+  grpc::Status s = CallScore(request, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("time_sampling"));
+  request.set_time_sampling(v1::TIME_SAMPLING_UNIFORM);
+  request.set_method(v1::SCORE_METHOD_ODE);
+  s = CallScore(request, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("method ELBO only"));
+
+  // A model without a proposal: uniform by default, PROPOSAL refused.
+  options.calibration_path = "none";
+  Start(options);
+  info = client_->GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_FALSE(info->time_proposal());
+  request = ScoreRequest(n, 8, 42);
+  v1::ScoreResponse plain;
+  ASSERT_TRUE(CallScore(request, &plain).ok());
+  EXPECT_NEAR(plain.scores(0).bpd(), without.bpd[0].item<double>(),
+              1e-5 * without.stderr_bpd[0].item<double>());
+  request.set_time_sampling(v1::TIME_SAMPLING_PROPOSAL);
+  s = CallScore(request, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("no time proposal"));
 }
 
 TEST(ServiceLimitsTest, RequestThatCanNeverFitIsRefusedAtValidation) {

@@ -398,9 +398,10 @@ TEST(LikelihoodPlanTest, ReplicatedTimesCoverTheUnitIntervalPerReplicate) {
 // Importance-sampled times (time_proposal.h). The tolerances are the
 // estimator's own standard errors, as above.
 
-std::shared_ptr<const TimeProposal> Proposal(std::vector<double> density) {
+std::shared_ptr<const TimeProposal> Proposal(std::vector<double> density,
+                                             std::vector<double> control = {}) {
   return std::make_shared<const TimeProposal>(
-      *TimeProposal::FromBins(std::move(density)));
+      *TimeProposal::FromBins(std::move(density), {}, std::move(control)));
 }
 
 TEST(TimeProposalLikelihoodTest, AnyProposalKeepsTheEstimateUnbiased) {
@@ -410,7 +411,10 @@ TEST(TimeProposalLikelihoodTest, AnyProposalKeepsTheEstimateUnbiased) {
   const double b = ToBpd(*oracle);
   const double expected = (oracle->ExpectedVlb(x, 0) * b).mean().item<double>();
   // Lopsided on purpose: 16x more times in the first quarter than the last.
-  for (const auto& q : {Proposal({8, 4, 2, 0.5}), Proposal({0.5, 1, 1, 4, 1, 1})}) {
+  // The last with a control variate of arbitrary coefficients: E ||eps||^2
+  // = D, so any beta leaves the expectation alone.
+  for (const auto& q : {Proposal({8, 4, 2, 0.5}), Proposal({0.5, 1, 1, 4, 1, 1}),
+                        Proposal({2, 1, 1, 0.5}, {0.8, -0.5, 0.3, 1.5})}) {
     const BpdScores s = Score(*oracle, x, 512, 31, false, 0, q);
     const double se = Rms(s.stderr_bpd) / std::sqrt(static_cast<double>(n));
     EXPECT_LT(se, 0.01 * expected);
