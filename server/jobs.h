@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -17,6 +18,7 @@
 #include "model/vdm/image_scores.h"
 #include "model/vdm/request.h"
 #include "model/vdm/sampler_config.h"
+#include "model/vdm/time_proposal.h"
 
 namespace vdm {
 
@@ -65,6 +67,9 @@ struct ScoreJob {
   int label = -1;              // -1 = "no label"
   bool shared_noise = false;   // common random numbers across images
   bool pixel_map = false;      // also the per-pixel diffusion term
+  // The ELBO's times from the model's proposal (LikelihoodOptions::
+  // time_proposal); null = uniform.
+  std::shared_ptr<const TimeProposal> time_proposal;
   // kOde: the probability-flow ODE likelihood (ode_likelihood.h) instead;
   // timesteps, shared_noise and pixel_map do not apply.
   ScoreMethod method = ScoreMethod::kElbo;

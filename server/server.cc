@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "model/vdm/calibration_file.h"
 #include "model/vdm/cpus.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
@@ -49,27 +50,34 @@ absl::StatusOr<ModelDescription> Describe(TorchScriptModel& model,
   return d;
 }
 
-// The anomaly calibration: `path`, or beside the model
-// (<model>.calibration.json) when `path` is empty and that file exists;
-// "none" = no calibration.
-absl::StatusOr<std::shared_ptr<const Calibration>> LoadCalibration(
-    const std::string& path, const std::string& model_path) {
+// The calibration file (calibration_file.h: the anomaly calibration and the
+// time proposal): `path`, or beside the model (<model>.calibration.json)
+// when `path` is empty and that file exists; "none" = neither.
+absl::StatusOr<CalibrationFile> LoadCalibration(const std::string& path,
+                                                const std::string& model_path) {
   std::string file = path;
-  if (file == "none") return nullptr;
+  if (file == "none") return CalibrationFile();
   if (file.empty()) {
     file = model_path + ".calibration.json";
     std::error_code ignored;
-    if (!std::filesystem::exists(file, ignored)) return nullptr;
+    if (!std::filesystem::exists(file, ignored)) return CalibrationFile();
   }
-  VDM_ASSIGN_OR_RETURN(const std::string text, ReadFile(file));
-  absl::StatusOr<Calibration> c = Calibration::FromJson(text);
+  absl::StatusOr<CalibrationFile> c = ReadCalibrationFile(file);
   if (!c.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--calibration ", file, ": ", c.status().message()));
+        absl::StrCat("--calibration ", c.status().message()));
   }
-  LOG(INFO) << "vdm-server: anomaly calibration " << file << " ("
-            << c->size() << " images, K = " << c->setup().timesteps << ")";
-  return std::make_shared<const Calibration>(*std::move(c));
+  if (c->anomaly) {
+    LOG(INFO) << "vdm-server: anomaly calibration " << file << " ("
+              << c->anomaly->size() << " images, K = "
+              << c->anomaly->setup().timesteps << ")";
+  }
+  if (c->time_proposal) {
+    LOG(INFO) << "vdm-server: time proposal " << file << " ("
+              << c->time_proposal->bins() << " bins, largest weight "
+              << c->time_proposal->MaxWeight() << ")";
+  }
+  return c;
 }
 
 // gRPC reports a bad certificate or key only as "cannot listen"; OpenSSL
@@ -312,9 +320,11 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
     LOG(INFO) << "vdm-server: background model "
               << options.background_model_path << " (likelihood ratio)";
   }
-  VDM_ASSIGN_OR_RETURN(description->calibration,
+  VDM_ASSIGN_OR_RETURN(const CalibrationFile calibration,
                        LoadCalibration(options.calibration_path,
                                        options.model_path));
+  description->calibration = calibration.anomaly;
+  description->time_proposal = calibration.time_proposal;
   const int num_classes = replicas.front()->num_classes();
   server->observers_ = std::make_unique<ObserverPair>(server->metrics_.get(),
                                                       options.observer);

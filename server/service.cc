@@ -147,6 +147,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   policy.method = job->method;
   policy.timesteps = job->timesteps;
   policy.shared_noise = job->shared_noise;
+  policy.time_proposal = job->time_proposal != nullptr;
   if (request->has_false_positive_rate()) {
     policy.false_positive_rate = request->false_positive_rate();
   }
@@ -264,6 +265,12 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
         model_.calibration->setup().shared_noise);
     response->set_calibration_images(
         static_cast<int>(model_.calibration->size()));
+    response->set_calibration_time_proposal(
+        model_.calibration->setup().time_proposal);
+  }
+  if (model_.time_proposal) {
+    response->set_time_proposal(true);
+    response->set_time_proposal_bins(model_.time_proposal->bins());
   }
   finish(absl::OkStatus());
   return reactor;

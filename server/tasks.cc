@@ -304,6 +304,7 @@ class ScoreTask : public PlanTask<ScoreResult> {
     LikelihoodOptions options;
     options.times = job_.timesteps;
     options.shared_noise = job_.shared_noise;
+    options.time_proposal = job_.time_proposal;
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(job_.seed);
     VDM_ASSIGN_OR_RETURN(
         plan_owned_, LikelihoodPlan::Create(in.x, in.labels, options,

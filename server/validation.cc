@@ -384,6 +384,37 @@ absl::Status ToOdeOptions(const v1::ScoreRequest& r, ScoreMethod method,
   return absl::OkStatus();
 }
 
+// The proposal an ELBO request is scored with (ScoreRequest.time_sampling):
+// the model's unless the request asks for uniform times; null = uniform.
+absl::StatusOr<std::shared_ptr<const TimeProposal>> TimeProposalFor(
+    const v1::ScoreRequest& r, ScoreMethod method,
+    const ModelDescription& model) {
+  const v1::TimeSampling sampling = r.time_sampling();
+  if (sampling != v1::TIME_SAMPLING_UNSPECIFIED && method != ScoreMethod::kElbo) {
+    return Invalid(
+        "time_sampling applies with method ELBO only (the ODE draws no "
+        "diffusion times); leave it unset");
+  }
+  switch (sampling) {
+    case v1::TIME_SAMPLING_UNSPECIFIED:
+      return method == ScoreMethod::kElbo ? model.time_proposal : nullptr;
+    case v1::TIME_SAMPLING_UNIFORM:
+      return std::shared_ptr<const TimeProposal>();
+    case v1::TIME_SAMPLING_PROPOSAL:
+      if (model.time_proposal == nullptr) {
+        return Invalid(
+            "time_sampling: TIME_SAMPLING_PROPOSAL, but the served model has "
+            "no time proposal (its calibration file has no time_proposal "
+            "section; GetModelInfo.time_proposal is false)");
+      }
+      return model.time_proposal;
+    default:
+      return Invalid(absl::StrCat("time_sampling: unknown value ",
+                                  static_cast<int>(sampling),
+                                  "; see enum vdm.v1.TimeSampling"));
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
@@ -429,6 +460,7 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
   job.seed = PickSeed(r.has_seed(), r.seed());
   job.shared_noise = r.shared_noise();
   job.pixel_map = r.anomaly_map();
+  VDM_ASSIGN_OR_RETURN(job.time_proposal, TimeProposalFor(r, job.method, model));
   return job;
 }
 

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/image.h"
+#include "model/vdm/time_proposal.h"
 #include "server/jobs.h"
 #include "vdm/v1/vdm.pb.h"
 
@@ -39,6 +40,10 @@ struct ModelDescription {
   int replicas = 1, threads_per_replica = 1;
   // The anomaly calibration loaded with the model (anomaly.h), or null.
   std::shared_ptr<const Calibration> calibration;
+  // The proposal over diffusion times from the same calibration file
+  // (time_proposal.h): ELBO scores use it unless the request asks for
+  // uniform times. Null = none.
+  std::shared_ptr<const TimeProposal> time_proposal;
   // The background model of the likelihood ratio; empty = none.
   std::string background_path;
 };
