@@ -159,9 +159,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   const at::Tensor x = test->images.narrow(0, 0, n);
-  std::printf("model %s, proposal: %s, %d bins, floor %.2f, max weight %.1f\n",
+  std::printf("model %s, proposal: %s, %d bins, floor %.2f, max weight %.1f%s\n",
               path.c_str(), q->provenance().target.c_str(), q->bins(),
-              q->provenance().floor, q->MaxWeight());
+              q->provenance().floor, q->MaxWeight(),
+              q->has_control() ? ", control variate" : "");
   std::printf("%lld test images, %d torch thread(s)\n",
               static_cast<long long>(n), absl::GetFlag(FLAGS_threads));
 
@@ -195,6 +196,7 @@ int main(int argc, char** argv) {
                 ref_path.c_str(), Mean(reference.bpd), MeanSe(reference.se),
                 Mean(reference.se));
   }
+  if (!rounds) return 0;
   std::printf("%-4s %-9s %5s %9s %13s %17s %s\n", "K", "times", "round",
               "images/s", "mean se", "mean bpd +- se",
               compare ? "minus reference (+- se, in se)" : "");

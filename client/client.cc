@@ -414,6 +414,7 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
   request.set_ode_atol(params.ode_atol);
   request.set_ode_max_evaluations(params.ode_max_evaluations);
   request.set_dequantization(params.dequantization);
+  request.set_time_sampling(params.time_sampling);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }

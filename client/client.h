@@ -163,6 +163,9 @@ struct ScoreParams {
   double ode_atol = 0;
   int ode_max_evaluations = 0;
   vdm::v1::Dequantization dequantization = vdm::v1::DEQUANTIZATION_UNSPECIFIED;
+  // ELBO: the server's time proposal when it has one (UNSPECIFIED), or
+  // uniform times, or insist on the proposal.
+  vdm::v1::TimeSampling time_sampling = vdm::v1::TIME_SAMPLING_UNSPECIFIED;
 };
 
 // One scored image. `index` is its position in the ScoreInput.

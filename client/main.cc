@@ -136,6 +136,10 @@ ABSL_FLAG(double, ode_atol, 0,
 ABSL_FLAG(int, ode_max_evaluations, 0,
           "score --method=ode: the adaptive solver's evaluations per solve at "
           "most; 0 = the server's default.");
+ABSL_FLAG(std::string, time_sampling, "",
+          "score (ELBO): uniform = uniform diffusion times even when the "
+          "server has a time proposal; proposal = insist on it; empty = the "
+          "server's proposal when it has one (info: time_proposal).");
 ABSL_FLAG(std::string, dequantization, "",
           "score --method=ode: gaussian (the VDM's own q(z_0 | x), the "
           "default) or uniform.");
@@ -171,6 +175,7 @@ Usage:
       grid and label the latents were encoded with)
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] [--false_positive_rate=F]
+      [--time_sampling=uniform|proposal]
       [--method=elbo|ode [--ode_steps=N | --ode_rtol=R --ode_atol=A
                          --ode_max_evaluations=E] [--trace_samples=M]
                          [--dequantization=gaussian|uniform]]
@@ -536,6 +541,13 @@ int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
     return Usage(
         "--ode_steps, --trace_samples, --ode_rtol, --ode_atol, "
         "--ode_max_evaluations and --dequantization need --method=ode");
+  }
+  if (const std::string ts = absl::GetFlag(FLAGS_time_sampling); ts == "uniform") {
+    params.time_sampling = vdm::v1::TIME_SAMPLING_UNIFORM;
+  } else if (ts == "proposal") {
+    params.time_sampling = vdm::v1::TIME_SAMPLING_PROPOSAL;
+  } else if (!ts.empty()) {
+    return Usage("--time_sampling must be uniform or proposal");
   }
   if (const auto fpr = absl::GetFlag(FLAGS_false_positive_rate)) {
     params.false_positive_rate = static_cast<float>(*fpr);
