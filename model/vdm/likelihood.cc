@@ -189,20 +189,18 @@ void LikelihoodPlan::LossesFor(int64_t begin, const at::Tensor& eps_hat) {
           : DiffusionLossDiscrete(eps, eps_hat64, gamma_.narrow(0, begin, m),
                                   gamma_s_.narrow(0, begin, m),
                                   options_.discrete_steps);
-  const at::Tensor beta = beta_.narrow(0, begin, m);
-  losses_.narrow(0, begin, m).copy_(loss - beta * control_.narrow(0, begin, m));
-  // The same loss per element (it sums to `loss` over an image's elements),
-  // accumulated per image for the pixel map; the control variate per
-  // element (beta 0.5 gamma' (eps_d^2 - 1), zero mean) keeps its sum the
-  // row's controlled loss.
+  const at::Tensor controlled =
+      loss - beta_.narrow(0, begin, m) * control_.narrow(0, begin, m);
+  losses_.narrow(0, begin, m).copy_(controlled);
+  // The row's (controlled) loss spread over its elements in proportion to
+  // their squared error, accumulated per image for the pixel map, so the
+  // map sums to the estimate. (Not the control per element, beta 0.5
+  // gamma' (eps_d^2 - 1): that is unbiased per pixel too, but adds noise of
+  // the size of a pixel's own loss at low t, where beta is largest.)
   const at::Tensor sq = (eps - eps_hat64).pow(2);
-  at::Tensor per_dim = sq * (loss / sq.flatten(1).sum(1).clamp_min(1e-300))
-                                .view({m, 1, 1, 1});
-  if (options_.discrete_steps == 0) {
-    per_dim = per_dim - (beta * 0.5 * dgamma_.narrow(0, begin, m))
-                                .view({m, 1, 1, 1}) *
-                            (eps.pow(2) - 1);
-  }
+  const at::Tensor per_dim =
+      sq * (controlled / sq.flatten(1).sum(1).clamp_min(1e-300))
+               .view({m, 1, 1, 1});
   const at::Tensor rows = at::arange(begin, begin + m, at::kLong);
   const at::Tensor weight =
       RowWeights(options_.times, ReplicatesFor(options_))

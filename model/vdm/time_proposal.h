@@ -1,5 +1,5 @@
 // Importance sampling of the diffusion time for the ELBO's diffusion term
-// (docs/likelihood.md, "Importance-sampled times"), free of torch.
+// (docs/performance.md, "Importance-sampled times"), free of torch.
 //
 // The diffusion term is an integral over t in [0, 1] of the loss L(t) =
 // 0.5 gamma'(t) ||eps - eps_hat||^2. Uniform times spend as many network

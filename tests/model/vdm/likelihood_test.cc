@@ -412,12 +412,13 @@ TEST(TimeProposalLikelihoodTest, AnyProposalKeepsTheEstimateUnbiased) {
   const double expected = (oracle->ExpectedVlb(x, 0) * b).mean().item<double>();
   // Lopsided on purpose: 16x more times in the first quarter than the last.
   // The last with a control variate of arbitrary coefficients: E ||eps||^2
-  // = D, so any beta leaves the expectation alone.
+  // = D, so any beta leaves the expectation alone (these, far from the
+  // regression's, add noise: its bar is 3% instead of 1%).
   for (const auto& q : {Proposal({8, 4, 2, 0.5}), Proposal({0.5, 1, 1, 4, 1, 1}),
                         Proposal({2, 1, 1, 0.5}, {0.8, -0.5, 0.3, 1.5})}) {
     const BpdScores s = Score(*oracle, x, 512, 31, false, 0, q);
     const double se = Rms(s.stderr_bpd) / std::sqrt(static_cast<double>(n));
-    EXPECT_LT(se, 0.01 * expected);
+    EXPECT_LT(se, (q->has_control() ? 0.03 : 0.01) * expected);
     EXPECT_NEAR(s.bpd.mean().item<double>(), expected, 4 * se);
     // The bands and the pixel map carry the same weights: they still sum
     // to the diffusion term.
