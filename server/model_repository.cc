@@ -68,7 +68,8 @@ ModelRepository::ModelRepository(Options options, Loader loader,
       warm_up_(std::move(warm_up)),
       listener_(std::move(listener)) {}
 
-std::map<std::string, ModelRepository::Scanned> ModelRepository::Scan() {
+absl::StatusOr<std::map<std::string, ModelRepository::Scanned>>
+ModelRepository::Scan() {
   std::map<std::string, Scanned> newest;
   if (options_.root.empty()) {
     newest[options_.single.name] = {options_.single,
@@ -98,7 +99,7 @@ std::map<std::string, ModelRepository::Scanned> ModelRepository::Scan() {
              inner)) {
       int64_t number = 0;
       const std::string folder = version.path().filename().string();
-      if (!version.is_directory(inner)) continue;
+      if (!version.is_directory()) continue;
       if (!IsVersion(folder, &number)) {
         if (folder[0] != '.') ignore(version.path(), "not a version number");
         continue;
@@ -124,10 +125,14 @@ std::map<std::string, ModelRepository::Scanned> ModelRepository::Scan() {
       s.signature = Signature(pt.string());
       newest[name] = std::move(s);
     }
+    if (inner) error = inner;
   }
+  // A repository that cannot be listed (a volume being remounted, say) is
+  // not an empty one: nothing is unloaded for it.
   if (error) {
-    LOG(WARNING) << "vdm-server: model repository " << options_.root
-                 << ": cannot list it: " << error.message();
+    return absl::UnavailableError(absl::StrCat(
+        "model repository ", options_.root, ": cannot list it: ",
+        error.message(), "; the served versions keep serving"));
   }
   return newest;
 }
@@ -136,10 +141,33 @@ absl::Status ModelRepository::Sync() {
   absl::MutexLock sync(&sync_mu_);
   std::vector<std::string> failures;
   absl::StatusCode code = absl::StatusCode::kFailedPrecondition;
-  const std::map<std::string, Scanned> scanned = Scan();
+  const absl::StatusOr<std::map<std::string, Scanned>> listed = Scan();
+  if (!listed.ok()) {
+    LOG(WARNING) << "vdm-server: " << listed.status().message();
+    return listed.status();
+  }
+  const std::map<std::string, Scanned>& scanned = *listed;
   if (!options_.root.empty() && scanned.empty()) {
     failures.push_back(absl::StrCat("model repository ", options_.root,
                                     " holds no model (DIR/NAME/VERSION/model.pt)"));
+  }
+  // Models whose folders are gone leave first, making room for others.
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = served_.begin(); it != served_.end();) {
+      if (scanned.count(it->first) == 0) {
+        LOG(INFO) << "vdm-server: model " << it->first << " version "
+                  << it->second->version
+                  << " left the repository: unloading it";
+        Retire(std::move(it->second));
+        it = served_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      it = scanned.count(it->first) == 0 ? pending_.erase(it) : std::next(it);
+    }
   }
   for (const auto& [name, s] : scanned) {
     bool load = false;
@@ -178,24 +206,6 @@ absl::Status ModelRepository::Sync() {
       failures.push_back(std::string(loaded.message()));
     }
     Notify();
-  }
-  // Models whose folders are gone.
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto it = served_.begin(); it != served_.end();) {
-      if (scanned.count(it->first) == 0) {
-        LOG(INFO) << "vdm-server: model " << it->first << " version "
-                  << it->second->version
-                  << " left the repository: unloading it";
-        Retire(std::move(it->second));
-        it = served_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    for (auto it = pending_.begin(); it != pending_.end();) {
-      it = scanned.count(it->first) == 0 ? pending_.erase(it) : std::next(it);
-    }
   }
   Notify();
   if (failures.empty()) return absl::OkStatus();

@@ -130,8 +130,9 @@ class ModelRepository {
     std::weak_ptr<const ServedModel> model;
     VersionStatus status;
   };
-  // The newest version of each model in the directory.
-  std::map<std::string, Scanned> Scan();
+  // The newest version of each model in the directory; UNAVAILABLE when
+  // it cannot be listed.
+  absl::StatusOr<std::map<std::string, Scanned>> Scan();
   // Loads and warms up `s`; serves it on success.
   absl::Status LoadVersion(const Scanned& s);
   void Retire(std::shared_ptr<const ServedModel> old)

@@ -459,14 +459,22 @@ class Client:
     mTLS) and optionally `server_name` (the name to check the certificate
     against); True = TLS with the system roots. timeout: deadline of each RPC
     in seconds. options: extra gRPC channel options [(key, value), ...].
+    model, version: the model version every request runs on, on a server
+    with a model repository (None = the server's default model, and the
+    version it serves).
 
     Use it as a context manager, or call close(), to close the channel.
     """
 
     def __init__(self, target: str, token: Optional[str] = None, tls=None,
-                 timeout: float = 600.0, options: Sequence = ()):
+                 timeout: float = 600.0, options: Sequence = (),
+                 model: Optional[str] = None, version: Optional[int] = None):
         if not target:
             raise ValueError("target is empty")
+        if version is not None and not model:
+            raise ValueError("version needs model")
+        self.model = model or ""
+        self.version = None if version is None else int(version)
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.target = target
@@ -515,6 +523,11 @@ class Client:
 
     def _call(self, method, request, timeout: Optional[float] = None,
               context: Optional[str] = None):
+        fields = request.DESCRIPTOR.fields_by_name
+        if self.model and "model" in fields:
+            request.model = self.model
+        if self.version is not None and "version" in fields:
+            request.version = self.version
         try:
             return method(request, timeout=timeout or self.timeout,
                           metadata=self._metadata)
@@ -529,6 +542,17 @@ class Client:
         info = self._call(self._stub.GetModelInfo, vdm_pb2.ModelInfoRequest())
         return {field.name: getattr(info, field.name)
                 for field in info.DESCRIPTOR.fields}
+
+    def list_models(self) -> List[Dict[str, Any]]:
+        """ListModels: one dict per model version the server knows (name,
+        version, state "LOADING" / "READY" / "FAILED" / "UNLOADING", error,
+        memory_bytes, is_default), sorted by name and version."""
+        response = self._call(self._stub.ListModels, vdm_pb2.ListModelsRequest())
+        states = vdm_pb2.ModelVersionStatus.State
+        return [{"name": m.name, "version": m.version,
+                 "state": states.Name(m.state), "error": m.error,
+                 "memory_bytes": m.memory_bytes, "is_default": m.is_default}
+                for m in response.models]
 
     def health(self, service: str = "", timeout: Optional[float] = None) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ... (raises
