@@ -1048,7 +1048,9 @@ class RepositoryTest(unittest.TestCase):
 
     def test_sighup_swaps_in_a_new_version(self):
         with vdm_client.Client(self.server.target, model="tiny") as client:
-            before = client.sample(1, steps=3, seed=4)[0]
+            first = client.sample(1, steps=3, seed=4)
+            self.assertEqual(first.model_version, 1)
+            before = first[0]
             publish(self.root, "tiny", 2, self.learned)
             self.server.process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 60
@@ -1062,7 +1064,11 @@ class RepositoryTest(unittest.TestCase):
                                 f"{self.server.output()}")
                 time.sleep(0.1)  # the server loads it (bounded)
             self.assertEqual(client.info()["model_version"], 2)
-            after = client.sample(1, steps=3, seed=4)[0]
+            result = client.sample(1, steps=3, seed=4)
+            self.assertEqual((result.model, result.model_version), ("tiny", 2))
+            scored = client.score([result[0]], timesteps=2)
+            self.assertEqual(scored.model_versions, [("tiny", 2)])
+            after = result[0]
             # Seeded sampling is deterministic per version: any change is
             # the new network.
             self.assertFalse(np.array_equal(after, before),

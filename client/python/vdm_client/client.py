@@ -180,7 +180,8 @@ class SampleResult(list):
     """The images of a Sample call, a list of numpy uint8 arrays (H x W, or
     H x W x C), with what the server reported: `seed` (the seed used; pass it
     back to reproduce the images), `network_evaluations`, `queue_seconds`,
-    `compute_seconds`."""
+    `compute_seconds`, and `model` and `model_version`: the model version
+    that computed them."""
 
     def __init__(self, images=(), seed: int = 0, network_evaluations: int = 0,
                  queue_seconds: float = 0.0, compute_seconds: float = 0.0):
@@ -189,6 +190,7 @@ class SampleResult(list):
         self.network_evaluations = network_evaluations
         self.queue_seconds = queue_seconds
         self.compute_seconds = compute_seconds
+        self.model, self.model_version = "", 0
 
     def __repr__(self) -> str:
         shape = self[0].shape if self else ()
@@ -278,6 +280,8 @@ class ScoreResult(list):
         self.network_evaluations = network_evaluations
         self.chunks = chunks
         self.batch_p_values = list(batch_p_values)
+        # (model, version) that computed each chunk, in order.
+        self.model_versions = []
 
     def __repr__(self) -> str:
         return (f"ScoreResult({len(self)} images, seed={self.seed}, "
@@ -602,11 +606,14 @@ class Client:
             raise VdmError(grpc.StatusCode.INTERNAL,
                            f"asked for {num_images} images, the server "
                            f"returned {len(response.images)}")
-        return SampleResult([_image_from_proto(i) for i in response.images],
-                            seed=response.seed,
-                            network_evaluations=response.network_evaluations,
-                            queue_seconds=response.queue_seconds,
-                            compute_seconds=response.compute_seconds)
+        result = SampleResult([_image_from_proto(i) for i in response.images],
+                              seed=response.seed,
+                              network_evaluations=response.network_evaluations,
+                              queue_seconds=response.queue_seconds,
+                              compute_seconds=response.compute_seconds)
+        result.model, result.model_version = (response.model,
+                                              response.model_version)
+        return result
 
     def sample(self, num_images: int = 1, steps: int = 50,
                sampler: Union[str, int] = "ddim", eta: float = 0.0,
@@ -885,6 +892,8 @@ class Client:
                 result.append(row)
             result.network_evaluations += response.network_evaluations
             result.chunks += 1
+            result.model_versions.append((response.model,
+                                          response.model_version))
             result.batch_p_values.append(
                 response.batch_p_value if response.HasField("batch_p_value")
                 else None)
