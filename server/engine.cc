@@ -1,6 +1,7 @@
 #include "server/engine.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <malloc.h>
 #include <torch/script.h>
 
@@ -118,9 +119,9 @@ EngineObserver* NoObserver() {
 class Worker {
  public:
   Worker(int index, const Engine::Options& options,
-         CompletionQueue* completions)
+         CompletionQueue* completions, std::atomic<int>* busy_workers)
       : index_(index), options_(options), observer_(options.observer),
-        completions_(completions) {
+        completions_(completions), busy_workers_(busy_workers) {
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
@@ -235,12 +236,17 @@ class Worker {
                   absl::Time start);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
+  // Counts this worker in busy_workers_ while it has live tasks, and picks
+  // its forward passes' threads (Options::lone_threads).
+  void UpdateBusy();
+  void PickThreads();
   absl::Time Now() const { return options_.clock->Now(); }
 
   const int index_;
   const Engine::Options options_;
   EngineObserver* const observer_;
   CompletionQueue* const completions_;
+  std::atomic<int>* const busy_workers_;
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
@@ -253,13 +259,17 @@ class Worker {
   size_t rotation_ = 0;  // where the next batch starts gathering rows
   size_t model_turn_ = 0;  // which model's rows the next batch tries first
   bool vjp_turn_ = false;  // alternates plain and VJP batches
+  bool busy_ = false;      // counted in busy_workers_
+  int threads_now_ = 0;    // what PickThreads last set (0 = untouched)
   std::thread thread_;
 };
 
 bool Worker::Iterate(absl::Time start, bool took) {
   bool worked = Sweep();
+  UpdateBusy();
   double forward = 0;
   worked = RunBatch(&forward) || worked;
+  UpdateBusy();
   UpdateGauges();
   // Host time: the whole iteration (from after the wait for work) but the
   // forward pass.
@@ -366,10 +376,33 @@ bool Worker::Sweep() {
   return removed;
 }
 
+void Worker::UpdateBusy() {
+  const bool busy = !live_.empty();
+  if (busy != busy_) {
+    busy_workers_->fetch_add(busy ? 1 : -1);
+    busy_ = busy;
+  }
+}
+
+void Worker::PickThreads() {
+  if (options_.lone_threads <= options_.threads || options_.threads <= 0) {
+    return;
+  }
+  // Alone: no other worker has a live task (this one has).
+  const bool alone = busy_workers_->load() <= 1;
+  const int want = alone ? options_.lone_threads : options_.threads;
+  if (want == threads_now_) return;
+  // The calling thread's OpenMP team size (at::set_num_threads sets the
+  // caller's omp nthreads); the other workers' teams are their own.
+  at::set_num_threads(want);
+  threads_now_ = want;
+}
+
 bool Worker::RunBatch(double* forward_seconds) {
   if (live_.empty()) return false;
   Batch batch = Gather();
   if (batch.parts.empty()) return false;
+  PickThreads();
   const absl::Time start = Now();
   const absl::StatusOr<Evaluation> out = Forward(batch, forward_seconds);
   Distribute(batch, out, start);
@@ -691,7 +724,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const Options& options,
   std::unique_ptr<Engine> engine(new Engine(options));
   for (int i = 0; i < workers; ++i) {
     engine->workers_.push_back(std::make_unique<Worker>(
-        i, engine->options_, engine->completions_.get()));
+        i, engine->options_, engine->completions_.get(),
+        &engine->busy_workers_));
   }
   return engine;
 }

@@ -27,6 +27,7 @@
 #ifndef VDM_SERVER_ENGINE_H_
 #define VDM_SERVER_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -98,6 +99,14 @@ class Engine {
     // evaluate likelihood rows in fp32 anyway (Denoiser::DenoiseFp32): a
     // mixed batch becomes two forward passes (--score_precision=fp32).
     bool score_fp32 = true;
+    // Intra-op threads of a worker's forward passes, and of a worker that
+    // is alone: when lone_threads > threads and no other worker has a live
+    // task, the busy worker runs its passes on lone_threads threads, so a
+    // lone request uses every core; it goes back to `threads` as soon as
+    // another worker has work. 0 = off (threads as SetTorchThreads left
+    // them).
+    int threads = 0;
+    int lone_threads = 0;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
     // When queued tasks are let in (admission.h); null = continuous: every
@@ -159,6 +168,7 @@ class Engine {
 
   Options options_;
   std::shared_ptr<const EngineModel> default_model_;  // may be null
+  std::atomic<int> busy_workers_{0};  // workers with live tasks
   std::unique_ptr<CompletionQueue> completions_;
   std::vector<std::unique_ptr<Worker>> workers_;
 };

@@ -60,6 +60,11 @@ ABSL_FLAG(std::string, devices, "auto",
 ABSL_FLAG(int, threads, 0,
           "torch intra-op threads per replica; 0 = the available CPUs divided "
           "among the CPU replicas");
+ABSL_FLAG(int, lone_threads, -1,
+          "intra-op threads of a replica while it alone has work (a lone "
+          "request then uses every core; back to --threads as soon as "
+          "another replica has work); -1 = the usable CPUs with several CPU "
+          "replicas, else off; 0 = off");
 ABSL_FLAG(std::string, precision, "auto",
           "forward-pass precision: fp32, bf16 (autocast; 1.8-2.2x the rows/s "
           "on a CPU with AMX, 0.7x on one with only avx512_bf16) or auto "
@@ -138,6 +143,7 @@ vdm::VdmServer::Options OptionsFromFlags() {
   options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',
                                    absl::SkipWhitespace());
   options.threads = absl::GetFlag(FLAGS_threads);
+  options.lone_threads = absl::GetFlag(FLAGS_lone_threads);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.score_precision = absl::GetFlag(FLAGS_score_precision);
   options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);

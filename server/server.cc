@@ -183,6 +183,7 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
         ResolvePrecision(o.precision, automatic ? "cpu" : device).status());
   }
   VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
+  VDM_RETURN_IF_ERROR(InRange("lone_threads", o.lone_threads, -1, 1024));
   if (o.score_precision != "fp32" && o.score_precision != "same") {
     return absl::InvalidArgumentError(absl::StrCat(
         "--score_precision: \"", o.score_precision, "\" is not fp32 or same"));
@@ -236,6 +237,15 @@ absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,
     const int cpu_replicas = static_cast<int>(
         std::count(options.devices.begin(), options.devices.end(), "cpu"));
     options.threads = cpu_replicas > 0 ? std::max(1, cpus / cpu_replicas) : cpus;
+  }
+  if (options.lone_threads < 0) {
+    const bool all_cpu =
+        std::all_of(options.devices.begin(), options.devices.end(),
+                    [](const std::string& d) { return d == "cpu"; });
+    options.lone_threads = all_cpu && options.devices.size() > 1 &&
+                                   options.threads < cpus
+                               ? cpus
+                               : 0;
   }
   return options;
 }
@@ -346,7 +356,12 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
             << (options.devices.size() == 1 ? "" : "s") << " ("
             << absl::StrJoin(options.devices, ",") << "), " << options.threads
             << " intra-op thread" << (options.threads == 1 ? "" : "s")
-            << " each; " << cpus.Describe();
+            << " each"
+            << (options.lone_threads > options.threads
+                    ? absl::StrCat(", ", options.lone_threads,
+                                   " when one replica alone is busy")
+                    : "")
+            << "; " << cpus.Describe();
   SetTorchThreads(options.threads);
   std::unique_ptr<VdmServer> server(new VdmServer());
   server->metrics_ = std::make_unique<Metrics>();
@@ -355,6 +370,8 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   }
   Engine::Options engine_options = options.engine;
   engine_options.score_fp32 = options.score_precision == "fp32";
+  engine_options.threads = options.threads;
+  engine_options.lone_threads = options.lone_threads;
   server->observers_ = std::make_unique<ObserverPair>(server->metrics_.get(),
                                                       options.observer);
   engine_options.observer = server->observers_.get();

@@ -54,6 +54,10 @@ class VdmServer {
     // Torch intra-op threads (per worker: each runs its own OpenMP team);
     // 0 = the CPUs available divided among the CPU replicas (ResolveLayout).
     int threads = 0;
+    // Threads of a worker that is alone busy (Engine::Options::lone_threads):
+    // -1 = automatic: the usable CPUs when there are several CPU replicas
+    // and no other device (ResolveLayout), else 0 = off.
+    int lone_threads = -1;
     // Forward-pass precision of every replica: fp32, bf16 or auto
     // (TorchScriptModel::Options::precision); ScoreBPD rows: "fp32" = in fp32
     // whatever `precision` is, "same" = in `precision`.
@@ -184,6 +188,9 @@ absl::Status ValidateOptions(const VdmServer::Options& options);
 //   (docs/performance.md, "Replicas and threads"); the cap keeps a large
 //   machine from splitting moderate load into many small batches.
 // - threads 0: max(1, cpus / CPU replicas), or cpus with no CPU replica.
+// - lone_threads -1: cpus when every device is a CPU replica, there are
+//   several and each has fewer threads than cpus (a lone request then uses
+//   every core); else 0.
 // Anything else is kept as given. "auto" must stand alone.
 inline constexpr int kMaxAutoCpuReplicas = 4;
 absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -55,6 +56,7 @@ struct Batch {
   std::vector<int64_t> labels;
   std::vector<float> gammas;
   bool vjp = false;  // a forward + VJP pass (DenoiseVjp)
+  int threads = 0;   // at::get_num_threads() on the forward's thread
 };
 
 // A deterministic stand-in network: eps_hat = 0.1 z + 0.01 label, on a
@@ -78,6 +80,7 @@ class FakeDenoiser : public Denoiser {
     const at::Tensor g = gamma.contiguous().to(at::kFloat);
     b.labels.assign(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + l.numel());
     b.gammas.assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+    b.threads = at::get_num_threads();
     {
       absl::MutexLock lock(&mu_);
       batches_.push_back(std::move(b));
@@ -935,6 +938,43 @@ TEST_F(MultiModelEngineTest, SubmitWithoutAModelOrWithTheWrongShapeIsRefused) {
   EXPECT_EQ(SubmitOn(wide, Sample(1, 2, 1), &out).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(out.calls, 0);
+}
+
+TEST(LoneThreadsEngineTest, ALoneBusyWorkerUsesEveryCoreAndGivesThemBack) {
+  // Two workers of 1 thread each, lone_threads 2: a request alone on the
+  // engine runs its passes on 2 threads; once the other worker has work
+  // too, both run on 1; alone again, 2.
+  FakeClock clock;
+  Engine::Options options;
+  options.threaded = false;
+  options.clock = &clock;
+  options.threads = 1;
+  options.lone_threads = 2;
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  std::vector<FakeDenoiser*> fakes;
+  for (int i = 0; i < 2; ++i) {
+    auto fake = std::make_unique<FakeDenoiser>(&clock);
+    fakes.push_back(fake.get());
+    replicas.push_back(std::move(fake));
+  }
+  auto engine = *Engine::Create(options, std::move(replicas));
+  Outcome<SampleResult> long_one, short_one;
+  ASSERT_TRUE(SubmitSample(*engine, Sample(1, 6, 1), {}, long_one.Callback()).ok());
+  ASSERT_TRUE(engine->Step());
+  ASSERT_TRUE(SubmitSample(*engine, Sample(1, 2, 2), {}, short_one.Callback()).ok());
+  while (engine->Step()) {
+  }
+  ASSERT_TRUE(long_one.result.ok() && short_one.result.ok());
+  std::vector<int> a, b;
+  for (const Batch& batch : fakes[0]->batches()) a.push_back(batch.threads);
+  for (const Batch& batch : fakes[1]->batches()) b.push_back(batch.threads);
+  // Worker 0 (the long request): alone for two passes (in the second Step
+  // it goes first, before worker 1 has taken its task), beside worker 1 for
+  // one (worker 1 retires the short request in its second pass), then
+  // alone again.
+  EXPECT_THAT(a, ElementsAre(2, 2, 1, 2, 2, 2));
+  EXPECT_THAT(b, ElementsAre(1, 1));
+  at::set_num_threads(1);
 }
 
 }  // namespace
