@@ -53,7 +53,7 @@ echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs," \
   "AMX: $(grep -o 'amx[a-z0-9_]*' /proc/cpuinfo | sort -u | tr '\n' ' ' || true)"
 echo "speed: $rounds rounds, model $model, fp32"
 raw=$(build/vdm-bench --model="$model" --requests=0 --threads=1 --batch=32 \
-  --raw_seconds=10 --target=127.0.0.1:1 2>&1 | sed -n 's/^raw forward.*: //p' | head -1)
+  --raw_seconds=10 --target=127.0.0.1:1 2>&1 | sed -n 's/^raw forward.*: //p' | head -1 || true)
 echo "raw forward, batch 32, 1 thread: ${raw:-(see vdm-bench)}"
 
 start_server() {  # flags...
