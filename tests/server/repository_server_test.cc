@@ -187,7 +187,9 @@ TEST_F(RepositoryServerTest, AVersionSwapUnderLoadFailsNoRequestAndMixesNoModels
   ASSERT_TRUE(Sample(Request("tiny"), &first).ok());
   const std::string v1_pixels = Pixels(first);
 
-  // Three callers send the same request back to back until told to stop.
+  // Three callers send the same request back to back until told to stop:
+  // two by Sample, one by SampleStream (its progress messages and result
+  // from one version too).
   struct Answer {
     grpc::Status status;
     int64_t version;
@@ -202,7 +204,24 @@ TEST_F(RepositoryServerTest, AVersionSwapUnderLoadFailsNoRequestAndMixesNoModels
     callers.emplace_back([&, c] {
       while (!stop) {
         v1::SampleResponse r;
-        const grpc::Status s = Sample(Request("tiny"), &r);
+        grpc::Status s;
+        if (c == 2) {
+          grpc::ClientContext context;
+          auto stream = stub_->SampleStream(&context, Request("tiny"));
+          v1::SampleStreamResponse message;
+          int progress = 0;
+          while (stream->Read(&message)) {
+            if (message.has_result()) r = message.result();
+            if (message.has_progress()) ++progress;
+          }
+          s = stream->Finish();
+          if (s.ok() && progress != 4) {
+            s = grpc::Status(grpc::StatusCode::INTERNAL,
+                             "progress messages: " + std::to_string(progress));
+          }
+        } else {
+          s = Sample(Request("tiny"), &r);
+        }
         absl::MutexLock lock(&mu);
         answers[c].push_back({s, r.model_version(), Pixels(r)});
         ++total;
