@@ -31,6 +31,7 @@ struct SetScoring {
   uint64_t seed = 0;
   int64_t chunk = 64;  // images per request, as vdm-client sends them
   int label = -1;      // the label every row carries; -1 = "no label"
+  bool pixel_map = false;  // keep ImageBpd::pixel_bits (the anomaly_map)
   // A background model (likelihood ratio), evaluated on the model's rows
   // (its z at the model's gamma: common random numbers), as the server
   // does with --background_model. Null = none.
