@@ -261,6 +261,15 @@ void ModelRepository::Retire(std::shared_ptr<const ServedModel> old) {
 
 absl::StatusOr<std::shared_ptr<const ServedModel>> ModelRepository::Resolve(
     const std::string& requested, std::optional<int64_t> version) const {
+  if (!requested.empty() && !IsModelName(requested)) {
+    return absl::InvalidArgumentError(
+        "model: not a model name (1-64 of [A-Za-z0-9_.-], not starting with "
+        "'.')");
+  }
+  if (version.has_value() && *version < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "version: ", *version, " is not a version (versions are >= 1)"));
+  }
   absl::MutexLock lock(&mu_);
   const std::string name = requested.empty() ? DefaultLocked() : requested;
   auto it = served_.find(name);

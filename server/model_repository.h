@@ -110,7 +110,8 @@ class ModelRepository {
   absl::Status Sync();
 
   // The version a request names: `name` ("" = the default model) and
-  // `version` (unset = the one served). NOT_FOUND for a model or version
+  // `version` (unset = the one served). INVALID_ARGUMENT for a name that
+  // cannot be a model's or a version < 1; NOT_FOUND for a model or version
   // not served (saying what is), UNAVAILABLE while the model's first
   // version loads, FAILED_PRECONDITION when it failed to load.
   absl::StatusOr<std::shared_ptr<const ServedModel>> Resolve(

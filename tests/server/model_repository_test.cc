@@ -120,6 +120,12 @@ TEST_F(ModelRepositoryTest, UnknownModelsAndVersionsAreNotFoundSayingWhatServes)
   auto none = repo->Resolve("gamma", std::nullopt);
   EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(none.status().message()), HasSubstr("serving: alpha"));
+  EXPECT_EQ(repo->Resolve("../alpha", std::nullopt).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(repo->Resolve(std::string(100, 'a'), std::nullopt).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(repo->Resolve("alpha", 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
   auto old = repo->Resolve("alpha", 1);
   EXPECT_EQ(old.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(old.status().message()),
