@@ -227,10 +227,21 @@ void VdmClient::Prepare(grpc::ClientContext* context) const {
 absl::StatusOr<vdm::v1::ModelInfo> VdmClient::GetInfo() const {
   grpc::ClientContext context;
   Prepare(&context);
+  vdm::v1::ModelInfoRequest request;
+  Target(&request);
   vdm::v1::ModelInfo info;
-  VDM_RETURN_IF_ERROR(ToAbslStatus(
-      stub_->GetModelInfo(&context, vdm::v1::ModelInfoRequest(), &info)));
+  VDM_RETURN_IF_ERROR(
+      ToAbslStatus(stub_->GetModelInfo(&context, request, &info)));
   return info;
+}
+
+absl::StatusOr<vdm::v1::ListModelsResponse> VdmClient::ListModels() const {
+  grpc::ClientContext context;
+  Prepare(&context);
+  vdm::v1::ListModelsResponse list;
+  VDM_RETURN_IF_ERROR(ToAbslStatus(
+      stub_->ListModels(&context, vdm::v1::ListModelsRequest(), &list)));
+  return list;
 }
 
 absl::StatusOr<ServingStatus> VdmClient::CheckHealth(
@@ -303,6 +314,7 @@ absl::Status ReadSampleResponse(const vdm::v1::SampleResponse& response,
 absl::StatusOr<EncodeResult> VdmClient::Encode(
     const std::vector<Image8>& images, const EncodeParams& params) const {
   vdm::v1::EncodeRequest request;
+  Target(&request);
   request.set_format(vdm::v1::IMAGE_FORMAT_RAW);
   for (const Image8& image : images) {
     VDM_RETURN_IF_ERROR(
@@ -341,7 +353,8 @@ absl::StatusOr<EncodeResult> VdmClient::Encode(
 
 absl::StatusOr<SampleResult> VdmClient::Sample(
     const SampleParams& params) const {
-  const vdm::v1::SampleRequest request = SampleRequestOf(params);
+  vdm::v1::SampleRequest request = SampleRequestOf(params);
+  Target(&request);
   grpc::ClientContext context;
   Prepare(&context);
   const absl::Time start = absl::Now();
@@ -359,6 +372,7 @@ absl::StatusOr<SampleResult> VdmClient::SampleStream(
     const SampleParams& params, int preview_every,
     const SampleStreamProgress& progress) const {
   vdm::v1::SampleRequest request = SampleRequestOf(params);
+  Target(&request);
   request.set_preview_every(preview_every);
   grpc::ClientContext context;
   Prepare(&context);
@@ -398,6 +412,7 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
                                    int64_t end, std::optional<uint64_t> seed,
                                    vdm::v1::ScoreResponse* response) const {
   vdm::v1::ScoreRequest request;
+  Target(&request);
   request.set_format(input.format);
   request.set_timesteps(params.timesteps);
   if (seed.has_value()) request.set_seed(*seed);
@@ -803,6 +818,18 @@ std::string FormatModelInfo(const vdm::v1::ModelInfo& info) {
       pb::TextFormat::PrintFieldValueToString(info, field, -1, &value);
     }
     absl::StrAppend(&out, field->name(), ": ", value, "\n");
+  }
+  return out;
+}
+
+std::string FormatModelList(const vdm::v1::ListModelsResponse& list) {
+  std::string out;
+  for (const vdm::v1::ModelVersionStatus& m : list.models()) {
+    absl::StrAppendFormat(
+        &out, "%s\t%d\t%s\t%.1f MiB%s%s\n", m.name(), m.version(),
+        absl::AsciiStrToLower(vdm::v1::ModelVersionStatus::State_Name(m.state())),
+        m.memory_bytes() / 1048576.0, m.is_default() ? "\tdefault" : "",
+        m.error().empty() ? "" : absl::StrCat("\t", m.error()));
   }
   return out;
 }

@@ -68,6 +68,11 @@ struct ClientOptions {
   // Overrides the name checked against the server's certificate (e.g. when
   // the target is an IP address); empty = the target's host.
   std::string tls_server_name;
+  // The model version every request runs on (vdm-server
+  // --model_repository): empty = the server's default model; unset = the
+  // version it serves.
+  std::string model;
+  std::optional<int64_t> model_version;
 };
 
 // The gRPC service config (JSON) for options.lb_policy and
@@ -209,8 +214,10 @@ class VdmClient {
   VdmClient(std::shared_ptr<grpc::Channel> channel,
             const ClientOptions& options);
 
-  // GetModelInfo.
+  // GetModelInfo of options.model (and model_version).
   absl::StatusOr<vdm::v1::ModelInfo> GetInfo() const;
+  // ListModels: every model version the server knows, with its state.
+  absl::StatusOr<vdm::v1::ListModelsResponse> ListModels() const;
 
   // grpc.health.v1.Health/Check of `service` ("" = the whole server).
   absl::StatusOr<ServingStatus> CheckHealth(
@@ -243,6 +250,12 @@ class VdmClient {
  private:
   // Sets the deadline and the credentials metadata.
   void Prepare(grpc::ClientContext* context) const;
+  // Names options.model (and model_version) in a request.
+  template <class Request>
+  void Target(Request* request) const {
+    if (!options_.model.empty()) request->set_model(options_.model);
+    if (options_.model_version) request->set_version(*options_.model_version);
+  }
   absl::Status ScoreChunk(const ScoreInput& input, const ScoreParams& params,
                           int64_t begin, int64_t end,
                           std::optional<uint64_t> seed,
@@ -335,6 +348,8 @@ std::string FormatScoresSummary(const ScoreResult& result);
 
 // Every ModelInfo field as "name: value", one per line.
 std::string FormatModelInfo(const vdm::v1::ModelInfo& info);
+// One line per model version: name, version, state, MiB, default, error.
+std::string FormatModelList(const vdm::v1::ListModelsResponse& list);
 
 }  // namespace client
 }  // namespace vdm

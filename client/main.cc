@@ -50,6 +50,11 @@ ABSL_FLAG(std::string, tls_server_name, "",
           "name to check the server's certificate against (default: the "
           "target's host).");
 // sample
+ABSL_FLAG(std::string, model, "",
+          "The model every request runs on (a server with "
+          "--model_repository); empty = the server's default.");
+ABSL_FLAG(std::optional<int64_t>, model_version, std::nullopt,
+          "The version of --model; unset = the one the server serves.");
 ABSL_FLAG(int, num, 16, "sample: number of images.");
 ABSL_FLAG(std::string, sampler, "ddim",
           absl::StrCat("sample: the sampler: ", vdm::SamplerNameList(", "),
@@ -180,10 +185,14 @@ Usage:
                          --ode_max_evaluations=E] [--trace_samples=M]
                          [--dequantization=gaussian|uniform]]
       [--map_dir=DIR] (--idx=FILE [--limit=N] | FILE.png ...)
-  vdm-client [--target=HOST:PORT] info
+  vdm-client [--target=HOST:PORT] [--model=NAME [--model_version=V]] info
+  vdm-client [--target=HOST:PORT] models   (the repository: name, version,
+      state, memory, default, error)
   vdm-client [--target=HOST:PORT] health     (exit 0 only when SERVING)
 
-Every command takes --timeout_s (deadline of each RPC), --token,
+Every command takes --model (and --model_version): the model it runs on, on
+a server with a model repository (empty = the server's default model);
+--timeout_s (deadline of each RPC), --token,
 --tls_ca [--tls_cert --tls_key] [--tls_server_name] (TLS, mTLS),
 --lb_policy=pick_first|round_robin and --max_attempts=N (retries on
 UNAVAILABLE; default 3). To balance over several replicas, give a target that
@@ -597,6 +606,13 @@ int RunInfo(const VdmClient& client) {
   return kOk;
 }
 
+int RunModels(const VdmClient& client) {
+  absl::StatusOr<vdm::v1::ListModelsResponse> list = client.ListModels();
+  if (!list.ok()) return Fail(list.status());
+  std::cout << vdm::client::FormatModelList(*list);
+  return kOk;
+}
+
 int RunHealth(const VdmClient& client) {
   absl::StatusOr<vdm::client::ServingStatus> status = client.CheckHealth();
   if (!status.ok()) return Fail(status.status());
@@ -616,7 +632,7 @@ int main(int argc, char** argv) {
   if (command != "sample" && command != "edit" && command != "inpaint" &&
       command != "encode" && command != "decode" &&
       command != "interpolate" && command != "score" && command != "info" &&
-      command != "health") {
+      command != "models" && command != "health") {
     return Usage(absl::StrCat("unknown command \"", command, "\""));
   }
   if (command != "score" && !args.empty()) {
@@ -636,6 +652,8 @@ int main(int argc, char** argv) {
   options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
   options.lb_policy = absl::GetFlag(FLAGS_lb_policy);
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  options.model = absl::GetFlag(FLAGS_model);
+  options.model_version = absl::GetFlag(FLAGS_model_version);
   absl::StatusOr<std::unique_ptr<VdmClient>> client =
       VdmClient::Create(options);
   if (!client.ok()) return Usage(std::string(client.status().message()));
@@ -648,5 +666,6 @@ int main(int argc, char** argv) {
   }
   if (command == "score") return RunScore(**client, args);
   if (command == "info") return RunInfo(**client);
+  if (command == "models") return RunModels(**client);
   return RunHealth(**client);
 }

@@ -1,6 +1,7 @@
 #include "server/engine.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <malloc.h>
 #include <torch/script.h>
 
@@ -111,22 +112,22 @@ EngineObserver* NoObserver() {
   return nobody;
 }
 
-// One device: a model replica and the loop that batches for it. Admit,
-// load, WaitIdle, Stop and stats are thread-safe; everything else runs on
-// the worker's thread (or the manual caller's).
+// One device: the loop that batches for the replicas it holds of every
+// model (EngineModel::replica(index)). Admit, load, WaitIdle, Stop and
+// stats are thread-safe; everything else runs on the worker's thread (or the
+// manual caller's).
 class Worker {
  public:
-  Worker(int index, std::unique_ptr<Denoiser> model,
-         std::unique_ptr<Denoiser> background, const Engine::Options& options,
-         CompletionQueue* completions)
-      : index_(index), model_(std::move(model)),
-        background_(std::move(background)), options_(options),
-        observer_(options.observer), completions_(completions) {
+  Worker(int index, const Engine::Options& options,
+         CompletionQueue* completions, std::atomic<int>* busy_workers)
+      : index_(index), options_(options), observer_(options.observer),
+        completions_(completions), busy_workers_(busy_workers) {
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
 
-  absl::Status Admit(std::unique_ptr<Task> task, const Task::Cost& cost) {
+  absl::Status Admit(std::unique_ptr<Task> task, const Task::Cost& cost,
+                     std::shared_ptr<const EngineModel> model) {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::UnavailableError("server is shutting down");
     if (cost.rows > options_.max_queued_rows) {
@@ -142,7 +143,8 @@ class Worker {
     }
     queued_rows_ += cost.rows;
     observer_->OnAdmitted(task->method());
-    incoming_.push_back({std::move(task), cost.rows, cost.first_pass});
+    incoming_.push_back(
+        {std::move(task), std::move(model), cost.rows, cost.first_pass});
     return absl::OkStatus();
   }
 
@@ -183,11 +185,13 @@ class Worker {
  private:
   struct Entry {
     std::unique_ptr<Task> task;
+    std::shared_ptr<const EngineModel> model;  // what its rows run on
     int64_t rows;        // admitted cost, released when the task leaves
     int64_t first_pass;  // rows of its first evaluation
   };
   // The rows of one forward pass: which live task gave how many, in order.
   struct Batch {
+    const EngineModel* model = nullptr;  // every part's task runs on it
     Task::Pass pass = Task::Pass::kForward;
     std::vector<std::pair<size_t, int64_t>> parts;  // live_ index, rows
     std::vector<Rows> rows;
@@ -215,7 +219,10 @@ class Worker {
   // Gathers, evaluates and hands out one batch; adds its forward time.
   bool RunBatch(double* forward_seconds);
   Batch Gather();
-  Batch GatherPass(Task::Pass pass, const std::vector<size_t>& order);
+  // The batch of `model`'s tasks (in `order`), or an empty one.
+  Batch GatherModel(const EngineModel* model, const std::vector<size_t>& order);
+  Batch GatherPass(const EngineModel* model, Task::Pass pass,
+                   const std::vector<size_t>& order);
   // The outputs of the batch's rows (the background model's in
   // batch.background); records the pass.
   absl::StatusOr<Evaluation> Forward(Batch& batch, double* forward_seconds);
@@ -229,14 +236,17 @@ class Worker {
                   absl::Time start);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
+  // Counts this worker in busy_workers_ while it has live tasks, and picks
+  // its forward passes' threads (Options::lone_threads).
+  void UpdateBusy();
+  void PickThreads();
   absl::Time Now() const { return options_.clock->Now(); }
 
   const int index_;
-  std::unique_ptr<Denoiser> model_;
-  std::unique_ptr<Denoiser> background_;  // may be null
   const Engine::Options options_;
   EngineObserver* const observer_;
   CompletionQueue* const completions_;
+  std::atomic<int>* const busy_workers_;
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
@@ -247,14 +257,19 @@ class Worker {
   // Worker thread only.
   std::vector<Entry> live_;
   size_t rotation_ = 0;  // where the next batch starts gathering rows
+  size_t model_turn_ = 0;  // which model's rows the next batch tries first
   bool vjp_turn_ = false;  // alternates plain and VJP batches
+  bool busy_ = false;      // counted in busy_workers_
+  int threads_now_ = 0;    // what PickThreads last set (0 = untouched)
   std::thread thread_;
 };
 
 bool Worker::Iterate(absl::Time start, bool took) {
   bool worked = Sweep();
+  UpdateBusy();
   double forward = 0;
   worked = RunBatch(&forward) || worked;
+  UpdateBusy();
   UpdateGauges();
   // Host time: the whole iteration (from after the wait for work) but the
   // forward pass.
@@ -298,7 +313,8 @@ bool Worker::TakeIncoming(bool wait) {
   for (Entry& e : fresh) {
     absl::Status started;
     try {
-      started = e.task->Start(*model_, background_ != nullptr);
+      started = e.task->Start(e.model->replica(index_),
+                              e.model->background(index_) != nullptr);
     } catch (const std::exception& err) {
       started = absl::InternalError(
           absl::StrCat("cannot start request: ", err.what()));
@@ -360,22 +376,45 @@ bool Worker::Sweep() {
   return removed;
 }
 
+void Worker::UpdateBusy() {
+  const bool busy = !live_.empty();
+  if (busy != busy_) {
+    busy_workers_->fetch_add(busy ? 1 : -1);
+    busy_ = busy;
+  }
+}
+
+void Worker::PickThreads() {
+  if (options_.lone_threads <= options_.threads || options_.threads <= 0) {
+    return;
+  }
+  // Alone: no other worker has a live task (this one has).
+  const bool alone = busy_workers_->load() <= 1;
+  const int want = alone ? options_.lone_threads : options_.threads;
+  if (want == threads_now_) return;
+  // The calling thread's OpenMP team size (at::set_num_threads sets the
+  // caller's omp nthreads); the other workers' teams are their own.
+  at::set_num_threads(want);
+  threads_now_ = want;
+}
+
 bool Worker::RunBatch(double* forward_seconds) {
   if (live_.empty()) return false;
   Batch batch = Gather();
   if (batch.parts.empty()) return false;
+  PickThreads();
   const absl::Time start = Now();
   const absl::StatusOr<Evaluation> out = Forward(batch, forward_seconds);
   Distribute(batch, out, start);
   return true;
 }
 
-// Which rows go into this iteration's pass. The starting task rotates every
-// iteration so every task gets rows even when one alone could fill the
-// batch; likelihood tasks go first with Options::score_priority. Rows that
-// need a vector-Jacobian product (Task::Pass::kForwardVjp) run in a pass of
-// their own, where a row costs about kVjpRowCost plain rows: when both
-// kinds are live, iterations alternate.
+// Which rows go into this iteration's pass. A pass holds the rows of one
+// model; when tasks of several models are live, the models take turns (in
+// a fixed order, so each gets every n-th pass whatever its task count). The
+// starting task rotates every iteration so every task gets rows even when
+// one alone could fill the batch; likelihood tasks go first with
+// Options::score_priority.
 Worker::Batch Worker::Gather() {
   std::vector<size_t> order(live_.size());
   for (size_t i = 0; i < order.size(); ++i) {
@@ -387,26 +426,49 @@ Worker::Batch Worker::Gather() {
       return live_[i].task->likelihood();
     });
   }
+  std::vector<const EngineModel*> models;
+  for (const Entry& e : live_) models.push_back(e.model.get());
+  std::sort(models.begin(), models.end(), std::less<const EngineModel*>());
+  models.erase(std::unique(models.begin(), models.end()), models.end());
+  for (size_t j = 0; j < models.size(); ++j) {
+    const size_t turn = (model_turn_ + j) % models.size();
+    Batch batch = GatherModel(models[turn], order);
+    if (!batch.parts.empty()) {
+      model_turn_ = turn + 1;
+      return batch;
+    }
+  }
+  return Batch{};
+}
+
+// Rows that need a vector-Jacobian product (Task::Pass::kForwardVjp) run in
+// a pass of their own, where a row costs about kVjpRowCost plain rows: when
+// both kinds are live, iterations alternate.
+Worker::Batch Worker::GatherModel(const EngineModel* model,
+                                  const std::vector<size_t>& order) {
   bool any_vjp = false, any_plain = false;
   for (const Entry& e : live_) {
+    if (e.model.get() != model) continue;
     (e.task->pass() == Task::Pass::kForwardVjp ? any_vjp : any_plain) = true;
   }
   if (any_vjp && any_plain) vjp_turn_ = !vjp_turn_;
   const Task::Pass first = any_vjp && (!any_plain || vjp_turn_)
                                ? Task::Pass::kForwardVjp
                                : Task::Pass::kForward;
-  Batch batch = GatherPass(first, order);
+  Batch batch = GatherPass(model, first, order);
   if (batch.parts.empty() && any_vjp && any_plain) {  // none of them ready
-    batch = GatherPass(first == Task::Pass::kForward ? Task::Pass::kForwardVjp
+    batch = GatherPass(model,
+                       first == Task::Pass::kForward ? Task::Pass::kForwardVjp
                                                      : Task::Pass::kForward,
                        order);
   }
   return batch;
 }
 
-Worker::Batch Worker::GatherPass(Task::Pass pass,
+Worker::Batch Worker::GatherPass(const EngineModel* model, Task::Pass pass,
                                  const std::vector<size_t>& order) {
   Batch batch;
+  batch.model = model;
   batch.pass = pass;
   const int64_t capacity =
       pass == Task::Pass::kForwardVjp
@@ -414,7 +476,9 @@ Worker::Batch Worker::GatherPass(Task::Pass pass,
           : options_.max_batch;
   for (size_t i : order) {
     if (batch.taken == capacity) break;
-    if (live_[i].task->pass() != pass) continue;
+    if (live_[i].model.get() != model || live_[i].task->pass() != pass) {
+      continue;
+    }
     Rows r = live_[i].task->Take(capacity - batch.taken);
     if (r.empty()) continue;
     batch.taken += r.size();
@@ -430,7 +494,8 @@ absl::StatusOr<Evaluation> Worker::Forward(Batch& batch,
   absl::StatusOr<Evaluation> out;
   try {
     if (batch.pass == Task::Pass::kForwardVjp) {
-      absl::StatusOr<EpsVjp> both = EvaluateVjp(*model_, Rows::Cat(batch.rows));
+      absl::StatusOr<EpsVjp> both = EvaluateVjp(
+          batch.model->replica(index_), Rows::Cat(batch.rows));
       if (both.ok()) {
         out = Evaluation{both->eps.to(at::kCPU), both->vjp.to(at::kCPU), {}};
       } else {
@@ -467,8 +532,9 @@ absl::StatusOr<Evaluation> Worker::Forward(Batch& batch,
 }
 
 absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
-  if (!options_.score_fp32 || model_->precision() == Precision::kFp32) {
-    return Evaluate(*model_, Rows::Cat(batch.rows));
+  Denoiser& model = batch.model->replica(index_);
+  if (!options_.score_fp32 || model.precision() == Precision::kFp32) {
+    return Evaluate(model, Rows::Cat(batch.rows));
   }
   std::vector<size_t> order(batch.parts.size());
   for (size_t j = 0; j < order.size(); ++j) order[j] = j;
@@ -478,9 +544,9 @@ absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
   const size_t n_exact = static_cast<size_t>(
       std::stable_partition(order.begin(), order.end(), exact) -
       order.begin());
-  if (n_exact == 0) return Evaluate(*model_, Rows::Cat(batch.rows));
+  if (n_exact == 0) return Evaluate(model, Rows::Cat(batch.rows));
   if (n_exact == order.size()) {
-    return Evaluate(*model_, Rows::Cat(batch.rows), /*fp32=*/true);
+    return Evaluate(model, Rows::Cat(batch.rows), /*fp32=*/true);
   }
   std::vector<std::pair<size_t, int64_t>> sorted_parts;
   std::vector<Rows> sorted_rows;
@@ -495,9 +561,9 @@ absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
   const std::vector<Rows> other_rows(batch.rows.begin() + n_exact,
                                      batch.rows.end());
   absl::StatusOr<at::Tensor> exact_eps =
-      Evaluate(*model_, Rows::Cat(exact_rows), /*fp32=*/true);
+      Evaluate(model, Rows::Cat(exact_rows), /*fp32=*/true);
   if (!exact_eps.ok()) return exact_eps;
-  absl::StatusOr<at::Tensor> other_eps = Evaluate(*model_, Rows::Cat(other_rows));
+  absl::StatusOr<at::Tensor> other_eps = Evaluate(model, Rows::Cat(other_rows));
   if (!other_eps.ok()) return other_eps;
   return at::cat({exact_eps->to(at::kCPU), other_eps->to(at::kCPU)});
 }
@@ -506,7 +572,8 @@ absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
 // background model (the likelihood ratio), in one pass.
 void Worker::RunBackground(Batch& batch, double* forward_seconds) {
   batch.background_offset.assign(batch.parts.size(), -1);
-  if (!background_) return;
+  Denoiser* background = batch.model->background(index_);
+  if (background == nullptr) return;
   std::vector<Rows> wanted;
   int64_t rows = 0;
   for (size_t k = 0; k < batch.parts.size(); ++k) {
@@ -521,7 +588,7 @@ void Worker::RunBackground(Batch& batch, double* forward_seconds) {
     torch::NoGradGuard no_grad;
     try {
       batch.background =
-          Evaluate(*background_, Rows::Cat(wanted), options_.score_fp32);
+          Evaluate(*background, Rows::Cat(wanted), options_.score_fp32);
       if (batch.background.ok()) {
         *batch.background = batch.background->to(at::kCPU);
       }
@@ -622,8 +689,8 @@ absl::Status CheckBackgroundModel(const Denoiser& model,
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
-    const Options& options, std::vector<std::unique_ptr<Denoiser>> replicas,
+absl::StatusOr<std::shared_ptr<const EngineModel>> EngineModel::Create(
+    std::vector<std::unique_ptr<Denoiser>> replicas,
     std::vector<std::unique_ptr<Denoiser>> background) {
   if (replicas.empty()) {
     return absl::InvalidArgumentError("engine needs at least one model replica");
@@ -638,17 +705,40 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
       VDM_RETURN_IF_ERROR(CheckBackgroundModel(*replicas[i], *background[i]));
     }
   }
+  std::shared_ptr<EngineModel> model(new EngineModel());
+  model->replicas_ = std::move(replicas);
+  model->background_ = std::move(background);
+  return model;
+}
+
+EngineModel::~EngineModel() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const Options& options,
+                                                       int workers) {
+  if (workers < 1) {
+    return absl::InvalidArgumentError("engine needs at least one worker");
+  }
   if (options.max_batch < 1) {
     return absl::InvalidArgumentError("max_batch must be >= 1");
   }
   std::unique_ptr<Engine> engine(new Engine(options));
-  for (size_t i = 0; i < replicas.size(); ++i) {
-    const int index = static_cast<int>(engine->workers_.size());
+  for (int i = 0; i < workers; ++i) {
     engine->workers_.push_back(std::make_unique<Worker>(
-        index, std::move(replicas[i]),
-        background.empty() ? nullptr : std::move(background[i]),
-        engine->options_, engine->completions_.get()));
+        i, engine->options_, engine->completions_.get(),
+        &engine->busy_workers_));
   }
+  return engine;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    const Options& options, std::vector<std::unique_ptr<Denoiser>> replicas,
+    std::vector<std::unique_ptr<Denoiser>> background) {
+  VDM_ASSIGN_OR_RETURN(
+      std::shared_ptr<const EngineModel> model,
+      EngineModel::Create(std::move(replicas), std::move(background)));
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine,
+                       Create(options, model->workers()));
+  engine->default_model_ = std::move(model);
   return engine;
 }
 
@@ -684,14 +774,28 @@ Worker* Engine::LeastLoaded() {
 
 absl::Status Engine::Submit(std::unique_ptr<Task> task,
                             RequestControl control) {
+  if (default_model_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "engine has no default model: submit with the model to run on");
+  }
+  return Submit(std::move(task), std::move(control), default_model_);
+}
+
+absl::Status Engine::Submit(std::unique_ptr<Task> task, RequestControl control,
+                            std::shared_ptr<const EngineModel> model) {
   if (task == nullptr) return absl::InvalidArgumentError("no task");
+  if (model == nullptr || model->workers() != workers()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model has ", model == nullptr ? 0 : model->workers(),
+        " replicas for ", workers(), " workers"));
+  }
   const Task::Cost cost = task->cost();
   // Progress goes through the completion queue too: off the worker, and in
   // order with the result.
   CompletionQueue* queue = completions_.get();
   task->Admit(std::move(control), options_.clock->Now(),
               [queue](std::function<void()> fn) { queue->Post(std::move(fn)); });
-  return LeastLoaded()->Admit(std::move(task), cost);
+  return LeastLoaded()->Admit(std::move(task), cost, std::move(model));
 }
 
 bool Engine::WaitIdle(absl::Time deadline) {

@@ -3,8 +3,13 @@
 // which states its own cost and how its rows are evaluated, and delivers
 // their results through the tasks' own callbacks.
 //
-// One worker per device owns a model replica. Each iteration it gathers up
-// to `max_batch` rows from every live task (a sampling trajectory at its
+// One worker per device. A model version the engine runs (EngineModel) has
+// a replica on every worker; a task is submitted with the model it runs on
+// and holds it until it leaves, so a version a repository replaces keeps
+// serving the requests it started and is freed after the last one. Each
+// iteration a worker gathers up to `max_batch` rows of ONE model (rows of
+// different models never share a forward pass; the models with live tasks
+// take turns, so a busy model cannot starve another) from every live task (a sampling trajectory at its
 // current step, both halves of a guided pair, a scoring evaluation at its
 // own time t), runs one forward pass and advances each task. New tasks join
 // at the next iteration; cancelled or expired ones leave at the next
@@ -22,6 +27,7 @@
 #ifndef VDM_SERVER_ENGINE_H_
 #define VDM_SERVER_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -52,6 +58,30 @@ struct WorkerStats {
   int64_t background_rows = 0;
 };
 
+// A loaded model version as the engine runs it: one replica per worker
+// and, optionally, a background model per worker (the likelihood ratio of
+// Ren et al. 2019) of the replicas' shape and num_classes. Immutable after
+// Create; shared by the tasks that run on it (see above). Thread-safe.
+class EngineModel {
+ public:
+  static absl::StatusOr<std::shared_ptr<const EngineModel>> Create(
+      std::vector<std::unique_ptr<Denoiser>> replicas,
+      std::vector<std::unique_ptr<Denoiser>> background = {});
+  ~EngineModel();
+
+  int workers() const { return static_cast<int>(replicas_.size()); }
+  Denoiser& replica(int worker) const { return *replicas_[worker]; }
+  // The worker's background model, or null when the model has none.
+  Denoiser* background(int worker) const {
+    return background_.empty() ? nullptr : background_[worker].get();
+  }
+
+ private:
+  EngineModel() = default;
+  std::vector<std::unique_ptr<Denoiser>> replicas_;
+  std::vector<std::unique_ptr<Denoiser>> background_;
+};
+
 // OK when `background` can serve as `model`'s background model (the same
 // image shape and num_classes); else INVALID_ARGUMENT saying what differs.
 absl::Status CheckBackgroundModel(const Denoiser& model,
@@ -69,6 +99,14 @@ class Engine {
     // evaluate likelihood rows in fp32 anyway (Denoiser::DenoiseFp32): a
     // mixed batch becomes two forward passes (--score_precision=fp32).
     bool score_fp32 = true;
+    // Intra-op threads of a worker's forward passes, and of a worker that
+    // is alone: when lone_threads > threads and no other worker has a live
+    // task, the busy worker runs its passes on lone_threads threads, so a
+    // lone request uses every core; it goes back to `threads` as soon as
+    // another worker has work. 0 = off (threads as SetTorchThreads left
+    // them).
+    int threads = 0;
+    int lone_threads = 0;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
     // When queued tasks are let in (admission.h); null = continuous: every
@@ -79,11 +117,14 @@ class Engine {
     EngineObserver* observer = nullptr;
   };
 
-  // One worker per replica. `background`: empty, or one background model
-  // per replica (the likelihood ratio of Ren et al. 2019), of the replicas'
-  // shape and num_classes: the rows of tasks that want it
-  // (Task::wants_background) are also evaluated on the worker's background
-  // model, in the same iteration as on its replica.
+  // `workers` workers and no model yet: every task is submitted with the
+  // EngineModel (of `workers` replicas) it runs on.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const Options& options,
+                                                        int workers);
+  // One worker per replica, and these replicas (with `background`, see
+  // EngineModel) as the default model of Submit(task, control). The rows of
+  // tasks that want it (Task::wants_background) are also evaluated on the
+  // worker's background model, in the same iteration as on its replica.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(
       const Options& options,
       std::vector<std::unique_ptr<Denoiser>> replicas,
@@ -97,6 +138,10 @@ class Engine {
   // once, off the worker thread, unless Submit returned an error (then the
   // task is destroyed unfinished).
   absl::Status Submit(std::unique_ptr<Task> task, RequestControl control);
+  // The same on `model` (it must have a replica per worker).
+  absl::Status Submit(std::unique_ptr<Task> task, RequestControl control,
+                      std::shared_ptr<const EngineModel> model);
+  int workers() const { return static_cast<int>(workers_.size()); }
 
   // Manual mode: one iteration of every worker (admit, drop cancelled and
   // expired tasks, one forward pass). Returns true when anything happened,
@@ -122,6 +167,8 @@ class Engine {
   Worker* LeastLoaded();
 
   Options options_;
+  std::shared_ptr<const EngineModel> default_model_;  // may be null
+  std::atomic<int> busy_workers_{0};  // workers with live tasks
   std::unique_ptr<CompletionQueue> completions_;
   std::vector<std::unique_ptr<Worker>> workers_;
 };

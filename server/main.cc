@@ -23,9 +23,26 @@
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt",
-          "TorchScript model (.pt) to serve");
+          "TorchScript model (.pt) to serve, as a repository of one (model "
+          "name: the file's stem, version 1); ignored with "
+          "--model_repository");
+ABSL_FLAG(std::string, model_repository, "",
+          "model repository directory: DIR/NAME/VERSION/model.pt (and "
+          "optionally model.pt.calibration.json and background.pt beside "
+          "it); each model serves its newest version, and new versions are "
+          "swapped in without dropping requests (docs/deploy.md)");
+ABSL_FLAG(std::string, default_model, "",
+          "with --model_repository: the model of requests that name none; "
+          "empty = the first by name");
+ABSL_FLAG(int, repository_poll_seconds, 10,
+          "with --model_repository: seconds between scans for new, changed "
+          "or removed versions (0 = only at start-up and on SIGHUP)");
+ABSL_FLAG(int, max_loaded_models, 8,
+          "models loaded at once; a model beyond it is listed as failed "
+          "until another leaves (a new version of a served model does not "
+          "count)");
 ABSL_FLAG(std::string, calibration, "",
-          "anomaly calibration JSON (vdm-calibrate); empty = "
+          "anomaly calibration JSON (vdm-calibrate) of --model; empty = "
           "MODEL.calibration.json when it exists; none = uncalibrated");
 ABSL_FLAG(std::string, background_model, "",
           "background model (.pt, vdm-train --mutation_rate) of the same "
@@ -43,6 +60,11 @@ ABSL_FLAG(std::string, devices, "auto",
 ABSL_FLAG(int, threads, 0,
           "torch intra-op threads per replica; 0 = the available CPUs divided "
           "among the CPU replicas");
+ABSL_FLAG(int, lone_threads, -1,
+          "intra-op threads of a replica while it alone has work (a lone "
+          "request then uses every core; back to --threads as soon as "
+          "another replica has work); -1 = the usable CPUs with several CPU "
+          "replicas, else off; 0 = off");
 ABSL_FLAG(std::string, precision, "auto",
           "forward-pass precision: fp32, bf16 (autocast; 1.8-2.2x the rows/s "
           "on a CPU with AMX, 0.7x on one with only avx512_bf16) or auto "
@@ -74,9 +96,9 @@ ABSL_FLAG(int, drain_seconds, 20,
 
 namespace {
 
-// SIGTERM and SIGINT, in whichever thread they land (OpenBLAS starts threads
-// before main, so masking signals in main cannot cover every thread), only
-// write their number to this pipe; the main thread reads it.
+// SIGTERM, SIGINT and SIGHUP, in whichever thread they land (OpenBLAS
+// starts threads before main, so masking signals in main cannot cover every
+// thread), only write their number to this pipe; the main thread reads it.
 int g_signal_pipe[2] = {-1, -1};
 
 extern "C" void OnTerminationSignal(int signal_number) {
@@ -93,10 +115,11 @@ bool InstallSignalHandlers() {
   sigemptyset(&action.sa_mask);
   action.sa_flags = SA_RESTART;
   return sigaction(SIGTERM, &action, nullptr) == 0 &&
-         sigaction(SIGINT, &action, nullptr) == 0;
+         sigaction(SIGINT, &action, nullptr) == 0 &&
+         sigaction(SIGHUP, &action, nullptr) == 0;
 }
 
-// Blocks until a termination signal arrives; returns its number.
+// Blocks until a signal arrives; returns its number.
 int WaitForSignal() {
   char byte = 0;
   while (read(g_signal_pipe[0], &byte, 1) != 1) {
@@ -109,6 +132,10 @@ int WaitForSignal() {
 vdm::VdmServer::Options OptionsFromFlags() {
   vdm::VdmServer::Options options;
   options.model_path = absl::GetFlag(FLAGS_model);
+  options.model_repository = absl::GetFlag(FLAGS_model_repository);
+  options.default_model = absl::GetFlag(FLAGS_default_model);
+  options.repository_poll_seconds = absl::GetFlag(FLAGS_repository_poll_seconds);
+  options.max_loaded_models = absl::GetFlag(FLAGS_max_loaded_models);
   options.calibration_path = absl::GetFlag(FLAGS_calibration);
   options.background_model_path = absl::GetFlag(FLAGS_background_model);
   options.address = absl::GetFlag(FLAGS_address);
@@ -116,6 +143,7 @@ vdm::VdmServer::Options OptionsFromFlags() {
   options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',
                                    absl::SkipWhitespace());
   options.threads = absl::GetFlag(FLAGS_threads);
+  options.lone_threads = absl::GetFlag(FLAGS_lone_threads);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.score_precision = absl::GetFlag(FLAGS_score_precision);
   options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -134,10 +162,15 @@ vdm::VdmServer::Options OptionsFromFlags() {
   return options;
 }
 
-// Waits for SIGTERM/SIGINT, then drains for up to --drain_seconds and
-// returns once the server has stopped.
+// Waits for SIGTERM/SIGINT (SIGHUP: scans the model repository now), then
+// drains for up to --drain_seconds and returns once the server has stopped.
 void ServeUntilSignal(vdm::VdmServer& server) {
-  const int signal_number = WaitForSignal();
+  int signal_number = WaitForSignal();
+  while (signal_number == SIGHUP) {
+    LOG(INFO) << "vdm-server: SIGHUP: scanning the model repository";
+    server.Reload();
+    signal_number = WaitForSignal();
+  }
   LOG(INFO) << absl::StrFormat("vdm-server: signal %d, draining (up to %d s)",
                                signal_number,
                                absl::GetFlag(FLAGS_drain_seconds));
@@ -145,7 +178,8 @@ void ServeUntilSignal(vdm::VdmServer& server) {
   // UNAVAILABLE at once); it never skips it: the process still stops cleanly.
   vdm::VdmServer* raw = &server;
   std::thread([raw] {
-    const int again = WaitForSignal();
+    int again = WaitForSignal();
+    while (again == SIGHUP) again = WaitForSignal();
     LOG(WARNING) << absl::StrFormat(
         "vdm-server: signal %d again, cutting the drain short", again);
     raw->HurryShutdown();
@@ -216,7 +250,9 @@ int main(int argc, char** argv) {
   }
   LOG(INFO) << absl::StrFormat(
       "vdm-server: serving %s on port %d (metrics port %d), ready in %.1f s",
-      options.model_path, (*server)->port(), (*server)->metrics_port(),
+      options.model_repository.empty() ? options.model_path
+                                       : options.model_repository,
+      (*server)->port(), (*server)->metrics_port(),
       absl::ToDoubleSeconds(absl::Now() - start));
   ServeUntilSignal(**server);
   LogWorkerTime(**server, start);

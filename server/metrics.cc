@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -120,6 +121,32 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
            .Help("Forward rows per second measured at start-up in each "
                  "precision by --precision=auto (0 = not measured)")
            .Register(r);
+  model_requests_ = &BuildCounter()
+                         .Name("vdm_model_requests_total")
+                         .Help("RPCs finished, by model version, method and "
+                               "gRPC status code")
+                         .Register(r);
+  model_rows_ = &BuildCounter()
+                     .Name("vdm_model_rows_total")
+                     .Help("Network rows of finished requests, by model "
+                           "version")
+                     .Register(r);
+  model_state_ = &BuildGauge()
+                      .Name("vdm_model_state")
+                      .Help("1 for each model version the repository lists, "
+                            "labelled with its state (loading, ready, "
+                            "failed, unloading)")
+                      .Register(r);
+  model_memory_ = &BuildGauge()
+                       .Name("vdm_model_memory_bytes")
+                       .Help("Parameters and buffers of a model version's "
+                             "replicas, bytes")
+                       .Register(r);
+  model_load_failures_ = &BuildCounter()
+                              .Name("vdm_model_load_failures_total")
+                              .Help("Model versions that failed to load or "
+                                    "were refused, by model")
+                              .Register(r);
   ready_gauge_ = &BuildGauge()
                      .Name("vdm_ready")
                      .Help("1 while the server is ready to serve (model "
@@ -158,6 +185,67 @@ void Metrics::SetBuildInfo(const std::string& version, const std::string& model,
              {"parameters", std::to_string(parameters)},
              {"precision", precision}})
       .Set(1);
+}
+
+void Metrics::RecordModelRequest(const std::string& model, int64_t version,
+                                 const std::string& method,
+                                 const std::string& code, int64_t rows) {
+  const std::string v = std::to_string(version);
+  absl::MutexLock lock(&models_mu_);
+  auto it = version_series_.find(model + "/" + v);
+  if (it == version_series_.end()) return;  // not listed (any more)
+  prometheus::Counter& requests = model_requests_->Add(
+      {{"model", model}, {"version", v}, {"method", method}, {"code", code}});
+  requests.Increment();
+  prometheus::Counter& row_counter =
+      model_rows_->Add({{"model", model}, {"version", v}});
+  row_counter.Increment(static_cast<double>(rows));
+  for (prometheus::Counter* c : {&requests, &row_counter}) {
+    auto& list = it->second.counters;
+    if (std::find(list.begin(), list.end(), c) == list.end()) list.push_back(c);
+  }
+}
+
+void Metrics::SetModelVersions(const std::vector<ModelVersion>& versions) {
+  absl::MutexLock lock(&models_mu_);
+  std::map<std::string, VersionSeries> next;
+  for (const ModelVersion& m : versions) {
+    const std::string v = std::to_string(m.version);
+    const std::string key = m.name + "/" + v;
+    VersionSeries series;
+    if (auto old = version_series_.find(key); old != version_series_.end()) {
+      series = std::move(old->second);
+      version_series_.erase(old);
+    }
+    if (m.state == "failed" && series.state != "failed") {
+      model_load_failures_->Add({{"model", m.name}}).Increment();
+    }
+    if (series.state != m.state) {
+      for (prometheus::Gauge* g : series.gauges) {
+        if (g != nullptr) model_state_->Remove(g);
+      }
+      series.gauges = {&model_state_->Add(
+          {{"model", m.name}, {"version", v}, {"state", m.state}})};
+      series.gauges.front()->Set(1);
+      series.state = m.state;
+    }
+    model_memory_->Add({{"model", m.name}, {"version", v}})
+        .Set(static_cast<double>(m.memory_bytes));
+    next[key] = std::move(series);
+  }
+  // What left the list: its series go.
+  for (auto& [key, series] : version_series_) {
+    for (prometheus::Gauge* g : series.gauges) model_state_->Remove(g);
+    for (prometheus::Counter* c : series.counters) {
+      model_requests_->Remove(c);
+      model_rows_->Remove(c);
+    }
+    const size_t slash = key.rfind('/');
+    prometheus::Gauge& memory = model_memory_->Add(
+        {{"model", key.substr(0, slash)}, {"version", key.substr(slash + 1)}});
+    model_memory_->Remove(&memory);
+  }
+  version_series_ = std::move(next);
 }
 
 void Metrics::SetPrecisionRates(double fp32, double bf16) {

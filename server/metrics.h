@@ -5,6 +5,7 @@
 #define VDM_SERVER_METRICS_H_
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +48,26 @@ class Metrics : public EngineObserver {
   // RPC layer: one call finished with `code` (a grpc::StatusCode name).
   void RecordRequest(const std::string& method, const std::string& code,
                      double latency_seconds);
+
+  // Model repository. Series carry `model` and `version` labels only for
+  // versions the repository lists (names come from its folders, never from
+  // requests), and a version's series go when it leaves the list, so the
+  // label sets stay bounded by the repository.
+  // vdm_model_requests_total{model,version,method,code} and
+  // vdm_model_rows_total{model,version}: a call resolved to that version.
+  void RecordModelRequest(const std::string& model, int64_t version,
+                          const std::string& method, const std::string& code,
+                          int64_t rows);
+  struct ModelVersion {
+    std::string name;
+    int64_t version = 0;
+    std::string state;  // loading, ready, failed, unloading
+    int64_t memory_bytes = 0;
+  };
+  // The repository's list after a change: vdm_model_state{model,version,
+  // state} = 1, vdm_model_memory_bytes{model,version}, and
+  // vdm_model_load_failures_total{model} counts versions newly failed.
+  void SetModelVersions(const std::vector<ModelVersion>& versions);
   void RecordBpd(double bpd) { bpd_->Observe(bpd); }
   // A calibrated anomaly score, and whether the image was flagged.
   void RecordAnomaly(double score, bool flagged) {
@@ -116,6 +137,21 @@ class Metrics : public EngineObserver {
   prometheus::Counter* flagged_;
   prometheus::Family<prometheus::Gauge>* build_info_;
   prometheus::Family<prometheus::Gauge>* precision_rates_;
+  prometheus::Family<prometheus::Counter>* model_requests_;
+  prometheus::Family<prometheus::Counter>* model_rows_;
+  prometheus::Family<prometheus::Gauge>* model_state_;
+  prometheus::Family<prometheus::Gauge>* model_memory_;
+  prometheus::Family<prometheus::Counter>* model_load_failures_;
+  // Per listed version ("name/version"): its state, and every series with
+  // its labels, removed when it leaves the list.
+  struct VersionSeries {
+    std::string state;
+    std::vector<prometheus::Counter*> counters;
+    std::vector<prometheus::Gauge*> gauges;
+  };
+  absl::Mutex models_mu_;
+  std::map<std::string, VersionSeries> version_series_
+      ABSL_GUARDED_BY(models_mu_);
   // Each worker's seconds counters, looked up once (OnWorkerSeconds runs
   // every iteration of every worker).
   absl::Mutex worker_seconds_mu_;

@@ -26,12 +26,17 @@ RequestLog::RequestLog(grpc::CallbackServerContext* context,
 void RequestLog::Done(const absl::Status& status) {
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start_);
   const std::string code = absl::StatusCodeToString(status.code());
-  if (metrics_) metrics_->RecordRequest(method_, code, seconds);
+  if (metrics_) {
+    metrics_->RecordRequest(method_, code, seconds);
+    if (!model_.empty()) {
+      metrics_->RecordModelRequest(model_, version_, method_, code, rows_);
+    }
+  }
   std::string line = absl::StrFormat(
-      "request id=%s method=%s peer=%s images=%d rows=%d queue_s=%.3f "
-      "compute_s=%.3f seconds=%.3f code=%s",
-      id_, method_, peer_, images_, rows_, queue_seconds_, compute_seconds_,
-      seconds, code);
+      "request id=%s method=%s peer=%s model=%s version=%d images=%d rows=%d "
+      "queue_s=%.3f compute_s=%.3f seconds=%.3f code=%s",
+      id_, method_, peer_, model_.empty() ? "-" : model_, version_, images_,
+      rows_, queue_seconds_, compute_seconds_, seconds, code);
   if (!status.ok()) {
     absl::StrAppendFormat(&line, " error=\"%s\"", status.message());
   }

@@ -114,7 +114,15 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
     reactor->FinishWith(s);
     return reactor;
   }
-  absl::StatusOr<SampleJob> job = ToSampleJob(*request, options_, model_);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  if (!served.ok()) {
+    reactor->FinishWith(served.status());
+    return reactor;
+  }
+  const std::shared_ptr<const ServedModel> model = *std::move(served);
+  reactor->log().SetModel(model->name, model->version);
+  absl::StatusOr<SampleJob> job =
+      ToSampleJob(*request, options_, model->description);
   if (job.ok() && request->preview_every() < 0) {
     job = absl::InvalidArgumentError("preview_every: must be >= 0");
   }
@@ -130,12 +138,14 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
     reactor->PushProgress(p, format);
   };
   Metrics* metrics = metrics_;
-  auto done = [reactor, format, seed,
-               metrics](absl::StatusOr<SampleResult> r) {
+  auto done = [reactor, format, seed, metrics,
+               model](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return reactor->FinishWith(r.status());
         reactor->log().SetResult(r->network_evaluations, r->queue_seconds,
                                  r->compute_seconds);
         v1::SampleResponse response;
+        response.set_model(model->name);
+        response.set_model_version(model->version);
         absl::Status s = FillSampleResponse(*r, format, seed, &response);
         if (s.ok()) {
           reactor->PushResult(std::move(response));
@@ -143,9 +153,10 @@ VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
         }
         reactor->FinishWith(s);
       };
+  const int num_classes = model->description.num_classes;
   absl::Status admitted = engine_->Submit(
-      MakeSampleTask(*std::move(job), model_.num_classes, std::move(done)),
-      ControlOf(context));
+      MakeSampleTask(*std::move(job), num_classes, std::move(done)),
+      ControlOf(context), model->engine_model);
   if (!admitted.ok()) reactor->FinishWith(admitted);
   return reactor;
 }

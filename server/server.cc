@@ -191,6 +191,7 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
         ResolvePrecision(o.precision, automatic ? "cpu" : device).status());
   }
   VDM_RETURN_IF_ERROR(InRange("threads", o.threads, 0, 1024));
+  VDM_RETURN_IF_ERROR(InRange("lone_threads", o.lone_threads, -1, 1024));
   if (o.score_precision != "fp32" && o.score_precision != "same") {
     return absl::InvalidArgumentError(absl::StrCat(
         "--score_precision: \"", o.score_precision, "\" is not fp32 or same"));
@@ -204,6 +205,32 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
   VDM_RETURN_IF_ERROR(
       InRange("max_timesteps", o.limits.max_timesteps, 2, 1 << 16));
   VDM_RETURN_IF_ERROR(InRange("max_message_mb", o.max_message_mb, 1, 2047));
+  VDM_RETURN_IF_ERROR(InRange("repository_poll_seconds",
+                              o.repository_poll_seconds, 0, 86400));
+  VDM_RETURN_IF_ERROR(
+      InRange("max_loaded_models", o.max_loaded_models, 1, 1024));
+  if (!o.default_model.empty() && !IsModelName(o.default_model)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--default_model: '", o.default_model,
+        "' is not a model name (1-64 of [A-Za-z0-9_.-])"));
+  }
+  if (!o.model_repository.empty()) {
+    std::error_code error;
+    if (!std::filesystem::is_directory(o.model_repository, error)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--model_repository: '", o.model_repository,
+          "' is not a directory (DIR/NAME/VERSION/model.pt)"));
+    }
+    if (!o.calibration_path.empty() || !o.background_model_path.empty()) {
+      return absl::InvalidArgumentError(
+          "--calibration and --background_model are for --model; in a "
+          "repository each version keeps its own beside its model.pt "
+          "(model.pt.calibration.json, background.pt)");
+    }
+  } else if (!o.default_model.empty()) {
+    return absl::InvalidArgumentError(
+        "--default_model needs --model_repository");
+  }
   return absl::OkStatus();
 }
 
@@ -219,7 +246,115 @@ absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,
         std::count(options.devices.begin(), options.devices.end(), "cpu"));
     options.threads = cpu_replicas > 0 ? std::max(1, cpus / cpu_replicas) : cpus;
   }
+  if (options.lone_threads < 0) {
+    const bool all_cpu =
+        std::all_of(options.devices.begin(), options.devices.end(),
+                    [](const std::string& d) { return d == "cpu"; });
+    options.lone_threads = all_cpu && options.devices.size() > 1 &&
+                                   options.threads < cpus
+                               ? cpus
+                               : 0;
+  }
   return options;
+}
+
+absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
+    const VersionFiles& files, const Options& options) {
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  auto served = std::make_shared<ServedModel>();
+  ModelDescription& description = served->description;
+  int64_t bytes_per_replica = 0;
+  // --precision=auto is measured on the first replica of each device and
+  // its choice reused for the others there.
+  std::map<std::string, Precision> measured;
+  for (const std::string& device : options.devices) {
+    TorchScriptModel::Options load;
+    load.path = files.model_path;
+    load.device = device;
+    load.precision = options.precision;
+    load.timing_rows = std::min(options.engine.max_batch, 32);
+    if (auto it = measured.find(device); it != measured.end()) {
+      load.precision = PrecisionName(it->second);
+    }
+    VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
+                         TorchScriptModel::Load(load));
+    if (const auto& trial = model->precision_trial()) {
+      measured[device] = trial->chosen;
+      LOG(INFO) << "vdm-server: " << files.name << " version "
+                << files.version << ": --precision=auto on " << device << ": "
+                << trial->reason;
+    }
+    if (replicas.empty()) {
+      VDM_ASSIGN_OR_RETURN(description, Describe(*model, device));
+      description.precision = PrecisionName(model->precision());
+      if (const auto& trial = model->precision_trial()) {
+        description.precision_choice = trial->reason;
+        description.fp32_rows_per_second = trial->fp32_rows_per_second;
+        description.bf16_rows_per_second = trial->bf16_rows_per_second;
+      }
+      description.score_precision = options.score_precision == "fp32"
+                                        ? std::string("fp32")
+                                        : description.precision;
+      description.replicas = static_cast<int>(options.devices.size());
+      description.threads_per_replica = options.threads;
+      for (const at::Tensor& p : model->module().parameters()) {
+        description.parameters += p.numel();
+        bytes_per_replica += p.numel() * static_cast<int64_t>(p.element_size());
+      }
+      for (const at::Tensor& b : model->module().buffers()) {
+        bytes_per_replica += b.numel() * static_cast<int64_t>(b.element_size());
+      }
+    }
+    replicas.push_back(std::move(model));
+  }
+  served->memory_bytes =
+      bytes_per_replica * static_cast<int64_t>(replicas.size());
+  std::vector<std::unique_ptr<Denoiser>> background;
+  // Errors name the flag when the files came from flags.
+  const std::string background_name = options.model_repository.empty()
+                                          ? "--background_model"
+                                          : "background model";
+  if (!files.background_path.empty()) {
+    for (size_t i = 0; i < options.devices.size(); ++i) {
+      TorchScriptModel::Options load;
+      load.path = files.background_path;
+      load.device = options.devices[i];
+      // Its rows are score rows: fp32 unless --score_precision=same, then
+      // in the precision its replica resolved to.
+      load.precision = PrecisionName(replicas[i]->precision());
+      absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
+          TorchScriptModel::Load(load);
+      if (!model.ok()) {
+        return absl::Status(model.status().code(),
+                            absl::StrCat(background_name, ": ",
+                                         model.status().message()));
+      }
+      const absl::Status fits = CheckBackgroundModel(*replicas[i], **model);
+      if (!fits.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(background_name, " ", files.background_path,
+                         " does not fit the model ", files.model_path, ": ",
+                         fits.message()));
+      }
+      for (const at::Tensor& p : (*model)->module().parameters()) {
+        served->memory_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+      }
+      background.push_back(*std::move(model));
+    }
+    description.background_path = files.background_path;
+    LOG(INFO) << "vdm-server: " << files.name << " version " << files.version
+              << ": background model " << files.background_path
+              << " (likelihood ratio)";
+  }
+  VDM_ASSIGN_OR_RETURN(const CalibrationFile calibration,
+                       LoadCalibration(files.calibration_path,
+                                       files.model_path));
+  description.calibration = calibration.anomaly;
+  description.time_proposal = calibration.time_proposal;
+  VDM_ASSIGN_OR_RETURN(served->engine_model,
+                       EngineModel::Create(std::move(replicas),
+                                           std::move(background)));
+  return served;
 }
 
 absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
@@ -231,120 +366,114 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
             << (options.devices.size() == 1 ? "" : "s") << " ("
             << absl::StrJoin(options.devices, ",") << "), " << options.threads
             << " intra-op thread" << (options.threads == 1 ? "" : "s")
-            << " each; " << cpus.Describe();
+            << " each"
+            << (options.lone_threads > options.threads
+                    ? absl::StrCat(", ", options.lone_threads,
+                                   " when one replica alone is busy")
+                    : "")
+            << "; " << cpus.Describe();
   SetTorchThreads(options.threads);
   std::unique_ptr<VdmServer> server(new VdmServer());
   server->metrics_ = std::make_unique<Metrics>();
   if (!options.metrics_address.empty()) {
     VDM_RETURN_IF_ERROR(server->metrics_->Expose(options.metrics_address));
   }
-  std::vector<std::unique_ptr<Denoiser>> replicas;
-  absl::StatusOr<ModelDescription> description;
   Engine::Options engine_options = options.engine;
   engine_options.score_fp32 = options.score_precision == "fp32";
-  // --precision=auto is measured on the first replica of each device and
-  // its choice reused for the others there.
-  std::map<std::string, Precision> measured;
-  for (const std::string& device : options.devices) {
-    TorchScriptModel::Options load;
-    load.path = options.model_path;
-    load.device = device;
-    load.precision = options.precision;
-    load.timing_rows = std::min(options.engine.max_batch, 32);
-    if (auto it = measured.find(device); it != measured.end()) {
-      load.precision = PrecisionName(it->second);
-    }
-    VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
-                         TorchScriptModel::Load(load));
-    if (const auto& trial = model->precision_trial()) {
-      measured[device] = trial->chosen;
-      LOG(INFO) << "vdm-server: --precision=auto on " << device << ": "
-                << trial->reason;
-    }
-    if (replicas.empty()) {
-      description = Describe(*model, device);
-      if (description.ok()) {
-        description->precision = PrecisionName(model->precision());
-        if (const auto& trial = model->precision_trial()) {
-          description->precision_choice = trial->reason;
-          description->fp32_rows_per_second = trial->fp32_rows_per_second;
-          description->bf16_rows_per_second = trial->bf16_rows_per_second;
-        }
-        description->score_precision = engine_options.score_fp32
-                                           ? std::string("fp32")
-                                           : description->precision;
-        description->replicas = static_cast<int>(options.devices.size());
-        description->threads_per_replica = options.threads;
-      }
-      int64_t parameters = 0;
-      for (const at::Tensor& p : model->module().parameters()) {
-        parameters += p.numel();
-      }
-      server->metrics_->SetBuildInfo(kVersion, options.model_path,
-                                     model->prediction(), parameters,
-                                     PrecisionName(model->precision()));
-      if (const auto& trial = model->precision_trial()) {
-        server->metrics_->SetPrecisionRates(trial->fp32_rows_per_second,
-                                            trial->bf16_rows_per_second);
-      }
-    }
-    replicas.push_back(std::move(model));
-  }
-  if (!description.ok()) return description.status();
-  std::vector<std::unique_ptr<Denoiser>> background;
-  if (!options.background_model_path.empty()) {
-    for (size_t i = 0; i < options.devices.size(); ++i) {
-      TorchScriptModel::Options load;
-      load.path = options.background_model_path;
-      load.device = options.devices[i];
-      // Its rows are score rows: fp32 unless --score_precision=same, then
-      // in the precision its replica resolved to.
-      load.precision = PrecisionName(replicas[i]->precision());
-      absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
-          TorchScriptModel::Load(load);
-      if (!model.ok()) {
-        return absl::Status(model.status().code(),
-                            absl::StrCat("--background_model: ",
-                                         model.status().message()));
-      }
-      const absl::Status fits = CheckBackgroundModel(*replicas[i], **model);
-      if (!fits.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--background_model ", options.background_model_path,
-                         " does not fit --model ", options.model_path, ": ",
-                         fits.message()));
-      }
-      background.push_back(*std::move(model));
-    }
-    description->background_path = options.background_model_path;
-    LOG(INFO) << "vdm-server: background model "
-              << options.background_model_path << " (likelihood ratio)";
-  }
-  VDM_ASSIGN_OR_RETURN(const CalibrationFile calibration,
-                       LoadCalibration(options.calibration_path,
-                                       options.model_path));
-  description->calibration = calibration.anomaly;
-  description->time_proposal = calibration.time_proposal;
-  const int num_classes = replicas.front()->num_classes();
+  engine_options.threads = options.threads;
+  engine_options.lone_threads = options.lone_threads;
   server->observers_ = std::make_unique<ObserverPair>(server->metrics_.get(),
                                                       options.observer);
   engine_options.observer = server->observers_.get();
-  VDM_ASSIGN_OR_RETURN(server->engine_,
-                       Engine::Create(engine_options, std::move(replicas),
-                                      std::move(background)));
+  VDM_ASSIGN_OR_RETURN(
+      server->engine_,
+      Engine::Create(engine_options, static_cast<int>(options.devices.size())));
+
+  ModelRepository::Options repository;
+  repository.root = options.model_repository;
+  repository.default_model = options.default_model;
+  repository.max_loaded_models = options.max_loaded_models;
+  if (repository.root.empty()) {
+    repository.single.name =
+        std::filesystem::path(options.model_path).stem().string();
+    if (!IsModelName(repository.single.name)) repository.single.name = "model";
+    repository.single.version = 1;
+    repository.single.model_path = options.model_path;
+    repository.single.calibration_path = options.calibration_path;
+    repository.single.background_path = options.background_model_path;
+  }
+  VdmServer* raw = server.get();
+  Metrics* metrics = server->metrics_.get();
+  server->repository_ = std::make_unique<ModelRepository>(
+      repository,
+      [raw, options](const VersionFiles& files) {
+        return raw->LoadVersion(files, options);
+      },
+      [raw](const ServedModel& model) { return raw->WarmUp(model); },
+      [metrics](const std::vector<VersionStatus>& list) {
+        std::vector<Metrics::ModelVersion> versions;
+        for (const VersionStatus& v : list) {
+          versions.push_back({v.name, v.version, VersionStateName(v.state),
+                              v.memory_bytes});
+        }
+        metrics->SetModelVersions(versions);
+      });
+  // Every model must load at start-up (as Triton's --exit-on-error): a
+  // server that starts without one would answer its callers NOT_FOUND.
+  if (absl::Status loaded = server->repository_->Sync(); !loaded.ok()) {
+    return loaded;
+  }
+  VDM_ASSIGN_OR_RETURN(
+      std::shared_ptr<const ServedModel> first,
+      server->repository_->Resolve(server->repository_->default_model(),
+                                   std::nullopt));
+  server->metrics_->SetBuildInfo(
+      kVersion,
+      repository.root.empty() ? options.model_path : repository.root,
+      first->description.prediction, first->description.parameters,
+      first->description.precision);
+  server->metrics_->SetPrecisionRates(first->description.fp32_rows_per_second,
+                                      first->description.bf16_rows_per_second);
   VdmServiceImpl::Options limits = options.limits;
   limits.max_request_rows = options.engine.max_queued_rows;
   VDM_ASSIGN_OR_RETURN(limits.auth_token, ReadToken(options.auth_token_file));
   server->service_ = std::make_unique<VdmServiceImpl>(
-      limits, *std::move(description), server->engine_.get(),
+      limits, server->repository_.get(), server->engine_.get(),
       server->metrics_.get());
   VDM_RETURN_IF_ERROR(server->Listen(options));
-  server->SetServing(false);
-  VDM_RETURN_IF_ERROR(
-      server->WarmUp(static_cast<int>(options.devices.size()),
-                     num_classes));
   server->SetServing(true);
+  if (!repository.root.empty()) {
+    const int seconds = options.repository_poll_seconds;
+    server->poller_ = std::thread([raw, seconds] { raw->PollRepository(seconds); });
+  }
   return server;
+}
+
+void VdmServer::Reload() {
+  absl::MutexLock lock(&poll_mu_);
+  reload_requested_ = true;
+}
+
+void VdmServer::PollRepository(int seconds) {
+  while (true) {
+    {
+      absl::MutexLock lock(&poll_mu_);
+      auto woken = [this]() ABSL_SHARED_LOCKS_REQUIRED(poll_mu_) {
+        return reload_requested_ || stop_polling_;
+      };
+      if (seconds > 0) {
+        poll_mu_.AwaitWithTimeout(absl::Condition(&woken),
+                                  absl::Seconds(seconds));
+      } else {
+        poll_mu_.Await(absl::Condition(&woken));
+      }
+      if (stop_polling_) return;
+      reload_requested_ = false;
+    }
+    // Failures are logged, listed and counted by the repository; the
+    // versions served keep serving.
+    (void)repository_->Sync();
+  }
 }
 
 absl::Status VdmServer::Listen(const Options& options) {
@@ -368,19 +497,21 @@ VdmServer::~VdmServer() { Shutdown(absl::ZeroDuration()); }
 
 // One small request per replica through the whole engine, so the first real
 // caller does not pay for lazy initialisation. Submitted together, they go
-// to different workers (each goes to the least loaded one).
-absl::Status VdmServer::WarmUp(int replicas, int num_classes) {
+// to different workers (each goes to the least loaded one; under load, a
+// worker may get none).
+absl::Status VdmServer::WarmUp(const ServedModel& model) {
+  const int replicas = engine_->workers();
   std::vector<std::promise<absl::Status>> done(replicas);
   for (int i = 0; i < replicas; ++i) {
     SampleJob job;
     job.num_images = 1;
     job.sampler.steps = 2;
     VDM_RETURN_IF_ERROR(engine_->Submit(
-        MakeSampleTask(job, num_classes,
+        MakeSampleTask(job, model.description.num_classes,
                        [&done, i](absl::StatusOr<SampleResult> r) {
                          done[i].set_value(r.status());
                        }),
-        RequestControl{}));
+        RequestControl{}, model.engine_model));
   }
   for (auto& d : done) {
     const absl::Status status = d.get_future().get();
@@ -420,6 +551,11 @@ void VdmServer::Shutdown(absl::Duration grace) {
     }
     engine_->Stop();  // what is left fails with UNAVAILABLE
   }
+  {
+    absl::MutexLock lock(&poll_mu_);
+    stop_polling_ = true;
+  }
+  if (poller_.joinable()) poller_.join();  // a load in progress fails now
   // Every call has finished by now; a short deadline covers stragglers.
   if (server_) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
 }

@@ -1,19 +1,25 @@
-// The whole vdm-server process minus its flags: loads one model replica per
-// device, starts the engine, the gRPC server (VdmService, health, reflection)
-// and the metrics endpoint, warms up, then reports SERVING.
-// Thread-safe: Shutdown may be called from any thread, once or more.
+// The whole vdm-server process minus its flags: starts the engine (one
+// worker per device), loads the model repository (model_repository.h: a
+// replica of every model version per device, checked and warmed up), starts
+// the gRPC server (VdmService, health, reflection) and the metrics
+// endpoint, then reports SERVING. A repository poll thread (and Reload)
+// swaps in new versions while it serves.
+// Thread-safe: Shutdown and Reload may be called from any thread.
 #ifndef VDM_SERVER_SERVER_H_
 #define VDM_SERVER_SERVER_H_
 
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "server/engine.h"
 #include "server/metrics.h"
+#include "server/model_repository.h"
 #include "server/service.h"
 
 namespace vdm {
@@ -21,13 +27,24 @@ namespace vdm {
 class VdmServer {
  public:
   struct Options {
+    // A model repository directory (model_repository.h); empty = serve
+    // `model_path` alone, as a repository of one.
+    std::string model_repository;
+    // With a repository: the model of requests that name none (empty = the
+    // first by name); seconds between scans for new versions (0 = only at
+    // start-up and on Reload); models loaded at most.
+    std::string default_model;
+    int repository_poll_seconds = 0;
+    int max_loaded_models = 8;
     std::string model_path;
-    // Anomaly calibration (model/vdm/anomaly.h, written by vdm-calibrate):
-    // empty = <model_path>.calibration.json when it exists; "none" = none.
+    // Anomaly calibration of `model_path` (model/vdm/anomaly.h, written by
+    // vdm-calibrate): empty = <model_path>.calibration.json when it exists;
+    // "none" = none. (In a repository, beside each version's model.pt.)
     std::string calibration_path;
-    // A background model for the likelihood ratio (ImageScore.llr), loaded
-    // once per device beside the model; empty = none. It must have the
-    // model's image shape and num_classes (else Create fails).
+    // A background model for the likelihood ratio (ImageScore.llr) of
+    // `model_path`, loaded once per device beside it; empty = none. It must
+    // have the model's image shape and num_classes (else Create fails). (In
+    // a repository: background.pt beside a version's model.pt.)
     std::string background_model_path;
     std::string address = "0.0.0.0:50051";  // port 0 picks a free port
     std::string metrics_address;            // empty = no /metrics endpoint
@@ -37,6 +54,10 @@ class VdmServer {
     // Torch intra-op threads (per worker: each runs its own OpenMP team);
     // 0 = the CPUs available divided among the CPU replicas (ResolveLayout).
     int threads = 0;
+    // Threads of a worker that is alone busy (Engine::Options::lone_threads):
+    // -1 = automatic: the usable CPUs when there are several CPU replicas
+    // and no other device (ResolveLayout), else 0 = off.
+    int lone_threads = -1;
     // Forward-pass precision of every replica: fp32, bf16 or auto
     // (TorchScriptModel::Options::precision); ScoreBPD rows: "fp32" = in fp32
     // whatever `precision` is, "same" = in `precision`.
@@ -66,6 +87,11 @@ class VdmServer {
   int metrics_port() const { return metrics_->port(); }
   Metrics& metrics() { return *metrics_; }
   Engine& engine() { return *engine_; }
+  ModelRepository& repository() { return *repository_; }
+
+  // Scans the repository now (SIGHUP), off the caller's thread; a scan in
+  // progress is followed by one more. Returns at once.
+  void Reload();
 
   // The first half of Shutdown, at once: health goes NOT_SERVING and new
   // calls get UNAVAILABLE. Idempotent.
@@ -82,7 +108,13 @@ class VdmServer {
 
  private:
   VdmServer() = default;
-  absl::Status WarmUp(int replicas, int num_classes);
+  // Loads a model version onto every device (the repository's Loader).
+  absl::StatusOr<std::shared_ptr<ServedModel>> LoadVersion(
+      const VersionFiles& files, const Options& options);
+  // A few small requests on a freshly loaded version (the repository's
+  // WarmUp), so its first caller does not pay for lazy initialisation.
+  absl::Status WarmUp(const ServedModel& model);
+  void PollRepository(int seconds);
   absl::Status Listen(const Options& options);
   void SetServing(bool serving);
 
@@ -128,7 +160,13 @@ class VdmServer {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ObserverPair> observers_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ModelRepository> repository_;
   std::unique_ptr<VdmServiceImpl> service_;
+  // The repository poll thread and what wakes it.
+  std::thread poller_;
+  absl::Mutex poll_mu_;
+  bool reload_requested_ ABSL_GUARDED_BY(poll_mu_) = false;
+  bool stop_polling_ ABSL_GUARDED_BY(poll_mu_) = false;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::atomic<bool> draining_{false};
@@ -150,6 +188,9 @@ absl::Status ValidateOptions(const VdmServer::Options& options);
 //   (docs/performance.md, "Replicas and threads"); the cap keeps a large
 //   machine from splitting moderate load into many small batches.
 // - threads 0: max(1, cpus / CPU replicas), or cpus with no CPU replica.
+// - lone_threads -1: cpus when every device is a CPU replica, there are
+//   several and each has fewer threads than cpus (a lone request then uses
+//   every core); else 0.
 // Anything else is kept as given. "auto" must stand alone.
 inline constexpr int kMaxAutoCpuReplicas = 4;
 absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,

@@ -101,7 +101,15 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     finish(s);
     return reactor;
   }
-  absl::StatusOr<SampleJob> job = ToSampleJob(*request, options_, model_);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  if (!served.ok()) {
+    finish(served.status());
+    return reactor;
+  }
+  const std::shared_ptr<const ServedModel> model = *std::move(served);
+  finish.log().SetModel(model->name, model->version);
+  absl::StatusOr<SampleJob> job =
+      ToSampleJob(*request, options_, model->description);
   if (!job.ok()) {
     finish(job.status());
     return reactor;
@@ -110,17 +118,21 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
   const uint64_t seed = job->seed;
   finish.log().SetImages(job->num_images);
   Metrics* metrics = metrics_;
-  auto done =
-      [finish, format, seed, response, metrics](absl::StatusOr<SampleResult> r) {
+  auto done = [finish, format, seed, response, metrics,
+               model](absl::StatusOr<SampleResult> r) {
         if (!r.ok()) return finish(r.status());
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
+        response->set_model(model->name);
+        response->set_model_version(model->version);
         absl::Status s = FillSampleResponse(*r, format, seed, response);
         if (s.ok() && metrics) metrics->AddImagesGenerated(r->images.size());
         finish(s);
       };
-  absl::Status admitted =
-      engine_->Submit(MakeSampleTask(*std::move(job), model_.num_classes, std::move(done)), ControlOf(context));
+  const int num_classes = model->description.num_classes;
+  absl::Status admitted = engine_->Submit(
+      MakeSampleTask(*std::move(job), num_classes, std::move(done)),
+      ControlOf(context), model->engine_model);
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }
@@ -134,7 +146,15 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     finish(s);
     return reactor;
   }
-  absl::StatusOr<ScoreJob> job = ToScoreJob(*request, options_, model_);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  if (!served.ok()) {
+    finish(served.status());
+    return reactor;
+  }
+  const std::shared_ptr<const ServedModel> model = *std::move(served);
+  finish.log().SetModel(model->name, model->version);
+  absl::StatusOr<ScoreJob> job =
+      ToScoreJob(*request, options_, model->description);
   if (!job.ok()) {
     finish(job.status());
     return reactor;
@@ -142,7 +162,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   const uint64_t seed = job->seed;
   finish.log().SetImages(static_cast<int64_t>(job->images.size()));
   // The anomaly policy (anomaly.h) decides whether the calibration applies.
-  const Calibration* calibration = model_.calibration.get();
+  // (The callback holds `model`, so its calibration outlives the call.)
+  const Calibration* calibration = model->description.calibration.get();
   AnomalyRequest policy;
   policy.method = job->method;
   policy.timesteps = job->timesteps;
@@ -151,12 +172,14 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   if (request->has_false_positive_rate()) {
     policy.false_positive_rate = request->false_positive_rate();
   }
-  const ImageShape shape = model_.shape;
+  const ImageShape shape = model->description.shape;
   Metrics* metrics = metrics_;
   auto done =
-      [finish, seed, calibration, policy, shape, response,
-       metrics](absl::StatusOr<ScoreResult> r) {
+      [finish, seed, calibration, policy, shape, response, metrics,
+       model](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
+        response->set_model(model->name);
+        response->set_model_version(model->version);
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
         const std::vector<ImageLikelihood> likelihoods(r->scores.begin(),
@@ -188,7 +211,8 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
         finish(absl::OkStatus());
       };
   absl::Status admitted =
-      engine_->Submit(MakeScoreTask(*std::move(job), std::move(done)), ControlOf(context));
+      engine_->Submit(MakeScoreTask(*std::move(job), std::move(done)),
+                      ControlOf(context), model->engine_model);
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }
@@ -202,15 +226,25 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
     finish(s);
     return reactor;
   }
-  absl::StatusOr<EncodeJob> job = ToEncodeJob(*request, options_, model_);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  if (!served.ok()) {
+    finish(served.status());
+    return reactor;
+  }
+  const std::shared_ptr<const ServedModel> model = *std::move(served);
+  finish.log().SetModel(model->name, model->version);
+  absl::StatusOr<EncodeJob> job =
+      ToEncodeJob(*request, options_, model->description);
   if (!job.ok()) {
     finish(job.status());
     return reactor;
   }
   finish.log().SetImages(static_cast<int64_t>(job->images.size()));
   auto done =
-      [finish, response](absl::StatusOr<EncodeResult> r) {
+      [finish, response, model](absl::StatusOr<EncodeResult> r) {
         if (!r.ok()) return finish(r.status());
+        response->set_model(model->name);
+        response->set_model_version(model->version);
         finish.log().SetResult(r->network_evaluations, r->queue_seconds,
                                r->compute_seconds);
         for (const std::vector<float>& z : r->latents) {
@@ -222,13 +256,14 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
         finish(absl::OkStatus());
       };
   absl::Status admitted =
-      engine_->Submit(MakeEncodeTask(*std::move(job), std::move(done)), ControlOf(context));
+      engine_->Submit(MakeEncodeTask(*std::move(job), std::move(done)),
+                      ControlOf(context), model->engine_model);
   if (!admitted.ok()) finish(admitted);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
-    grpc::CallbackServerContext* context, const v1::ModelInfoRequest*,
+    grpc::CallbackServerContext* context, const v1::ModelInfoRequest* request,
     v1::ModelInfo* response) {
   const Finisher finish(context, metrics_, "GetModelInfo");
   grpc::ServerUnaryReactor* reactor = finish.reactor();
@@ -236,42 +271,90 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
     finish(s);
     return reactor;
   }
-  response->set_image_channels(model_.shape.channels);
-  response->set_image_height(model_.shape.height);
-  response->set_image_width(model_.shape.width);
-  response->set_num_classes(model_.num_classes);
-  response->set_prediction(model_.prediction);
-  response->set_metadata(model_.metadata);
-  response->set_model_path(model_.path);
-  response->set_device(model_.device);
-  response->set_gamma_min(model_.gamma_min);
-  response->set_gamma_max(model_.gamma_max);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  if (!served.ok()) {
+    finish(served.status());
+    return reactor;
+  }
+  const ServedModel& served_model = **served;
+  finish.log().SetModel(served_model.name, served_model.version);
+  const ModelDescription& model = served_model.description;
+  response->set_image_channels(model.shape.channels);
+  response->set_image_height(model.shape.height);
+  response->set_image_width(model.shape.width);
+  response->set_num_classes(model.num_classes);
+  response->set_prediction(model.prediction);
+  response->set_metadata(model.metadata);
+  response->set_model_path(model.path);
+  response->set_device(model.device);
+  response->set_gamma_min(model.gamma_min);
+  response->set_gamma_max(model.gamma_max);
   response->set_max_batch(options_.max_batch);
   response->set_max_images_per_request(options_.max_images_per_request);
   response->set_max_steps(options_.max_steps);
   response->set_max_timesteps(options_.max_timesteps);
-  response->set_background_model_path(model_.background_path);
-  response->set_precision(model_.precision);
-  response->set_score_precision(model_.score_precision);
-  response->set_precision_choice(model_.precision_choice);
-  response->set_fp32_rows_per_second(model_.fp32_rows_per_second);
-  response->set_bf16_rows_per_second(model_.bf16_rows_per_second);
-  response->set_replicas(model_.replicas);
-  response->set_threads_per_replica(model_.threads_per_replica);
-  if (model_.calibration) {
+  response->set_background_model_path(model.background_path);
+  response->set_precision(model.precision);
+  response->set_score_precision(model.score_precision);
+  response->set_precision_choice(model.precision_choice);
+  response->set_fp32_rows_per_second(model.fp32_rows_per_second);
+  response->set_bf16_rows_per_second(model.bf16_rows_per_second);
+  response->set_replicas(model.replicas);
+  response->set_threads_per_replica(model.threads_per_replica);
+  if (model.calibration) {
     response->set_calibrated(true);
-    response->set_calibration_timesteps(model_.calibration->setup().timesteps);
+    response->set_calibration_timesteps(model.calibration->setup().timesteps);
     response->set_calibration_shared_noise(
-        model_.calibration->setup().shared_noise);
+        model.calibration->setup().shared_noise);
     response->set_calibration_images(
-        static_cast<int>(model_.calibration->size()));
+        static_cast<int>(model.calibration->size()));
     response->set_calibration_time_proposal(
-        model_.calibration->setup().time_proposal);
+        model.calibration->setup().time_proposal);
   }
-  if (model_.time_proposal) {
+  if (model.time_proposal) {
     response->set_time_proposal(true);
-    response->set_time_proposal_bins(model_.time_proposal->bins());
+    response->set_time_proposal_bins(model.time_proposal->bins());
   }
+  response->set_model_name(served_model.name);
+  response->set_model_version(served_model.version);
+  response->set_is_default(served_model.name == repository_->default_model());
+  response->set_memory_bytes(served_model.memory_bytes);
+  finish(absl::OkStatus());
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* VdmServiceImpl::ListModels(
+    grpc::CallbackServerContext* context, const v1::ListModelsRequest*,
+    v1::ListModelsResponse* response) {
+  const Finisher finish(context, metrics_, "ListModels");
+  grpc::ServerUnaryReactor* reactor = finish.reactor();
+  if (absl::Status s = Admit(*context); !s.ok()) {
+    finish(s);
+    return reactor;
+  }
+  for (const VersionStatus& v : repository_->List()) {
+    v1::ModelVersionStatus* out = response->add_models();
+    out->set_name(v.name);
+    out->set_version(v.version);
+    switch (v.state) {
+      case VersionState::kLoading:
+        out->set_state(v1::ModelVersionStatus::LOADING);
+        break;
+      case VersionState::kReady:
+        out->set_state(v1::ModelVersionStatus::READY);
+        break;
+      case VersionState::kFailed:
+        out->set_state(v1::ModelVersionStatus::FAILED);
+        break;
+      case VersionState::kUnloading:
+        out->set_state(v1::ModelVersionStatus::UNLOADING);
+        break;
+    }
+    out->set_error(v.error);
+    out->set_memory_bytes(v.memory_bytes);
+    out->set_is_default(v.is_default);
+  }
+  response->set_default_model(repository_->default_model());
   finish(absl::OkStatus());
   return reactor;
 }

@@ -1,6 +1,8 @@
-// The gRPC layer of vdm.v1.VdmService (callback API): validates each
-// request, converts it to an engine job, and finishes the RPC from the
-// engine's callback. Handlers never block and never run torch.
+// The gRPC layer of vdm.v1.VdmService (callback API): resolves the model
+// version each request names (model_repository.h), validates the request
+// against it, converts it to an engine job on that version, and finishes
+// the RPC from the engine's callback. Handlers never block and never run
+// torch.
 // Thread-safe: gRPC calls the handlers from many threads.
 #ifndef VDM_SERVER_SERVICE_H_
 #define VDM_SERVER_SERVICE_H_
@@ -13,6 +15,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/engine.h"
 #include "server/metrics.h"
+#include "server/model_repository.h"
 #include "server/validation.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
@@ -28,10 +31,10 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
     std::string auth_token;
   };
 
-  // `engine` and `metrics` must outlive the service.
-  VdmServiceImpl(const Options& options, ModelDescription model,
+  // `repository`, `engine` and `metrics` must outlive the service.
+  VdmServiceImpl(const Options& options, const ModelRepository* repository,
                  Engine* engine, Metrics* metrics)
-      : options_(options), model_(std::move(model)), engine_(engine),
+      : options_(options), repository_(repository), engine_(engine),
         metrics_(metrics) {}
 
   grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* context,
@@ -49,6 +52,10 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const v1::ModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* ListModels(
+      grpc::CallbackServerContext* context,
+      const v1::ListModelsRequest* request,
+      v1::ListModelsResponse* response) override;
 
   // From now on new calls get UNAVAILABLE (graceful shutdown).
   void StartDraining() { draining_ = true; }
@@ -57,8 +64,18 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   // UNAVAILABLE while draining, UNAUTHENTICATED without the right token.
   absl::Status Admit(const grpc::CallbackServerContext& context) const;
 
+  // The version a request's `model` and `version` fields name.
+  template <class Request>
+  absl::StatusOr<std::shared_ptr<const ServedModel>> Resolve(
+      const Request& request) const {
+    return repository_->Resolve(
+        request.model(), request.has_version()
+                             ? std::optional<int64_t>(request.version())
+                             : std::nullopt);
+  }
+
   const Options options_;
-  const ModelDescription model_;
+  const ModelRepository* const repository_;
   Engine* const engine_;
   Metrics* const metrics_;
   std::atomic<bool> draining_{false};

@@ -29,6 +29,7 @@ struct ModelDescription {
   std::string metadata;  // JSON
   std::string path;
   std::string device;
+  int64_t parameters = 0;  // of one replica
   float gamma_min = 0, gamma_max = 0;
   // What the replicas compute in (GetModelInfo): "fp32" or "bf16" for
   // sampling, and for ScoreBPD rows.

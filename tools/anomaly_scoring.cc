@@ -66,7 +66,7 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
     }
     // The server's per-image records (image_scores.h), plus the features.
     VDM_ASSIGN_OR_RETURN(std::vector<ImageBpd> records,
-                         ImageScoresOf(s, ToImages(part), /*pixel_map=*/false,
+                         ImageScoresOf(s, ToImages(part), options.pixel_map,
                                        b ? &*b : nullptr));
     for (ImageBpd& record : records) {
       ScoredImage r;

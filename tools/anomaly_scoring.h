@@ -36,6 +36,7 @@ struct SetScoring {
   // The model's time proposal (LikelihoodOptions::time_proposal), as the
   // server applies it when the calibration file has one; null = uniform.
   std::shared_ptr<const TimeProposal> time_proposal;
+  bool pixel_map = false;  // keep ImageBpd::pixel_bits (the anomaly_map)
   // A background model (likelihood ratio), evaluated on the model's rows
   // (its z at the model's gamma: common random numbers), as the server
   // does with --background_model. Null = none.

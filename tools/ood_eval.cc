@@ -9,6 +9,11 @@
 //   blurred   two passes of a 3x3 box blur
 //   shuffled  the image's pixels randomly permuted
 //   flipped   upside down (the data's pixel statistics, not its semantics)
+//   rotated   a quarter turn
+//   halves    the top half joined to the bottom half of a garment of
+//             another class (local: a mask marks the changed pixels)
+//   patch     a 9x9 patch of another class's garment, rotated, pasted on
+//             the garment (local, with its mask)
 //   class_N   with --exclude_class=N (a model trained without class N): the
 //             test images of class N, a near out-of-distribution set; the
 //             in-distribution images are then test images of the other
@@ -16,8 +21,11 @@
 // and prints, per set and score (raw BPD, complexity-corrected BPD, the
 // calibrated anomaly_score; with --background_model the likelihood ratio
 // llr = bpd - background_bpd; with --class_scores the implied classifier's
-// features), AUROC, AUPR (out-of-distribution positive) and
-// the FPR at 95% TPR; then the observed false-positive rate of is_anomaly on
+// features; with --classifier the feature-kNN baseline: the distance to the
+// k-th nearest of --knn_reference training images in the classifier's
+// penultimate features), AUROC, AUPR (out-of-distribution positive) and
+// the FPR at 95% TPR; for the local sets the pixel AUROC of anomaly_map
+// against their masks; then the observed false-positive rate of is_anomaly on
 // the in-distribution images at nominal 1% and 5%. Nothing here is tuned on
 // these sets: the features and the calibration come from training images.
 #include <ATen/ATen.h>
@@ -46,6 +54,8 @@
 #include "model/vdm/image_io.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
+#include "tools/classifier.h"
+#include "tools/ood_sets.h"
 
 ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt", "the model (.pt)");
 ABSL_FLAG(std::string, calibration, "",
@@ -65,9 +75,16 @@ ABSL_FLAG(int, exclude_class, -1,
           "a class the model was trained without: in-distribution = test "
           "images of the other classes, and the set class_N = its test images");
 ABSL_FLAG(std::string, sets,
-          "noise,constant,inverted,blurred,shuffled,flipped,class",
+          "noise,constant,inverted,blurred,shuffled,flipped,rotated,halves,"
+          "patch,class",
           "the out-of-distribution sets to score (class: only with "
           "--exclude_class)");
+ABSL_FLAG(std::string, classifier, "model/checkpoints/classifier.pt",
+          "a classifier with features(f) (model/net/classifier.py): also "
+          "score the feature-kNN baseline; empty = skip it");
+ABSL_FLAG(int64_t, knn_reference, 5000,
+          "feature kNN: the first N training images are the reference");
+ABSL_FLAG(int, knn_k, 5, "feature kNN: distance to the k-th nearest");
 ABSL_FLAG(bool, class_scores, false,
           "also score every image under each label (num_classes more passes "
           "of K rows, common random numbers) for the implied classifier "
@@ -75,14 +92,7 @@ ABSL_FLAG(bool, class_scores, false,
 
 namespace {
 
-// AUROC of `pos` against `neg` (higher = positive), ties counted half.
-double Auroc(const std::vector<double>& pos, const std::vector<double>& neg) {
-  double wins = 0;
-  for (double p : pos) {
-    for (double q : neg) wins += p > q ? 1.0 : (p == q ? 0.5 : 0.0);
-  }
-  return wins / (static_cast<double>(pos.size()) * neg.size());
-}
+using vdm::Auroc;
 
 // Average precision with the positives `pos`.
 double Aupr(const std::vector<double>& pos, const std::vector<double>& neg) {
@@ -169,6 +179,9 @@ absl::StatusOr<Models> LoadModels() {
 // (that class's images; `in` and `base` are then of the other classes).
 struct TestImages {
   at::Tensor in, base, held_out;
+  // base's labels, and the donors of the local sets: the next test images
+  // after `base` (neither `in` nor `base`), with their labels.
+  at::Tensor base_labels, pool, pool_labels;
 };
 
 absl::StatusOr<TestImages> LoadTestImages(const vdm::ImageShape& shape,
@@ -189,14 +202,21 @@ absl::StatusOr<TestImages> LoadTestImages(const vdm::ImageShape& shape,
   }
   t.in = test->images.narrow(0, 0, n_in);
   t.base = test->images.narrow(0, n_in, n_ood);
+  t.base_labels = test->labels.narrow(0, n_in, n_ood);
+  const int64_t rest = test->size() - n_in - n_ood;
+  t.pool = test->images.narrow(0, n_in + n_ood, std::min<int64_t>(rest, 1000));
+  t.pool_labels = test->labels.narrow(0, n_in + n_ood, t.pool.size(0));
   return t;
 }
 
 using ImageSets = std::vector<std::pair<std::string, at::Tensor>>;
+// The changed pixels of the local sets, by set name.
+using SetMasks = std::map<std::string, at::Tensor>;
 
 // Every out-of-distribution set (the file comment's list), drawing from
 // `gen` in this order; "class" only with --exclude_class.
-ImageSets MakeSets(const TestImages& t, int64_t n_ood, at::Generator& gen) {
+ImageSets MakeSets(const TestImages& t, int64_t n_ood, at::Generator& gen,
+                   SetMasks* masks) {
   const at::Tensor& base = t.base;
   ImageSets all_sets = {
       {"noise", at::randint(0, 256, base.sizes(), gen, at::TensorOptions(at::kLong)).to(at::kByte)},
@@ -206,7 +226,18 @@ ImageSets MakeSets(const TestImages& t, int64_t n_ood, at::Generator& gen) {
       {"blurred", Blur(base)},
       {"shuffled", Shuffle(base, gen)},
       {"flipped", base.flip({2}).contiguous()},
+      {"rotated", vdm::RotateQuarter(base)},
   };
+  if (t.pool.size(0) > 0) {
+    vdm::DefectSet halves =
+        vdm::JoinHalves(base, t.base_labels, t.pool, t.pool_labels, gen);
+    vdm::DefectSet patch = vdm::PastePatches(base, t.base_labels, t.pool,
+                                             t.pool_labels, 9, gen);
+    all_sets.emplace_back("halves", halves.images);
+    all_sets.emplace_back("patch", patch.images);
+    (*masks)["halves"] = halves.masks;
+    (*masks)["patch"] = patch.masks;
+  }
   if (t.held_out.defined()) {
     all_sets.emplace_back("class", t.held_out);
   }
@@ -242,6 +273,11 @@ using Scores = std::map<std::string, std::vector<double>>;
 // from the server's policy (ScoreAnomalies).
 struct Scorer {
   vdm::TorchScriptModel* model = nullptr;
+  // The feature-kNN baseline: the classifier and its features of the
+  // reference training images; null = not scored.
+  vdm::ImageClassifier* classifier = nullptr;
+  at::Tensor knn_reference;
+  int knn_k = 5;
   vdm::SetScoring scoring;
   const vdm::Calibration* calibration = nullptr;
   vdm::AnomalyRequest as_scored;
@@ -323,6 +359,21 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
     out["anomaly_score"].push_back(*calibrated.images[i].anomaly_score);
     if (calibrated.images[i].llr) out["llr"].push_back(*calibrated.images[i].llr);
   }
+  if (scorer.classifier != nullptr) {
+    const at::Tensor f = OrExit(scorer.classifier->Features(x));
+    const at::Tensor d =
+        vdm::KthNearestDistance(f, scorer.knn_reference, scorer.knn_k);
+    out["feature kNN"] = std::vector<double>(
+        d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  }
+  if (scorer.scoring.pixel_map) {
+    // anomaly_map as the server returns it, one [H, W] map per image, kept
+    // under a name no table prints.
+    for (const vdm::ScoredImage& s : scored) {
+      out["#map"].insert(out["#map"].end(), s.pixel_bits.begin(),
+                         s.pixel_bits.end());
+    }
+  }
   if (kept != nullptr) *kept = likelihoods;
   if (scorer.class_scores) AddClassScores(scorer, x, likelihoods, &out);
   std::fprintf(stderr, "vdm-ood-eval: scored %s (%lld images), %.0f s\n",
@@ -332,9 +383,11 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
 }
 
 // The score kinds of the table, in its order.
-std::vector<std::string> ScoreKinds(bool background, bool class_scores) {
+std::vector<std::string> ScoreKinds(bool background, bool class_scores,
+                                    bool knn) {
   std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
   if (background) kinds.push_back("llr");
+  if (knn) kinds.push_back("feature kNN");
   if (class_scores) {
     kinds.push_back("class entropy");
     kinds.push_back("-(max_y gain)");
@@ -345,12 +398,21 @@ std::vector<std::string> ScoreKinds(bool background, bool class_scores) {
 // Scores each set and prints its table rows against the in-distribution
 // scores, then the mean AUROC of each kind over the sets.
 void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
-                     const Scores& in_scores,
+                     const SetMasks& masks, const Scores& in_scores,
                      const std::vector<std::string>& kinds) {
   std::printf("| set | score | AUROC | AUPR | FPR@95%%TPR |\n|---|---|---|---|---|\n");
   std::map<std::string, double> mean_auroc;
+  std::vector<std::string> pixel_rows;
   for (const auto& [name, x] : sets) {
     const Scores ood = ScoreImages(scorer, x, name);
+    if (auto m = masks.find(name); m != masks.end() && ood.count("#map")) {
+      const at::Tensor maps =
+          at::tensor(ood.at("#map"), at::kDouble).view(m->second.sizes());
+      pixel_rows.push_back(absl::StrFormat(
+          "| %s | anomaly_map (diffusion bits per pixel) | %.3f | %.1f%% |",
+          name, vdm::PixelAuroc(maps, m->second),
+          100.0 * m->second.to(at::kDouble).mean().item<double>()));
+    }
     for (const std::string& k : kinds) {
       const double auroc = Auroc(ood.at(k), in_scores.at(k));
       mean_auroc[k] += auroc / sets.size();
@@ -362,6 +424,10 @@ void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
   for (const std::string& k : kinds) {
     std::printf("| mean over the %zu sets | %s | %.3f | | |\n", sets.size(),
                 k.c_str(), mean_auroc[k]);
+  }
+  if (!pixel_rows.empty()) {
+    std::printf("\n| set | map | pixel AUROC | changed pixels |\n|---|---|---|---|\n");
+    for (const std::string& row : pixel_rows) std::printf("%s\n", row.c_str());
   }
 }
 
@@ -409,8 +475,9 @@ int main(int argc, char** argv) {
   if (!test.ok()) return Fail(test.status(), 1);
   at::Generator gen =
       at::make_generator<at::CPUGeneratorImpl>(absl::GetFlag(FLAGS_seed));
+  SetMasks masks;
   absl::StatusOr<ImageSets> sets =
-      SelectSets(MakeSets(*test, n_ood, gen), excluded);
+      SelectSets(MakeSets(*test, n_ood, gen, &masks), excluded);
   if (!sets.ok()) return Fail(sets.status(), 2);
   const bool class_scores = absl::GetFlag(FLAGS_class_scores);
   if (class_scores && models->model->num_classes() < 2) {
@@ -431,6 +498,22 @@ int main(int argc, char** argv) {
   scorer.as_scored.timesteps = scorer.scoring.timesteps;
   scorer.as_scored.time_proposal = scorer.scoring.time_proposal != nullptr;
   scorer.class_scores = class_scores;
+  scorer.scoring.pixel_map = !masks.empty();
+  std::unique_ptr<vdm::ImageClassifier> classifier;
+  if (const std::string c = absl::GetFlag(FLAGS_classifier); !c.empty()) {
+    absl::StatusOr<std::unique_ptr<vdm::ImageClassifier>> loaded =
+        vdm::ImageClassifier::Load(c);
+    if (!loaded.ok()) return Fail(loaded.status(), 1);
+    classifier = *std::move(loaded);
+    auto train = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "train",
+                                     models->model->shape(), 0,
+                                     absl::GetFlag(FLAGS_knn_reference));
+    if (!train.ok()) return Fail(train.status(), 1);
+    if (excluded >= 0) *train = vdm::WithoutClass(*train, excluded);
+    scorer.classifier = classifier.get();
+    scorer.knn_reference = OrExit(classifier->Features(train->images));
+    scorer.knn_k = absl::GetFlag(FLAGS_knn_k);
+  }
   const vdm::Calibration::Setup& setup = scorer.calibration->setup();
   if (!vdm::CalibrationApplies(*scorer.calibration, scorer.as_scored)) {
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
@@ -446,8 +529,9 @@ int main(int argc, char** argv) {
   std::vector<vdm::ImageLikelihood> in_likelihoods;
   const Scores in_scores =
       ScoreImages(scorer, test->in, "test (in-distribution)", &in_likelihoods);
-  PrintSeparation(scorer, *sets, in_scores,
-                  ScoreKinds(models->background != nullptr, class_scores));
+  PrintSeparation(scorer, *sets, masks, in_scores,
+                  ScoreKinds(models->background != nullptr, class_scores,
+                             scorer.classifier != nullptr));
   PrintFalsePositives(scorer, in_likelihoods, n_in);
   std::printf("took %.0f s\n", absl::ToDoubleSeconds(absl::Now() - scorer.start));
   return 0;

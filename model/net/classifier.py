@@ -62,12 +62,18 @@ class FashionCnn(nn.Module):
         self.drop = nn.Dropout(0.3)
         self.fc2 = nn.Linear(128, 10)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
+    @torch.jit.export
+    def features(self, f: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations relu(fc1) [B, 128]: a feature space
+        learned on the training split, for distances between images
+        (vdm-ood-eval's feature-kNN baseline)."""
         h = F.max_pool2d(F.relu(self.bn1(self.conv1(f))), 2)
         h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
         h = F.max_pool2d(F.relu(self.bn3(self.conv3(h))), 2)
-        h = self.drop(F.relu(self.fc1(h.flatten(1))))
-        return self.fc2(h)
+        return F.relu(self.fc1(h.flatten(1)))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.features(f)))
 
 
 @torch.no_grad()

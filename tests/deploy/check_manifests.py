@@ -219,10 +219,31 @@ def check_overlay(overlay, docs, helpfull):
     check(threads * max(1, cpu_replicas) == cpu,
           p + f"--threads={threads} x {max(1, cpu_replicas)} replica(s) equals the CPU request "
           f"({cpu} cores)")
+    lone = int(flag("lone_threads") or -1)
+    check(lone != -1 and lone <= cpu,
+          p + f"--lone_threads={lone} is explicit and at most the CPU request ({cpu} cores;"
+          " -1 would count the node's cores without a CPU quota)")
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         check(env.get(var) == str(threads), p + f"{var}={env.get(var)} equals --threads")
     check("memory" in res.get("limits", {}), p + "a memory limit is set")
+
+    # A model repository is a mounted volume, read-only, polled.
+    repository = flag("model_repository").rstrip("/")
+    if repository:
+        mount = mounts.get(repository)
+        volume = volumes.get(mount["name"]) if mount else None
+        check(volume is not None,
+              p + f"--model_repository={repository} is a volumeMount of the container")
+        if volume is not None:
+            check(mount.get("readOnly") is True, p + f"{repository} is mounted read-only")
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            claims = [d["metadata"]["name"] for d in docs
+                      if d.get("kind") == "PersistentVolumeClaim"]
+            check(claim is None or claim in claims,
+                  p + f"the repository's claim {claim!r} is one the overlay creates ({claims})")
+        check(int(flag("repository_poll_seconds") or 0) > 0,
+              p + "--repository_poll_seconds > 0 (new versions roll out in place)")
 
     # Devices and GPUs.
     gpus = int(res.get("limits", {}).get("nvidia.com/gpu", 0))

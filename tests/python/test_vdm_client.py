@@ -19,6 +19,7 @@ import csv
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -61,9 +62,12 @@ class Server:
     def __init__(self, client_args=None, *flags):
         self.target = f"127.0.0.1:{free_port()}"
         self.log = tempfile.TemporaryFile()
+        # A repository replaces the one model and its (absent) calibration.
+        model = ([] if any(f.startswith("--model_repository=") for f in flags)
+                 else [f"--model={ARGS.model}", "--calibration=none"])
         self.process = subprocess.Popen(
-            [ARGS.server, f"--model={ARGS.model}", f"--address={self.target}",
-             "--metrics_address=", "--calibration=none", "--threads=1",
+            [ARGS.server, *model, f"--address={self.target}",
+             "--metrics_address=", "--threads=1",
              f"--max_images_per_request={MAX_IMAGES}", "--drain_seconds=5",
              *flags],
             stdout=self.log, stderr=subprocess.STDOUT)
@@ -975,6 +979,100 @@ class SecureServerTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "cert and key"):
             vdm_client.Client(self.server.target,
                               tls={"ca": self.tls["ca"], "cert": self.tls["cert"]})
+
+
+def publish(root: str, name: str, version: int, model: str) -> None:
+    """Copies `model` to ROOT/NAME/VERSION/model.pt through a hidden folder
+    renamed into place, as a deployment should (a scan never sees half a
+    file)."""
+    staging = os.path.join(root, name, f".{version}")
+    os.makedirs(staging)
+    shutil.copyfile(model, os.path.join(staging, "model.pt"))
+    os.rename(staging, os.path.join(root, name, str(version)))
+
+
+class RepositoryTest(unittest.TestCase):
+    """A server on a model repository of two tiny models: routing by name,
+    list_models, the CLI's --model and `models`, and a new version picked up
+    on SIGHUP."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = tempfile.mkdtemp(prefix="vdm_repository_")
+        models = os.path.dirname(ARGS.model)
+        publish(cls.root, "tiny", 1, ARGS.model)
+        publish(cls.root, "uncond", 1, os.path.join(models, "tiny_uncond_v.pt"))
+        cls.learned = os.path.join(models, "tiny_learned.pt")
+        cls.server = Server(None, f"--model_repository={cls.root}",
+                            "--repository_poll_seconds=0")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.root, ignore_errors=True)
+
+    def test_requests_are_routed_by_model_name(self):
+        with vdm_client.Client(self.server.target, model="uncond") as client:
+            info = client.info()
+            self.assertEqual(info["model_name"], "uncond")
+            self.assertEqual(info["num_classes"], 0)
+            self.assertFalse(info["is_default"])
+            self.assertEqual(len(client.sample(2, steps=3, seed=1)), 2)
+        with vdm_client.Client(self.server.target) as client:
+            self.assertEqual(client.info()["model_name"], "tiny")
+        with vdm_client.Client(self.server.target, model="nope") as client:
+            with self.assertRaises(vdm_client.VdmError) as caught:
+                client.sample(1, steps=2)
+            self.assertEqual(caught.exception.code, grpc.StatusCode.NOT_FOUND)
+            self.assertIn("serving: tiny, uncond", str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "version needs model"):
+            vdm_client.Client(self.server.target, version=2)
+
+    def test_cli_model_flag_and_models_command(self):
+        base = [sys.executable, "-m", "vdm_client",
+                f"--target={self.server.target}"]
+        done = subprocess.run(base + ["--model=uncond", "info"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("model_name: uncond", done.stdout)
+        done = subprocess.run(base + ["models"], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"tiny\t\d+\tready\t[0-9.]+ MiB\tdefault")
+        self.assertRegex(done.stdout, r"uncond\t1\tready")
+        done = subprocess.run([ARGS.client, f"--target={self.server.target}",
+                               "models"], capture_output=True, text=True,
+                              timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("uncond\t1\tready", done.stdout)
+
+    def test_sighup_swaps_in_a_new_version(self):
+        with vdm_client.Client(self.server.target, model="tiny") as client:
+            first = client.sample(1, steps=3, seed=4)
+            self.assertEqual(first.model_version, 1)
+            before = first[0]
+            publish(self.root, "tiny", 2, self.learned)
+            self.server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while True:
+                versions = {(m["name"], m["version"]): m["state"]
+                            for m in client.list_models()}
+                if versions.get(("tiny", 2)) == "READY":
+                    break
+                self.assertLess(time.monotonic(), deadline,
+                                f"version 2 not ready: {versions}\n"
+                                f"{self.server.output()}")
+                time.sleep(0.1)  # the server loads it (bounded)
+            self.assertEqual(client.info()["model_version"], 2)
+            result = client.sample(1, steps=3, seed=4)
+            self.assertEqual((result.model, result.model_version), ("tiny", 2))
+            scored = client.score([result[0]], timesteps=2)
+            self.assertEqual(scored.model_versions, [("tiny", 2)])
+            after = result[0]
+            # Seeded sampling is deterministic per version: any change is
+            # the new network.
+            self.assertFalse(np.array_equal(after, before),
+                             "the new version is another network")
 
 
 def main():

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -55,6 +56,7 @@ struct Batch {
   std::vector<int64_t> labels;
   std::vector<float> gammas;
   bool vjp = false;  // a forward + VJP pass (DenoiseVjp)
+  int threads = 0;   // at::get_num_threads() on the forward's thread
 };
 
 // A deterministic stand-in network: eps_hat = 0.1 z + 0.01 label, on a
@@ -78,6 +80,7 @@ class FakeDenoiser : public Denoiser {
     const at::Tensor g = gamma.contiguous().to(at::kFloat);
     b.labels.assign(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + l.numel());
     b.gammas.assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+    b.threads = at::get_num_threads();
     {
       absl::MutexLock lock(&mu_);
       batches_.push_back(std::move(b));
@@ -800,6 +803,178 @@ TEST(ThreadedEngineTest, CallbacksRunOffTheWorkerThread) {
   ASSERT_EQ(stats.size(), 1u);
   EXPECT_EQ(stats[0].batches, 3);
   EXPECT_EQ(stats[0].rows, 6);
+}
+
+// Two model versions on one worker (a model repository): each forward pass
+// holds rows of one model only, the models take turns whatever their task
+// counts, each request's rows all ran on its own model, and a model dropped
+// by its owner stays alive until its last task leaves.
+class MultiModelEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Engine::Options options;
+    options.threaded = false;
+    options.clock = &clock_;
+    options.max_batch = 64;
+    engine_ = *Engine::Create(options, /*workers=*/1);
+    a_ = MakeModel(0.1, &fake_a_);
+    b_ = MakeModel(0.3, &fake_b_);
+  }
+  std::shared_ptr<const EngineModel> MakeModel(double slope,
+                                               FakeDenoiser** fake) {
+    auto model = std::make_unique<FakeDenoiser>(&clock_);
+    model->set_slope(slope);
+    *fake = model.get();
+    std::vector<std::unique_ptr<Denoiser>> replicas;
+    replicas.push_back(std::move(model));
+    return *EngineModel::Create(std::move(replicas));
+  }
+  absl::Status SubmitOn(std::shared_ptr<const EngineModel> model,
+                        SampleJob job, Outcome<SampleResult>* out) {
+    return engine_->Submit(
+        MakeSampleTask(std::move(job), kClasses, out->Callback()), {},
+        std::move(model));
+  }
+  void RunToEnd() {
+    while (engine_->Step()) {
+    }
+  }
+
+  FakeClock clock_;
+  std::unique_ptr<Engine> engine_;
+  FakeDenoiser* fake_a_ = nullptr;
+  FakeDenoiser* fake_b_ = nullptr;
+  std::shared_ptr<const EngineModel> a_, b_;
+};
+
+TEST_F(MultiModelEngineTest, ModelsNeverShareAPassAndTakeTurns) {
+  // Model a: three requests (labels 1-3), 8 steps each; model b: one
+  // (label 5), 8 steps. One model per pass, so 8 passes each, alternating:
+  // b is not starved by a's three requests.
+  Outcome<SampleResult> a1, a2, a3, b1;
+  ASSERT_TRUE(SubmitOn(a_, Sample(2, 8, 1), &a1).ok());
+  ASSERT_TRUE(SubmitOn(a_, Sample(2, 8, 2), &a2).ok());
+  ASSERT_TRUE(SubmitOn(a_, Sample(2, 8, 3), &a3).ok());
+  ASSERT_TRUE(SubmitOn(b_, Sample(2, 8, 5), &b1).ok());
+  std::vector<char> turns;
+  size_t seen_a = 0, seen_b = 0;
+  while (engine_->Step()) {
+    const size_t na = fake_a_->batches().size(), nb = fake_b_->batches().size();
+    ASSERT_EQ(na + nb, seen_a + seen_b + 1) << "one pass per iteration";
+    turns.push_back(na > seen_a ? 'a' : 'b');
+    seen_a = na;
+    seen_b = nb;
+  }
+  ASSERT_EQ(turns.size(), 16u);
+  for (size_t i = 1; i < turns.size(); ++i) {
+    EXPECT_NE(turns[i], turns[i - 1]) << "pass " << i << " of "
+                                      << std::string(turns.begin(), turns.end())
+                                      << ": each model gets every other pass";
+  }
+  for (const Batch& batch : fake_a_->batches()) {
+    EXPECT_THAT(batch.labels, ::testing::Each(::testing::AnyOf(1, 2, 3)));
+    EXPECT_EQ(batch.labels.size(), 6u) << "a's three requests share a's passes";
+  }
+  for (const Batch& batch : fake_b_->batches()) {
+    EXPECT_THAT(batch.labels, ElementsAre(5, 5));
+  }
+  for (auto* out : {&a1, &a2, &a3, &b1}) {
+    EXPECT_EQ(out->calls, 1);
+    EXPECT_TRUE(out->result.ok()) << out->result.status();
+  }
+}
+
+TEST_F(MultiModelEngineTest, ARequestRunsOnItsModelWhateverSharesTheWorker) {
+  // The same job on model b alone and beside model a's traffic gives the
+  // same images: nothing of a leaks into b's request.
+  Outcome<SampleResult> alone;
+  ASSERT_TRUE(SubmitOn(b_, Sample(2, 6, 4), &alone).ok());
+  RunToEnd();
+  ASSERT_TRUE(alone.result.ok());
+  Outcome<SampleResult> beside, other;
+  ASSERT_TRUE(SubmitOn(a_, Sample(3, 9, 4), &other).ok());
+  ASSERT_TRUE(SubmitOn(b_, Sample(2, 6, 4), &beside).ok());
+  RunToEnd();
+  ASSERT_TRUE(beside.result.ok() && other.result.ok());
+  const auto pixels = [](const SampleResult& r) {
+    std::vector<std::vector<uint8_t>> all;
+    for (const Image8& image : r.images) all.push_back(image.pixels);
+    return all;
+  };
+  EXPECT_EQ(pixels(*beside.result), pixels(*alone.result));
+  Outcome<SampleResult> same_job_on_a;
+  ASSERT_TRUE(SubmitOn(a_, Sample(2, 6, 4), &same_job_on_a).ok());
+  RunToEnd();
+  ASSERT_TRUE(same_job_on_a.result.ok());
+  EXPECT_NE(pixels(*same_job_on_a.result), pixels(*alone.result))
+      << "model a (another slope) makes other images from the same job";
+}
+
+TEST_F(MultiModelEngineTest, ADroppedModelLivesUntilItsLastTaskLeaves) {
+  Outcome<SampleResult> out;
+  ASSERT_TRUE(SubmitOn(b_, Sample(1, 5, 2), &out).ok());
+  std::weak_ptr<const EngineModel> weak = b_;
+  b_.reset();  // the repository swapped it out
+  ASSERT_TRUE(engine_->Step());
+  EXPECT_FALSE(weak.expired()) << "its request still runs on it";
+  RunToEnd();
+  ASSERT_TRUE(out.result.ok()) << out.result.status();
+  EXPECT_TRUE(weak.expired()) << "freed once its last task left";
+}
+
+TEST_F(MultiModelEngineTest, SubmitWithoutAModelOrWithTheWrongShapeIsRefused) {
+  Outcome<SampleResult> out;
+  EXPECT_EQ(engine_
+                ->Submit(MakeSampleTask(Sample(1, 2, 1), kClasses,
+                                        out.Callback()),
+                         {})
+                .code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "this engine has no default model";
+  std::vector<std::unique_ptr<Denoiser>> two;
+  two.push_back(std::make_unique<FakeDenoiser>());
+  two.push_back(std::make_unique<FakeDenoiser>());
+  auto wide = *EngineModel::Create(std::move(two));
+  EXPECT_EQ(SubmitOn(wide, Sample(1, 2, 1), &out).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(out.calls, 0);
+}
+
+TEST(LoneThreadsEngineTest, ALoneBusyWorkerUsesEveryCoreAndGivesThemBack) {
+  // Two workers of 1 thread each, lone_threads 2: a request alone on the
+  // engine runs its passes on 2 threads; once the other worker has work
+  // too, both run on 1; alone again, 2.
+  FakeClock clock;
+  Engine::Options options;
+  options.threaded = false;
+  options.clock = &clock;
+  options.threads = 1;
+  options.lone_threads = 2;
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  std::vector<FakeDenoiser*> fakes;
+  for (int i = 0; i < 2; ++i) {
+    auto fake = std::make_unique<FakeDenoiser>(&clock);
+    fakes.push_back(fake.get());
+    replicas.push_back(std::move(fake));
+  }
+  auto engine = *Engine::Create(options, std::move(replicas));
+  Outcome<SampleResult> long_one, short_one;
+  ASSERT_TRUE(SubmitSample(*engine, Sample(1, 6, 1), {}, long_one.Callback()).ok());
+  ASSERT_TRUE(engine->Step());
+  ASSERT_TRUE(SubmitSample(*engine, Sample(1, 2, 2), {}, short_one.Callback()).ok());
+  while (engine->Step()) {
+  }
+  ASSERT_TRUE(long_one.result.ok() && short_one.result.ok());
+  std::vector<int> a, b;
+  for (const Batch& batch : fakes[0]->batches()) a.push_back(batch.threads);
+  for (const Batch& batch : fakes[1]->batches()) b.push_back(batch.threads);
+  // Worker 0 (the long request): alone for two passes (in the second Step
+  // it goes first, before worker 1 has taken its task), beside worker 1 for
+  // one (worker 1 retires the short request in its second pass), then
+  // alone again.
+  EXPECT_THAT(a, ElementsAre(2, 2, 1, 2, 2, 2));
+  EXPECT_THAT(b, ElementsAre(1, 1));
+  at::set_num_threads(1);
 }
 
 }  // namespace

@@ -386,19 +386,20 @@ TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
     int threads, cpus;
     std::vector<std::string> want_devices;
     int want_threads;
+    int want_lone_threads;  // with lone_threads -1 (automatic)
   };
   const std::vector<std::string> cpu1 = {"cpu"}, cpu2 = {"cpu", "cpu"};
   const std::vector<std::string> cpu4 = {"cpu", "cpu", "cpu", "cpu"};
   const std::vector<Case> cases = {
-      {{"auto"}, 0, 2, cpu2, 1},     // this project's machines
-      {{"auto"}, 0, 1, cpu1, 1},
-      {{"auto"}, 0, 0, cpu1, 1},     // an unknown count counts as 1
-      {{"auto"}, 0, 16, cpu4, 4},    // capped at kMaxAutoCpuReplicas
-      {{"auto"}, 0, 6, cpu4, 1},     // 6 / 4 rounds down
-      {{"auto"}, 3, 2, cpu2, 3},     // explicit threads are kept
-      {cpu1, 0, 8, cpu1, 8},         // --devices=cpu: one replica, all CPUs
-      {cpu2, 0, 2, cpu2, 1},         // no oversubscription
-      {{"cuda:0"}, 0, 8, {"cuda:0"}, 8},
+      {{"auto"}, 0, 2, cpu2, 1, 2},     // this project's machines
+      {{"auto"}, 0, 1, cpu1, 1, 0},     // one replica: nothing to lend
+      {{"auto"}, 0, 0, cpu1, 1, 0},     // an unknown count counts as 1
+      {{"auto"}, 0, 16, cpu4, 4, 16},   // capped at kMaxAutoCpuReplicas
+      {{"auto"}, 0, 6, cpu4, 1, 6},     // 6 / 4 rounds down
+      {{"auto"}, 3, 2, cpu2, 3, 0},     // explicit threads are kept
+      {cpu1, 0, 8, cpu1, 8, 0},         // --devices=cpu: one replica, all CPUs
+      {cpu2, 0, 2, cpu2, 1, 2},         // no oversubscription
+      {{"cuda:0"}, 0, 8, {"cuda:0"}, 8, 0},
   };
   for (const Case& c : cases) {
     VdmServer::Options options = TinyOptions();
@@ -408,7 +409,12 @@ TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
     ASSERT_TRUE(resolved.ok()) << resolved.status();
     EXPECT_EQ(resolved->devices, c.want_devices) << c.cpus << " CPUs";
     EXPECT_EQ(resolved->threads, c.want_threads) << c.cpus << " CPUs";
+    EXPECT_EQ(resolved->lone_threads, c.want_lone_threads) << c.cpus << " CPUs";
   }
+  VdmServer::Options off = TinyOptions();
+  off.devices = cpu2;
+  off.lone_threads = 0;
+  EXPECT_EQ(ResolveLayout(off, 2)->lone_threads, 0) << "0 = off is kept";
   VdmServer::Options bad = TinyOptions();
   bad.devices = {"cpu", "auto"};
   EXPECT_EQ(ResolveLayout(bad, 2).status().code(),

@@ -45,6 +45,28 @@ TEST(ImageClassifierTest, ClassifiesRealTestImages) {
   EXPECT_EQ(at::bincount(*predicted, {}, 10).gt(100).sum().item<int64_t>(), 10);
 }
 
+TEST(ImageClassifierTest, FeaturesPlaceTheSameClassCloserThanOthers) {
+  // The penultimate features (the feature-kNN baseline's space): a test
+  // image's nearest other image is more often of its own class than not.
+  auto classifier = ImageClassifier::Load(kClassifier);
+  ASSERT_TRUE(classifier.ok()) << classifier.status();
+  auto test = LoadIdxDataset(kFashionMnist, "t10k", (*classifier)->shape(), 10,
+                             /*limit=*/400);
+  ASSERT_TRUE(test.ok()) << test.status();
+  auto features = (*classifier)->Features(test->images, /*batch=*/100);
+  ASSERT_TRUE(features.ok()) << features.status();
+  ASSERT_EQ(features->size(0), 400);
+  ASSERT_EQ(features->size(1), 128);
+  at::Tensor d = at::cdist(*features, *features);
+  d.fill_diagonal_(1e30);
+  const at::Tensor nearest = d.argmin(1);
+  const double same = test->labels.index_select(0, nearest)
+                          .eq(test->labels).to(at::kDouble).mean().item<double>();
+  EXPECT_GT(same, 0.7) << "nearest neighbours share the class";
+  auto vdm = ImageClassifier::Load(kTinyModel);
+  EXPECT_FALSE(vdm.ok()) << "a VDM is not a classifier, features or not";
+}
+
 TEST(ImageClassifierTest, RefusesAModelThatIsNotAClassifier) {
   auto missing = ImageClassifier::Load("/nonexistent/classifier.pt");
   ASSERT_FALSE(missing.ok());

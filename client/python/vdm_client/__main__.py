@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls_key", default=None, help="PEM key of --tls_cert")
     parser.add_argument("--tls_server_name", default=None,
                         help="name to check the server's certificate against")
+    parser.add_argument("--model", default=None,
+                        help="the model every request runs on (a server with "
+                        "--model_repository); default: the server's default")
+    parser.add_argument("--model_version", type=int, default=None,
+                        help="the version of --model; default: the one served")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="draw images")
@@ -158,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                              "DIR/sample_NNN.png")
 
     commands.add_parser("info", help="the served model and the server's limits")
+    commands.add_parser("models", help="the model repository: every version "
+                        "and its state")
     commands.add_parser("health", help="exit 0 only when SERVING")
     return parser
 
@@ -392,6 +399,18 @@ def _run_info(client: Client, args) -> int:
     return OK
 
 
+def _run_models(client: Client, args) -> int:
+    for m in client.list_models():
+        cells = [m["name"], str(m["version"]), m["state"].lower(),
+                 f"{m['memory_bytes'] / 2**20:.1f} MiB"]
+        if m["is_default"]:
+            cells.append("default")
+        if m["error"]:
+            cells.append(m["error"])
+        print("\t".join(cells))
+    return OK
+
+
 def _run_health(client: Client, args) -> int:
     status = client.health()
     print(status)
@@ -407,10 +426,11 @@ def main(argv=None) -> int:
     run = {"sample": _run_sample, "score": _run_score,
            "encode": _run_encode, "decode": _run_decode,
            "interpolate": _run_interpolate, "info": _run_info,
-           "health": _run_health}[args.command]
+           "models": _run_models, "health": _run_health}[args.command]
     try:
         with Client(args.target, token=args.token, tls=tls,
-                    timeout=args.timeout_s) as client:
+                    timeout=args.timeout_s, model=args.model,
+                    version=args.model_version) as client:
             return run(client, args)
     except VdmError as error:
         print(f"vdm_client: {error}", file=sys.stderr)

@@ -180,7 +180,8 @@ class SampleResult(list):
     """The images of a Sample call, a list of numpy uint8 arrays (H x W, or
     H x W x C), with what the server reported: `seed` (the seed used; pass it
     back to reproduce the images), `network_evaluations`, `queue_seconds`,
-    `compute_seconds`."""
+    `compute_seconds`, and `model` and `model_version`: the model version
+    that computed them."""
 
     def __init__(self, images=(), seed: int = 0, network_evaluations: int = 0,
                  queue_seconds: float = 0.0, compute_seconds: float = 0.0):
@@ -189,6 +190,7 @@ class SampleResult(list):
         self.network_evaluations = network_evaluations
         self.queue_seconds = queue_seconds
         self.compute_seconds = compute_seconds
+        self.model, self.model_version = "", 0
 
     def __repr__(self) -> str:
         shape = self[0].shape if self else ()
@@ -278,6 +280,8 @@ class ScoreResult(list):
         self.network_evaluations = network_evaluations
         self.chunks = chunks
         self.batch_p_values = list(batch_p_values)
+        # (model, version) that computed each chunk, in order.
+        self.model_versions = []
 
     def __repr__(self) -> str:
         return (f"ScoreResult({len(self)} images, seed={self.seed}, "
@@ -459,14 +463,22 @@ class Client:
     mTLS) and optionally `server_name` (the name to check the certificate
     against); True = TLS with the system roots. timeout: deadline of each RPC
     in seconds. options: extra gRPC channel options [(key, value), ...].
+    model, version: the model version every request runs on, on a server
+    with a model repository (None = the server's default model, and the
+    version it serves).
 
     Use it as a context manager, or call close(), to close the channel.
     """
 
     def __init__(self, target: str, token: Optional[str] = None, tls=None,
-                 timeout: float = 600.0, options: Sequence = ()):
+                 timeout: float = 600.0, options: Sequence = (),
+                 model: Optional[str] = None, version: Optional[int] = None):
         if not target:
             raise ValueError("target is empty")
+        if version is not None and not model:
+            raise ValueError("version needs model")
+        self.model = model or ""
+        self.version = None if version is None else int(version)
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.target = target
@@ -515,6 +527,11 @@ class Client:
 
     def _call(self, method, request, timeout: Optional[float] = None,
               context: Optional[str] = None):
+        fields = request.DESCRIPTOR.fields_by_name
+        if self.model and "model" in fields:
+            request.model = self.model
+        if self.version is not None and "version" in fields:
+            request.version = self.version
         try:
             return method(request, timeout=timeout or self.timeout,
                           metadata=self._metadata)
@@ -529,6 +546,17 @@ class Client:
         info = self._call(self._stub.GetModelInfo, vdm_pb2.ModelInfoRequest())
         return {field.name: getattr(info, field.name)
                 for field in info.DESCRIPTOR.fields}
+
+    def list_models(self) -> List[Dict[str, Any]]:
+        """ListModels: one dict per model version the server knows (name,
+        version, state "LOADING" / "READY" / "FAILED" / "UNLOADING", error,
+        memory_bytes, is_default), sorted by name and version."""
+        response = self._call(self._stub.ListModels, vdm_pb2.ListModelsRequest())
+        states = vdm_pb2.ModelVersionStatus.State
+        return [{"name": m.name, "version": m.version,
+                 "state": states.Name(m.state), "error": m.error,
+                 "memory_bytes": m.memory_bytes, "is_default": m.is_default}
+                for m in response.models]
 
     def health(self, service: str = "", timeout: Optional[float] = None) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ... (raises
@@ -578,11 +606,14 @@ class Client:
             raise VdmError(grpc.StatusCode.INTERNAL,
                            f"asked for {num_images} images, the server "
                            f"returned {len(response.images)}")
-        return SampleResult([_image_from_proto(i) for i in response.images],
-                            seed=response.seed,
-                            network_evaluations=response.network_evaluations,
-                            queue_seconds=response.queue_seconds,
-                            compute_seconds=response.compute_seconds)
+        result = SampleResult([_image_from_proto(i) for i in response.images],
+                              seed=response.seed,
+                              network_evaluations=response.network_evaluations,
+                              queue_seconds=response.queue_seconds,
+                              compute_seconds=response.compute_seconds)
+        result.model, result.model_version = (response.model,
+                                              response.model_version)
+        return result
 
     def sample(self, num_images: int = 1, steps: int = 50,
                sampler: Union[str, int] = "ddim", eta: float = 0.0,
@@ -861,6 +892,8 @@ class Client:
                 result.append(row)
             result.network_evaluations += response.network_evaluations
             result.chunks += 1
+            result.model_versions.append((response.model,
+                                          response.model_version))
             result.batch_p_values.append(
                 response.batch_p_value if response.HasField("batch_p_value")
                 else None)
