@@ -413,6 +413,23 @@ class ClientTest(unittest.TestCase):
             self.assertIsNone(row["p_value"])      # --calibration=none
             self.assertIsNone(row["is_anomaly"])
 
+    def test_score_time_sampling(self):
+        # The tiny test model has no calibration file, so no proposal:
+        # uniform is what it scores with anyway, proposal is refused.
+        images = noise_images(2, seed=5)
+        default = self.client.score(images, timesteps=4, seed=3)
+        uniform = self.client.score(images, timesteps=4, seed=3,
+                                    time_sampling="uniform")
+        self.assertEqual([r["bpd"] for r in default],
+                         [r["bpd"] for r in uniform])
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            self.client.score(images, timesteps=4, time_sampling="proposal")
+        self.assertEqual(caught.exception.code,
+                         grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("time_sampling", str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "time_sampling"):
+            self.client.score(images, time_sampling="sideways")
+
     def test_score_bad_timesteps(self):
         with self.assertRaises(vdm_client.VdmError) as caught:
             self.client.score(noise_images(1), timesteps=1)

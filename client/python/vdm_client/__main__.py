@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="images per request (default: the server's limit)")
     score.add_argument("--csv", default=None,
                        help="write the scores as CSV (else print a table)")
+    score.add_argument("--time_sampling", default=None,
+                       choices=("uniform", "proposal"),
+                       help="ELBO times: the model's proposal when it has one "
+                       "(default), or uniform")
     score.add_argument("--method", default="elbo", choices=SCORE_METHODS,
                        help="elbo (the variational bound) or ode (a bound "
                        "through the probability-flow ODE's density, "
@@ -282,6 +286,7 @@ def _run_score(client: Client, args) -> int:
                         label=args.label, shared_noise=args.shared_noise,
                         false_positive_rate=args.false_positive_rate,
                         chunk=args.chunk, method=args.method,
+                        time_sampling=args.time_sampling,
                         **{f: getattr(args, f) for f in ode_flags})
     seconds = time.monotonic() - start
     if args.csv:

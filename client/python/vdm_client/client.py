@@ -801,7 +801,8 @@ class Client:
               ode_rtol: Optional[float] = None,
               ode_atol: Optional[float] = None,
               ode_max_evaluations: Optional[int] = None,
-              dequantization: Union[str, int, None] = None) -> ScoreResult:
+              dequantization: Union[str, int, None] = None,
+              time_sampling: Union[str, int, None] = None) -> ScoreResult:
         """Bits per dimension and anomaly scores of `images` (numpy uint8
         H x W or H x W x C arrays, or PIL images): a ScoreResult, one dict per
         image with the keys of CSV_FIELDS (p_value and is_anomaly are None
@@ -829,6 +830,11 @@ class Client:
         per solve; out-of-range values come back as VdmError
         INVALID_ARGUMENT naming the field.
 
+        time_sampling (ELBO only): None (the model's time proposal when its
+        calibration file has one, else uniform), "uniform" or "proposal"
+        (refused when the model has none), or the vdm.v1.TimeSampling value
+        (docs/performance.md, "Importance-sampled times").
+
         The images go in requests of `chunk` images (default: the server's
         max_images_per_request). With a seed, chunk c > 0 uses the seed
         (seed + c * 0x9E3779B97F4A7C15) mod 2**64 (the same seed for every
@@ -850,6 +856,10 @@ class Client:
         for name, value in ode.items():
             if value != 0 and method != vdm_pb2.SCORE_METHOD_ODE:
                 raise ValueError(f"{name} needs method='ode'")
+        ode["time_sampling"] = (
+            0 if time_sampling is None else
+            _enum_value(vdm_pb2.TimeSampling, "TIME_SAMPLING_", time_sampling,
+                        "time_sampling"))
         protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
         if not protos:
             raise ValueError("score: no images")
