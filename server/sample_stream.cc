@@ -110,17 +110,13 @@ grpc::ServerWriteReactor<v1::SampleStreamResponse>*
 VdmServiceImpl::SampleStream(grpc::CallbackServerContext* context,
                              const v1::SampleRequest* request) {
   auto* reactor = new SampleStreamReactor(context, metrics_);
-  if (absl::Status s = Admit(*context); !s.ok()) {
-    reactor->FinishWith(s);
-    return reactor;
-  }
-  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+      AdmitAndResolve(*context, *request, reactor->log());
   if (!served.ok()) {
     reactor->FinishWith(served.status());
     return reactor;
   }
   const std::shared_ptr<const ServedModel> model = *std::move(served);
-  reactor->log().SetModel(model->name, model->version);
   absl::StatusOr<SampleJob> job =
       ToSampleJob(*request, options_, model->description);
   if (job.ok() && request->preview_every() < 0) {

@@ -97,17 +97,13 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Sample(
     v1::SampleResponse* response) {
   const Finisher finish(context, metrics_, "Sample");
   grpc::ServerUnaryReactor* reactor = finish.reactor();
-  if (absl::Status s = Admit(*context); !s.ok()) {
-    finish(s);
-    return reactor;
-  }
-  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+      AdmitAndResolve(*context, *request, finish.log());
   if (!served.ok()) {
     finish(served.status());
     return reactor;
   }
   const std::shared_ptr<const ServedModel> model = *std::move(served);
-  finish.log().SetModel(model->name, model->version);
   absl::StatusOr<SampleJob> job =
       ToSampleJob(*request, options_, model->description);
   if (!job.ok()) {
@@ -142,17 +138,13 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
     v1::ScoreResponse* response) {
   const Finisher finish(context, metrics_, "ScoreBPD");
   grpc::ServerUnaryReactor* reactor = finish.reactor();
-  if (absl::Status s = Admit(*context); !s.ok()) {
-    finish(s);
-    return reactor;
-  }
-  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+      AdmitAndResolve(*context, *request, finish.log());
   if (!served.ok()) {
     finish(served.status());
     return reactor;
   }
   const std::shared_ptr<const ServedModel> model = *std::move(served);
-  finish.log().SetModel(model->name, model->version);
   absl::StatusOr<ScoreJob> job =
       ToScoreJob(*request, options_, model->description);
   if (!job.ok()) {
@@ -222,17 +214,13 @@ grpc::ServerUnaryReactor* VdmServiceImpl::Encode(
     v1::EncodeResponse* response) {
   const Finisher finish(context, metrics_, "Encode");
   grpc::ServerUnaryReactor* reactor = finish.reactor();
-  if (absl::Status s = Admit(*context); !s.ok()) {
-    finish(s);
-    return reactor;
-  }
-  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+      AdmitAndResolve(*context, *request, finish.log());
   if (!served.ok()) {
     finish(served.status());
     return reactor;
   }
   const std::shared_ptr<const ServedModel> model = *std::move(served);
-  finish.log().SetModel(model->name, model->version);
   absl::StatusOr<EncodeJob> job =
       ToEncodeJob(*request, options_, model->description);
   if (!job.ok()) {
@@ -267,17 +255,13 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
     v1::ModelInfo* response) {
   const Finisher finish(context, metrics_, "GetModelInfo");
   grpc::ServerUnaryReactor* reactor = finish.reactor();
-  if (absl::Status s = Admit(*context); !s.ok()) {
-    finish(s);
-    return reactor;
-  }
-  absl::StatusOr<std::shared_ptr<const ServedModel>> served = Resolve(*request);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+      AdmitAndResolve(*context, *request, finish.log());
   if (!served.ok()) {
     finish(served.status());
     return reactor;
   }
   const ServedModel& served_model = **served;
-  finish.log().SetModel(served_model.name, served_model.version);
   const ModelDescription& model = served_model.description;
   response->set_image_channels(model.shape.channels);
   response->set_image_height(model.shape.height);

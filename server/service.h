@@ -16,6 +16,7 @@
 #include "server/engine.h"
 #include "server/metrics.h"
 #include "server/model_repository.h"
+#include "server/request_log.h"
 #include "server/validation.h"
 #include "vdm/v1/vdm.grpc.pb.h"
 
@@ -64,14 +65,20 @@ class VdmServiceImpl final : public v1::VdmService::CallbackService {
   // UNAVAILABLE while draining, UNAUTHENTICATED without the right token.
   absl::Status Admit(const grpc::CallbackServerContext& context) const;
 
-  // The version a request's `model` and `version` fields name.
+  // Admit, then the version the request's `model` and `version` fields
+  // name, recorded in `log`.
   template <class Request>
-  absl::StatusOr<std::shared_ptr<const ServedModel>> Resolve(
-      const Request& request) const {
-    return repository_->Resolve(
-        request.model(), request.has_version()
-                             ? std::optional<int64_t>(request.version())
-                             : std::nullopt);
+  absl::StatusOr<std::shared_ptr<const ServedModel>> AdmitAndResolve(
+      const grpc::CallbackServerContext& context, const Request& request,
+      RequestLog& log) const {
+    if (absl::Status s = Admit(context); !s.ok()) return s;
+    absl::StatusOr<std::shared_ptr<const ServedModel>> served =
+        repository_->Resolve(request.model(),
+                             request.has_version()
+                                 ? std::optional<int64_t>(request.version())
+                                 : std::nullopt);
+    if (served.ok()) log.SetModel((*served)->name, (*served)->version);
+    return served;
   }
 
   const Options options_;

@@ -86,8 +86,7 @@ absl::Status ImageClassifier::Check() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> ImageClassifier::Features(const at::Tensor& images,
-                                                     int64_t batch) {
+absl::Status ImageClassifier::CheckImages(const at::Tensor& images) const {
   if (images.dim() != 4 || images.size(1) != shape_.channels ||
       images.size(2) != shape_.height || images.size(3) != shape_.width) {
     return absl::InvalidArgumentError(
@@ -95,6 +94,12 @@ absl::StatusOr<at::Tensor> ImageClassifier::Features(const at::Tensor& images,
                      shape_.height, ",", shape_.width, "], got [",
                      absl::StrJoin(images.sizes(), ","), "]"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> ImageClassifier::Features(const at::Tensor& images,
+                                                     int64_t batch) {
+  VDM_RETURN_IF_ERROR(CheckImages(images));
   if (!module_.find_method("features")) {
     return absl::InvalidArgumentError(
         "classifier: no features(f) method (re-export it with "
@@ -123,13 +128,7 @@ absl::StatusOr<at::Tensor> ImageClassifier::Features(const at::Tensor& images,
 
 absl::StatusOr<at::Tensor> ImageClassifier::Classify(const at::Tensor& images,
                                                      int64_t batch) {
-  if (images.dim() != 4 || images.size(1) != shape_.channels ||
-      images.size(2) != shape_.height || images.size(3) != shape_.width) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("classifier: images must be [N,", shape_.channels, ",",
-                     shape_.height, ",", shape_.width, "], got [",
-                     absl::StrJoin(images.sizes(), ","), "]"));
-  }
+  VDM_RETURN_IF_ERROR(CheckImages(images));
   batch = std::max<int64_t>(1, batch);
   torch::NoGradGuard no_grad;
   std::vector<at::Tensor> out;

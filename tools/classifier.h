@@ -52,6 +52,8 @@ class ImageClassifier {
   explicit ImageClassifier(torch::jit::Module module)
       : module_(std::move(module)) {}
   absl::Status Check();
+  // OK for uint8 images [N, C, H, W] of the classifier's shape.
+  absl::Status CheckImages(const at::Tensor& images) const;
 
   torch::jit::Module module_;
   int num_classes_ = 0;
