@@ -649,6 +649,15 @@ void Worker::Distribute(const Batch& batch,
 void Worker::Retire(size_t index, absl::Status status) {
   Entry entry = std::move(live_[index]);
   live_.erase(live_.begin() + static_cast<std::ptrdiff_t>(index));
+  // Uncounted before the result is delivered: a caller that sends its next
+  // request on seeing this one's result finds this worker idle, so a lone
+  // request always runs with the lone thread count (its rounding, and so
+  // its result, depends on the threads; docs/reproducibility.md).
+  UpdateBusy();
+  {
+    absl::MutexLock lock(&mu_);
+    queued_rows_ -= entry.rows;
+  }
   const absl::Time now = Now();
   std::shared_ptr<Task> task(std::move(entry.task));
   completions_->Post([task, status = std::move(status), now]() mutable {
@@ -658,8 +667,6 @@ void Worker::Retire(size_t index, absl::Status status) {
       task->Finish(absl::InternalError(err.what()), now);
     }
   });
-  absl::MutexLock lock(&mu_);
-  queued_rows_ -= entry.rows;
 }
 
 void Worker::UpdateGauges() {

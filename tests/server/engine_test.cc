@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -974,6 +975,65 @@ TEST(LoneThreadsEngineTest, ALoneBusyWorkerUsesEveryCoreAndGivesThemBack) {
   // alone again.
   EXPECT_THAT(a, ElementsAre(2, 2, 1, 2, 2, 2));
   EXPECT_THAT(b, ElementsAre(1, 1));
+  at::set_num_threads(1);
+}
+
+TEST(LoneThreadsEngineTest, ACallerThatWaitsForEachResultIsAlwaysAlone) {
+  // A client that sends its next request when it sees the last one's result
+  // never overlaps itself, so every pass runs on the lone thread count: a
+  // worker stops counting as busy before it hands a result over, not after
+  // (a seed's result depends on the thread count, docs/reproducibility.md).
+  // Threaded, as a server runs; the chain is long enough that the old order
+  // (busy cleared after the result was posted) showed up as a 1-thread pass.
+  Engine::Options options;
+  options.threads = 1;
+  options.lone_threads = 2;
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  std::vector<FakeDenoiser*> fakes;
+  for (int i = 0; i < 2; ++i) {
+    auto fake = std::make_unique<FakeDenoiser>();
+    fakes.push_back(fake.get());
+    replicas.push_back(std::move(fake));
+  }
+  auto engine = *Engine::Create(options, std::move(replicas));
+  constexpr int kRequests = 30;
+  absl::Mutex mu;
+  int finished = 0;
+  absl::Status failure;
+  std::function<void()> next = [&]() {
+    absl::Status submitted = SubmitSample(
+        *engine, Sample(1, 2, 1), {},
+        [&](absl::StatusOr<SampleResult> result) {
+          bool more;
+          {
+            absl::MutexLock lock(&mu);
+            if (!result.ok()) failure = result.status();
+            more = ++finished < kRequests && failure.ok();
+          }
+          if (more) next();
+        });
+    if (!submitted.ok()) {
+      absl::MutexLock lock(&mu);
+      failure = submitted;
+      finished = kRequests;
+    }
+  };
+  next();
+  {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(
+        +[](int* n) { return *n >= kRequests; }, &finished));
+  }
+  ASSERT_TRUE(failure.ok()) << failure;
+  int passes = 0;
+  for (FakeDenoiser* fake : fakes) {
+    for (const Batch& batch : fake->batches()) {
+      EXPECT_EQ(batch.threads, 2) << "a pass of a lone request on 1 thread";
+      ++passes;
+    }
+  }
+  EXPECT_EQ(passes, 2 * kRequests);
+  engine.reset();
   at::set_num_threads(1);
 }
 
