@@ -58,6 +58,8 @@ COPY model/checkpoints/fmnist.pt model/checkpoints/fmnist.pt
 # Its anomaly calibration (vdm-calibrate), which vdm-server loads from beside
 # the model.
 COPY model/checkpoints/fmnist.pt.calibration.json model/checkpoints/fmnist.pt.calibration.json
+# The thorough anomaly level's feature network, also found beside the model.
+COPY model/checkpoints/fmnist.pt.features.pt model/checkpoints/fmnist.pt.features.pt
 USER 10001:10001
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

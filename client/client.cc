@@ -430,6 +430,7 @@ absl::Status VdmClient::ScoreChunk(const ScoreInput& input,
   request.set_ode_max_evaluations(params.ode_max_evaluations);
   request.set_dequantization(params.dequantization);
   request.set_time_sampling(params.time_sampling);
+  request.set_anomaly_level(params.anomaly_level);
   for (int64_t i = begin; i < end; ++i) {
     *request.add_images() = input.images[static_cast<size_t>(i)];
   }

@@ -171,6 +171,8 @@ struct ScoreParams {
   // ELBO: the server's time proposal when it has one (UNSPECIFIED), or
   // uniform times, or insist on the proposal.
   vdm::v1::TimeSampling time_sampling = vdm::v1::TIME_SAMPLING_UNSPECIFIED;
+  // FAST (UNSPECIFIED) or THOROUGH (info: thorough_available).
+  vdm::v1::AnomalyLevel anomaly_level = vdm::v1::ANOMALY_LEVEL_UNSPECIFIED;
 };
 
 // One scored image. `index` is its position in the ScoreInput.

@@ -145,6 +145,10 @@ ABSL_FLAG(std::string, time_sampling, "",
           "score (ELBO): uniform = uniform diffusion times even when the "
           "server has a time proposal; proposal = insist on it; empty = the "
           "server's proposal when it has one (info: time_proposal).");
+ABSL_FLAG(std::string, anomaly_level, "",
+          "score (ELBO): fast (the default) or thorough (reconstructions and "
+          "the model's feature network; info: thorough_available and its "
+          "evaluations per image).");
 ABSL_FLAG(std::string, dequantization, "",
           "score --method=ode: gaussian (the VDM's own q(z_0 | x), the "
           "default) or uniform.");
@@ -180,7 +184,7 @@ Usage:
       grid and label the latents were encoded with)
   vdm-client [--target=HOST:PORT] score [--timesteps=K] [--seed=S] [--label=L]
       [--shared_noise] [--chunk=N] [--csv=OUT.csv] [--false_positive_rate=F]
-      [--time_sampling=uniform|proposal]
+      [--time_sampling=uniform|proposal] [--anomaly_level=fast|thorough]
       [--method=elbo|ode [--ode_steps=N | --ode_rtol=R --ode_atol=A
                          --ode_max_evaluations=E] [--trace_samples=M]
                          [--dequantization=gaussian|uniform]]
@@ -557,6 +561,14 @@ int RunScore(const VdmClient& client, const std::vector<std::string>& files) {
     params.time_sampling = vdm::v1::TIME_SAMPLING_PROPOSAL;
   } else if (!ts.empty()) {
     return Usage("--time_sampling must be uniform or proposal");
+  }
+  if (const std::string level = absl::GetFlag(FLAGS_anomaly_level);
+      level == "thorough") {
+    params.anomaly_level = vdm::v1::ANOMALY_LEVEL_THOROUGH;
+  } else if (level == "fast") {
+    params.anomaly_level = vdm::v1::ANOMALY_LEVEL_FAST;
+  } else if (!level.empty()) {
+    return Usage("--anomaly_level must be fast or thorough");
   }
   if (const auto fpr = absl::GetFlag(FLAGS_false_positive_rate)) {
     params.false_positive_rate = static_cast<float>(*fpr);

@@ -181,6 +181,10 @@ void ScoreToProto(const ImageBpd& s, const ImageAnomaly& a,
   for (double b : s.band) out->add_band_bpd(b);
   if (s.background_bpd) out->set_background_bpd(*s.background_bpd);
   if (a.llr) out->set_llr(*a.llr);
+  if (a.feature_distance) out->set_feature_distance(*a.feature_distance);
+  if (a.reconstruction_error) {
+    out->set_reconstruction_error(*a.reconstruction_error);
+  }
   if (a.anomaly_score) out->set_anomaly_score(*a.anomaly_score);
   if (a.p_value) out->set_p_value(*a.p_value);
   if (a.is_anomaly) out->set_is_anomaly(*a.is_anomaly);

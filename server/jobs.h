@@ -18,9 +18,12 @@
 #include "model/vdm/image_scores.h"
 #include "model/vdm/request.h"
 #include "model/vdm/sampler_config.h"
+#include "model/vdm/thorough.h"
 #include "model/vdm/time_proposal.h"
 
 namespace vdm {
+
+class FeatureModel;  // model/vdm/feature_model.h
 
 // Progress of a sampling request, reported after each step.
 struct SampleProgress {
@@ -74,13 +77,20 @@ struct ScoreJob {
   // timesteps, shared_noise and pixel_map do not apply.
   ScoreMethod method = ScoreMethod::kElbo;
   OdeOptions ode;  // request.h: solver, tolerances, dequantization, probes
+  // The thorough anomaly level (ELBO only): the probes of the calibration
+  // (ThoroughSetup) and the feature network; both set, or neither.
+  std::optional<ThoroughSetup> thorough;
+  std::shared_ptr<const FeatureModel> feature_model;
 };
 
 // Network rows a score job of n images costs (ODE rows are forward + VJP).
 inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
-  return job.method == ScoreMethod::kOde
-             ? OdeRowCost(n, job.ode)
-             : ScoreRowCost(n, job.timesteps);
+  if (job.method == ScoreMethod::kOde) return OdeRowCost(n, job.ode);
+  const int64_t probes =
+      job.thorough ? static_cast<int64_t>(job.thorough->times.size()) *
+                         job.thorough->draws
+                   : 0;
+  return ScoreRowCost(n, job.timesteps) + n * probes;
 }
 
 struct ScoreResult {

@@ -49,6 +49,11 @@ ABSL_FLAG(std::string, background_model, "",
           "image shape and classes: ScoreBPD also returns llr = bpd - "
           "background_bpd (Ren et al. 2019), at K more rows per image; "
           "empty = none");
+ABSL_FLAG(std::string, feature_model, "",
+          "feature network (.pt with features(), model/net/classifier.py) of "
+          "--model for ScoreRequest.anomaly_level THOROUGH, with the "
+          "calibration's anomaly.thorough section; empty = "
+          "MODEL.features.pt when it exists; none = no thorough level");
 ABSL_FLAG(std::string, address, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9090",
           "Prometheus /metrics listen address; empty disables it");
@@ -138,6 +143,7 @@ vdm::VdmServer::Options OptionsFromFlags() {
   options.max_loaded_models = absl::GetFlag(FLAGS_max_loaded_models);
   options.calibration_path = absl::GetFlag(FLAGS_calibration);
   options.background_model_path = absl::GetFlag(FLAGS_background_model);
+  options.feature_model_path = absl::GetFlag(FLAGS_feature_model);
   options.address = absl::GetFlag(FLAGS_address);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.devices = absl::StrSplit(absl::GetFlag(FLAGS_devices), ',',

@@ -122,6 +122,9 @@ ModelRepository::Scan() {
       if (fs::exists(background, inner)) {
         s.files.background_path = background.string();
       }
+      const fs::path features = version.path() / "model.pt.features.pt";
+      s.files.feature_model_path =
+          fs::exists(features, inner) ? features.string() : "none";
       s.signature = Signature(pt.string());
       newest[name] = std::move(s);
     }

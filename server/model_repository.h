@@ -7,6 +7,8 @@
 //                                                    calibration
 //   DIR/<name>/<version>/background.pt               optional: its
 //                                                    background model
+//   DIR/<name>/<version>/model.pt.features.pt        optional: its feature
+//                                                    network (thorough level)
 //
 // <name> is 1-64 of [A-Za-z0-9_.-] (not starting with '.'), <version> a
 // positive integer; other entries are ignored (and logged once). Each model
@@ -77,6 +79,7 @@ struct VersionFiles {
   std::string model_path;
   std::string calibration_path;  // empty = none; "none" = none (--model)
   std::string background_path;   // empty = none
+  std::string feature_model_path;  // empty = none; "" beside (--model)
 };
 
 class ModelRepository {

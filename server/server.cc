@@ -22,6 +22,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "model/vdm/calibration_file.h"
 #include "model/vdm/cpus.h"
+#include "model/vdm/feature_model.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
 #include "model/vdm/torchscript_model.h"
@@ -78,6 +79,37 @@ absl::StatusOr<CalibrationFile> LoadCalibration(const std::string& path,
               << c->time_proposal->MaxWeight() << ")";
   }
   return c;
+}
+
+// The feature network of the thorough level: `path`, or beside the model
+// (<model>.features.pt) when `path` is empty and that file exists; "none" =
+// none. It must take the model's images.
+absl::StatusOr<std::shared_ptr<const FeatureModel>> LoadFeatureModel(
+    const std::string& path, const std::string& model_path,
+    const ImageShape& shape) {
+  std::string file = path;
+  if (file == "none") return std::shared_ptr<const FeatureModel>();
+  if (file.empty()) {
+    file = model_path + ".features.pt";
+    std::error_code ignored;
+    if (!std::filesystem::exists(file, ignored)) {
+      return std::shared_ptr<const FeatureModel>();
+    }
+  }
+  absl::StatusOr<std::unique_ptr<FeatureModel>> loaded = FeatureModel::Load(file);
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat("--feature_model: ", loaded.status().message()));
+  }
+  const ImageShape s = (*loaded)->shape();
+  if (s.channels != shape.channels || s.height != shape.height ||
+      s.width != shape.width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--feature_model: ", file, " takes ", s.channels, "x", s.height, "x",
+        s.width, " images, the model ", shape.channels, "x", shape.height, "x",
+        shape.width));
+  }
+  return std::shared_ptr<const FeatureModel>(*std::move(loaded));
 }
 
 // gRPC reports a bad certificate or key only as "cannot listen"; OpenSSL
@@ -221,11 +253,13 @@ absl::Status ValidateOptions(const VdmServer::Options& o) {
           "--model_repository: '", o.model_repository,
           "' is not a directory (DIR/NAME/VERSION/model.pt)"));
     }
-    if (!o.calibration_path.empty() || !o.background_model_path.empty()) {
+    if (!o.calibration_path.empty() || !o.background_model_path.empty() ||
+        !o.feature_model_path.empty()) {
       return absl::InvalidArgumentError(
-          "--calibration and --background_model are for --model; in a "
-          "repository each version keeps its own beside its model.pt "
-          "(model.pt.calibration.json, background.pt)");
+          "--calibration, --background_model and --feature_model are for "
+          "--model; in a repository each version keeps its own beside its "
+          "model.pt (model.pt.calibration.json, background.pt, "
+          "model.pt.features.pt)");
     }
   } else if (!o.default_model.empty()) {
     return absl::InvalidArgumentError(
@@ -351,6 +385,34 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
                                        files.model_path));
   description.calibration = calibration.anomaly;
   description.time_proposal = calibration.time_proposal;
+  VDM_ASSIGN_OR_RETURN(std::shared_ptr<const FeatureModel> features,
+                       LoadFeatureModel(files.feature_model_path,
+                                        files.model_path, description.shape));
+  if (features != nullptr && calibration.thorough != nullptr &&
+      features->dimension() != calibration.thorough->dimension()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "feature model ", features->path(), " gives ", features->dimension(),
+        " features, but the calibration's anomaly.thorough section was fitted "
+        "to ", calibration.thorough->dimension(), " (recalibrate with it)"));
+  }
+  if (features != nullptr && calibration.thorough != nullptr) {
+    description.feature_model = features;
+    description.thorough = calibration.thorough;
+    description.feature_model_path = features->path();
+    LOG(INFO) << "vdm-server: " << files.name << " version " << files.version
+              << ": thorough anomaly level (feature model " << features->path()
+              << ", " << calibration.thorough->size() << " calibration images, "
+              << calibration.thorough->setup().evaluations_per_image()
+              << " evaluations per image)";
+  } else if (features != nullptr || calibration.thorough != nullptr) {
+    LOG(WARNING) << "vdm-server: " << files.name << " version "
+                 << files.version << ": no thorough anomaly level: "
+                 << (features == nullptr
+                         ? "the calibration has anomaly.thorough but there is "
+                           "no feature model"
+                         : "there is a feature model but the calibration has "
+                           "no anomaly.thorough section");
+  }
   VDM_ASSIGN_OR_RETURN(served->engine_model,
                        EngineModel::Create(std::move(replicas),
                                            std::move(background)));
@@ -401,6 +463,7 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
     repository.single.model_path = options.model_path;
     repository.single.calibration_path = options.calibration_path;
     repository.single.background_path = options.background_model_path;
+    repository.single.feature_model_path = options.feature_model_path;
   }
   VdmServer* raw = server.get();
   Metrics* metrics = server->metrics_.get();

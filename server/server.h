@@ -46,6 +46,11 @@ class VdmServer {
     // have the model's image shape and num_classes (else Create fails). (In
     // a repository: background.pt beside a version's model.pt.)
     std::string background_model_path;
+    // The feature network of the thorough anomaly level (feature_model.h)
+    // of `model_path`: empty = <model_path>.features.pt when it exists;
+    // "none" = none. (In a repository: model.pt.features.pt beside a
+    // version's model.pt.)
+    std::string feature_model_path;
     std::string address = "0.0.0.0:50051";  // port 0 picks a free port
     std::string metrics_address;            // empty = no /metrics endpoint
     // One worker and model replica per device; {"auto"} = ResolveLayout's

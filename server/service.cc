@@ -161,13 +161,16 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
   policy.timesteps = job->timesteps;
   policy.shared_noise = job->shared_noise;
   policy.time_proposal = job->time_proposal != nullptr;
+  policy.level =
+      job->thorough ? AnomalyLevel::kThorough : AnomalyLevel::kFast;
+  const ThoroughCalibration* thorough = model->description.thorough.get();
   if (request->has_false_positive_rate()) {
     policy.false_positive_rate = request->false_positive_rate();
   }
   const ImageShape shape = model->description.shape;
   Metrics* metrics = metrics_;
   auto done =
-      [finish, seed, calibration, policy, shape, response, metrics,
+      [finish, seed, calibration, thorough, policy, shape, response, metrics,
        model](absl::StatusOr<ScoreResult> r) {
         if (!r.ok()) return finish(r.status());
         response->set_model(model->name);
@@ -177,7 +180,7 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
         const std::vector<ImageLikelihood> likelihoods(r->scores.begin(),
                                                        r->scores.end());
         const BatchAnomaly anomaly =
-            ScoreAnomalies(likelihoods, calibration, policy);
+            ScoreAnomalies(likelihoods, calibration, policy, thorough);
         for (size_t i = 0; i < r->scores.size(); ++i) {
           const ImageBpd& s = r->scores[i];
           const ImageAnomaly& a = anomaly.images[i];
@@ -187,7 +190,12 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
             metrics->RecordAnomaly(*a.anomaly_score, *a.is_anomaly);
           }
           if (!s.pixel_bits.empty()) {
-            const absl::Status map = FillAnomalyMap(s.pixel_bits, shape, out);
+            // The thorough level's map is its reconstructions' error.
+            const absl::Status map = FillAnomalyMap(
+                policy.level == AnomalyLevel::kThorough && s.thorough
+                    ? s.thorough->error_map
+                    : s.pixel_bits,
+                shape, out);
             if (!map.ok()) return finish(map);
           }
           if (metrics) metrics->RecordBpd(s.bpd);
@@ -294,6 +302,12 @@ grpc::ServerUnaryReactor* VdmServiceImpl::GetModelInfo(
         static_cast<int>(model.calibration->size()));
     response->set_calibration_time_proposal(
         model.calibration->setup().time_proposal);
+  }
+  if (model.thorough && model.feature_model) {
+    response->set_thorough_available(true);
+    response->set_thorough_evaluations_per_image(
+        static_cast<int32_t>(model.thorough->setup().evaluations_per_image()));
+    response->set_feature_model_path(model.feature_model_path);
   }
   if (model.time_proposal) {
     response->set_time_proposal(true);

@@ -11,9 +11,11 @@
 
 #include "model/vdm/anomaly.h"
 #include "model/vdm/diffusion.h"
+#include "model/vdm/feature_model.h"
 #include "model/vdm/image_scores.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/ode_likelihood.h"
+#include "model/vdm/reconstruction.h"
 #include "model/vdm/request.h"
 #include "model/vdm/rows.h"
 #include "model/vdm/samplers.h"
@@ -265,6 +267,9 @@ absl::StatusOr<ScoreInputs> MakeScoreInputs(const ScoreJob& job,
 // consumed as soon as it comes back (LikelihoodPlan::RowsAt and
 // Consume(begin, ...)), so the n x K rows of a large request are never all
 // in memory at once, as the whole-evaluation RowPlan form would hold them.
+// At the thorough anomaly level a ReconstructionPlan's rows follow the
+// ELBO's (in the same shared batches), and the result gets each image's
+// ThoroughFeatures from the job's feature network.
 class ScoreTask : public PlanTask<ScoreResult> {
  public:
   ScoreTask(ScoreJob job, ScoreCallback done)
@@ -272,25 +277,43 @@ class ScoreTask : public PlanTask<ScoreResult> {
 
   Cost cost() const override {
     const int64_t rows =
-        ScoreRowCost(static_cast<int64_t>(job_.images.size()), job_.timesteps);
-    return {rows, rows};  // all K evaluations of every image at once
+        ScoreJobRowCost(job_, static_cast<int64_t>(job_.images.size()));
+    return {rows, rows};  // all rows of every image at once
   }
   bool likelihood() const override { return true; }
   const char* method() const override { return "ScoreBPD"; }
-  bool wants_background() const override { return background_ != nullptr; }
+  // The probe rows need no background model.
+  bool wants_background() const override {
+    return background_ != nullptr && last_take_elbo_;
+  }
+  bool done() const override {
+    return plan_owned_ && plan_owned_->complete() &&
+           (!reconstruct_ || reconstruct_->complete());
+  }
 
   Rows Take(int64_t max_rows) override {
     if (!plan_owned_) return {};
-    const int64_t m = std::min(max_rows, plan_owned_->rows() - cursor_);
+    const int64_t elbo = plan_owned_->rows();
+    const int64_t total = elbo + (reconstruct_ ? reconstruct_->rows() : 0);
+    // One plan's rows per take: the ELBO's first, then the probes.
+    const int64_t end = cursor_ < elbo ? elbo : total;
+    const int64_t m = std::min(max_rows, end - cursor_);
     if (m <= 0) return {};
-    absl::StatusOr<Rows> rows = plan_owned_->RowsAt(cursor_, m);
-    if (!rows.ok()) return {};  // cannot happen: [cursor_, cursor_ + m) is valid
+    absl::StatusOr<Rows> rows =
+        cursor_ < elbo ? plan_owned_->RowsAt(cursor_, m)
+                       : reconstruct_->RowsAt(cursor_ - elbo, m);
+    if (!rows.ok()) return {};  // cannot happen: the range is valid
+    last_take_elbo_ = cursor_ < elbo;
     taken_offset_ = cursor_;
     cursor_ += m;
     return *std::move(rows);
   }
 
   absl::Status Give(const Evaluation& out) override {
+    const int64_t elbo = plan_owned_->rows();
+    if (taken_offset_ >= elbo) {
+      return reconstruct_->Consume(taken_offset_ - elbo, out.eps);
+    }
     VDM_RETURN_IF_ERROR(plan_owned_->Consume(taken_offset_, out.eps));
     if (!background_) return absl::OkStatus();
     if (!out.background.defined()) {
@@ -319,6 +342,17 @@ class ScoreTask : public PlanTask<ScoreResult> {
           background_, LikelihoodPlan::Create(in.x, in.labels, options,
                                               ScheduleOf(model), again));
     }
+    if (job_.thorough) {
+      if (job_.feature_model == nullptr) {
+        return absl::FailedPreconditionError(
+            "the thorough anomaly level needs a feature model");
+      }
+      VDM_ASSIGN_OR_RETURN(
+          reconstruct_,
+          ReconstructionPlan::Create(in.x, in.labels, ProbesOf(*job_.thorough),
+                                     ScheduleOf(model)));
+      x_ = in.x;
+    }
     return absl::OkStatus();
   }
 
@@ -333,13 +367,21 @@ class ScoreTask : public PlanTask<ScoreResult> {
     VDM_ASSIGN_OR_RETURN(result.scores,
                          ImageScoresOf(s, job_.images, job_.pixel_map,
                                        b ? &*b : nullptr));
+    if (reconstruct_) {
+      VDM_RETURN_IF_ERROR(AddThoroughFeatures(*reconstruct_, x_,
+                                              *job_.feature_model,
+                                              &result.scores));
+    }
     return result;
   }
 
   const ScoreJob job_;
   std::unique_ptr<LikelihoodPlan> plan_owned_;
   std::unique_ptr<LikelihoodPlan> background_;  // with a background model
+  std::unique_ptr<ReconstructionPlan> reconstruct_;  // thorough level
+  at::Tensor x_;  // the images, uint8 [n, C, H, W] (thorough level)
   int64_t cursor_ = 0, taken_offset_ = 0;
+  bool last_take_elbo_ = true;
 };
 
 // ScoreBPD by the probability-flow ODE: an OdeLikelihoodPlan, whose rows

@@ -1,5 +1,6 @@
 #include "server/validation.h"
 
+#include <algorithm>
 #include <random>
 #include <string>
 
@@ -415,6 +416,45 @@ absl::StatusOr<std::shared_ptr<const TimeProposal>> TimeProposalFor(
   }
 }
 
+// The thorough anomaly level's part of a job (ScoreRequest.anomaly_level):
+// the calibration's probes and the model's feature network, or nothing at
+// the fast level.
+absl::Status ToAnomalyLevel(const v1::ScoreRequest& r,
+                            const ModelDescription& model, ScoreJob* job) {
+  switch (r.anomaly_level()) {
+    case v1::ANOMALY_LEVEL_UNSPECIFIED:
+    case v1::ANOMALY_LEVEL_FAST:
+      return absl::OkStatus();
+    case v1::ANOMALY_LEVEL_THOROUGH:
+      break;
+    default:
+      return Invalid(absl::StrCat("anomaly_level: unknown value ",
+                                  static_cast<int>(r.anomaly_level()),
+                                  "; see enum vdm.v1.AnomalyLevel"));
+  }
+  if (job->method != ScoreMethod::kElbo) {
+    return Invalid(
+        "anomaly_level: THOROUGH applies with method ELBO only (the ODE "
+        "computes no anomaly fields)");
+  }
+  if (model.feature_model == nullptr || model.thorough == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "anomaly_level: THOROUGH is not served for this model: it needs ",
+        model.feature_model == nullptr
+            ? "a feature model (<model>.features.pt, vdm-server --feature_model)"
+            : "",
+        model.feature_model == nullptr && model.thorough == nullptr ? " and "
+                                                                    : "",
+        model.thorough == nullptr
+            ? "an anomaly.thorough calibration (vdm-calibrate --feature_model)"
+            : "",
+        "; GetModelInfo.thorough_available says whether it is"));
+  }
+  job->thorough = model.thorough->setup();
+  job->feature_model = model.feature_model;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
@@ -431,6 +471,7 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
   VDM_ASSIGN_OR_RETURN(job.label, CheckLabel(model, r.has_label(), r.label()));
   VDM_ASSIGN_OR_RETURN(job.method, ScoreMethodFromProto(r.method()));
   VDM_RETURN_IF_ERROR(ToOdeOptions(r, job.method, &job.ode));
+  VDM_RETURN_IF_ERROR(ToAnomalyLevel(r, model, &job));
   const int64_t rows = ScoreJobRowCost(job, n);
   if (job.method == ScoreMethod::kOde && rows > limits.max_request_rows) {
     return Invalid(absl::StrFormat(
@@ -444,10 +485,12 @@ absl::StatusOr<ScoreJob> ToScoreJob(const v1::ScoreRequest& r,
   }
   if (rows > limits.max_request_rows) {
     return Invalid(absl::StrFormat(
-        "request too large: %d images x %d timesteps = %d rows, more than "
-        "this server admits for one request (%d, --max_queued_rows); send "
-        "fewer images per call",
-        n, job.timesteps, rows, limits.max_request_rows));
+        "request too large: %d images x %d rows each (timesteps%s) = %d "
+        "rows, more than this server admits for one request (%d, "
+        "--max_queued_rows); send fewer images per call",
+        n, rows / std::max(n, 1),
+        job.thorough ? " and the thorough level's probes" : "", rows,
+        limits.max_request_rows));
   }
   VDM_ASSIGN_OR_RETURN(job.images,
                        DecodeImages(r.images(), r.format(), model.shape));

@@ -21,6 +21,8 @@
 
 namespace vdm {
 
+class FeatureModel;  // model/vdm/feature_model.h
+
 // What the service knows about the served model.
 struct ModelDescription {
   ImageShape shape;
@@ -47,6 +49,11 @@ struct ModelDescription {
   std::shared_ptr<const TimeProposal> time_proposal;
   // The background model of the likelihood ratio; empty = none.
   std::string background_path;
+  // The thorough anomaly level: the calibration's anomaly.thorough section
+  // and the feature network found beside the model; both or neither serve.
+  std::shared_ptr<const ThoroughCalibration> thorough;
+  std::shared_ptr<const FeatureModel> feature_model;
+  std::string feature_model_path;
 };
 
 // Per-request limits (vdm-server flags of the same names).

@@ -24,6 +24,8 @@ Deliberately broken models, each breaking exactly one part of the contract:
   broken_gamma_no_grad.pt  gamma(t) is detached from t (autograd gives no derivative)
   broken_nan_output.pt    forward returns NaN
   broken_forward_raises.pt  forward raises (rejects every input)
+A feature network for the thorough anomaly level (model/vdm/feature_model.h):
+  tiny_features.pt        random weights, features(f) -> [B, 8] of 1x28x28 images
 A probe for TorchScriptModel::Denoise's transfers (tests/model/vdm/torchscript_model_test.cc):
   probe.pt                a valid 1x4x4 model whose forward raises unless z, gamma are f32 and
                           label i64 on the device of its weights, records the device it saw
@@ -139,6 +141,29 @@ class GammaNoGrad(vdm_net.VDMNet):
         return ((1.0 - t) * self.gamma_min + t * self.gamma_max).detach()
 
 
+class TinyFeatures(nn.Module):
+    """A feature network for the thorough anomaly level (model/vdm/feature_model.h): random
+    weights, 8 features of a 1x28x28 image, the attributes the loader checks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)  # 28 -> 14
+        self.fc = nn.Linear(4 * 7 * 7, 8)
+        self.image_channels = 1
+        self.image_height = 28
+        self.image_width = 28
+
+    @torch.jit.export
+    def features(self, f: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(f))
+        h = torch.nn.functional.avg_pool2d(h, 2)  # 14 -> 7
+        return torch.tanh(self.fc(h.flatten(1)))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.features(f)
+
+
 def enliven(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
     """Gives the zero-initialized layers (res-block output convs, attention projection, final
     conv) small random weights, so the test model's output is non-zero and depends on z,
@@ -210,6 +235,10 @@ def main() -> int:
         export.save_scripted(model, path)
         summary = export.verify(path)
         print("wrote %s (%d parameters, verified)" % (path, summary["parameters"]))
+
+    features_path = os.path.join(args.out_dir, "tiny_features.pt")
+    torch.jit.script(TinyFeatures().eval()).save(features_path)
+    print("wrote %s" % features_path)
 
     probe_path = os.path.join(args.out_dir, "probe.pt")
     torch.jit.script(Probe()).save(probe_path)

@@ -8,7 +8,9 @@
 #include <optional>
 
 #include "model/vdm/anomaly.h"
+#include "model/vdm/feature_model.h"
 #include "model/vdm/likelihood.h"
+#include "model/vdm/reconstruction.h"
 #include "model/vdm/request.h"
 #include "model/vdm/rows.h"
 #include "model/vdm/status_macros.h"
@@ -68,6 +70,25 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
     VDM_ASSIGN_OR_RETURN(std::vector<ImageBpd> records,
                          ImageScoresOf(s, ToImages(part), options.pixel_map,
                                        b ? &*b : nullptr));
+    if (options.thorough) {
+      if (options.feature_model == nullptr) {
+        return absl::InvalidArgumentError("thorough scoring needs a feature model");
+      }
+      const at::Tensor labels = at::full(
+          {m}, options.label >= 0 ? options.label : model.num_classes(), at::kLong);
+      VDM_ASSIGN_OR_RETURN(
+          std::unique_ptr<ReconstructionPlan> plan,
+          ReconstructionPlan::Create(part, labels, ProbesOf(*options.thorough),
+                                     ScheduleOf(model)));
+      for (int64_t r = 0; r < plan->rows(); r += 64) {
+        const int64_t rows = std::min<int64_t>(64, plan->rows() - r);
+        VDM_ASSIGN_OR_RETURN(const Rows in, plan->RowsAt(r, rows));
+        VDM_ASSIGN_OR_RETURN(const at::Tensor eps_hat, Evaluate(model, in));
+        VDM_RETURN_IF_ERROR(plan->Consume(r, eps_hat));
+      }
+      VDM_RETURN_IF_ERROR(AddThoroughFeatures(*plan, part,
+                                              *options.feature_model, &records));
+    }
     for (ImageBpd& record : records) {
       ScoredImage r;
       static_cast<ImageBpd&>(r) = std::move(record);

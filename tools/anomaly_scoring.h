@@ -11,12 +11,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/denoiser.h"
 #include "model/vdm/image_scores.h"
+#include "model/vdm/thorough.h"
 #include "model/vdm/time_proposal.h"
 
 namespace vdm {
@@ -27,6 +29,8 @@ namespace vdm {
 struct ScoredImage : ImageBpd {
   std::vector<double> features;  // AnomalyFeatures(bpd, complexity, band)
 };
+
+class FeatureModel;  // model/vdm/feature_model.h
 
 struct SetScoring {
   int timesteps = 16;
@@ -41,6 +45,11 @@ struct SetScoring {
   // (its z at the model's gamma: common random numbers), as the server
   // does with --background_model. Null = none.
   Denoiser* background = nullptr;
+  // The thorough level (both set, or neither): each image also gets its
+  // ThoroughFeatures (ReconstructionPlan, MeasureThorough), and with
+  // pixel_map the reconstructions' error map, as the server computes them.
+  std::optional<ThoroughSetup> thorough;
+  const FeatureModel* feature_model = nullptr;
   std::function<void(int64_t done, int64_t total)> progress;
 };
 

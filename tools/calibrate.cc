@@ -18,6 +18,12 @@
 // held-out images with that proposal and fits the anomaly Gaussian on
 // them, so the features are the ones the server computes. Both go in one
 // version 2 file (model/vdm/calibration_file.h).
+//
+// With a feature network (--feature_model, by default <model>.features.pt
+// when it exists) the same scoring also measures the thorough level's
+// features (model/vdm/thorough.h), and the file gains anomaly.thorough:
+// the features of the first --reference_images training images (the kNN
+// reference) and the four groups' Gaussians, fitted on the held-out split.
 #include <algorithm>
 #include <cstdio>
 #include <memory>
@@ -36,6 +42,8 @@
 #include "model/train/dataset.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/calibration_file.h"
+#include "model/vdm/feature_model.h"
+#include "model/vdm/thorough.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
@@ -65,6 +73,16 @@ ABSL_FLAG(std::string, proposal_losses, "",
           "exists, else written after they are computed; empty = none");
 ABSL_FLAG(uint64_t, proposal_seed, 2,
           "seed of the proposal fit's rows (not the scoring seed)");
+ABSL_FLAG(std::string, proposal_from, "",
+          "reuse the time_proposal section of this calibration file instead "
+          "of fitting one (the same model; saves the fit's ~10 minutes)");
+ABSL_FLAG(std::string, feature_model, "",
+          "feature network (.pt with features()) for the thorough level; "
+          "empty = MODEL.features.pt when it exists; none = fast level only");
+ABSL_FLAG(int64_t, reference_images, 5000,
+          "training images (the first N) whose features are the thorough "
+          "level's kNN reference");
+ABSL_FLAG(int, knn_k, 5, "neighbours of the thorough level's kNN distance");
 ABSL_FLAG(int, exclude_class, -2,
           "leave out this class's training images before taking the held-out "
           "split, as vdm-train --exclude_class did; -1 = none; -2 (default) = "
@@ -246,6 +264,19 @@ bool CheckOnOwnImages(const vdm::Calibration& calibration,
   return true;
 }
 
+// --feature_model resolved: the path, "" for none.
+std::string FeatureModelPath(const std::string& model_path) {
+  std::string path = absl::GetFlag(FLAGS_feature_model);
+  if (path == "none") return "";
+  if (path.empty()) {
+    path = model_path + ".features.pt";
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) return "";
+    std::fclose(f);
+  }
+  return path;
+}
+
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "vdm-calibrate: %s\n", std::string(status.message()).c_str());
   return 1;
@@ -283,7 +314,19 @@ int main(int argc, char** argv) {
   scoring.timesteps = absl::GetFlag(FLAGS_timesteps);
   scoring.seed = absl::GetFlag(FLAGS_seed);
   vdm::CalibrationFile file;
-  if (absl::GetFlag(FLAGS_time_proposal)) {
+  const std::string reuse = absl::GetFlag(FLAGS_proposal_from);
+  if (!reuse.empty() && absl::GetFlag(FLAGS_time_proposal)) {
+    auto old = vdm::ReadCalibrationFile(reuse);
+    if (!old.ok()) return Fail(old.status());
+    if (old->time_proposal == nullptr) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--proposal_from: ", reuse, " has no time_proposal")));
+    }
+    std::fprintf(stderr, "vdm-calibrate: the time proposal of %s (%s)\n",
+                 reuse.c_str(), old->time_proposal->provenance().data.c_str());
+    file.time_proposal = old->time_proposal;
+    scoring.time_proposal = file.time_proposal;
+  } else if (absl::GetFlag(FLAGS_time_proposal)) {
     auto q = FitProposal(**model, set, scoring.timesteps, from, excluded);
     if (!q.ok()) return Fail(q.status());
     file.time_proposal = std::make_shared<const vdm::TimeProposal>(*std::move(q));
@@ -295,6 +338,21 @@ int main(int argc, char** argv) {
                  static_cast<long long>(done), static_cast<long long>(total),
                  absl::ToDoubleSeconds(absl::Now() - start));
   };
+  std::unique_ptr<vdm::FeatureModel> features;
+  vdm::ThoroughSetup thorough;
+  const std::string features_path = FeatureModelPath(path);
+  if (!features_path.empty()) {
+    auto loaded = vdm::FeatureModel::Load(features_path);
+    if (!loaded.ok()) return Fail(loaded.status());
+    features = *std::move(loaded);
+    thorough.knn_k = absl::GetFlag(FLAGS_knn_k);
+    thorough.feature_model = features_path;
+    scoring.thorough = thorough;
+    scoring.feature_model = features.get();
+    std::fprintf(stderr, "vdm-calibrate: thorough level with feature model %s "
+                         "(%lld features)\n", features_path.c_str(),
+                 static_cast<long long>(features->dimension()));
+  }
   auto scored = vdm::ScoreSet(**model, set.images, scoring);
   if (!scored.ok()) return Fail(scored.status());
   // How ScoreSet scored the images (the ELBO at K, independent noise): the
@@ -314,6 +372,40 @@ int main(int argc, char** argv) {
                scoring.time_proposal ? "importance-sampled" : "uniform");
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) out = path + ".calibration.json";
+  if (features != nullptr) {
+    // The kNN reference: the first training images (never the held-out
+    // split, which the features are fitted on).
+    const int64_t refs = std::min(absl::GetFlag(FLAGS_reference_images), from);
+    if (refs <= thorough.knn_k) {
+      return Fail(absl::InvalidArgumentError(
+          "--reference_images: too few training images before the held-out split"));
+    }
+    auto embedded = features->Features(all->images.narrow(0, 0, refs));
+    if (!embedded.ok()) return Fail(embedded.status());
+    const at::Tensor e = embedded->contiguous();
+    std::vector<float> reference(e.data_ptr<float>(),
+                                 e.data_ptr<float>() + e.numel());
+    thorough.elbo = calibration->setup();
+    thorough.elbo.data = absl::StrCat(
+        calibration->setup().data, "; kNN reference: ",
+        Provenance(0, refs - 1, excluded));
+    const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
+                                                        scored->end());
+    auto fit = vdm::ThoroughCalibration::Fit(likelihoods, std::move(reference),
+                                             e.size(1), thorough);
+    if (!fit.ok()) return Fail(fit.status());
+    file.thorough = std::make_shared<const vdm::ThoroughCalibration>(*std::move(fit));
+    vdm::AnomalyRequest as_thorough = as_scored;
+    as_thorough.level = vdm::AnomalyLevel::kThorough;
+    const vdm::BatchAnomaly own = vdm::ScoreAnomalies(
+        likelihoods, nullptr, as_thorough, file.thorough.get());
+    int flagged = 0;
+    for (const vdm::ImageAnomaly& a : own.images) flagged += a.is_anomaly.value_or(false);
+    std::fprintf(stderr, "vdm-calibrate: thorough: %lld reference images; %d "
+                         "of %zu calibration images flagged at %g\n",
+                 static_cast<long long>(refs), flagged, own.images.size(),
+                 vdm::kDefaultFalsePositiveRate);
+  }
   file.anomaly = std::make_shared<const vdm::Calibration>(*std::move(calibration));
   const absl::Status written =
       vdm::WriteFileAtomic(out, vdm::CalibrationFileToJson(file));

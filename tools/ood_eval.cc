@@ -14,6 +14,7 @@
 //             another class (local: a mask marks the changed pixels)
 //   patch     a 9x9 patch of another class's garment, rotated, pasted on
 //             the garment (local, with its mask)
+//   noisy     Gaussian noise of sigma 40 grey levels added, rounded, clipped
 //   class_N   with --exclude_class=N (a model trained without class N): the
 //             test images of class N, a near out-of-distribution set; the
 //             in-distribution images are then test images of the other
@@ -26,7 +27,10 @@
 // penultimate features), AUROC, AUPR (out-of-distribution positive) and
 // the FPR at 95% TPR; for the local sets the pixel AUROC of anomaly_map
 // against their masks; then the observed false-positive rate of is_anomaly on
-// the in-distribution images at nominal 1% and 5%. Nothing here is tuned on
+// the in-distribution images at nominal 1% and 5%. With the calibration's
+// anomaly.thorough section and the feature network beside the model, also
+// the thorough level's score ("thorough"), each of its groups' z alone, and
+// its map's pixel AUROC (model/vdm/thorough.h). Nothing here is tuned on
 // these sets: the features and the calibration come from training images.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -35,6 +39,7 @@
 #include <cmath>
 #include <memory>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -51,6 +56,8 @@
 #include "model/train/dataset.h"
 #include "model/vdm/anomaly.h"
 #include "model/vdm/calibration_file.h"
+#include "model/vdm/feature_model.h"
+#include "model/vdm/thorough.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
@@ -76,7 +83,7 @@ ABSL_FLAG(int, exclude_class, -1,
           "images of the other classes, and the set class_N = its test images");
 ABSL_FLAG(std::string, sets,
           "noise,constant,inverted,blurred,shuffled,flipped,rotated,halves,"
-          "patch,class",
+          "patch,noisy,class",
           "the out-of-distribution sets to score (class: only with "
           "--exclude_class)");
 ABSL_FLAG(std::string, classifier, "model/checkpoints/classifier.pt",
@@ -85,6 +92,10 @@ ABSL_FLAG(std::string, classifier, "model/checkpoints/classifier.pt",
 ABSL_FLAG(int64_t, knn_reference, 5000,
           "feature kNN: the first N training images are the reference");
 ABSL_FLAG(int, knn_k, 5, "feature kNN: distance to the k-th nearest");
+ABSL_FLAG(std::string, feature_model, "",
+          "the thorough level's feature network; empty = MODEL.features.pt "
+          "when it exists and the calibration has anomaly.thorough; none = "
+          "fast level only");
 ABSL_FLAG(bool, class_scores, false,
           "also score every image under each label (num_classes more passes "
           "of K rows, common random numbers) for the implied classifier "
@@ -144,6 +155,10 @@ struct Models {
   // The calibration file's time proposal, which the server would score with.
   std::shared_ptr<const vdm::TimeProposal> time_proposal;
   std::unique_ptr<vdm::TorchScriptModel> background;
+  // The thorough level: the file's anomaly.thorough and the feature
+  // network; null = fast only.
+  std::shared_ptr<const vdm::ThoroughCalibration> thorough;
+  std::unique_ptr<vdm::FeatureModel> features;
 };
 
 absl::StatusOr<Models> LoadModels() {
@@ -162,6 +177,22 @@ absl::StatusOr<Models> LoadModels() {
   }
   m.calibration = *file->anomaly;
   m.time_proposal = file->time_proposal;
+  std::string features = absl::GetFlag(FLAGS_feature_model);
+  if (features.empty() && file->thorough != nullptr) {
+    features = path + ".features.pt";
+    if (!std::filesystem::exists(features)) features = "none";
+  }
+  if (!features.empty() && features != "none") {
+    if (file->thorough == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--feature_model: ", cal_path,
+          " has no anomaly.thorough section (vdm-calibrate --feature_model)"));
+    }
+    auto loaded = vdm::FeatureModel::Load(features);
+    if (!loaded.ok()) return loaded.status();
+    m.features = *std::move(loaded);
+    m.thorough = file->thorough;
+  }
   if (const std::string b = absl::GetFlag(FLAGS_background_model); !b.empty()) {
     auto loaded = vdm::TorchScriptModel::Load({b});
     if (!loaded.ok()) {
@@ -238,6 +269,14 @@ ImageSets MakeSets(const TestImages& t, int64_t n_ood, at::Generator& gen,
     (*masks)["halves"] = halves.masks;
     (*masks)["patch"] = patch.masks;
   }
+  // Gaussian noise of sigma 40 grey levels on the garment (drawn after the
+  // sets above, so they stay as they were).
+  all_sets.emplace_back(
+      "noisy", (base.to(at::kDouble) +
+                40.0 * at::randn(base.sizes(), gen, at::TensorOptions(at::kDouble)))
+                   .round()
+                   .clamp(0, 255)
+                   .to(at::kByte));
   if (t.held_out.defined()) {
     all_sets.emplace_back("class", t.held_out);
   }
@@ -280,6 +319,7 @@ struct Scorer {
   int knn_k = 5;
   vdm::SetScoring scoring;
   const vdm::Calibration* calibration = nullptr;
+  const vdm::ThoroughCalibration* thorough = nullptr;  // null = fast only
   vdm::AnomalyRequest as_scored;
   bool class_scores = false;
   absl::Time start;
@@ -353,6 +393,27 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
       vdm::ScoreAnomalies(likelihoods, nullptr, scorer.as_scored);
   const vdm::BatchAnomaly calibrated =
       vdm::ScoreAnomalies(likelihoods, scorer.calibration, scorer.as_scored);
+  if (scorer.thorough != nullptr) {
+    vdm::AnomalyRequest thorough = scorer.as_scored;
+    thorough.level = vdm::AnomalyLevel::kThorough;
+    const vdm::BatchAnomaly t = vdm::ScoreAnomalies(
+        likelihoods, scorer.calibration, thorough, scorer.thorough);
+    for (size_t i = 0; i < likelihoods.size(); ++i) {
+      const std::vector<double> z = scorer.thorough->GroupZ(likelihoods[i]);
+      out["thorough"].push_back(*t.images[i].anomaly_score);
+      for (int g = 0; g < vdm::ThoroughCalibration::kGroups; ++g) {
+        out[absl::StrCat("z ", vdm::ThoroughCalibration::GroupName(g))]
+            .push_back(z[g]);
+      }
+    }
+    if (scorer.scoring.pixel_map) {
+      for (const vdm::ScoredImage& s : scored) {
+        out["#thorough map"].insert(out["#thorough map"].end(),
+                                    s.thorough->error_map.begin(),
+                                    s.thorough->error_map.end());
+      }
+    }
+  }
   for (size_t i = 0; i < likelihoods.size(); ++i) {
     out["bpd"].push_back(likelihoods[i].bpd);
     out["bpd - complexity"].push_back(*plain.images[i].anomaly_score);
@@ -384,8 +445,15 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
 
 // The score kinds of the table, in its order.
 std::vector<std::string> ScoreKinds(bool background, bool class_scores,
-                                    bool knn) {
+                                    bool knn, bool thorough) {
   std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
+  if (thorough) {
+    kinds.push_back("thorough");
+    // Each group's z alone (what each adds; not served).
+    for (int g = 0; g < vdm::ThoroughCalibration::kGroups; ++g) {
+      kinds.push_back(absl::StrCat("z ", vdm::ThoroughCalibration::GroupName(g)));
+    }
+  }
   if (background) kinds.push_back("llr");
   if (knn) kinds.push_back("feature kNN");
   if (class_scores) {
@@ -412,6 +480,14 @@ void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
           "| %s | anomaly_map (diffusion bits per pixel) | %.3f | %.1f%% |",
           name, vdm::PixelAuroc(maps, m->second),
           100.0 * m->second.to(at::kDouble).mean().item<double>()));
+      if (ood.count("#thorough map")) {
+        const at::Tensor t = at::tensor(ood.at("#thorough map"), at::kDouble)
+                                 .view(m->second.sizes());
+        pixel_rows.push_back(absl::StrFormat(
+            "| %s | thorough anomaly_map (reconstruction error) | %.3f | %.1f%% |",
+            name, vdm::PixelAuroc(t, m->second),
+            100.0 * m->second.to(at::kDouble).mean().item<double>()));
+      }
     }
     for (const std::string& k : kinds) {
       const double auroc = Auroc(ood.at(k), in_scores.at(k));
@@ -439,16 +515,26 @@ void PrintFalsePositives(const Scorer& scorer,
   std::printf("\nis_anomaly on %lld in-distribution test images (not used for "
               "calibration; %zu calibration images):\n",
               static_cast<long long>(n_in), scorer.calibration->size());
-  for (double rate : {0.01, 0.05}) {
-    vdm::AnomalyRequest at_rate = scorer.as_scored;
-    at_rate.false_positive_rate = rate;
-    int flagged = 0;
-    for (const vdm::ImageAnomaly& a :
-         vdm::ScoreAnomalies(in_likelihoods, scorer.calibration, at_rate).images) {
-      flagged += *a.is_anomaly;
+  for (const vdm::AnomalyLevel level :
+       {vdm::AnomalyLevel::kFast, vdm::AnomalyLevel::kThorough}) {
+    if (level == vdm::AnomalyLevel::kThorough && scorer.thorough == nullptr) {
+      continue;
     }
-    std::printf("  nominal %.0f%%: observed %.2f%% (%d of %lld)\n", 100 * rate,
-                100.0 * flagged / n_in, flagged, static_cast<long long>(n_in));
+    for (double rate : {0.01, 0.05}) {
+      vdm::AnomalyRequest at_rate = scorer.as_scored;
+      at_rate.false_positive_rate = rate;
+      at_rate.level = level;
+      int flagged = 0;
+      for (const vdm::ImageAnomaly& a :
+           vdm::ScoreAnomalies(in_likelihoods, scorer.calibration, at_rate,
+                               scorer.thorough)
+               .images) {
+        flagged += a.is_anomaly.value_or(false);
+      }
+      std::printf("  %s, nominal %.0f%%: observed %.2f%% (%d of %lld)\n",
+                  vdm::AnomalyLevelName(level), 100 * rate,
+                  100.0 * flagged / n_in, flagged, static_cast<long long>(n_in));
+    }
   }
 }
 
@@ -499,6 +585,11 @@ int main(int argc, char** argv) {
   scorer.as_scored.time_proposal = scorer.scoring.time_proposal != nullptr;
   scorer.class_scores = class_scores;
   scorer.scoring.pixel_map = !masks.empty();
+  if (models->thorough != nullptr) {
+    scorer.thorough = models->thorough.get();
+    scorer.scoring.thorough = models->thorough->setup();
+    scorer.scoring.feature_model = models->features.get();
+  }
   std::unique_ptr<vdm::ImageClassifier> classifier;
   if (const std::string c = absl::GetFlag(FLAGS_classifier); !c.empty()) {
     absl::StatusOr<std::unique_ptr<vdm::ImageClassifier>> loaded =
@@ -531,7 +622,8 @@ int main(int argc, char** argv) {
       ScoreImages(scorer, test->in, "test (in-distribution)", &in_likelihoods);
   PrintSeparation(scorer, *sets, masks, in_scores,
                   ScoreKinds(models->background != nullptr, class_scores,
-                             scorer.classifier != nullptr));
+                             scorer.classifier != nullptr,
+                             scorer.thorough != nullptr));
   PrintFalsePositives(scorer, in_likelihoods, n_in);
   std::printf("took %.0f s\n", absl::ToDoubleSeconds(absl::Now() - scorer.start));
   return 0;

@@ -123,11 +123,21 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_images", type=int, default=0,
+                        help="train on the first N training images only (0 = all 60,000); "
+                             "59500 keeps the VDM trainer's held-out split (59,500..59,999) "
+                             "unseen, as a feature model for anomaly calibration needs")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_x, train_y = load_fashion_mnist(args.data_dir, "train")
+    if args.train_images > 0:
+        if args.train_images > train_x.shape[0]:
+            print("classifier.py: error: --train_images=%d but the training split has %d images"
+                  % (args.train_images, train_x.shape[0]), file=sys.stderr)
+            return 2
+        train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
     test_x, test_y = load_fashion_mnist(args.data_dir, "t10k")
     model = FashionCnn()
     n_params = sum(p.numel() for p in model.parameters())
@@ -147,6 +157,7 @@ def main() -> int:
         "classes": CLASS_NAMES,
         "data": args.data_dir, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
         "seed": args.seed, "threads": args.threads, "train_seconds": round(seconds),
+        "train_images": int(train_x.shape[0]),
         "test_accuracy": acc, "num_parameters": n_params,
         "created_by": "model/net/classifier.py", "torch_version": torch.__version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

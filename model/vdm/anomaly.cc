@@ -10,6 +10,7 @@
 #include "model/vdm/calibration_file.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
+#include "model/vdm/thorough.h"
 #include "nlohmann/json.hpp"
 
 namespace vdm {
@@ -36,6 +37,10 @@ bool Cholesky(std::vector<double>& a, size_t d) {
 }
 
 }  // namespace
+
+const char* AnomalyLevelName(AnomalyLevel level) {
+  return level == AnomalyLevel::kThorough ? "thorough" : "fast";
+}
 
 absl::StatusOr<double> ComplexityBpd(const Image8& image) {
   VDM_ASSIGN_OR_RETURN(const std::string png, EncodePng(image, 9));
@@ -95,6 +100,10 @@ absl::StatusOr<Calibration> Calibration::Fit(
 }
 
 double Calibration::Score(const std::vector<double>& x) const {
+  return 0.5 * SquaredDistance(x) + log_normalizer_;
+}
+
+double Calibration::SquaredDistance(const std::vector<double>& x) const {
   const size_t d = mean_.size();
   if (x.size() != d) return std::numeric_limits<double>::quiet_NaN();
   // Solve L y = x - mean; the squared Mahalanobis distance is |y|^2.
@@ -106,18 +115,26 @@ double Calibration::Score(const std::vector<double>& x) const {
     y[i] = v / cholesky_[i * d + i];
     q += y[i] * y[i];
   }
-  return 0.5 * q + log_normalizer_;
+  return q;
+}
+
+double ConformalPValue(const std::vector<double>& sorted, double score) {
+  const auto first = std::lower_bound(sorted.begin(), sorted.end(), score);
+  const double at_least = static_cast<double>(sorted.end() - first);
+  return (1.0 + at_least) / (sorted.size() + 1.0);
 }
 
 double Calibration::PValue(double score) const {
-  const auto first = std::lower_bound(sorted_scores_.begin(),
-                                      sorted_scores_.end(), score);
-  const double at_least = static_cast<double>(sorted_scores_.end() - first);
-  return (1.0 + at_least) / (sorted_scores_.size() + 1.0);
+  return ConformalPValue(sorted_scores_, score);
 }
 
 double Calibration::BatchPValue(const std::vector<double>& scores,
                                 int resamples) const {
+  return BootstrapBatchPValue(sorted_scores_, scores, resamples);
+}
+
+double BootstrapBatchPValue(const std::vector<double>& sorted_scores_,
+                            const std::vector<double>& scores, int resamples) {
   const size_t m = scores.size();
   if (m == 0 || sorted_scores_.empty() || resamples < 1) return 1.0;
   double observed = 0;
@@ -136,7 +153,9 @@ double Calibration::BatchPValue(const std::vector<double>& scores,
 void Calibration::ToJsonValue(nlohmann::json* out) const {
   nlohmann::json& j = *out;
   j["model"] = "gaussian, full covariance";
-  j["features"] = {"bpd - complexity_bpd", "band_bpd[0..3] (t in quarters)"};
+  if (mean_.size() == 1 + kBands) {
+    j["features"] = {"bpd - complexity_bpd", "band_bpd[0..3] (t in quarters)"};
+  }
   j["bands"] = kBands;
   j["timesteps"] = setup_.timesteps;
   j["shared_noise"] = setup_.shared_noise;
@@ -164,7 +183,8 @@ absl::StatusOr<Calibration> Calibration::FromJson(const std::string& text) {
   return *file.anomaly;
 }
 
-absl::StatusOr<Calibration> Calibration::FromJsonValue(const nlohmann::json& j) {
+absl::StatusOr<Calibration> Calibration::FromJsonValue(const nlohmann::json& j,
+                                                       size_t dimension) {
   if (!j.is_object()) {
     return absl::InvalidArgumentError("calibration: not a JSON object");
   }
@@ -186,7 +206,7 @@ absl::StatusOr<Calibration> Calibration::FromJsonValue(const nlohmann::json& j) 
   }
   const size_t d = c.mean_.size();
   if (d == 0 || c.cholesky_.size() != d * d || c.sorted_scores_.empty() ||
-      j.value("bands", 0) != kBands || d != 1 + kBands ||
+      j.value("bands", 0) != kBands || d != dimension ||
       !std::is_sorted(c.sorted_scores_.begin(), c.sorted_scores_.end())) {
     return absl::InvalidArgumentError(
         "calibration: inconsistent sizes (mean, covariance, bands, scores)");
@@ -209,18 +229,39 @@ bool CalibrationApplies(const Calibration& calibration,
 
 BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
                             const Calibration* calibration,
-                            const AnomalyRequest& request) {
+                            const AnomalyRequest& request,
+                            const ThoroughCalibration* thorough) {
   BatchAnomaly out;
   out.images.resize(images.size());
   if (request.method != ScoreMethod::kElbo) return out;
   if (calibration != nullptr && !CalibrationApplies(*calibration, request)) {
     calibration = nullptr;
   }
+  if (request.level != AnomalyLevel::kThorough ||
+      (thorough != nullptr && !ThoroughApplies(*thorough, request))) {
+    thorough = nullptr;
+  }
+  for (const ImageLikelihood& s : images) {
+    if (!s.thorough) thorough = nullptr;
+  }
   std::vector<double> scores;
   for (size_t i = 0; i < images.size(); ++i) {
     const ImageLikelihood& s = images[i];
     ImageAnomaly& a = out.images[i];
     if (s.background_bpd) a.llr = s.bpd - *s.background_bpd;
+    if (thorough != nullptr) {
+      const ThoroughFeatures& t = *s.thorough;
+      a.feature_distance = thorough->KnnDistance(t.embedding);
+      double error = 0;
+      for (double e : t.recon_error) error += e / t.recon_error.size();
+      a.reconstruction_error = error;
+      const double score = thorough->Score(s);
+      a.anomaly_score = score;
+      a.p_value = thorough->PValue(score);
+      a.is_anomaly = *a.p_value <= request.false_positive_rate;
+      scores.push_back(score);
+      continue;
+    }
     if (calibration == nullptr) {
       a.anomaly_score = s.bpd - s.complexity;
       continue;
@@ -232,7 +273,9 @@ BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
     a.is_anomaly = *a.p_value <= request.false_positive_rate;
     scores.push_back(score);
   }
-  if (calibration != nullptr && scores.size() >= 2) {
+  if (thorough != nullptr && scores.size() >= 2) {
+    out.batch_p_value = thorough->BatchPValue(scores);
+  } else if (calibration != nullptr && scores.size() >= 2) {
     out.batch_p_value = calibration->BatchPValue(scores);
   }
   return out;

@@ -38,6 +38,12 @@ namespace vdm {
 
 constexpr int kBands = 4;
 
+// How much work an anomaly score gets (ScoreRequest.anomaly_level): kFast,
+// the ELBO's own features (K rows per image); kThorough, also one-step
+// reconstructions and a perceptual feature model (thorough.h).
+enum class AnomalyLevel { kFast, kThorough };
+const char* AnomalyLevelName(AnomalyLevel level);  // "fast", "thorough"
+
 // The false-positive rate at which images are flagged when a request names
 // none (ScoreRequest.false_positive_rate unset).
 constexpr double kDefaultFalsePositiveRate = 0.01;
@@ -77,15 +83,21 @@ class Calibration {
   std::string ToJson() const;
   // The section itself ("anomaly.fast", or a version 1 document's top
   // level); errors name the field.
-  static absl::StatusOr<Calibration> FromJsonValue(const nlohmann::json& j);
+  // `dimension`: the feature count the section must have (the fast
+  // level's 1 + kBands unless a thorough group says otherwise).
+  static absl::StatusOr<Calibration> FromJsonValue(
+      const nlohmann::json& j, size_t dimension = 1 + kBands);
   void ToJsonValue(nlohmann::json* j) const;
 
   const Setup& setup() const { return setup_; }
   size_t dimension() const { return mean_.size(); }
+  const std::vector<double>& mean() const { return mean_; }
   size_t size() const { return sorted_scores_.size(); }
 
   // Negative log-density of `features` (nats); higher = more anomalous.
   double Score(const std::vector<double>& features) const;
+  // The squared Mahalanobis distance of `features` from the mean.
+  double SquaredDistance(const std::vector<double>& features) const;
   // (1 + #calibration scores >= score) / (n + 1), in (0, 1]. An image is
   // flagged at false-positive rate a when PValue <= a: for images
   // exchangeable with the calibration set that happens with probability at
@@ -107,6 +119,17 @@ class Calibration {
   std::vector<double> sorted_scores_;
 };
 
+// What the thorough level measures of an image besides the ELBO
+// (thorough.h; the server's ScoreTask fills it).
+struct ThoroughFeatures {
+  std::vector<float> embedding;        // the feature model's, of the image
+  std::vector<double> recon_error;     // per probe time: MSE of x_hat
+  std::vector<double> recon_distance;  // per probe time: feature distance
+  // H x W: the reconstructions' squared error per pixel (the thorough
+  // level's anomaly_map).
+  std::vector<float> error_map;
+};
+
 // One image's likelihood results, as far as the anomaly policy reads them.
 struct ImageLikelihood {
   double bpd = 0;
@@ -114,6 +137,8 @@ struct ImageLikelihood {
   std::vector<double> band;   // kBands, summing to the diffusion term
   // With a background model: the BPD of the same rows under it.
   std::optional<double> background_bpd;
+  // Scored at the thorough level.
+  std::optional<ThoroughFeatures> thorough;
 };
 
 // How a batch was scored, and the rate the request flags at.
@@ -124,6 +149,7 @@ struct AnomalyRequest {
   // Scored with the model's time proposal (time_proposal.h).
   bool time_proposal = false;
   double false_positive_rate = kDefaultFalsePositiveRate;
+  AnomalyLevel level = AnomalyLevel::kFast;
 };
 
 // The anomaly fields of one image (vdm.v1.ImageScore).
@@ -132,6 +158,11 @@ struct ImageAnomaly {
   std::optional<double> p_value;        // calibrated only
   std::optional<bool> is_anomaly;       // calibrated only
   std::optional<double> llr;            // with a background_bpd only
+  // The thorough level's (with its calibration): the mean distance to the
+  // k nearest training images in the feature model's space, and the mean
+  // squared error of the one-step reconstructions over the probe times.
+  std::optional<double> feature_distance;
+  std::optional<double> reconstruction_error;
 };
 
 // The anomaly fields of a batch: one ImageAnomaly per image, in order, and
@@ -147,6 +178,15 @@ struct BatchAnomaly {
 bool CalibrationApplies(const Calibration& calibration,
                         const AnomalyRequest& request);
 
+// (1 + #sorted >= score) / (n + 1): the conformal p-value of `score` among
+// the calibration scores `sorted` (ascending).
+double ConformalPValue(const std::vector<double>& sorted, double score);
+// Calibration::BatchPValue over the calibration scores `sorted`.
+double BootstrapBatchPValue(const std::vector<double>& sorted,
+                            const std::vector<double>& scores, int resamples);
+
+class ThoroughCalibration;  // thorough.h
+
 // The anomaly policy. With the ODE (no ELBO parts, no features) every field
 // is absent. Otherwise, per image: llr = bpd - background_bpd when there is
 // a background_bpd; with a `calibration` that applies (CalibrationApplies),
@@ -154,10 +194,14 @@ bool CalibrationApplies(const Calibration& calibration,
 // is_anomaly = p_value <= false_positive_rate; else (null or not applying)
 // anomaly_score = bpd - complexity and no p_value or flag. With a
 // calibration that applies and two or more images, batch_p_value is its
-// BatchPValue of the scores.
+// BatchPValue of the scores. At the thorough level the same rules hold with
+// `thorough` in place of `calibration` (the images must carry `thorough`
+// features; without a thorough calibration that applies, the fast rules
+// are used), and feature_distance and reconstruction_error are set.
 BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
                             const Calibration* calibration,
-                            const AnomalyRequest& request);
+                            const AnomalyRequest& request,
+                            const ThoroughCalibration* thorough = nullptr);
 
 }  // namespace vdm
 

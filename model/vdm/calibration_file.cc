@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/vdm/image_io.h"
 #include "model/vdm/status_macros.h"
+#include "model/vdm/thorough.h"
 #include "nlohmann/json.hpp"
 
 namespace vdm {
@@ -67,6 +68,19 @@ absl::StatusOr<CalibrationFile> ParseCalibrationFile(const std::string& text) {
       if (!c.ok()) return InSection("anomaly.fast", c.status());
       file.anomaly = std::make_shared<const Calibration>(*std::move(c));
     }
+    if (a.contains("thorough")) {
+      absl::StatusOr<ThoroughCalibration> c =
+          ThoroughCalibration::FromJsonValue(a["thorough"]);
+      if (!c.ok()) return InSection("anomaly.thorough", c.status());
+      file.thorough = std::make_shared<const ThoroughCalibration>(*std::move(c));
+    }
+  }
+  if (file.thorough != nullptr && file.thorough->setup().elbo.time_proposal &&
+      file.time_proposal == nullptr) {
+    return InSection("anomaly.thorough",
+                     absl::InvalidArgumentError(
+                         "scored with a time proposal, but the file has no "
+                         "time_proposal section"));
   }
   if (file.anomaly != nullptr && file.anomaly->setup().time_proposal &&
       file.time_proposal == nullptr) {
@@ -86,6 +100,9 @@ std::string CalibrationFileToJson(const CalibrationFile& file) {
     file.time_proposal->ToJsonValue(&j["time_proposal"]);
   }
   if (file.anomaly != nullptr) file.anomaly->ToJsonValue(&j["anomaly"]["fast"]);
+  if (file.thorough != nullptr) {
+    file.thorough->ToJsonValue(&j["anomaly"]["thorough"]);
+  }
   return j.dump(1);
 }
 

@@ -6,8 +6,9 @@
 //
 //   {"format": "vdm-calibration", "version": 2,
 //    "time_proposal": {...},            // TimeProposal (time_proposal.h)
-//    "anomaly": {"fast": {...}}}        // Calibration (anomaly.h), the
+//    "anomaly": {"fast": {...},         // Calibration (anomaly.h), the
 //                                       // Gaussian over the ELBO's features
+//                "thorough": {...}}}    // ThoroughCalibration (thorough.h)
 //
 // Every section is optional. Version 1 files ({"format":
 // "vdm-calibration/1", ...}: the Gaussian alone at the top level) still
@@ -24,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
+#include "model/vdm/thorough.h"
 #include "model/vdm/time_proposal.h"
 
 namespace vdm {
@@ -35,6 +37,8 @@ struct CalibrationFile {
   std::shared_ptr<const TimeProposal> time_proposal;
   // The anomaly calibration ("anomaly.fast"); null = none.
   std::shared_ptr<const Calibration> anomaly;
+  // The thorough level's ("anomaly.thorough"); null = none.
+  std::shared_ptr<const ThoroughCalibration> thorough;
 };
 
 // Parses a version 1 or 2 document. An anomaly section scored with the

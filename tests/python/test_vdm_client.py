@@ -15,7 +15,9 @@ library unittest only: the exit status is non-zero on any failure.
 """
 
 import argparse
+import base64
 import csv
+import json
 import math
 import os
 import re
@@ -436,6 +438,21 @@ class ClientTest(unittest.TestCase):
         self.assertIn("time_sampling", str(caught.exception))
         with self.assertRaisesRegex(ValueError, "time_sampling"):
             self.client.score(images, time_sampling="sideways")
+
+    def test_score_anomaly_level(self):
+        # The main server's model has no feature network: thorough is
+        # refused, naming what is missing; an unknown level never leaves.
+        images = noise_images(2, seed=5)
+        with self.assertRaises(vdm_client.VdmError) as caught:
+            self.client.score(images, timesteps=4, anomaly_level="thorough")
+        self.assertEqual(caught.exception.code,
+                         grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("anomaly.thorough", str(caught.exception))
+        fast = self.client.score(images, timesteps=4, seed=3,
+                                 anomaly_level="fast")
+        self.assertNotIn("feature_distance", fast[0])
+        with self.assertRaisesRegex(ValueError, "anomaly_level"):
+            self.client.score(images, anomaly_level="deep")
 
     def test_score_bad_timesteps(self):
         with self.assertRaises(vdm_client.VdmError) as caught:
@@ -1013,6 +1030,78 @@ def publish(root: str, name: str, version: int, model: str) -> None:
     os.makedirs(staging)
     shutil.copyfile(model, os.path.join(staging, "model.pt"))
     os.rename(staging, os.path.join(root, name, str(version)))
+
+
+def write_thorough_calibration(path: str, timesteps: int) -> None:
+    """A valid anomaly.thorough section for the tiny model and tiny_features.pt
+    (8 features, 4 probe times), with unit Gaussians: enough for the server to
+    serve the level, not a fit to anything (the C++ thorough_server_test fits
+    a real one)."""
+    def gaussian(d):
+        eye = [1.0 if i == j else 0.0 for i in range(d) for j in range(d)]
+        return {"timesteps": timesteps, "shared_noise": False, "seed": 1,
+                "mean": [0.0] * d, "cholesky": eye, "bands": 4,
+                "log_normalizer": 0.5 * d * math.log(2 * math.pi),
+                "sorted_scores": [1.0, 2.0, 3.0]}
+    reference = np.random.default_rng(0).normal(size=(20, 8)).astype("<f4")
+    thorough = {
+        "probe_times": [0.6, 0.7, 0.8, 0.9], "probe_draws": 2,
+        "probe_seed": 23, "knn_k": 5, "timesteps": timesteps,
+        "shared_noise": False, "time_proposal": False, "seed": 1,
+        "reference": {"rows": 20, "dimension": 8, "float32_le_base64":
+                      base64.b64encode(reference.tobytes()).decode()},
+        "groups": {"fast": gaussian(5), "knn": gaussian(1),
+                   "recon_error": gaussian(4), "recon_distance": gaussian(4)},
+        "sorted_scores": [float(v) for v in range(1, 100)]}
+    with open(path, "w") as f:
+        json.dump({"format": "vdm-calibration", "version": 2,
+                   "anomaly": {"thorough": thorough}}, f)
+
+
+class ThoroughLevelTest(unittest.TestCase):
+    """A server with a feature network and a thorough calibration: the level's
+    cost, records, CSV columns and map reach the Python client."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        calibration = os.path.join(cls.dir.name, "thorough.json")
+        write_thorough_calibration(calibration, timesteps=4)
+        features = os.path.join(os.path.dirname(ARGS.model), "tiny_features.pt")
+        cls.server = Server(None, f"--calibration={calibration}",
+                            f"--feature_model={features}")
+        cls.client = vdm_client.Client(cls.server.target)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop()
+        cls.dir.cleanup()
+
+    def test_records_csv_and_cost(self):
+        info = self.client.info()
+        self.assertTrue(info["thorough_available"])
+        self.assertEqual(info["thorough_evaluations_per_image"], 4 + 8)
+        images = noise_images(3, seed=8)
+        rows = self.client.score(images, timesteps=4, seed=2,
+                                 anomaly_level="thorough", anomaly_map=True,
+                                 false_positive_rate=0.05)
+        self.assertEqual(rows.network_evaluations, 3 * (4 + 8))
+        for row in rows:
+            for field in vdm_client.THOROUGH_FIELDS:
+                self.assertIsNotNone(row[field], field)
+            self.assertGreater(row["reconstruction_error"], 0)
+            self.assertEqual(row["is_anomaly"], row["p_value"] <= 0.05)
+            self.assertEqual(row["anomaly_map"].shape, SHAPE)
+        header = vdm_client.scores_to_csv(rows).splitlines()[0]
+        self.assertTrue(header.endswith(",feature_distance,reconstruction_error"),
+                        header)
+        # The probes' noise is shared and fixed: another seed, the same
+        # reconstruction error.
+        again = self.client.score(images, timesteps=4, seed=3,
+                                  anomaly_level="thorough")
+        self.assertEqual([r["reconstruction_error"] for r in again],
+                         [r["reconstruction_error"] for r in rows])
 
 
 class RepositoryTest(unittest.TestCase):

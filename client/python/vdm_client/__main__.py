@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                        choices=("uniform", "proposal"),
                        help="ELBO times: the model's proposal when it has one "
                        "(default), or uniform")
+    score.add_argument("--anomaly_level", default=None,
+                       choices=("fast", "thorough"),
+                       help="anomaly fields: fast (default) or thorough "
+                       "(reconstructions and the feature network; info: "
+                       "thorough_available)")
     score.add_argument("--method", default="elbo", choices=SCORE_METHODS,
                        help="elbo (the variational bound) or ode (a bound "
                        "through the probability-flow ODE's density, "
@@ -287,6 +292,7 @@ def _run_score(client: Client, args) -> int:
                         false_positive_rate=args.false_positive_rate,
                         chunk=args.chunk, method=args.method,
                         time_sampling=args.time_sampling,
+                        anomaly_level=args.anomaly_level,
                         **{f: getattr(args, f) for f in ode_flags})
     seconds = time.monotonic() - start
     if args.csv:

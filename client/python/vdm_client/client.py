@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 __all__ = [
     "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "ODE_FIELDS",
+    "THOROUGH_FIELDS",
     "Progress", "SAMPLERS", "SCORE_METHODS", "SampleResult", "ScoreResult",
     "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv", "slerp",
     "write_csv",
@@ -81,6 +82,9 @@ ODE_FIELDS = _group_columns("ode")
 # keys of score()'s records, when a server with a background model
 # (vdm-server --background_model) returned them.
 LLR_FIELDS = _group_columns("llr")
+# Added likewise when the images were scored at anomaly_level="thorough"
+# with its calibration: feature_distance and reconstruction_error.
+THOROUGH_FIELDS = _group_columns("thorough")
 
 
 def _enum_names(enum, prefix: str) -> tuple:
@@ -802,7 +806,8 @@ class Client:
               ode_atol: Optional[float] = None,
               ode_max_evaluations: Optional[int] = None,
               dequantization: Union[str, int, None] = None,
-              time_sampling: Union[str, int, None] = None) -> ScoreResult:
+              time_sampling: Union[str, int, None] = None,
+              anomaly_level: Union[str, int, None] = None) -> ScoreResult:
         """Bits per dimension and anomaly scores of `images` (numpy uint8
         H x W or H x W x C arrays, or PIL images): a ScoreResult, one dict per
         image with the keys of CSV_FIELDS (p_value and is_anomaly are None
@@ -835,6 +840,13 @@ class Client:
         (refused when the model has none), or the vdm.v1.TimeSampling value
         (docs/performance.md, "Importance-sampled times").
 
+        anomaly_level (ELBO only): None or "fast" (the ELBO's own features)
+        or "thorough" (also one-step reconstructions and the model's feature
+        network, at info()["thorough_evaluations_per_image"] evaluations per
+        image; refused with FAILED_PRECONDITION unless
+        info()["thorough_available"]); the records then get THOROUGH_FIELDS
+        and, with anomaly_map=True, the reconstructions' error map.
+
         The images go in requests of `chunk` images (default: the server's
         max_images_per_request). With a seed, chunk c > 0 uses the seed
         (seed + c * 0x9E3779B97F4A7C15) mod 2**64 (the same seed for every
@@ -860,6 +872,10 @@ class Client:
             0 if time_sampling is None else
             _enum_value(vdm_pb2.TimeSampling, "TIME_SAMPLING_", time_sampling,
                         "time_sampling"))
+        ode["anomaly_level"] = (
+            0 if anomaly_level is None else
+            _enum_value(vdm_pb2.AnomalyLevel, "ANOMALY_LEVEL_", anomaly_level,
+                        "anomaly_level"))
         protos = [_image_to_proto(image, i) for i, image in enumerate(images)]
         if not protos:
             raise ValueError("score: no images")
