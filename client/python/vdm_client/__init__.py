@@ -21,6 +21,7 @@ from vdm_client.client import (
     ODE_FIELDS,
     SAMPLERS,
     SCORE_METHODS,
+    THOROUGH_FIELDS,
     TIME_GRIDS,
     Client,
     EncodeResult,
@@ -37,6 +38,7 @@ from vdm_client.client import (
 __all__ = [
     "CSV_FIELDS", "Client", "EncodeResult", "LLR_FIELDS", "ODE_FIELDS",
     "Progress", "SAMPLERS", "SCORE_METHODS", "SampleResult", "ScoreResult",
-    "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv", "slerp",
+    "THOROUGH_FIELDS", "TIME_GRIDS", "VdmError", "make_grid", "scores_to_csv",
+    "slerp",
     "write_csv",
 ]
