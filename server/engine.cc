@@ -654,10 +654,6 @@ void Worker::Retire(size_t index, absl::Status status) {
   // request always runs with the lone thread count (its rounding, and so
   // its result, depends on the threads; docs/reproducibility.md).
   UpdateBusy();
-  {
-    absl::MutexLock lock(&mu_);
-    queued_rows_ -= entry.rows;
-  }
   const absl::Time now = Now();
   std::shared_ptr<Task> task(std::move(entry.task));
   completions_->Post([task, status = std::move(status), now]() mutable {
@@ -667,6 +663,10 @@ void Worker::Retire(size_t index, absl::Status status) {
       task->Finish(absl::InternalError(err.what()), now);
     }
   });
+  // The rows are released after the result is posted, so that WaitIdle
+  // (queued rows 0) finds every result on its way.
+  absl::MutexLock lock(&mu_);
+  queued_rows_ -= entry.rows;
 }
 
 void Worker::UpdateGauges() {

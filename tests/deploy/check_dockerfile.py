@@ -156,11 +156,20 @@ def check_dockerfile(repo, name, server_flags, client_flags, needed, cuda):
     workdir = [r for w, r in runtime if w == "WORKDIR"]
     default_model = server_flags["model"].strip('"')
     copies = [r.split() for w, r in runtime if w == "COPY"]
-    model_copy = [c for c in copies if c[-1].endswith(".pt")]
+    model_copy = [c for c in copies
+                  if c[-1].endswith(".pt") and not c[-1].endswith(".features.pt")]
     check(len(model_copy) == 1 and bool(workdir) and
           os.path.normpath(os.path.join(workdir[-1], model_copy[0][-1])) ==
           os.path.normpath(os.path.join(workdir[-1], default_model)),
           f"{name}: the checkpoint is copied to WORKDIR/{default_model}, vdm-server's default --model")
+    # Its calibration and feature network beside it, where the server
+    # looks for them (<model>.calibration.json, <model>.features.pt).
+    for suffix in (".calibration.json", ".features.pt"):
+        check(any(bool(workdir) and
+                  os.path.normpath(os.path.join(workdir[-1], c[-1])) ==
+                  os.path.normpath(os.path.join(workdir[-1], default_model + suffix))
+                  for c in copies),
+              f"{name}: {default_model}{suffix} is copied beside the checkpoint")
     sources = [c[0] for _, w, r in ins if w == "COPY"
                for c in [r.split()] if not c[0].startswith("--")]
     return sources, (os.path.join(workdir[-1], default_model) if workdir else "")

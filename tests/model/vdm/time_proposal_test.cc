@@ -179,7 +179,7 @@ TEST(CalibrationFileTest, RoundTripsBothSections) {
   EXPECT_EQ(Calibration::FromJson(uniform.ToJson())->ToJson(), uniform.ToJson());
   // A section this build does not know is ignored.
   nlohmann::json newer = nlohmann::json::parse(text);
-  newer["anomaly"]["thorough"] = {{"something", 1}};
+  newer["anomaly"]["exhaustive"] = {{"something", 1}};
   newer["per_version"] = nlohmann::json::array();
   EXPECT_TRUE(ParseCalibrationFile(newer.dump()).ok());
 }
