@@ -16,7 +16,6 @@ with their ratio (measured in the same run, as this machine is shared).
 import argparse
 import gzip
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,24 +23,7 @@ import time
 
 import numpy as np
 import vdm_client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_model() -> str:
-    model, flags = "?", ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    amx = [f for f in ("amx_bf16", "amx_tile", "amx_int8") if f in flags.split()]
-    return f"{model}, {os.cpu_count()} CPUs, AMX: {' '.join(amx) or 'none'}"
+from bench_util import cpu_model, free_port
 
 
 def test_images(data: str, n: int) -> list:

@@ -97,35 +97,6 @@ absl::Status ImageClassifier::CheckImages(const at::Tensor& images) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> ImageClassifier::Features(const at::Tensor& images,
-                                                     int64_t batch) {
-  VDM_RETURN_IF_ERROR(CheckImages(images));
-  if (!module_.find_method("features")) {
-    return absl::InvalidArgumentError(
-        "classifier: no features(f) method (re-export it with "
-        "model/net/classifier.py)");
-  }
-  batch = std::max<int64_t>(1, batch);
-  torch::NoGradGuard no_grad;
-  std::vector<at::Tensor> out;
-  try {
-    for (int64_t i = 0; i < images.size(0); i += batch) {
-      const int64_t n = std::min(batch, images.size(0) - i);
-      at::Tensor f = ToModelSpace(images.narrow(0, i, n).cpu());
-      c10::IValue h = module_.get_method("features")({f});
-      if (!h.isTensor() || h.toTensor().dim() != 2 || h.toTensor().size(0) != n) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "classifier: features(f) must return [", n, ", D]"));
-      }
-      out.push_back(h.toTensor().to(at::kFloat));
-    }
-  } catch (const std::exception& e) {
-    return TorchError("classifier: features(f [B,C,H,W] float32) failed", e);
-  }
-  if (out.empty()) return at::empty({0, 0}, at::kFloat);
-  return at::cat(out);
-}
-
 absl::StatusOr<at::Tensor> ImageClassifier::Classify(const at::Tensor& images,
                                                      int64_t batch) {
   VDM_RETURN_IF_ERROR(CheckImages(images));

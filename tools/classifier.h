@@ -42,11 +42,6 @@ class ImageClassifier {
   // classifier's shape, in batches of `batch`.
   absl::StatusOr<at::Tensor> Classify(const at::Tensor& images,
                                       int64_t batch = 500);
-  // The module's `features(f)` (model/net/classifier.py: the penultimate
-  // activations), float32 [N, D], of uint8 images [N, C, H, W]; an error
-  // naming the method when the module has none.
-  absl::StatusOr<at::Tensor> Features(const at::Tensor& images,
-                                      int64_t batch = 500);
 
  private:
   explicit ImageClassifier(torch::jit::Module module)

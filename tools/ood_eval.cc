@@ -61,7 +61,6 @@
 #include "model/vdm/image_io.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
-#include "tools/classifier.h"
 #include "tools/ood_sets.h"
 
 ABSL_FLAG(std::string, model, "model/checkpoints/fmnist.pt", "the model (.pt)");
@@ -314,7 +313,7 @@ struct Scorer {
   vdm::TorchScriptModel* model = nullptr;
   // The feature-kNN baseline: the classifier and its features of the
   // reference training images; null = not scored.
-  vdm::ImageClassifier* classifier = nullptr;
+  vdm::FeatureModel* classifier = nullptr;
   at::Tensor knn_reference;
   int knn_k = 5;
   vdm::SetScoring scoring;
@@ -590,10 +589,11 @@ int main(int argc, char** argv) {
     scorer.scoring.thorough = models->thorough->setup();
     scorer.scoring.feature_model = models->features.get();
   }
-  std::unique_ptr<vdm::ImageClassifier> classifier;
+  std::unique_ptr<vdm::FeatureModel> classifier;
   if (const std::string c = absl::GetFlag(FLAGS_classifier); !c.empty()) {
-    absl::StatusOr<std::unique_ptr<vdm::ImageClassifier>> loaded =
-        vdm::ImageClassifier::Load(c);
+    // Only its features(f): a FeatureModel, as the thorough level loads one.
+    absl::StatusOr<std::unique_ptr<vdm::FeatureModel>> loaded =
+        vdm::FeatureModel::Load(c);
     if (!loaded.ok()) return Fail(loaded.status(), 1);
     classifier = *std::move(loaded);
     auto train = vdm::LoadIdxDataset(absl::GetFlag(FLAGS_data), "train",

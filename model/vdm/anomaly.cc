@@ -251,11 +251,12 @@ BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
     if (s.background_bpd) a.llr = s.bpd - *s.background_bpd;
     if (thorough != nullptr) {
       const ThoroughFeatures& t = *s.thorough;
-      a.feature_distance = thorough->KnnDistance(t.embedding);
       double error = 0;
       for (double e : t.recon_error) error += e / t.recon_error.size();
       a.reconstruction_error = error;
-      const double score = thorough->Score(s);
+      double distance = 0;
+      const double score = thorough->Score(s, &distance);
+      a.feature_distance = distance;
       a.anomaly_score = score;
       a.p_value = thorough->PValue(score);
       a.is_anomaly = *a.p_value <= request.false_positive_rate;

@@ -67,20 +67,22 @@ double ThoroughCalibration::KnnDistance(
 }
 
 std::vector<std::vector<double>> ThoroughCalibration::GroupFeatures(
-    const ImageLikelihood& image) const {
+    const ImageLikelihood& image, double* knn_distance) const {
   std::vector<std::vector<double>> g(kGroups);
   g[0] = AnomalyFeatures(image.bpd, image.complexity, image.band);
   if (!image.thorough) return g;
   const ThoroughFeatures& t = *image.thorough;
-  g[1] = {SafeLog(KnnDistance(t.embedding))};
+  const double distance = KnnDistance(t.embedding);
+  if (knn_distance != nullptr) *knn_distance = distance;
+  g[1] = {SafeLog(distance)};
   for (double e : t.recon_error) g[2].push_back(SafeLog(e));
   for (double e : t.recon_distance) g[3].push_back(SafeLog(e));
   return g;
 }
 
-std::vector<double> ThoroughCalibration::GroupZ(
-    const ImageLikelihood& image) const {
-  const std::vector<std::vector<double>> g = GroupFeatures(image);
+std::vector<double> ThoroughCalibration::GroupZ(const ImageLikelihood& image,
+                                                double* knn_distance) const {
+  const std::vector<std::vector<double>> g = GroupFeatures(image, knn_distance);
   std::vector<double> z(kGroups, kNaN);
   for (int i = 0; i < kGroups && i < static_cast<int>(groups_.size()); ++i) {
     const double m = groups_[i].SquaredDistance(g[i]);  // NaN on a size mismatch
@@ -96,9 +98,10 @@ std::vector<double> ThoroughCalibration::GroupZ(
   return z;
 }
 
-double ThoroughCalibration::Score(const ImageLikelihood& image) const {
+double ThoroughCalibration::Score(const ImageLikelihood& image,
+                                 double* knn_distance) const {
   double score = 0;
-  for (double z : GroupZ(image)) {
+  for (double z : GroupZ(image, knn_distance)) {
     // A missing or broken feature is as far out as a feature can be: such
     // an image is nothing like the calibration set.
     score += std::isnan(z) ? 1e300 : -2.0 * LogUpperTail(z);

@@ -90,16 +90,19 @@ class ThoroughCalibration {
   // distance, for the kNN group the signed standard score (about N(0, 1)
   // for calibration-like images; NaN when a feature is missing or
   // non-finite).
-  std::vector<double> GroupZ(const ImageLikelihood& image) const;
+  // `knn_distance`, when given, gets the KnnDistance it computed.
+  std::vector<double> GroupZ(const ImageLikelihood& image,
+                             double* knn_distance = nullptr) const;
   // Fisher's combination, -2 sum_g log p_g with p_g = Phi(-z_g); higher =
-  // more anomalous.
-  double Score(const ImageLikelihood& image) const;
+  // more anomalous. `knn_distance` as for GroupZ.
+  double Score(const ImageLikelihood& image,
+               double* knn_distance = nullptr) const;
   double PValue(double score) const;
   double BatchPValue(const std::vector<double>& scores) const;
 
  private:
   std::vector<std::vector<double>> GroupFeatures(
-      const ImageLikelihood& image) const;
+      const ImageLikelihood& image, double* knn_distance = nullptr) const;
 
   ThoroughSetup setup_;
   std::vector<float> reference_;  // [N, D]

@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "model/train/dataset.h"
+#include "model/vdm/feature_model.h"
 #include "model/vdm/torchscript_model.h"
 
 namespace vdm {
@@ -46,9 +47,10 @@ TEST(ImageClassifierTest, ClassifiesRealTestImages) {
 }
 
 TEST(ImageClassifierTest, FeaturesPlaceTheSameClassCloserThanOthers) {
-  // The penultimate features (the feature-kNN baseline's space): a test
+  // The penultimate features (the feature-kNN baseline's space), read as
+  // vdm-ood-eval and the thorough level read them (FeatureModel): a test
   // image's nearest other image is more often of its own class than not.
-  auto classifier = ImageClassifier::Load(kClassifier);
+  auto classifier = FeatureModel::Load(kClassifier);
   ASSERT_TRUE(classifier.ok()) << classifier.status();
   auto test = LoadIdxDataset(kFashionMnist, "t10k", (*classifier)->shape(), 10,
                              /*limit=*/400);
@@ -63,7 +65,7 @@ TEST(ImageClassifierTest, FeaturesPlaceTheSameClassCloserThanOthers) {
   const double same = test->labels.index_select(0, nearest)
                           .eq(test->labels).to(at::kDouble).mean().item<double>();
   EXPECT_GT(same, 0.7) << "nearest neighbours share the class";
-  auto vdm = ImageClassifier::Load(kTinyModel);
+  auto vdm = FeatureModel::Load(kTinyModel);
   EXPECT_FALSE(vdm.ok()) << "a VDM is not a classifier, features or not";
 }
 
