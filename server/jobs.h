@@ -86,11 +86,8 @@ struct ScoreJob {
 // Network rows a score job of n images costs (ODE rows are forward + VJP).
 inline int64_t ScoreJobRowCost(const ScoreJob& job, int64_t n) {
   if (job.method == ScoreMethod::kOde) return OdeRowCost(n, job.ode);
-  const int64_t probes =
-      job.thorough ? static_cast<int64_t>(job.thorough->times.size()) *
-                         job.thorough->draws
-                   : 0;
-  return ScoreRowCost(n, job.timesteps) + n * probes;
+  return ScoreRowCost(n, job.timesteps) +
+         (job.thorough ? n * job.thorough->probes() : 0);
 }
 
 struct ScoreResult {

@@ -395,10 +395,11 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
         " features, but the calibration's anomaly.thorough section was fitted "
         "to ", calibration.thorough->dimension(), " (recalibrate with it)"));
   }
+  // Kept apart, so that a request for the level is told which is missing.
+  description.feature_model = features;
+  description.thorough = calibration.thorough;
+  if (features != nullptr) description.feature_model_path = features->path();
   if (features != nullptr && calibration.thorough != nullptr) {
-    description.feature_model = features;
-    description.thorough = calibration.thorough;
-    description.feature_model_path = features->path();
     LOG(INFO) << "vdm-server: " << files.name << " version " << files.version
               << ": thorough anomaly level (feature model " << features->path()
               << ", " << calibration.thorough->size() << " calibration images, "

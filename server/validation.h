@@ -50,7 +50,8 @@ struct ModelDescription {
   // The background model of the likelihood ratio; empty = none.
   std::string background_path;
   // The thorough anomaly level: the calibration's anomaly.thorough section
-  // and the feature network found beside the model; both or neither serve.
+  // and the feature network found beside the model; it is served when both
+  // are there.
   std::shared_ptr<const ThoroughCalibration> thorough;
   std::shared_ptr<const FeatureModel> feature_model;
   std::string feature_model_path;

@@ -53,9 +53,9 @@ struct ThoroughSetup {
   // The model's ELBO part, as for the fast level.
   Calibration::Setup elbo;
   std::string feature_model;  // provenance: the file it was fitted with
-  int64_t evaluations_per_image() const {
-    return elbo.timesteps + static_cast<int64_t>(times.size()) * draws;
-  }
+  // The probe rows per image, and with the ELBO's all rows per image.
+  int64_t probes() const { return static_cast<int64_t>(times.size()) * draws; }
+  int64_t evaluations_per_image() const { return elbo.timesteps + probes(); }
 };
 
 class ThoroughCalibration {
