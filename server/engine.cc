@@ -112,6 +112,38 @@ EngineObserver* NoObserver() {
   return nobody;
 }
 
+// A share of a lone worker's plain pass that an idle worker evaluates on its
+// own replica of the same model (Engine::Options::lone_split). The poster
+// hands it out, evaluates its own share, then collects: a job no peer has
+// claimed by then is withdrawn and evaluated by the poster itself, so a
+// busy, stopping or slow peer never holds a pass up by more than the share
+// it already started.
+struct HelpJob {
+  enum class State { kPosted, kClaimed, kDone, kWithdrawn };
+  HelpJob(const EngineModel* m, Rows r, bool exact)
+      : model(m), rows(std::move(r)), fp32(exact) {}
+  const EngineModel* const model;
+  const Rows rows;
+  const bool fp32;
+  absl::Mutex mu;
+  State state ABSL_GUARDED_BY(mu) = State::kPosted;
+  absl::StatusOr<at::Tensor> eps ABSL_GUARDED_BY(mu);
+};
+
+// eps_hat of `rows` on `model` (a plain no-grad pass; Forward's errors as
+// statuses, never an exception), on the CPU.
+absl::StatusOr<at::Tensor> EvaluateOnCpu(Denoiser& model, const Rows& rows,
+                                         bool fp32) {
+  try {
+    torch::NoGradGuard no_grad;
+    absl::StatusOr<at::Tensor> eps = Evaluate(model, rows, fp32);
+    if (!eps.ok()) return eps;
+    return eps->to(at::kCPU);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("forward pass: ", e.what()));
+  }
+}
+
 // One device: the loop that batches for the replicas it holds of every
 // model (EngineModel::replica(index)). Admit, load, WaitIdle, Stop and
 // stats are thread-safe; everything else runs on the worker's thread (or the
@@ -119,9 +151,11 @@ EngineObserver* NoObserver() {
 class Worker {
  public:
   Worker(int index, const Engine::Options& options,
-         CompletionQueue* completions, std::atomic<int>* busy_workers)
+         CompletionQueue* completions, std::atomic<int>* busy_workers,
+         const std::vector<std::unique_ptr<Worker>>* peers)
       : index_(index), options_(options), observer_(options.observer),
-        completions_(completions), busy_workers_(busy_workers) {
+        completions_(completions), busy_workers_(busy_workers),
+        peers_(peers) {
     if (options_.threaded) thread_ = std::thread([this] { Run(); });
   }
   ~Worker() { Stop(); }
@@ -162,6 +196,13 @@ class Worker {
   WorkerStats stats() const {
     absl::MutexLock lock(&mu_);
     return stats_;
+  }
+  // Hands this worker a share of another's pass (see HelpJob); it is taken
+  // up only while this worker waits for work of its own. Replaces a job
+  // left from an earlier pass (its poster has withdrawn it by now).
+  void Offer(std::shared_ptr<HelpJob> job) {
+    absl::MutexLock lock(&mu_);
+    help_ = std::move(job);
   }
 
   // One iteration (see Engine::Step).
@@ -236,10 +277,21 @@ class Worker {
                   absl::Time start);
   void Retire(size_t index, absl::Status status);
   void UpdateGauges();
+  void AddLentRows(int64_t rows) {
+    absl::MutexLock lock(&mu_);
+    stats_.lent_rows += rows;
+  }
   // Counts this worker in busy_workers_ while it has live tasks, and picks
   // its forward passes' threads (Options::lone_threads).
   void UpdateBusy();
   void PickThreads();
+  // eps_hat of `rows` on `model`: on this worker's replica, or, when this
+  // worker is alone and Options::lone_split is on, in shares across every
+  // worker's replica at once (the shares in row order).
+  absl::StatusOr<at::Tensor> EvaluateShared(const EngineModel& model,
+                                            const Rows& rows, bool fp32);
+  // Runs a share another worker offered (on this worker's thread).
+  void Help(HelpJob& job);
   absl::Time Now() const { return options_.clock->Now(); }
 
   const int index_;
@@ -247,9 +299,11 @@ class Worker {
   EngineObserver* const observer_;
   CompletionQueue* const completions_;
   std::atomic<int>* const busy_workers_;
+  const std::vector<std::unique_ptr<Worker>>* const peers_;  // all workers
 
   mutable absl::Mutex mu_;
   std::deque<Entry> incoming_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<HelpJob> help_ ABSL_GUARDED_BY(mu_);  // offered, unclaimed
   int64_t queued_rows_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   WorkerStats stats_ ABSL_GUARDED_BY(mu_);
@@ -297,17 +351,29 @@ void Worker::FailAll() {
 
 bool Worker::TakeIncoming(bool wait) {
   std::deque<Entry> fresh;
-  {
-    absl::MutexLock lock(&mu_);
-    auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return stopping_ || !incoming_.empty();
-    };
-    if (wait && live_.empty()) mu_.Await(absl::Condition(&ready));
-    if (wait && stopping_) return false;
-    for (size_t n = Admissible(wait); n > 0; --n) {
-      fresh.push_back(std::move(incoming_.front()));
-      incoming_.pop_front();
+  while (true) {
+    std::shared_ptr<HelpJob> help;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !incoming_.empty() || help_ != nullptr;
+      };
+      if (wait && live_.empty()) mu_.Await(absl::Condition(&ready));
+      if (wait && stopping_) return false;
+      // Idle with a share offered: the poster waits for it, so it goes
+      // before this worker's own new work.
+      if (wait && live_.empty() && help_ != nullptr) {
+        help = std::move(help_);
+        help_ = nullptr;
+      } else {
+        for (size_t n = Admissible(wait); n > 0; --n) {
+          fresh.push_back(std::move(incoming_.front()));
+          incoming_.pop_front();
+        }
+      }
     }
+    if (help == nullptr) break;
+    Help(*help);
   }
   const bool took = !fresh.empty();
   for (Entry& e : fresh) {
@@ -385,7 +451,8 @@ void Worker::UpdateBusy() {
 }
 
 void Worker::PickThreads() {
-  if (options_.lone_threads <= options_.threads || options_.threads <= 0) {
+  if (options_.lone_threads <= options_.threads || options_.threads <= 0 ||
+      options_.lone_split) {
     return;
   }
   // Alone: no other worker has a live task (this one has).
@@ -532,9 +599,10 @@ absl::StatusOr<Evaluation> Worker::Forward(Batch& batch,
 }
 
 absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
-  Denoiser& model = batch.model->replica(index_);
+  const EngineModel& shared = *batch.model;
+  Denoiser& model = shared.replica(index_);
   if (!options_.score_fp32 || model.precision() == Precision::kFp32) {
-    return Evaluate(model, Rows::Cat(batch.rows));
+    return EvaluateShared(shared, Rows::Cat(batch.rows), /*fp32=*/false);
   }
   std::vector<size_t> order(batch.parts.size());
   for (size_t j = 0; j < order.size(); ++j) order[j] = j;
@@ -544,9 +612,11 @@ absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
   const size_t n_exact = static_cast<size_t>(
       std::stable_partition(order.begin(), order.end(), exact) -
       order.begin());
-  if (n_exact == 0) return Evaluate(model, Rows::Cat(batch.rows));
+  if (n_exact == 0) {
+    return EvaluateShared(shared, Rows::Cat(batch.rows), /*fp32=*/false);
+  }
   if (n_exact == order.size()) {
-    return Evaluate(model, Rows::Cat(batch.rows), /*fp32=*/true);
+    return EvaluateShared(shared, Rows::Cat(batch.rows), /*fp32=*/true);
   }
   std::vector<std::pair<size_t, int64_t>> sorted_parts;
   std::vector<Rows> sorted_rows;
@@ -561,11 +631,90 @@ absl::StatusOr<at::Tensor> Worker::EvaluatePlain(Batch& batch) {
   const std::vector<Rows> other_rows(batch.rows.begin() + n_exact,
                                      batch.rows.end());
   absl::StatusOr<at::Tensor> exact_eps =
-      Evaluate(model, Rows::Cat(exact_rows), /*fp32=*/true);
+      EvaluateShared(shared, Rows::Cat(exact_rows), /*fp32=*/true);
   if (!exact_eps.ok()) return exact_eps;
-  absl::StatusOr<at::Tensor> other_eps = Evaluate(model, Rows::Cat(other_rows));
+  absl::StatusOr<at::Tensor> other_eps =
+      EvaluateShared(shared, Rows::Cat(other_rows), /*fp32=*/false);
   if (!other_eps.ok()) return other_eps;
   return at::cat({exact_eps->to(at::kCPU), other_eps->to(at::kCPU)});
+}
+
+absl::StatusOr<at::Tensor> Worker::EvaluateShared(const EngineModel& model,
+                                                  const Rows& rows, bool fp32) {
+  std::vector<Worker*> helpers;
+  if (options_.lone_split && busy_workers_->load() <= 1) {
+    for (const auto& w : *peers_) {
+      if (w.get() != this) helpers.push_back(w.get());
+    }
+  }
+  const int64_t n = rows.size();
+  const int64_t shares =
+      std::min<int64_t>(n, 1 + static_cast<int64_t>(helpers.size()));
+  Denoiser& own = model.replica(index_);
+  if (shares <= 1) return Evaluate(own, rows, fp32);
+  // Contiguous shares, this worker's first; a row's share never changes
+  // its output but for rounding (docs/reproducibility.md).
+  const int64_t each = (n + shares - 1) / shares;
+  std::vector<std::shared_ptr<HelpJob>> jobs;
+  for (int64_t begin = each; begin < n; begin += each) {
+    auto job = std::make_shared<HelpJob>(
+        &model, rows.Slice(begin, std::min(each, n - begin)), fp32);
+    if (options_.threaded) helpers[jobs.size()]->Offer(job);
+    jobs.push_back(std::move(job));
+  }
+  std::vector<at::Tensor> parts;
+  absl::StatusOr<at::Tensor> mine = EvaluateOnCpu(own, rows.Slice(0, each), fp32);
+  absl::Status status = mine.status();
+  if (mine.ok()) parts.push_back(*std::move(mine));
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    HelpJob& job = *jobs[k];
+    absl::StatusOr<at::Tensor> eps;
+    bool withdrawn = false;
+    {
+      absl::MutexLock lock(&job.mu);
+      if (job.state == HelpJob::State::kPosted) {
+        job.state = HelpJob::State::kWithdrawn;
+        withdrawn = true;
+      } else {
+        auto done = [&job]() ABSL_SHARED_LOCKS_REQUIRED(job.mu) {
+          return job.state == HelpJob::State::kDone;
+        };
+        job.mu.Await(absl::Condition(&done));
+        eps = std::move(job.eps);
+      }
+    }
+    if (withdrawn) {
+      // Manual mode has no helper threads: the helper's replica runs here,
+      // in turn (tests see which replica took which share).
+      Denoiser& replica =
+          options_.threaded ? own : model.replica(helpers[k]->index_);
+      eps = EvaluateOnCpu(replica, job.rows, job.fp32);
+      if (!options_.threaded) helpers[k]->AddLentRows(job.rows.size());
+    }
+    if (status.ok()) status = eps.status();
+    if (status.ok()) parts.push_back(*std::move(eps));
+  }
+  if (!status.ok()) return status;
+  return at::cat(parts);
+}
+
+void Worker::Help(HelpJob& job) {
+  {
+    absl::MutexLock lock(&job.mu);
+    if (job.state != HelpJob::State::kPosted) return;  // withdrawn already
+    job.state = HelpJob::State::kClaimed;
+  }
+  // This thread's team as under load (PickThreads may have left it larger).
+  if (options_.threads > 0 && at::get_num_threads() != options_.threads) {
+    at::set_num_threads(options_.threads);
+    threads_now_ = options_.threads;
+  }
+  absl::StatusOr<at::Tensor> eps =
+      EvaluateOnCpu(job.model->replica(index_), job.rows, job.fp32);
+  AddLentRows(job.rows.size());
+  absl::MutexLock lock(&job.mu);
+  job.eps = std::move(eps);
+  job.state = HelpJob::State::kDone;
 }
 
 // The rows of the batch's tasks that want them, once more on the
@@ -732,7 +881,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const Options& options,
   for (int i = 0; i < workers; ++i) {
     engine->workers_.push_back(std::make_unique<Worker>(
         i, engine->options_, engine->completions_.get(),
-        &engine->busy_workers_));
+        &engine->busy_workers_, &engine->workers_));
   }
   return engine;
 }

@@ -56,6 +56,9 @@ struct WorkerStats {
   // Score rows also evaluated on the background model (their time is in
   // forward_seconds; their count is not in `rows`).
   int64_t background_rows = 0;
+  // Rows this worker evaluated on its replica for another, alone worker
+  // (Engine::Options::lone_split; counted in that worker's `rows`).
+  int64_t lent_rows = 0;
 };
 
 // A loaded model version as the engine runs it: one replica per worker
@@ -107,6 +110,12 @@ class Engine {
     // them).
     int threads = 0;
     int lone_threads = 0;
+    // A worker that is alone splits each plain forward pass (no VJP, not
+    // the background model's) into contiguous shares, one per worker: the
+    // idle workers evaluate theirs on their own replicas on their own
+    // threads at the same time, so a lone request uses every device
+    // (replaces lone_threads when on).
+    bool lone_split = false;
     Clock* clock = nullptr;            // null = Clock::Real()
     bool threaded = true;              // false = manual mode (see above)
     // When queued tasks are let in (admission.h); null = continuous: every

@@ -284,7 +284,8 @@ absl::StatusOr<VdmServer::Options> ResolveLayout(VdmServer::Options options,
     const bool all_cpu =
         std::all_of(options.devices.begin(), options.devices.end(),
                     [](const std::string& d) { return d == "cpu"; });
-    options.lone_threads = all_cpu && options.devices.size() > 1 &&
+    options.lone_threads = !options.lone_split && all_cpu &&
+                                   options.devices.size() > 1 &&
                                    options.threads < cpus
                                ? cpus
                                : 0;
@@ -430,7 +431,9 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
             << absl::StrJoin(options.devices, ",") << "), " << options.threads
             << " intra-op thread" << (options.threads == 1 ? "" : "s")
             << " each"
-            << (options.lone_threads > options.threads
+            << (options.lone_split && options.devices.size() > 1
+                    ? ", a replica alone busy splits its passes across all"
+                : options.lone_threads > options.threads
                     ? absl::StrCat(", ", options.lone_threads,
                                    " when one replica alone is busy")
                     : "")
@@ -445,6 +448,7 @@ absl::StatusOr<std::unique_ptr<VdmServer>> VdmServer::Create(
   engine_options.score_fp32 = options.score_precision == "fp32";
   engine_options.threads = options.threads;
   engine_options.lone_threads = options.lone_threads;
+  engine_options.lone_split = options.lone_split;
   server->observers_ = std::make_unique<ObserverPair>(server->metrics_.get(),
                                                       options.observer);
   engine_options.observer = server->observers_.get();

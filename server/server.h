@@ -59,9 +59,13 @@ class VdmServer {
     // Torch intra-op threads (per worker: each runs its own OpenMP team);
     // 0 = the CPUs available divided among the CPU replicas (ResolveLayout).
     int threads = 0;
-    // Threads of a worker that is alone busy (Engine::Options::lone_threads):
-    // -1 = automatic: the usable CPUs when there are several CPU replicas
-    // and no other device (ResolveLayout), else 0 = off.
+    // A worker alone busy splits each forward pass across every replica
+    // (Engine::Options::lone_split): a lone request uses every device.
+    bool lone_split = true;
+    // Threads of a worker that is alone busy (Engine::Options::lone_threads;
+    // the older way to the same end): -1 = automatic: off with lone_split,
+    // else the usable CPUs when there are several CPU replicas and no other
+    // device (ResolveLayout), else 0 = off.
     int lone_threads = -1;
     // Forward-pass precision of every replica: fp32, bf16 or auto
     // (TorchScriptModel::Options::precision); ScoreBPD rows: "fp32" = in fp32
@@ -193,7 +197,8 @@ absl::Status ValidateOptions(const VdmServer::Options& options);
 //   (docs/performance.md, "Replicas and threads"); the cap keeps a large
 //   machine from splitting moderate load into many small batches.
 // - threads 0: max(1, cpus / CPU replicas), or cpus with no CPU replica.
-// - lone_threads -1: cpus when every device is a CPU replica, there are
+// - lone_threads -1: 0 with lone_split (the split already uses every
+//   replica); else cpus when every device is a CPU replica, there are
 //   several and each has fewer threads than cpus (a lone request then uses
 //   every core); else 0.
 // Anything else is kept as given. "auto" must stand alone.

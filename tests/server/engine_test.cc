@@ -1037,5 +1037,179 @@ TEST(LoneThreadsEngineTest, ACallerThatWaitsForEachResultIsAlwaysAlone) {
   at::set_num_threads(1);
 }
 
+// Two workers, lone_split on, manual mode (their fake replicas record the
+// rows each pass gave them).
+struct SplitEngine {
+  explicit SplitEngine(bool split) {
+    Engine::Options options;
+    options.threaded = false;
+    options.threads = 1;
+    options.lone_split = split;
+    std::vector<std::unique_ptr<Denoiser>> replicas;
+    for (int i = 0; i < 2; ++i) {
+      auto fake = std::make_unique<FakeDenoiser>();
+      fakes.push_back(fake.get());
+      replicas.push_back(std::move(fake));
+    }
+    engine = *Engine::Create(options, std::move(replicas));
+  }
+  std::vector<size_t> Rows(int replica) const {
+    std::vector<size_t> rows;
+    for (const Batch& b : fakes[replica]->batches()) {
+      rows.push_back(b.labels.size());
+    }
+    return rows;
+  }
+  std::vector<FakeDenoiser*> fakes;
+  std::unique_ptr<Engine> engine;
+};
+
+std::vector<std::vector<uint8_t>> Pixels(const SampleResult& r) {
+  std::vector<std::vector<uint8_t>> all;
+  for (const Image8& image : r.images) all.push_back(image.pixels);
+  return all;
+}
+
+TEST(LoneSplitEngineTest, ALoneWorkerSharesEachPassWithTheIdleOne) {
+  // A 5-image guided request (10 rows a pass) alone: each of its 3 passes
+  // goes 5 rows to each replica; the images are those of the same request
+  // on an engine that does not split (this fake is exact under any split).
+  SplitEngine split(true), whole(false);
+  Outcome<SampleResult> a, b;
+  ASSERT_TRUE(SubmitSample(*split.engine, Sample(5, 3, 2, 3.0), {},
+                           a.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*whole.engine, Sample(5, 3, 2, 3.0), {},
+                           b.Callback()).ok());
+  while (split.engine->Step()) {
+  }
+  while (whole.engine->Step()) {
+  }
+  ASSERT_TRUE(a.result.ok()) << a.result.status();
+  ASSERT_TRUE(b.result.ok()) << b.result.status();
+  EXPECT_THAT(split.Rows(0), ElementsAre(5, 5, 5));
+  EXPECT_THAT(split.Rows(1), ElementsAre(5, 5, 5));
+  EXPECT_THAT(whole.Rows(0), ElementsAre(10, 10, 10));
+  EXPECT_TRUE(whole.Rows(1).empty());
+  EXPECT_EQ(Pixels(*a.result), Pixels(*b.result));
+  const std::vector<WorkerStats> stats = split.engine->worker_stats();
+  EXPECT_EQ(stats[0].rows, 30) << "the pass is counted once, by its owner";
+  EXPECT_EQ(stats[1].rows, 0);
+  EXPECT_EQ(stats[1].lent_rows, 15);
+  EXPECT_EQ(split.engine->network_evaluations(), 30);
+}
+
+TEST(LoneSplitEngineTest, NoSplitWhileTheOtherWorkerHasWorkOfItsOwn) {
+  // Two requests, one per worker: neither is alone, so every pass is whole
+  // on its own replica; once the short one leaves, the long one splits.
+  SplitEngine split(true);
+  Outcome<SampleResult> long_one, short_one;
+  ASSERT_TRUE(SubmitSample(*split.engine, Sample(4, 4, 1), {},
+                           long_one.Callback()).ok());
+  ASSERT_TRUE(SubmitSample(*split.engine, Sample(2, 2, 2), {},
+                           short_one.Callback()).ok());
+  while (split.engine->Step()) {
+  }
+  ASSERT_TRUE(long_one.result.ok() && short_one.result.ok());
+  // Worker 0's first pass: worker 1 has not taken its request yet (it
+  // steps second), so worker 0 is alone and splits (2 rows each); its
+  // second pass is whole (worker 1 runs its own first and second passes
+  // beside it and retires the short request); its last two split again.
+  EXPECT_THAT(split.Rows(0), ElementsAre(2, 4, 2, 2));
+  // Lent, own, own, lent, lent.
+  EXPECT_THAT(split.Rows(1), ElementsAre(2, 2, 2, 2, 2));
+  EXPECT_EQ(split.engine->worker_stats()[1].lent_rows, 6);
+}
+
+TEST(LoneSplitEngineTest, ScoreRowsSplitToo) {
+  SplitEngine split(true), whole(false);
+  Outcome<ScoreResult> a, b;
+  ASSERT_TRUE(SubmitScore(*split.engine, Score(3, 4, -1), {}, a.Callback()).ok());
+  ASSERT_TRUE(SubmitScore(*whole.engine, Score(3, 4, -1), {}, b.Callback()).ok());
+  while (split.engine->Step()) {
+  }
+  while (whole.engine->Step()) {
+  }
+  ASSERT_TRUE(a.result.ok() && b.result.ok());
+  EXPECT_THAT(split.Rows(0), ElementsAre(6));  // 12 rows in one pass
+  EXPECT_THAT(split.Rows(1), ElementsAre(6));
+  ASSERT_EQ(a.result->scores.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(a.result->scores[i].bpd, b.result->scores[i].bpd);
+  }
+}
+
+// Each replica's first forward pass waits (bounded) until the other's has
+// begun: the two shares of a split pass meet only if they run at the same
+// time on two threads.
+class RendezvousDenoiser : public FakeDenoiser {
+ public:
+  struct Meeting {
+    absl::Mutex mu;
+    int arrived ABSL_GUARDED_BY(mu) = 0;
+  };
+  explicit RendezvousDenoiser(Meeting* meeting) : meeting_(meeting) {}
+  absl::StatusOr<at::Tensor> Denoise(const at::Tensor& z,
+                                     const at::Tensor& gamma,
+                                     const at::Tensor& label) override {
+    if (!first_done_) {
+      first_done_ = true;
+      absl::MutexLock lock(&meeting_->mu);
+      ++meeting_->arrived;
+      auto both = [this]() ABSL_SHARED_LOCKS_REQUIRED(meeting_->mu) {
+        return meeting_->arrived >= 2;
+      };
+      // A bound, not a sleep: returns as soon as the other share begins.
+      met_ = meeting_->mu.AwaitWithTimeout(absl::Condition(&both),
+                                           absl::Seconds(60));
+    }
+    return FakeDenoiser::Denoise(z, gamma, label);
+  }
+  bool met() const { return met_; }
+
+ private:
+  Meeting* const meeting_;
+  bool first_done_ = false;  // one thread calls this replica at a time
+  bool met_ = false;
+};
+
+TEST(LoneSplitEngineTest, TheSharesRunAtTheSameTimeOnTwoThreads) {
+  Engine::Options options;
+  options.threads = 1;
+  options.lone_split = true;
+  RendezvousDenoiser::Meeting meeting;
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  std::vector<RendezvousDenoiser*> fakes;
+  for (int i = 0; i < 2; ++i) {
+    auto fake = std::make_unique<RendezvousDenoiser>(&meeting);
+    fakes.push_back(fake.get());
+    replicas.push_back(std::move(fake));
+  }
+  auto engine = *Engine::Create(options, std::move(replicas));
+  absl::Mutex mu;
+  bool done = false;
+  absl::StatusOr<SampleResult> result = absl::UnknownError("not called");
+  ASSERT_TRUE(SubmitSample(*engine, Sample(4, 3, 1), {},
+                           [&](absl::StatusOr<SampleResult> r) {
+                             absl::MutexLock lock(&mu);
+                             result = std::move(r);
+                             done = true;
+                           })
+                  .ok());
+  {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(&done));
+  }
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(fakes[0]->met() && fakes[1]->met())
+      << "the two shares of the first pass did not overlap";
+  EXPECT_NE(fakes[0]->forward_thread(), fakes[1]->forward_thread());
+  const std::vector<WorkerStats> stats = engine->worker_stats();
+  EXPECT_EQ(stats[0].rows + stats[1].rows, 12);
+  EXPECT_GE(stats[0].lent_rows + stats[1].lent_rows, 2)
+      << "at least the first pass's share was lent";
+  engine.reset();
+  at::set_num_threads(1);
+}
+
 }  // namespace
 }  // namespace vdm

@@ -386,7 +386,7 @@ TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
     int threads, cpus;
     std::vector<std::string> want_devices;
     int want_threads;
-    int want_lone_threads;  // with lone_threads -1 (automatic)
+    int want_lone_threads;  // lone_threads -1 (automatic), lone_split off
   };
   const std::vector<std::string> cpu1 = {"cpu"}, cpu2 = {"cpu", "cpu"};
   const std::vector<std::string> cpu4 = {"cpu", "cpu", "cpu", "cpu"};
@@ -405,6 +405,7 @@ TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
     VdmServer::Options options = TinyOptions();
     options.devices = c.devices;
     options.threads = c.threads;
+    options.lone_split = false;
     absl::StatusOr<VdmServer::Options> resolved = ResolveLayout(options, c.cpus);
     ASSERT_TRUE(resolved.ok()) << resolved.status();
     EXPECT_EQ(resolved->devices, c.want_devices) << c.cpus << " CPUs";
@@ -415,6 +416,11 @@ TEST(ServerOptionsTest, AutoLayoutIsOneSingleThreadedCpuReplicaPerCpuUpToFour) {
   off.devices = cpu2;
   off.lone_threads = 0;
   EXPECT_EQ(ResolveLayout(off, 2)->lone_threads, 0) << "0 = off is kept";
+  VdmServer::Options split = TinyOptions();
+  split.devices = {"auto"};
+  ASSERT_TRUE(split.lone_split) << "the default";
+  EXPECT_EQ(ResolveLayout(split, 2)->lone_threads, 0)
+      << "the split already uses every replica";
   VdmServer::Options bad = TinyOptions();
   bad.devices = {"cpu", "auto"};
   EXPECT_EQ(ResolveLayout(bad, 2).status().code(),
