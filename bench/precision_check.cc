@@ -30,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "model/train/dataset.h"
+#include "model/vdm/omp_env.h"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
 
@@ -186,6 +187,9 @@ int Speed() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The forward pass as vdm-server runs it: its thread pools and malloc.
+  vdm::PrepareThreadPools(argv);
+  vdm::KeepLargeAllocationsInHeap();
   absl::SetProgramUsageMessage(
       "Measures bf16 against fp32: --mode=bpd (score change) or --mode=speed "
       "(interleaved forward passes).");

@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "grpcpp/grpcpp.h"
+#include "model/vdm/omp_env.h"
 #include "model/vdm/torchscript_model.h"
 #include "bench/load_util.h"
 #include "vdm/v1/vdm.grpc.pb.h"
@@ -128,6 +129,9 @@ double RawForwardRowsPerSecond(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The raw forward pass as vdm-server runs it: its thread pools and malloc.
+  vdm::PrepareThreadPools(argv);
+  vdm::KeepLargeAllocationsInHeap();
   absl::SetProgramUsageMessage(
       "Bounded load generator for vdm-server; prints served throughput, "
       "latency percentiles and served/raw forward throughput.");

@@ -68,8 +68,17 @@ ABSL_FLAG(int, threads, 0,
 ABSL_FLAG(int, lone_threads, -1,
           "intra-op threads of a replica while it alone has work (a lone "
           "request then uses every core; back to --threads as soon as "
-          "another replica has work); -1 = the usable CPUs with several CPU "
+          "another replica has work; slower than --lone_split); -1 = off "
+          "with --lone_split, else the usable CPUs with several CPU "
           "replicas, else off; 0 = off");
+ABSL_FLAG(bool, heap_allocations, true,
+          "keep large tensor allocations in malloc's heap instead of a fresh "
+          "mmap each (page faults otherwise cost two CPU workers ~30% of "
+          "their speed); false = glibc's default, for measurements");
+ABSL_FLAG(bool, lone_split, true,
+          "a replica that alone has work splits each forward pass's rows "
+          "across every replica, each evaluating its share on its own "
+          "thread at the same time (a lone request then uses every core)");
 ABSL_FLAG(std::string, precision, "auto",
           "forward-pass precision: fp32, bf16 (autocast; 1.8-2.2x the rows/s "
           "on a CPU with AMX, 0.7x on one with only avx512_bf16) or auto "
@@ -150,6 +159,7 @@ vdm::VdmServer::Options OptionsFromFlags() {
                                    absl::SkipWhitespace());
   options.threads = absl::GetFlag(FLAGS_threads);
   options.lone_threads = absl::GetFlag(FLAGS_lone_threads);
+  options.lone_split = absl::GetFlag(FLAGS_lone_split);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.score_precision = absl::GetFlag(FLAGS_score_precision);
   options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -203,8 +213,9 @@ void LogWorkerTime(vdm::VdmServer& server, absl::Time start) {
     const vdm::WorkerStats& w = stats[i];
     LOG(INFO) << absl::StrFormat(
         "vdm-server: worker %d: %d batches, %d rows, forward %.2f s, host "
-        "%.2f s of %.1f s up",
-        i, w.batches, w.rows, w.forward_seconds, w.host_seconds, wall);
+        "%.2f s of %.1f s up; %d rows evaluated for a lone worker",
+        i, w.batches, w.rows, w.forward_seconds, w.host_seconds, wall,
+        w.lent_rows);
   }
   LOG(INFO) << absl::StrFormat("vdm-server: completion thread: %.2f s",
                                server.engine().completion_seconds());
@@ -216,9 +227,9 @@ int main(int argc, char** argv) {
   // Few malloc arenas: every gRPC, worker and torch thread otherwise gets
   // its own, and freed memory stays spread over them (the engine also trims
   // after finished requests; docs/performance.md, "Soak").
-  // OpenMP threads that sleep instead of spinning while they wait (unless
-  // OMP_WAIT_POLICY is set): re-executes once, before anything else runs.
-  vdm::PreferPassiveOmpWait(argv);
+  // OpenMP threads that sleep instead of spinning while they wait, and no
+  // OpenBLAS pool (unless set): re-executes once, before anything else runs.
+  vdm::PrepareThreadPools(argv);
   mallopt(M_ARENA_MAX, 2);
   // First of all, so a signal during start-up is not fatal either.
   if (!InstallSignalHandlers()) {
@@ -234,6 +245,11 @@ int main(int argc, char** argv) {
   // request from server/request_log.cc.
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
+  // Before the model loads (its tensors are the first large blocks).
+  if (absl::GetFlag(FLAGS_heap_allocations) &&
+      !vdm::KeepLargeAllocationsInHeap()) {
+    LOG(WARNING) << "vdm-server: mallopt failed: large tensors stay mmap'ed";
+  }
 
   const vdm::VdmServer::Options options = OptionsFromFlags();
   if (absl::GetFlag(FLAGS_drain_seconds) < 0) {

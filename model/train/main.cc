@@ -7,7 +7,6 @@
 //
 // SIGINT/SIGTERM finish the current step, write the checkpoint and state and
 // exit 0 (a second signal kills the process).
-#include <malloc.h>
 #include <signal.h>
 
 #include <atomic>
@@ -111,16 +110,6 @@ void InstallSignalHandlers() {
   sigaction(SIGTERM, &action, nullptr);
 }
 
-// Large tensors (the decoder's [B, D, 256] logits: ~50 MB at batch 64) are
-// otherwise mmap'ed and unmapped at every step, and the page faults cost more
-// than the maths for small models (measured: the tiny model trains 2x
-// faster). Keep freed memory in the heap instead.
-bool TuneMalloc() {
-  return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 &&
-         mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 &&
-         mallopt(M_TOP_PAD, 256 << 20) == 1;
-}
-
 absl::StatusOr<vdm::Trainer::Options> OptionsFromFlags() {
   vdm::Trainer::Options o;
   absl::StatusOr<vdm::Weighting::Kind> weighting =
@@ -180,7 +169,7 @@ void PrintEval(const char* name, const vdm::EvalResult& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  vdm::PreferPassiveOmpWait(argv);  // before anything runs
+  vdm::PrepareThreadPools(argv);  // before anything runs
   absl::SetProgramUsageMessage(
       "Trains a VDM (TorchScript) on IDX files or a folder of PNGs.\n"
       "  vdm-train --init=untrained.pt --out=model.pt [--steps=N --batch=B]");
@@ -198,7 +187,9 @@ int main(int argc, char** argv) {
                          "required\n");
     return 1;
   }
-  if (!TuneMalloc()) std::fprintf(stderr, "vdm-train: mallopt failed\n");
+  if (!vdm::KeepLargeAllocationsInHeap()) {
+    std::fprintf(stderr, "vdm-train: mallopt failed\n");
+  }
   vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
   InstallSignalHandlers();
 
