@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The short soak: vdm-soak's mixed load (every sampler, SampleStream,
 # ScoreBPD, cancellations, deadlines, bad inputs) against vdm-server with the
-# tiny model; no unexpected status code, and the RSS at the end within 20% of
-# the middle's. The long version is a benchmark (docs/performance.md, "Soak").
+# tiny model; no unexpected status code, and the median RSS over the last
+# quarter of the calls within 20% of the second quarter's. The long version is a benchmark (docs/performance.md, "Soak").
 # Usage: soak_test.sh VDM_SERVER VDM_SOAK VDM_CLIENT MODEL.pt [REQUESTS]
 set -euo pipefail
 server_bin=$1 soak_bin=$2 client_bin=$3 model=$4 requests=${5:-600}
