@@ -7,7 +7,7 @@
 # Not run here: the deployment checks (label "deploy": they lint manifests
 # and Dockerfiles, start three servers or read a dashboard; none exercises
 # code the suites do not, and deploy_replicas is timing-sensitive).
-# server_soak_test runs: its RSS criterion (end within 20% of the middle)
+# server_soak_test runs: its RSS criterion (the last quarter's median within 20% of the second's)
 # held under ASan (+2%: the quarantine of freed memory fills up early).
 set -euo pipefail
 cd "$(dirname "$0")/.."
