@@ -52,8 +52,8 @@ fi
 # name|environment|vdm-server flags. fp32 but the last: the goal is about
 # fp32.
 layouts=(
-  "2x1-old|OPENBLAS_NUM_THREADS=$(nproc)|--devices=cpu,cpu --threads=1 --lone_threads=0 --heap_allocations=false --precision=fp32"
-  "2x1+lone||--devices=cpu,cpu --threads=1 --lone_threads=2 --precision=fp32"
+  "2x1-old|OPENBLAS_NUM_THREADS=$(nproc)|--devices=cpu,cpu --threads=1 --lone_split=false --lone_threads=0 --heap_allocations=false --precision=fp32"
+  "2x1+lone||--devices=cpu,cpu --threads=1 --lone_split=false --lone_threads=2 --precision=fp32"
   "2x1+split||--devices=cpu,cpu --threads=1 --lone_threads=0 --lone_split --precision=fp32"
   "1x2||--devices=cpu --threads=2 --precision=fp32"
   "2x1+split-bf16||--devices=cpu,cpu --threads=1 --lone_threads=0 --lone_split --precision=bf16"
