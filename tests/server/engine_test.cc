@@ -941,6 +941,21 @@ TEST_F(MultiModelEngineTest, SubmitWithoutAModelOrWithTheWrongShapeIsRefused) {
   EXPECT_EQ(out.calls, 0);
 }
 
+// `n` replicas of type Fake, built from `args`, for Engine::Create; `fakes`
+// gets a pointer to each (the engine owns them).
+template <typename Fake, typename... Args>
+std::vector<std::unique_ptr<Denoiser>> MakeReplicas(int n,
+                                                    std::vector<Fake*>* fakes,
+                                                    Args... args) {
+  std::vector<std::unique_ptr<Denoiser>> replicas;
+  for (int i = 0; i < n; ++i) {
+    auto fake = std::make_unique<Fake>(args...);
+    fakes->push_back(fake.get());
+    replicas.push_back(std::move(fake));
+  }
+  return replicas;
+}
+
 TEST(LoneThreadsEngineTest, ALoneBusyWorkerUsesEveryCoreAndGivesThemBack) {
   // Two workers of 1 thread each, lone_threads 2: a request alone on the
   // engine runs its passes on 2 threads; once the other worker has work
@@ -951,13 +966,9 @@ TEST(LoneThreadsEngineTest, ALoneBusyWorkerUsesEveryCoreAndGivesThemBack) {
   options.clock = &clock;
   options.threads = 1;
   options.lone_threads = 2;
-  std::vector<std::unique_ptr<Denoiser>> replicas;
   std::vector<FakeDenoiser*> fakes;
-  for (int i = 0; i < 2; ++i) {
-    auto fake = std::make_unique<FakeDenoiser>(&clock);
-    fakes.push_back(fake.get());
-    replicas.push_back(std::move(fake));
-  }
+  std::vector<std::unique_ptr<Denoiser>> replicas =
+      MakeReplicas(2, &fakes, &clock);
   auto engine = *Engine::Create(options, std::move(replicas));
   Outcome<SampleResult> long_one, short_one;
   ASSERT_TRUE(SubmitSample(*engine, Sample(1, 6, 1), {}, long_one.Callback()).ok());
@@ -988,13 +999,9 @@ TEST(LoneThreadsEngineTest, ACallerThatWaitsForEachResultIsAlwaysAlone) {
   Engine::Options options;
   options.threads = 1;
   options.lone_threads = 2;
-  std::vector<std::unique_ptr<Denoiser>> replicas;
   std::vector<FakeDenoiser*> fakes;
-  for (int i = 0; i < 2; ++i) {
-    auto fake = std::make_unique<FakeDenoiser>();
-    fakes.push_back(fake.get());
-    replicas.push_back(std::move(fake));
-  }
+  std::vector<std::unique_ptr<Denoiser>> replicas =
+      MakeReplicas(2, &fakes);
   auto engine = *Engine::Create(options, std::move(replicas));
   constexpr int kRequests = 30;
   absl::Mutex mu;
@@ -1045,13 +1052,7 @@ struct SplitEngine {
     options.threaded = false;
     options.threads = 1;
     options.lone_split = split;
-    std::vector<std::unique_ptr<Denoiser>> replicas;
-    for (int i = 0; i < 2; ++i) {
-      auto fake = std::make_unique<FakeDenoiser>();
-      fakes.push_back(fake.get());
-      replicas.push_back(std::move(fake));
-    }
-    engine = *Engine::Create(options, std::move(replicas));
+    engine = *Engine::Create(options, MakeReplicas(2, &fakes));
   }
   std::vector<size_t> Rows(int replica) const {
     std::vector<size_t> rows;
@@ -1177,13 +1178,9 @@ TEST(LoneSplitEngineTest, TheSharesRunAtTheSameTimeOnTwoThreads) {
   options.threads = 1;
   options.lone_split = true;
   RendezvousDenoiser::Meeting meeting;
-  std::vector<std::unique_ptr<Denoiser>> replicas;
   std::vector<RendezvousDenoiser*> fakes;
-  for (int i = 0; i < 2; ++i) {
-    auto fake = std::make_unique<RendezvousDenoiser>(&meeting);
-    fakes.push_back(fake.get());
-    replicas.push_back(std::move(fake));
-  }
+  std::vector<std::unique_ptr<Denoiser>> replicas =
+      MakeReplicas(2, &fakes, &meeting);
   auto engine = *Engine::Create(options, std::move(replicas));
   absl::Mutex mu;
   bool done = false;
