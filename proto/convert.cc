@@ -182,6 +182,7 @@ void ScoreToProto(const ImageBpd& s, const ImageAnomaly& a,
   if (s.background_bpd) out->set_background_bpd(*s.background_bpd);
   if (a.llr) out->set_llr(*a.llr);
   if (a.feature_distance) out->set_feature_distance(*a.feature_distance);
+  if (a.local_distance) out->set_local_distance(*a.local_distance);
   if (a.reconstruction_error) {
     out->set_reconstruction_error(*a.reconstruction_error);
   }

@@ -81,6 +81,8 @@ struct ScoreJob {
   // (ThoroughSetup) and the feature network; both set, or neither.
   std::optional<ThoroughSetup> thorough;
   std::shared_ptr<const FeatureModel> feature_model;
+  // The calibration's training images (the local group's neighbours).
+  std::shared_ptr<const FeatureReference> reference;
 };
 
 // Network rows a score job of n images costs (ODE rows are forward + VJP).

@@ -78,6 +78,9 @@ absl::StatusOr<CalibrationFile> LoadCalibration(const std::string& path,
               << c->time_proposal->bins() << " bins, largest weight "
               << c->time_proposal->MaxWeight() << ")";
   }
+  for (const std::string& why : c->skipped) {
+    LOG(WARNING) << "vdm-server: calibration " << file << ": skipped " << why;
+  }
   return c;
 }
 
@@ -395,6 +398,21 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
         "feature model ", features->path(), " gives ", features->dimension(),
         " features, but the calibration's anomaly.thorough section was fitted "
         "to ", calibration.thorough->dimension(), " (recalibrate with it)"));
+  }
+  if (features != nullptr && calibration.thorough != nullptr &&
+      !features->has_local_features()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "feature model ", features->path(), " has no local_features(f), which "
+        "the calibration's anomaly.thorough section needs (its local group; "
+        "re-export it with model/net/classifier.py --reexport)"));
+  }
+  if (calibration.thorough != nullptr &&
+      (calibration.thorough->reference()->channels() != description.shape.channels ||
+       calibration.thorough->reference()->height() != description.shape.height ||
+       calibration.thorough->reference()->width() != description.shape.width)) {
+    return absl::InvalidArgumentError(
+        "the calibration's anomaly.thorough reference images are not of the "
+        "model's image shape (recalibrate)");
   }
   // Kept apart, so that a request for the level is told which is missing.
   description.feature_model = features;

@@ -190,10 +190,10 @@ grpc::ServerUnaryReactor* VdmServiceImpl::ScoreBPD(
             metrics->RecordAnomaly(*a.anomaly_score, *a.is_anomaly);
           }
           if (!s.pixel_bits.empty()) {
-            // The thorough level's map is its reconstructions' error.
+            // The thorough level's map is its local match map.
             const absl::Status map = FillAnomalyMap(
                 policy.level == AnomalyLevel::kThorough && s.thorough
-                    ? s.thorough->error_map
+                    ? s.thorough->map
                     : s.pixel_bits,
                 shape, out);
             if (!map.ok()) return finish(map);

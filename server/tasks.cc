@@ -14,6 +14,7 @@
 #include "model/vdm/feature_model.h"
 #include "model/vdm/image_scores.h"
 #include "model/vdm/likelihood.h"
+#include "model/vdm/local_match.h"
 #include "model/vdm/ode_likelihood.h"
 #include "model/vdm/reconstruction.h"
 #include "model/vdm/request.h"
@@ -343,9 +344,9 @@ class ScoreTask : public PlanTask<ScoreResult> {
                                               ScheduleOf(model), again));
     }
     if (job_.thorough) {
-      if (job_.feature_model == nullptr) {
+      if (job_.feature_model == nullptr || job_.reference == nullptr) {
         return absl::FailedPreconditionError(
-            "the thorough anomaly level needs a feature model");
+            "the thorough anomaly level needs a feature model and its reference");
       }
       VDM_ASSIGN_OR_RETURN(
           reconstruct_,
@@ -371,6 +372,8 @@ class ScoreTask : public PlanTask<ScoreResult> {
       VDM_RETURN_IF_ERROR(AddThoroughFeatures(*reconstruct_, x_,
                                               *job_.feature_model,
                                               &result.scores));
+      VDM_RETURN_IF_ERROR(AddLocalMatch(*job_.reference, *job_.thorough, x_,
+                                        *job_.feature_model, &result.scores));
     }
     return result;
   }

@@ -452,6 +452,7 @@ absl::Status ToAnomalyLevel(const v1::ScoreRequest& r,
   }
   job->thorough = model.thorough->setup();
   job->feature_model = model.feature_model;
+  job->reference = model.thorough->reference();
   return absl::OkStatus();
 }
 

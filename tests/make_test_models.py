@@ -25,7 +25,8 @@ Deliberately broken models, each breaking exactly one part of the contract:
   broken_nan_output.pt    forward returns NaN
   broken_forward_raises.pt  forward raises (rejects every input)
 A feature network for the thorough anomaly level (model/vdm/feature_model.h):
-  tiny_features.pt        random weights, features(f) -> [B, 8] of 1x28x28 images
+  tiny_features.pt        random weights, features(f) -> [B, 8] of 1x28x28 images,
+                          local_features(f) -> [B, 4, 14, 14]
 A probe for TorchScriptModel::Denoise's transfers (tests/model/vdm/torchscript_model_test.cc):
   probe.pt                a valid 1x4x4 model whose forward raises unless z, gamma are f32 and
                           label i64 on the device of its weights, records the device it saw
@@ -143,7 +144,8 @@ class GammaNoGrad(vdm_net.VDMNet):
 
 class TinyFeatures(nn.Module):
     """A feature network for the thorough anomaly level (model/vdm/feature_model.h): random
-    weights, 8 features of a 1x28x28 image, the attributes the loader checks."""
+    weights, 8 features of a 1x28x28 image, local features [B, 4, 14, 14], the attributes
+    the loader checks."""
 
     def __init__(self):
         super().__init__()
@@ -159,6 +161,10 @@ class TinyFeatures(nn.Module):
         h = torch.relu(self.conv(f))
         h = torch.nn.functional.avg_pool2d(h, 2)  # 14 -> 7
         return torch.tanh(self.fc(h.flatten(1)))
+
+    @torch.jit.export
+    def local_features(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(f))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.features(f)

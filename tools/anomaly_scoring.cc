@@ -10,6 +10,7 @@
 #include "model/vdm/anomaly.h"
 #include "model/vdm/feature_model.h"
 #include "model/vdm/likelihood.h"
+#include "model/vdm/local_match.h"
 #include "model/vdm/reconstruction.h"
 #include "model/vdm/request.h"
 #include "model/vdm/rows.h"
@@ -71,8 +72,9 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
                          ImageScoresOf(s, ToImages(part), options.pixel_map,
                                        b ? &*b : nullptr));
     if (options.thorough) {
-      if (options.feature_model == nullptr) {
-        return absl::InvalidArgumentError("thorough scoring needs a feature model");
+      if (options.feature_model == nullptr || options.reference == nullptr) {
+        return absl::InvalidArgumentError(
+            "thorough scoring needs a feature model and a reference");
       }
       const at::Tensor labels = at::full(
           {m}, options.label >= 0 ? options.label : model.num_classes(), at::kLong);
@@ -88,6 +90,8 @@ absl::StatusOr<std::vector<ScoredImage>> ScoreSet(Denoiser& model,
       }
       VDM_RETURN_IF_ERROR(AddThoroughFeatures(*plan, part,
                                               *options.feature_model, &records));
+      VDM_RETURN_IF_ERROR(AddLocalMatch(*options.reference, *options.thorough,
+                                        part, *options.feature_model, &records));
     }
     for (ImageBpd& record : records) {
       ScoredImage r;

@@ -45,11 +45,12 @@ struct SetScoring {
   // (its z at the model's gamma: common random numbers), as the server
   // does with --background_model. Null = none.
   Denoiser* background = nullptr;
-  // The thorough level (both set, or neither): each image also gets its
-  // ThoroughFeatures (ReconstructionPlan, MeasureThorough), and with
-  // pixel_map the reconstructions' error map, as the server computes them.
+  // The thorough level (all three set, or none): each image also gets its
+  // ThoroughFeatures (ReconstructionPlan, MeasureThorough, and the local
+  // match against `reference`: local_match.h), as the server computes them.
   std::optional<ThoroughSetup> thorough;
   const FeatureModel* feature_model = nullptr;
+  const FeatureReference* reference = nullptr;
   std::function<void(int64_t done, int64_t total)> progress;
 };
 

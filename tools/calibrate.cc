@@ -43,6 +43,7 @@
 #include "model/vdm/anomaly.h"
 #include "model/vdm/calibration_file.h"
 #include "model/vdm/feature_model.h"
+#include "model/vdm/local_match.h"
 #include "model/vdm/thorough.h"
 #include "model/vdm/likelihood.h"
 #include "model/vdm/image_io.h"
@@ -83,6 +84,11 @@ ABSL_FLAG(int64_t, reference_images, 5000,
           "training images (the first N) whose features are the thorough "
           "level's kNN reference");
 ABSL_FLAG(int, knn_k, 5, "neighbours of the thorough level's kNN distance");
+ABSL_FLAG(std::vector<std::string>, thorough_groups,
+          std::vector<std::string>({"fast", "knn", "local"}),
+          "the thorough level's groups that its score combines (fast, knn, "
+          "recon_error, recon_distance, local; docs/anomaly.md, \"Choosing "
+          "the combination\")");
 ABSL_FLAG(int, exclude_class, -2,
           "leave out this class's training images before taking the held-out "
           "split, as vdm-train --exclude_class did; -1 = none; -2 (default) = "
@@ -339,16 +345,33 @@ int main(int argc, char** argv) {
                  absl::ToDoubleSeconds(absl::Now() - start));
   };
   std::unique_ptr<vdm::FeatureModel> features;
+  std::shared_ptr<const vdm::FeatureReference> reference;
+  int64_t refs = 0;
   vdm::ThoroughSetup thorough;
   const std::string features_path = FeatureModelPath(path);
   if (!features_path.empty()) {
     auto loaded = vdm::FeatureModel::Load(features_path);
     if (!loaded.ok()) return Fail(loaded.status());
     features = *std::move(loaded);
+    if (!features->has_local_features()) {
+      return Fail(features->LocalFeatures(at::Tensor()).status());
+    }
     thorough.knn_k = absl::GetFlag(FLAGS_knn_k);
+    thorough.combined = absl::GetFlag(FLAGS_thorough_groups);
     thorough.feature_model = features_path;
+    // The kNN reference: the first training images (never the held-out
+    // split, which the features are fitted on), embedded and kept.
+    refs = std::min(absl::GetFlag(FLAGS_reference_images), from);
+    if (refs <= thorough.knn_k) {
+      return Fail(absl::InvalidArgumentError(
+          "--reference_images: too few training images before the held-out split"));
+    }
+    auto made = vdm::MakeFeatureReference(*features, all->images.narrow(0, 0, refs));
+    if (!made.ok()) return Fail(made.status());
+    reference = std::make_shared<const vdm::FeatureReference>(*std::move(made));
     scoring.thorough = thorough;
     scoring.feature_model = features.get();
+    scoring.reference = reference.get();
     std::fprintf(stderr, "vdm-calibrate: thorough level with feature model %s "
                          "(%lld features)\n", features_path.c_str(),
                  static_cast<long long>(features->dimension()));
@@ -373,26 +396,13 @@ int main(int argc, char** argv) {
   std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) out = path + ".calibration.json";
   if (features != nullptr) {
-    // The kNN reference: the first training images (never the held-out
-    // split, which the features are fitted on).
-    const int64_t refs = std::min(absl::GetFlag(FLAGS_reference_images), from);
-    if (refs <= thorough.knn_k) {
-      return Fail(absl::InvalidArgumentError(
-          "--reference_images: too few training images before the held-out split"));
-    }
-    auto embedded = features->Features(all->images.narrow(0, 0, refs));
-    if (!embedded.ok()) return Fail(embedded.status());
-    const at::Tensor e = embedded->contiguous();
-    std::vector<float> reference(e.data_ptr<float>(),
-                                 e.data_ptr<float>() + e.numel());
     thorough.elbo = calibration->setup();
     thorough.elbo.data = absl::StrCat(
         calibration->setup().data, "; kNN reference: ",
         Provenance(0, refs - 1, excluded));
     const std::vector<vdm::ImageLikelihood> likelihoods(scored->begin(),
                                                         scored->end());
-    auto fit = vdm::ThoroughCalibration::Fit(likelihoods, std::move(reference),
-                                             e.size(1), thorough);
+    auto fit = vdm::ThoroughCalibration::Fit(likelihoods, reference, thorough);
     if (!fit.ok()) return Fail(fit.status());
     file.thorough = std::make_shared<const vdm::ThoroughCalibration>(*std::move(fit));
     vdm::AnomalyRequest as_thorough = as_scored;

@@ -59,6 +59,7 @@
 #include "model/vdm/feature_model.h"
 #include "model/vdm/thorough.h"
 #include "model/vdm/image_io.h"
+#include "nlohmann/json.hpp"
 #include "model/vdm/torchscript_model.h"
 #include "tools/anomaly_scoring.h"
 #include "tools/ood_sets.h"
@@ -95,6 +96,10 @@ ABSL_FLAG(std::string, feature_model, "",
           "the thorough level's feature network; empty = MODEL.features.pt "
           "when it exists and the calibration has anomaly.thorough; none = "
           "fast level only");
+ABSL_FLAG(std::string, scores_out, "",
+          "also write every image's scores, per set and kind, to this JSON "
+          "file ({\"in-distribution\": {kind: [...]}, set: {...}}), to study "
+          "a combination without scoring again; empty = none");
 ABSL_FLAG(bool, class_scores, false,
           "also score every image under each label (num_classes more passes "
           "of K rows, common random numbers) for the implied classifier "
@@ -400,6 +405,14 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
     for (size_t i = 0; i < likelihoods.size(); ++i) {
       const std::vector<double> z = scorer.thorough->GroupZ(likelihoods[i]);
       out["thorough"].push_back(*t.images[i].anomaly_score);
+      // Fisher's sum over all five groups' z's (not served: the served
+      // sum is over the calibration's combined groups; docs/anomaly.md
+      // compares the rules).
+      double fisher = 0;
+      for (double zg : z) {
+        fisher += std::isnan(zg) ? 1e300 : -2.0 * vdm::LogUpperTail(zg);
+      }
+      out["thorough, all groups"].push_back(fisher);
       for (int g = 0; g < vdm::ThoroughCalibration::kGroups; ++g) {
         out[absl::StrCat("z ", vdm::ThoroughCalibration::GroupName(g))]
             .push_back(z[g]);
@@ -408,8 +421,8 @@ Scores ScoreImages(const Scorer& scorer, const at::Tensor& x,
     if (scorer.scoring.pixel_map) {
       for (const vdm::ScoredImage& s : scored) {
         out["#thorough map"].insert(out["#thorough map"].end(),
-                                    s.thorough->error_map.begin(),
-                                    s.thorough->error_map.end());
+                                    s.thorough->map.begin(),
+                                    s.thorough->map.end());
       }
     }
   }
@@ -448,6 +461,7 @@ std::vector<std::string> ScoreKinds(bool background, bool class_scores,
   std::vector<std::string> kinds = {"bpd", "bpd - complexity", "anomaly_score"};
   if (thorough) {
     kinds.push_back("thorough");
+    kinds.push_back("thorough, all groups");
     // Each group's z alone (what each adds; not served).
     for (int g = 0; g < vdm::ThoroughCalibration::kGroups; ++g) {
       kinds.push_back(absl::StrCat("z ", vdm::ThoroughCalibration::GroupName(g)));
@@ -466,12 +480,16 @@ std::vector<std::string> ScoreKinds(bool background, bool class_scores,
 // scores, then the mean AUROC of each kind over the sets.
 void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
                      const SetMasks& masks, const Scores& in_scores,
-                     const std::vector<std::string>& kinds) {
+                     const std::vector<std::string>& kinds,
+                     nlohmann::json* dump) {
   std::printf("| set | score | AUROC | AUPR | FPR@95%%TPR |\n|---|---|---|---|---|\n");
   std::map<std::string, double> mean_auroc;
   std::vector<std::string> pixel_rows;
   for (const auto& [name, x] : sets) {
     const Scores ood = ScoreImages(scorer, x, name);
+    for (const auto& [kind, values] : ood) {
+      if (kind[0] != '#') (*dump)[name][kind] = values;
+    }
     if (auto m = masks.find(name); m != masks.end() && ood.count("#map")) {
       const at::Tensor maps =
           at::tensor(ood.at("#map"), at::kDouble).view(m->second.sizes());
@@ -483,7 +501,7 @@ void PrintSeparation(const Scorer& scorer, const ImageSets& sets,
         const at::Tensor t = at::tensor(ood.at("#thorough map"), at::kDouble)
                                  .view(m->second.sizes());
         pixel_rows.push_back(absl::StrFormat(
-            "| %s | thorough anomaly_map (reconstruction error) | %.3f | %.1f%% |",
+            "| %s | thorough anomaly_map (local match) | %.3f | %.1f%% |",
             name, vdm::PixelAuroc(t, m->second),
             100.0 * m->second.to(at::kDouble).mean().item<double>()));
       }
@@ -588,6 +606,7 @@ int main(int argc, char** argv) {
     scorer.thorough = models->thorough.get();
     scorer.scoring.thorough = models->thorough->setup();
     scorer.scoring.feature_model = models->features.get();
+    scorer.scoring.reference = models->thorough->reference().get();
   }
   std::unique_ptr<vdm::FeatureModel> classifier;
   if (const std::string c = absl::GetFlag(FLAGS_classifier); !c.empty()) {
@@ -620,11 +639,21 @@ int main(int argc, char** argv) {
   std::vector<vdm::ImageLikelihood> in_likelihoods;
   const Scores in_scores =
       ScoreImages(scorer, test->in, "test (in-distribution)", &in_likelihoods);
+  nlohmann::json dump;
+  for (const auto& [kind, values] : in_scores) {
+    if (kind[0] != '#') dump["in-distribution"][kind] = values;
+  }
   PrintSeparation(scorer, *sets, masks, in_scores,
                   ScoreKinds(models->background != nullptr, class_scores,
                              scorer.classifier != nullptr,
-                             scorer.thorough != nullptr));
+                             scorer.thorough != nullptr),
+                  &dump);
   PrintFalsePositives(scorer, in_likelihoods, n_in);
+  if (const std::string out = absl::GetFlag(FLAGS_scores_out); !out.empty()) {
+    const absl::Status written = vdm::WriteFileAtomic(out, dump.dump());
+    if (!written.ok()) return Fail(written, 1);
+    std::fprintf(stderr, "vdm-ood-eval: wrote %s\n", out.c_str());
+  }
   std::printf("took %.0f s\n", absl::ToDoubleSeconds(absl::Now() - scorer.start));
   return 0;
 }

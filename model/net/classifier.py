@@ -72,6 +72,14 @@ class FashionCnn(nn.Module):
         h = F.max_pool2d(F.relu(self.bn3(self.conv3(h))), 2)
         return F.relu(self.fc1(h.flatten(1)))
 
+    @torch.jit.export
+    def local_features(self, f: torch.Tensor) -> torch.Tensor:
+        """The second block's activations relu(bn2(conv2)) [B, 64, 14, 14]: a feature per
+        2 x 2 pixel cell, each seeing a 10 x 10 window (the thorough anomaly level's local
+        group and map, docs/anomaly.md)."""
+        h = F.max_pool2d(F.relu(self.bn1(self.conv1(f))), 2)
+        return F.relu(self.bn2(self.conv2(h)))
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(self.features(f)))
 
@@ -113,6 +121,34 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
                       % (epoch + 1, step, steps, float(loss), time.time() - start), flush=True)
 
 
+def save_checked(model: nn.Module, out: str) -> torch.jit.ScriptModule:
+    """Scripts `model` to `out` (atomically) and loads it back."""
+    model.eval()
+    scripted = torch.jit.script(model)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    scripted.save(tmp)
+    os.replace(tmp, out)
+    return torch.jit.load(out)
+
+
+@torch.no_grad()
+def reexport(source: str, out: str) -> int:
+    """Writes `source`'s weights with this file's methods: forward and features must agree
+    with the old export on 64 random inputs."""
+    old = torch.jit.load(source).eval()
+    model = FashionCnn(float(old.test_accuracy), str(old.metadata))
+    model.load_state_dict(old.state_dict())
+    loaded = save_checked(model, out)
+    f = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if not (torch.equal(loaded(f), old(f)) and torch.equal(loaded.features(f), old.features(f))):
+        print("classifier.py: error: the re-export disagrees with %s" % source, file=sys.stderr)
+        return 1
+    print("re-exported %s to %s (%d bytes): forward and features unchanged"
+          % (source, out, os.path.getsize(out)))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Trains and exports the Fashion-MNIST CNN.")
     parser.add_argument("--data_dir", default=DATA_DIR)
@@ -127,7 +163,13 @@ def main() -> int:
                         help="train on the first N training images only (0 = all 60,000); "
                              "59500 keeps the VDM trainer's held-out split (59,500..59,999) "
                              "unseen, as a feature model for anomaly calibration needs")
+    parser.add_argument("--reexport", default="",
+                        help="no training: load the weights, accuracy and metadata of this "
+                             "export and write them to --out with this file's methods "
+                             "(checked: forward and features unchanged)")
     args = parser.parse_args()
+    if args.reexport:
+        return reexport(args.reexport, args.out)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -162,15 +204,8 @@ def main() -> int:
         "created_by": "model/net/classifier.py", "torch_version": torch.__version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }, sort_keys=True)
-    model.eval()
-    scripted = torch.jit.script(model)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    scripted.save(tmp)
-    os.replace(tmp, args.out)
-
-    # Load it back and check it agrees with the eager model.
-    loaded = torch.jit.load(args.out)
+    # Save, load it back and check it agrees with the eager model.
+    loaded = save_checked(model, args.out)
     check = accuracy(loaded, test_x[:1000], test_y[:1000])
     if abs(check - accuracy(model, test_x[:1000], test_y[:1000])) > 1e-9:
         print("classifier.py: error: the exported module disagrees with the trained one",

@@ -257,6 +257,8 @@ BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
       double distance = 0;
       const double score = thorough->Score(s, &distance);
       a.feature_distance = distance;
+      a.local_distance =
+          std::exp(LocalMapFeature(t.local_map, thorough->setup().local_top));
       a.anomaly_score = score;
       a.p_value = thorough->PValue(score);
       a.is_anomaly = *a.p_value <= request.false_positive_rate;

@@ -125,9 +125,14 @@ struct ThoroughFeatures {
   std::vector<float> embedding;        // the feature model's, of the image
   std::vector<double> recon_error;     // per probe time: MSE of x_hat
   std::vector<double> recon_distance;  // per probe time: feature distance
-  // H x W: the reconstructions' squared error per pixel (the thorough
-  // level's anomaly_map).
-  std::vector<float> error_map;
+  // The local match map (AddLocalMatch), local_height x local_width cells:
+  // per cell, the distance of the image's local features to the nearest
+  // cell near the same place in its nearest training images.
+  std::vector<float> local_map;
+  int64_t local_height = 0, local_width = 0;
+  // H x W: the local match map upsampled to pixels, the thorough level's
+  // anomaly_map.
+  std::vector<float> map;
 };
 
 // One image's likelihood results, as far as the anomaly policy reads them.
@@ -159,10 +164,12 @@ struct ImageAnomaly {
   std::optional<bool> is_anomaly;       // calibrated only
   std::optional<double> llr;            // with a background_bpd only
   // The thorough level's (with its calibration): the mean distance to the
-  // k nearest training images in the feature model's space, and the mean
-  // squared error of the one-step reconstructions over the probe times.
+  // k nearest training images in the feature model's space, the mean
+  // squared error of the one-step reconstructions over the probe times, and
+  // the mean of the largest cells of the local match map.
   std::optional<double> feature_distance;
   std::optional<double> reconstruction_error;
+  std::optional<double> local_distance;
 };
 
 // The anomaly fields of a batch: one ImageAnomaly per image, in order, and
@@ -197,7 +204,8 @@ class ThoroughCalibration;  // thorough.h
 // BatchPValue of the scores. At the thorough level the same rules hold with
 // `thorough` in place of `calibration` (the images must carry `thorough`
 // features; without a thorough calibration that applies, the fast rules
-// are used), and feature_distance and reconstruction_error are set.
+// are used), and feature_distance, reconstruction_error and local_distance
+// are set.
 BatchAnomaly ScoreAnomalies(const std::vector<ImageLikelihood>& images,
                             const Calibration* calibration,
                             const AnomalyRequest& request,

@@ -68,7 +68,13 @@ absl::StatusOr<CalibrationFile> ParseCalibrationFile(const std::string& text) {
       if (!c.ok()) return InSection("anomaly.fast", c.status());
       file.anomaly = std::make_shared<const Calibration>(*std::move(c));
     }
-    if (a.contains("thorough")) {
+    if (a.contains("thorough") && a["thorough"].is_object() &&
+        !a["thorough"].contains("local_neighbours")) {
+      file.skipped.push_back(
+          "anomaly.thorough: written before the thorough level's local group "
+          "(no local_neighbours); the thorough level is off until vdm-calibrate "
+          "is re-run with the feature network");
+    } else if (a.contains("thorough")) {
       absl::StatusOr<ThoroughCalibration> c =
           ThoroughCalibration::FromJsonValue(a["thorough"]);
       if (!c.ok()) return InSection("anomaly.thorough", c.status());

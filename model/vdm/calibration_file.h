@@ -14,7 +14,10 @@
 // "vdm-calibration/1", ...}: the Gaussian alone at the top level) still
 // load, as a file with only "anomaly.fast". Unknown top-level sections are
 // ignored (a newer writer may add some); a malformed known section is an
-// error naming it.
+// error naming it. An anomaly.thorough section written before the level's
+// local group (no "local_neighbours") is skipped, with a line in `skipped`
+// saying so: the rest of the file still serves, and the thorough level waits
+// for vdm-calibrate.
 //
 // Thread-safe: the parsed objects are immutable.
 #ifndef VDM_MODEL_VDM_CALIBRATION_FILE_H_
@@ -22,6 +25,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/vdm/anomaly.h"
@@ -39,6 +43,8 @@ struct CalibrationFile {
   std::shared_ptr<const Calibration> anomaly;
   // The thorough level's ("anomaly.thorough"); null = none.
   std::shared_ptr<const ThoroughCalibration> thorough;
+  // Sections read but not used, each with why (for the reader to log).
+  std::vector<std::string> skipped;
 };
 
 // Parses a version 1 or 2 document. An anomaly section scored with the

@@ -78,11 +78,22 @@ absl::StatusOr<std::unique_ptr<FeatureModel>> FeatureModel::Load(
   if (model->dimension_ < 1) {
     return fail(absl::InvalidArgumentError("features(f) returned no features"));
   }
+  if (model->impl_->module.find_method("local_features")) {
+    model->has_local_features_ = true;
+    absl::StatusOr<at::Tensor> local = model->LocalFeatures(
+        at::zeros({2, s.channels, s.height, s.width}, at::kByte));
+    if (!local.ok()) return fail(local.status());
+    if (local->size(1) < 1 || local->size(2) < 1 || local->size(3) < 1) {
+      return fail(absl::InvalidArgumentError(
+          "local_features(f) must return [N, C, h, w] with C, h, w >= 1"));
+    }
+  }
   return model;
 }
 
-absl::StatusOr<at::Tensor> FeatureModel::Features(const at::Tensor& images,
-                                                  int64_t batch) const {
+absl::StatusOr<at::Tensor> FeatureModel::Run(const char* method,
+                                             const at::Tensor& images,
+                                             int64_t batch, int64_t dims) const {
   if (!images.defined() || images.dim() != 4 ||
       images.size(1) != shape_.channels || images.size(2) != shape_.height ||
       images.size(3) != shape_.width || images.is_floating_point()) {
@@ -96,25 +107,47 @@ absl::StatusOr<at::Tensor> FeatureModel::Features(const at::Tensor& images,
   absl::MutexLock lock(&impl_->mu);
   try {
     torch::NoGradGuard no_grad;
-    torch::jit::Method features = impl_->module.get_method("features");
+    torch::jit::Method run = impl_->module.get_method(method);
     for (int64_t i = 0; i < images.size(0); i += batch) {
       const int64_t n = std::min(batch, images.size(0) - i);
       const at::Tensor f = ToModelSpace(images.narrow(0, i, n).to(at::kCPU));
-      const c10::IValue h = features({f});
-      if (!h.isTensor() || h.toTensor().dim() != 2 ||
+      const c10::IValue h = run({f});
+      if (!h.isTensor() || h.toTensor().dim() != dims ||
           h.toTensor().size(0) != n ||
-          (dimension_ > 0 && h.toTensor().size(1) != dimension_)) {
+          (!out.empty() && h.toTensor().sizes().slice(1) != out[0].sizes().slice(1))) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "feature model: features(f) must return [", n, ", D]"));
+            "feature model: ", method, "(f) must return a ", dims,
+            "-d tensor with a row per image, the same shape for every batch"));
       }
       out.push_back(h.toTensor().to(at::kFloat).contiguous());
     }
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("feature model: features(f) failed: ", TorchMessage(e)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "feature model: ", method, "(f) failed: ", TorchMessage(e)));
   }
-  if (out.empty()) return at::empty({0, dimension_}, at::kFloat);
+  if (out.empty()) return at::empty({0}, at::kFloat);
   return at::cat(out);
+}
+
+absl::StatusOr<at::Tensor> FeatureModel::Features(const at::Tensor& images,
+                                                  int64_t batch) const {
+  VDM_ASSIGN_OR_RETURN(at::Tensor h, Run("features", images, batch, 2));
+  if (dimension_ > 0 && h.size(0) > 0 && h.size(1) != dimension_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "feature model: features(f) must return [N, ", dimension_, "]"));
+  }
+  if (h.size(0) == 0) return at::empty({0, dimension_}, at::kFloat);
+  return h;
+}
+
+absl::StatusOr<at::Tensor> FeatureModel::LocalFeatures(const at::Tensor& images,
+                                                       int64_t batch) const {
+  if (!has_local_features_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "feature model ", path_, ": no local_features(f) method (re-export it "
+        "with model/net/classifier.py --reexport)"));
+  }
+  return Run("local_features", images, batch, 4);
 }
 
 }  // namespace vdm

@@ -204,11 +204,7 @@ absl::Status AddThoroughFeatures(const ReconstructionPlan& plan,
   if (records->size() != features.size()) {
     return absl::InvalidArgumentError("AddThoroughFeatures: a record per image");
   }
-  const at::Tensor map = plan.error_map().to(at::kFloat).contiguous();
-  const int64_t pixels = map.size(1) * map.size(2);
   for (size_t i = 0; i < features.size(); ++i) {
-    const float* m = map.data_ptr<float>() + static_cast<int64_t>(i) * pixels;
-    features[i].error_map.assign(m, m + pixels);
     (*records)[i].thorough = std::move(features[i]);
   }
   return absl::OkStatus();

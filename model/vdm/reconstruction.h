@@ -101,9 +101,9 @@ absl::StatusOr<std::vector<ThoroughFeatures>> MeasureThorough(
     const ReconstructionPlan& plan, const at::Tensor& x_uint8,
     const FeatureModel& net);
 
-// MeasureThorough's features, with each image's error_map(), into the
-// plan's images' records (`records`, in order): the server's ScoreTask and
-// the anomaly tools share it.
+// MeasureThorough's features into the plan's images' records (`records`,
+// in order): the server's ScoreTask and the anomaly tools share it (and then
+// AddLocalMatch, local_match.h, for the local group and the map).
 absl::Status AddThoroughFeatures(const ReconstructionPlan& plan,
                                  const at::Tensor& x_uint8,
                                  const FeatureModel& net,

@@ -1043,15 +1043,21 @@ def write_thorough_calibration(path: str, timesteps: int) -> None:
                 "mean": [0.0] * d, "cholesky": eye, "bands": 4,
                 "log_normalizer": 0.5 * d * math.log(2 * math.pi),
                 "sorted_scores": [1.0, 2.0, 3.0]}
-    reference = np.random.default_rng(0).normal(size=(20, 8)).astype("<f4")
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(20, 8)).astype("<f4")
+    images = rng.integers(0, 256, size=(20, 1, 28, 28), dtype=np.uint8)
     thorough = {
         "probe_times": [0.6, 0.7, 0.8, 0.9], "probe_draws": 2,
-        "probe_seed": 23, "knn_k": 5, "timesteps": timesteps,
+        "probe_seed": 23, "knn_k": 5, "local_neighbours": 3, "local_window": 1,
+        "local_top": 4, "combined_groups": ["fast", "knn", "local"], "timesteps": timesteps,
         "shared_noise": False, "time_proposal": False, "seed": 1,
         "reference": {"rows": 20, "dimension": 8, "float32_le_base64":
-                      base64.b64encode(reference.tobytes()).decode()},
+                      base64.b64encode(reference.tobytes()).decode(),
+                      "images": {"channels": 1, "height": 28, "width": 28,
+                                 "uint8_base64": base64.b64encode(images.tobytes()).decode()}},
         "groups": {"fast": gaussian(5), "knn": gaussian(1),
-                   "recon_error": gaussian(4), "recon_distance": gaussian(4)},
+                   "recon_error": gaussian(4), "recon_distance": gaussian(4),
+                   "local": gaussian(1)},
         "sorted_scores": [float(v) for v in range(1, 100)]}
     with open(path, "w") as f:
         json.dump({"format": "vdm-calibration", "version": 2,
@@ -1094,8 +1100,10 @@ class ThoroughLevelTest(unittest.TestCase):
             self.assertEqual(row["is_anomaly"], row["p_value"] <= 0.05)
             self.assertEqual(row["anomaly_map"].shape, SHAPE)
         header = vdm_client.scores_to_csv(rows).splitlines()[0]
-        self.assertTrue(header.endswith(",feature_distance,reconstruction_error"),
-                        header)
+        self.assertTrue(
+            header.endswith(",feature_distance,reconstruction_error,local_distance"), header)
+        for row in rows:
+            self.assertGreaterEqual(row["local_distance"], 0)
         # The probes' noise is shared and fixed: another seed, the same
         # reconstruction error.
         again = self.client.score(images, timesteps=4, seed=3,

@@ -16,6 +16,7 @@
 #include "model/vdm/calibration_file.h"
 #include "model/vdm/feature_model.h"
 #include "model/vdm/image_io.h"
+#include "model/vdm/local_match.h"
 #include "model/vdm/tensor_image.h"
 #include "model/vdm/thorough.h"
 #include "model/vdm/torchscript_model.h"
@@ -74,22 +75,22 @@ class ThoroughServerTest : public ::testing::Test {
     ASSERT_TRUE(features.ok()) << features.status();
     ThoroughSetup setup;
     setup.elbo.timesteps = kTimesteps;
+    setup.local_neighbours = 5;
+    auto reference = MakeFeatureReference(
+        **features, *ToTensor(Striped(40, 100), {1, 28, 28}));
+    ASSERT_TRUE(reference.ok()) << reference.status();
+    const auto shared = std::make_shared<const FeatureReference>(*reference);
     SetScoring scoring;
     scoring.timesteps = kTimesteps;
     scoring.seed = 1;
     scoring.thorough = setup;
     scoring.feature_model = features->get();
+    scoring.reference = shared.get();
     auto scored = ScoreSet(**model, ToTensor(Striped(48), {1, 28, 28}).value(),
                            scoring);
     ASSERT_TRUE(scored.ok()) << scored.status();
-    const at::Tensor reference =
-        (*features)->Features(*ToTensor(Striped(40, 100), {1, 28, 28})).value();
     const std::vector<ImageLikelihood> likelihoods(scored->begin(), scored->end());
-    auto fit = ThoroughCalibration::Fit(
-        likelihoods,
-        std::vector<float>(reference.data_ptr<float>(),
-                           reference.data_ptr<float>() + reference.numel()),
-        reference.size(1), setup);
+    auto fit = ThoroughCalibration::Fit(likelihoods, shared, setup);
     ASSERT_TRUE(fit.ok()) << fit.status();
     CalibrationFile file;
     file.thorough = std::make_shared<const ThoroughCalibration>(*fit);
@@ -129,6 +130,8 @@ TEST_F(ThoroughServerTest, ScoresCostTheProbesAndFlagAFarImage) {
     ASSERT_TRUE(row.score.has_feature_distance());
     ASSERT_TRUE(row.score.has_reconstruction_error());
     EXPECT_GT(row.score.reconstruction_error(), 0.0);
+    ASSERT_TRUE(row.score.has_local_distance());
+    EXPECT_GE(row.score.local_distance(), 0.0);
     EXPECT_EQ(row.score.anomaly_map_size(), 28 * 28);
   }
   EXPECT_TRUE(scored->rows[3].score.is_anomaly()) << "the flat image";
@@ -146,8 +149,8 @@ TEST_F(ThoroughServerTest, ScoresCostTheProbesAndFlagAFarImage) {
             scored->rows[1].score.feature_distance());
   // The CSV gains the level's columns.
   EXPECT_THAT(client::FormatScoresCsv(scored->rows),
-              HasSubstr(",feature_distance,reconstruction_error"));
-  // The map is the reconstructions' error, not the diffusion term's.
+              HasSubstr(",feature_distance,reconstruction_error,local_distance"));
+  // The map is the local match map, not the diffusion term's.
   params.anomaly_level = v1::ANOMALY_LEVEL_FAST;
   auto fast = client->ScoreImages(client::RawInput(probe), params);
   ASSERT_TRUE(fast.ok());

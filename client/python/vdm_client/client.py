@@ -83,7 +83,7 @@ ODE_FIELDS = _group_columns("ode")
 # (vdm-server --background_model) returned them.
 LLR_FIELDS = _group_columns("llr")
 # Added likewise when the images were scored at anomaly_level="thorough"
-# with its calibration: feature_distance and reconstruction_error.
+# with its calibration: feature_distance, reconstruction_error and local_distance.
 THOROUGH_FIELDS = _group_columns("thorough")
 
 
