@@ -27,6 +27,7 @@ Deliberately broken models, each breaking exactly one part of the contract:
 A feature network for the thorough anomaly level (model/vdm/feature_model.h):
   tiny_features.pt        random weights, features(f) -> [B, 8] of 1x28x28 images,
                           local_features(f) -> [B, 4, 14, 14]
+  tiny_features_no_local.pt  the same without local_features (an older export)
 A probe for TorchScriptModel::Denoise's transfers (tests/model/vdm/torchscript_model_test.cc):
   probe.pt                a valid 1x4x4 model whose forward raises unless z, gamma are f32 and
                           label i64 on the device of its weights, records the device it saw
@@ -92,6 +93,25 @@ class ForwardRaises(vdm_net.VDMNet):
         if z.numel() >= 0:
             raise RuntimeError("broken_forward_raises: this model always fails")
         return z
+
+
+class TinyFeaturesNoLocal(nn.Module):
+    """TinyFeatures' weights and features(f) without local_features(f): a feature network
+    exported before the thorough level's local group."""
+
+    def __init__(self):
+        super().__init__()
+        base = TinyFeatures()
+        self.conv, self.fc = base.conv, base.fc
+        self.image_channels, self.image_height, self.image_width = 1, 28, 28
+
+    @torch.jit.export
+    def features(self, f: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.avg_pool2d(torch.relu(self.conv(f)), 2)
+        return torch.tanh(self.fc(h.flatten(1)))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.features(f)
 
 
 class Probe(nn.Module):
@@ -245,6 +265,9 @@ def main() -> int:
     features_path = os.path.join(args.out_dir, "tiny_features.pt")
     torch.jit.script(TinyFeatures().eval()).save(features_path)
     print("wrote %s" % features_path)
+    old_path = os.path.join(args.out_dir, "tiny_features_no_local.pt")
+    torch.jit.script(TinyFeaturesNoLocal().eval()).save(old_path)
+    print("wrote %s" % old_path)
 
     probe_path = os.path.join(args.out_dir, "probe.pt")
     torch.jit.script(Probe()).save(probe_path)

@@ -22,8 +22,10 @@
 // With a feature network (--feature_model, by default <model>.features.pt
 // when it exists) the same scoring also measures the thorough level's
 // features (model/vdm/thorough.h), and the file gains anomaly.thorough:
-// the features of the first --reference_images training images (the kNN
-// reference) and the four groups' Gaussians, fitted on the held-out split.
+// the first --reference_images training images and their features (the kNN
+// reference and the local match's neighbours), the five groups' Gaussians,
+// fitted on the held-out split, and --thorough_groups, the groups the score
+// combines.
 #include <algorithm>
 #include <cstdio>
 #include <memory>

@@ -200,6 +200,13 @@ TEST_F(ThoroughServerTest, AFeatureModelThatDoesNotFitIsRefusedAtStartUp) {
   ASSERT_FALSE(bad.ok());
   EXPECT_THAT(std::string(bad.status().message()),
               HasSubstr("no features(f) method"));
+  // A feature network exported before the local group: refused, saying how
+  // to re-export it.
+  o.feature_model_path = kModels + "/tiny_features_no_local.pt";
+  auto old = VdmServer::Create(o);
+  ASSERT_FALSE(old.ok());
+  EXPECT_THAT(std::string(old.status().message()), HasSubstr("no local_features(f)"));
+  EXPECT_THAT(std::string(old.status().message()), HasSubstr("--reexport"));
 }
 
 }  // namespace

@@ -845,7 +845,8 @@ class Client:
         network, at info()["thorough_evaluations_per_image"] evaluations per
         image; refused with FAILED_PRECONDITION unless
         info()["thorough_available"]); the records then get THOROUGH_FIELDS
-        and, with anomaly_map=True, the reconstructions' error map.
+        and, with anomaly_map=True, the local match map (where the image
+        differs from the training images most like it).
 
         The images go in requests of `chunk` images (default: the server's
         max_images_per_request). With a seed, chunk c > 0 uses the seed
