@@ -16,7 +16,7 @@
 // (LocalMapFeature, thorough.h).
 //
 // Cost: one local_features pass per image and per neighbour (the shipped
-// CNN: about 6M multiply-adds each, 51 per image, against 24 passes of the
+// CNN: about 4M multiply-adds each, 51 per image, against 24 passes of the
 // 2M-parameter denoiser), and (2w + 1)^2 cell comparisons per neighbour.
 #ifndef VDM_MODEL_VDM_LOCAL_MATCH_H_
 #define VDM_MODEL_VDM_LOCAL_MATCH_H_
