@@ -57,8 +57,11 @@ absl::StatusOr<FeatureReference> FeatureReference::Create(
     if (!std::isfinite(v)) return bad("non-finite embeddings");
   }
   const int64_t n = static_cast<int64_t>(embeddings.size()) / dimension;
-  if (channels < 1 || height < 1 || width < 1 ||
-      static_cast<int64_t>(images.size()) != n * channels * height * width) {
+  constexpr int64_t kMaxSide = 1 << 16;  // keeps C H W far from overflowing
+  if (channels < 1 || height < 1 || width < 1 || channels > kMaxSide ||
+      height > kMaxSide || width > kMaxSide ||
+      images.size() % static_cast<size_t>(channels * height * width) != 0 ||
+      static_cast<int64_t>(images.size() / static_cast<size_t>(channels * height * width)) != n) {
     return bad(absl::StrCat("the images must be [", n, ", C, H, W] uint8 (one "
                             "per embedding), got ", images.size(), " bytes"));
   }
@@ -137,8 +140,10 @@ absl::StatusOr<FeatureReference> FeatureReference::FromJsonValue(
   } catch (const std::exception& e) {
     return bad(e.what());
   }
-  if (dimension < 1 || rows < 1 ||
-      bytes.size() != static_cast<size_t>(rows * dimension) * sizeof(float)) {
+  const size_t floats = bytes.size() / sizeof(float);
+  if (dimension < 1 || rows < 1 || bytes.size() % sizeof(float) != 0 ||
+      floats % static_cast<size_t>(dimension) != 0 ||
+      floats / static_cast<size_t>(dimension) != static_cast<size_t>(rows)) {
     return bad("its size is not rows x dimension float32");
   }
   std::vector<float> embeddings(bytes.size() / sizeof(float));

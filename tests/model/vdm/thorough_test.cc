@@ -332,6 +332,13 @@ TEST(ThoroughCalibrationTest, TheFileSectionRoundTripsAndNamesItsErrors) {
   bad["anomaly"]["thorough"]["reference"]["images"]["height"] = 2;
   EXPECT_THAT(std::string(ParseCalibrationFile(bad.dump()).status().message()),
               HasSubstr("one per embedding"));
+  bad["anomaly"]["thorough"]["reference"]["images"]["height"] = int64_t{1} << 40;
+  EXPECT_THAT(std::string(ParseCalibrationFile(bad.dump()).status().message()),
+              HasSubstr("one per embedding"));
+  bad = j;
+  bad["anomaly"]["thorough"]["reference"]["rows"] = int64_t{1} << 62;
+  EXPECT_THAT(std::string(ParseCalibrationFile(bad.dump()).status().message()),
+              HasSubstr("rows x dimension"));
   bad = j;
   bad["anomaly"]["thorough"]["groups"].erase("local");
   EXPECT_THAT(std::string(ParseCalibrationFile(bad.dump()).status().message()),
