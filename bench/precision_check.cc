@@ -1,19 +1,23 @@
 // vdm-precision: what bf16 costs and gains on this machine
 // (docs/performance.md, "Precision and threads").
 //
-//   vdm-precision --mode=bpd --images=1000 --timesteps=16
+//   vdm-precision --mode=bpd --images=1000 --timesteps=16 [--against=fused]
 //       Scores the first --images test images in fp32 and in bf16 through
 //       the server's scorer (tools/anomaly_scoring.h: ScoreImages in requests
 //       of 64 images, ChunkSeed seeds, the same seed for both) and prints the
 //       mean BPD of each, the mean difference and the largest per-image one.
 //   vdm-precision --mode=speed --rounds=10 --batch=64 [--threads_list=1,2]
-//       [--freeze]
+//       [--freeze] [--fused=true]
 //       Interleaves forward passes of --batch rows (the engine's batch) in
 //       every variant, round by round, in this one process, and prints rows/s
 //       per variant and the ratio to the first: fp32 and bf16 (the same
 //       TorchScriptModel's DenoiseFp32 and Denoise), for each intra-op thread
 //       count of --threads_list; with --freeze also the fp32 module after
-//       torch::jit::freeze + optimize_for_inference.
+//       torch::jit::freeze + optimize_for_inference; with --fused (the
+//       default) also fp32 and bf16 of the module with the fused group
+//       norm + SiLU (model/vdm/fused_norm_silu.h), as vdm-server runs it.
+//       --mode=bpd --against=fused compares fp32 with that module instead
+//       of bf16.
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/script.h>
@@ -45,6 +49,11 @@ ABSL_FLAG(int, rounds, 10, "speed: rounds (one pass of every variant each)");
 ABSL_FLAG(int, batch, 64, "speed: rows per forward pass");
 ABSL_FLAG(std::string, threads_list, "2",
           "speed: intra-op thread counts to interleave");
+ABSL_FLAG(std::string, against, "bf16",
+          "bpd: what fp32 is compared with: bf16, or fused (fp32 with the "
+          "fused group norm + SiLU, as vdm-server runs it)");
+ABSL_FLAG(bool, fused, true,
+          "speed: also the module with the fused group norm + SiLU");
 ABSL_FLAG(bool, freeze, false,
           "speed: also the frozen + optimize_for_inference fp32 module");
 ABSL_FLAG(int, threads, 2, "bpd: torch intra-op threads");
@@ -61,18 +70,24 @@ int Fail(const absl::Status& status) {
 }
 
 absl::StatusOr<std::unique_ptr<vdm::TorchScriptModel>> LoadAs(
-    const std::string& precision) {
+    const std::string& precision, bool fused = false) {
   vdm::TorchScriptModel::Options o;
   o.path = absl::GetFlag(FLAGS_model);
   o.precision = precision;
+  o.fuse_norm_silu = fused;
   return vdm::TorchScriptModel::Load(o);
 }
 
 int Bpd() {
   vdm::SetTorchThreads(absl::GetFlag(FLAGS_threads));
+  const std::string against = absl::GetFlag(FLAGS_against);
+  if (against != "bf16" && against != "fused") {
+    return Fail(absl::InvalidArgumentError("--against: bf16 or fused"));
+  }
   auto fp32 = LoadAs("fp32");
   if (!fp32.ok()) return Fail(fp32.status());
-  auto bf16 = LoadAs("bf16");
+  // The second model: bf16, or fp32 with the fused operator.
+  auto bf16 = against == "bf16" ? LoadAs("bf16") : LoadAs("fp32", true);
   if (!bf16.ok()) return Fail(bf16.status());
   absl::StatusOr<vdm::Dataset> test = vdm::LoadIdxDataset(
       absl::GetFlag(FLAGS_data), "t10k", (*fp32)->shape(),
@@ -101,14 +116,20 @@ int Bpd() {
   }
   std::printf(
       "%zu images, K=%d, seed %lu, %d threads\n"
-      "fp32 mean bpd %.5f (%.0f s)\nbf16 mean bpd %.5f (%.0f s)\n"
-      "mean diff (bf16 - fp32) %+.5f\nmean |diff| per image %.5f\n"
+      "fp32 mean bpd %.5f (%.0f s)\n%s mean bpd %.5f (%.0f s)\n"
+      "mean diff (%s - fp32) %+.5f\nmean |diff| per image %.5f\n"
       "max |diff| per image %.5f\n",
       n, scoring.timesteps, static_cast<unsigned long>(scoring.seed),
-      at::get_num_threads(), mean32, seconds[0], mean16, seconds[1],
-      mean16 - mean32, mean_abs, max_diff);
-  const bool meets = std::abs(mean16 - mean32) < 0.01 && max_diff < 0.02;
-  std::printf("bar (mean < 0.01 and per image < 0.02): %s\n",
+      at::get_num_threads(), mean32, seconds[0], against.c_str(), mean16,
+      seconds[1], against.c_str(), mean16 - mean32, mean_abs, max_diff);
+  // bf16's bar (docs/performance.md), or issue 25's for a faster fp32
+  // forward: the mean moves by less than 0.001.
+  const bool meets = against == "bf16"
+                         ? std::abs(mean16 - mean32) < 0.01 && max_diff < 0.02
+                         : std::abs(mean16 - mean32) < 0.001;
+  std::printf("bar (%s): %s\n",
+              against == "bf16" ? "mean < 0.01 and per image < 0.02"
+                                : "mean < 0.001",
               meets ? "met" : "NOT met");
   return 0;
 }
@@ -116,6 +137,13 @@ int Bpd() {
 int Speed() {
   auto model = LoadAs("bf16");
   if (!model.ok()) return Fail(model.status());
+  const bool with_fused = absl::GetFlag(FLAGS_fused);
+  std::unique_ptr<vdm::TorchScriptModel> fused;
+  if (with_fused) {
+    auto loaded = LoadAs("bf16", /*fused=*/true);
+    if (!loaded.ok()) return Fail(loaded.status());
+    fused = *std::move(loaded);
+  }
   std::vector<int> threads;
   for (absl::string_view t :
        absl::StrSplit(absl::GetFlag(FLAGS_threads_list), ',')) {
@@ -155,6 +183,14 @@ int Speed() {
     variants.push_back({"bf16" + suffix, t, [&] {
                           (void)(*model)->Denoise(z, gamma, label);
                         }});
+    if (with_fused) {
+      variants.push_back({"fp32 fused" + suffix, t, [&] {
+                            (void)fused->DenoiseFp32(z, gamma, label);
+                          }});
+      variants.push_back({"bf16 fused" + suffix, t, [&] {
+                            (void)fused->Denoise(z, gamma, label);
+                          }});
+    }
     if (absl::GetFlag(FLAGS_freeze)) {
       variants.push_back({"fp32 frozen" + suffix, t, [&] {
                             (void)frozen.forward({z, gamma, label});

@@ -16,11 +16,16 @@
 #
 # The first layout is the server as issue 25 measured it (two single-threaded
 # replicas, no lone-request help, glibc's default mmap of large tensors,
-# OpenBLAS's own pool of one thread per CPU); the ratios are to it. A benchmark, not a test; it needs scripts/build.sh to
+# OpenBLAS's own pool of one thread per CPU, the network's own group norm and
+# SiLU); the ratios are to it. 2x1+split-unfused is today's default layout
+# without the fused group norm + SiLU, so the two beside it show what the
+# fusion gains served. A benchmark, not a test; it needs scripts/build.sh to
 # have built vdm-server, vdm-bench, vdm-client and vdm-precision.
 #
 #   bench/speed.sh [--rounds=3] [--port=50197] [--images=200]
 #       [--model=model/checkpoints/fmnist.pt] [--skip_scoring]
+#       [--layouts=2x1-old,2x1+split,...]   (default: all; the first is
+#       always the old one, which the ratios need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +34,7 @@ port=50197
 images=200
 model=model/checkpoints/fmnist.pt
 scoring=1
+only=""
 data=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,6 +43,7 @@ while [ $# -gt 0 ]; do
     --images=*) images="${1#*=}" ;;
     --model=*) model="${1#*=}" ;;
     --skip_scoring) scoring=0 ;;
+    --layouts=*) only=",${1#*=}," ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -51,13 +58,21 @@ fi
 
 # name|environment|vdm-server flags. fp32 but the last: the goal is about
 # fp32.
-layouts=(
-  "2x1-old|OPENBLAS_NUM_THREADS=$(nproc)|--devices=cpu,cpu --threads=1 --lone_split=false --lone_threads=0 --heap_allocations=false --precision=fp32"
+all_layouts=(
+  "2x1-old|OPENBLAS_NUM_THREADS=$(nproc)|--devices=cpu,cpu --threads=1 --lone_split=false --lone_threads=0 --heap_allocations=false --fuse_norm_silu=false --precision=fp32"
   "2x1+lone||--devices=cpu,cpu --threads=1 --lone_split=false --lone_threads=2 --precision=fp32"
+  "2x1+split-unfused||--devices=cpu,cpu --threads=1 --lone_threads=0 --lone_split --fuse_norm_silu=false --precision=fp32"
   "2x1+split||--devices=cpu,cpu --threads=1 --lone_threads=0 --lone_split --precision=fp32"
   "1x2||--devices=cpu --threads=2 --precision=fp32"
   "2x1+split-bf16||--devices=cpu,cpu --threads=1 --lone_threads=0 --lone_split --precision=bf16"
 )
+layouts=()
+for entry in "${all_layouts[@]}"; do
+  name=${entry%%|*}
+  if [ -z "$only" ] || [ "$name" = 2x1-old ] || [[ "$only" == *",$name,"* ]]; then
+    layouts+=("$entry")
+  fi
+done
 declare -A loads=(
   [concurrent]="--score_fraction=0 --concurrency=4 --requests=8 --sample_images=8 --sample_steps=25 --guidance_every=0"
   [lone]="--score_fraction=0 --concurrency=1 --requests=2 --sample_images=32 --sample_steps=25 --guidance_every=0"
@@ -152,7 +167,7 @@ done
 
 echo
 echo "mean over $rounds rounds: network evaluations/s (p50 latency, s); ratios to ${layouts[0]%%|*}"
-printf '%-15s %18s %18s %18s %10s %10s %10s\n' layout concurrent lone small \
+printf '%-18s %18s %18s %18s %10s %10s %10s\n' layout concurrent lone small \
   lone/conc conc/old lone/old
 first=${layouts[0]%%|*}
 for entry in "${layouts[@]}"; do
@@ -163,7 +178,7 @@ for entry in "${layouts[@]}"; do
     function p50(k) { return lat[k] / n[k] }
     END {
       c = name " concurrent"; l = name " lone"; s = name " small"
-      printf "%-15s %9.1f (%6.2f) %9.1f (%6.2f) %9.1f (%6.3f) %9.2fx %9.2fx %9.2fx\n",
+      printf "%-18s %9.1f (%6.2f) %9.1f (%6.2f) %9.1f (%6.3f) %9.2fx %9.2fx %9.2fx\n",
         name, mean(c), p50(c), mean(l), p50(l), mean(s), p50(s),
         mean(l) / mean(c), mean(c) / mean(first " concurrent"),
         mean(l) / mean(first " concurrent")

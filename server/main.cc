@@ -85,6 +85,10 @@ ABSL_FLAG(std::string, precision, "auto",
           "(measured at start-up: bf16 where the device computes it natively "
           "and it runs >= 1.15x fp32's rows/s, else fp32; GetModelInfo "
           "says why)");
+ABSL_FLAG(bool, fuse_norm_silu, true,
+          "run the network's group-norm-then-SiLU pairs as one fused "
+          "operator (the same values to ~1e-6; docs/performance.md, \"Fused "
+          "group norm + SiLU\"); false = the network's own operators");
 ABSL_FLAG(std::string, score_precision, "fp32",
           "ScoreBPD rows: fp32 = in fp32 whatever --precision is (bf16 moves "
           "BPD; docs/performance.md), same = in --precision");
@@ -162,6 +166,7 @@ vdm::VdmServer::Options OptionsFromFlags() {
   options.lone_split = absl::GetFlag(FLAGS_lone_split);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.score_precision = absl::GetFlag(FLAGS_score_precision);
+  options.fuse_norm_silu = absl::GetFlag(FLAGS_fuse_norm_silu);
   options.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
   options.engine.max_queued_rows = absl::GetFlag(FLAGS_max_queued_rows);
   options.engine.score_priority = absl::GetFlag(FLAGS_score_priority);

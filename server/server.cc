@@ -311,6 +311,7 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
     load.device = device;
     load.precision = options.precision;
     load.timing_rows = std::min(options.engine.max_batch, 32);
+    load.fuse_norm_silu = options.fuse_norm_silu;
     if (auto it = measured.find(device); it != measured.end()) {
       load.precision = PrecisionName(it->second);
     }
@@ -323,6 +324,11 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
                 << trial->reason;
     }
     if (replicas.empty()) {
+      if (options.fuse_norm_silu) {
+        LOG(INFO) << "vdm-server: " << files.name << " version "
+                  << files.version << ": fused " << model->fused_norm_silu()
+                  << " group-norm + SiLU pairs";
+      }
       VDM_ASSIGN_OR_RETURN(description, Describe(*model, device));
       description.precision = PrecisionName(model->precision());
       if (const auto& trial = model->precision_trial()) {
@@ -360,6 +366,7 @@ absl::StatusOr<std::shared_ptr<ServedModel>> VdmServer::LoadVersion(
       // Its rows are score rows: fp32 unless --score_precision=same, then
       // in the precision its replica resolved to.
       load.precision = PrecisionName(replicas[i]->precision());
+      load.fuse_norm_silu = options.fuse_norm_silu;
       absl::StatusOr<std::unique_ptr<TorchScriptModel>> model =
           TorchScriptModel::Load(load);
       if (!model.ok()) {

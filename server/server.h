@@ -72,6 +72,9 @@ class VdmServer {
     // whatever `precision` is, "same" = in `precision`.
     std::string precision = "fp32";
     std::string score_precision = "fp32";
+    // Every replica's network runs its group-norm-then-SiLU pairs as one
+    // fused operator (TorchScriptModel::Options::fuse_norm_silu).
+    bool fuse_norm_silu = true;
     Engine::Options engine;
     VdmServiceImpl::Options limits;
     int max_message_mb = 64;                // gRPC receive/send limit, MiB

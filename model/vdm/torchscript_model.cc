@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "model/vdm/autocast.h"
+#include "model/vdm/fused_norm_silu.h"
 #include "model/vdm/cpus.h"
 #include "model/vdm/diffusion.h"
 #include "model/vdm/status_macros.h"
@@ -166,7 +167,21 @@ absl::StatusOr<std::unique_ptr<TorchScriptModel>> TorchScriptModel::Load(
         absl::StrCat("cannot load TorchScript model '", options.path,
                      "': ", FromTorch(e, "torch::jit::load").message()));
   }
-  return FromModule(std::move(module), options);
+  int fused = 0;
+  if (options.fuse_norm_silu) {
+    try {
+      fused = FuseGroupNormSilu(module);
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot fuse group norm + SiLU in '", options.path,
+          "' (--fuse_norm_silu=false serves it unfused): ",
+          FromTorch(e, "FuseGroupNormSilu").message()));
+    }
+  }
+  VDM_ASSIGN_OR_RETURN(std::unique_ptr<TorchScriptModel> model,
+                       FromModule(std::move(module), options));
+  model->fused_norm_silu_ = fused;
+  return model;
 }
 
 absl::StatusOr<std::unique_ptr<TorchScriptModel>> TorchScriptModel::FromModule(

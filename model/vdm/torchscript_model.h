@@ -54,6 +54,12 @@ class TorchScriptModel : public Denoiser {
     // `timing_rows` rows runs at least kBf16MinSpeedup x faster than fp32.
     std::string precision = "fp32";
     int timing_rows = 32;
+    // Replace the network's group-norm-then-SiLU pairs with one fused
+    // operator (fused_norm_silu.h) before the contract check. Off by
+    // default: the trainer loads through here and saves the module it
+    // trains, which must stay plain TorchScript; vdm-server turns it on
+    // (--fuse_norm_silu).
+    bool fuse_norm_silu = false;
   };
 
   // Loads and checks the model. A broken model is refused with a message that
@@ -81,6 +87,9 @@ class TorchScriptModel : public Denoiser {
   const std::optional<PrecisionTrial>& precision_trial() const {
     return trial_;
   }
+  // How many group-norm-then-SiLU pairs Options::fuse_norm_silu fused (0
+  // when off).
+  int fused_norm_silu() const { return fused_norm_silu_; }
   // Denoise with gradients on z, then torch::autograd::grad of <eps, v>.
   absl::StatusOr<EpsVjp> DenoiseVjp(const at::Tensor& z,
                                     const at::Tensor& gamma,
@@ -118,6 +127,7 @@ class TorchScriptModel : public Denoiser {
   std::string metadata_;
   Precision precision_ = Precision::kFp32;
   std::optional<PrecisionTrial> trial_;
+  int fused_norm_silu_ = 0;
 };
 
 // Resolves a --precision value ("fp32", "bf16", "auto") for `device`
