@@ -11,14 +11,14 @@
 namespace vdm {
 namespace {
 
-// One build of each loop below per x86 ISA level (AVX-512, AVX2 + FMA, the
-// baseline), chosen by the loader from the CPU (GCC/Clang function
-// multi-versioning), so one binary runs everywhere and each CPU gets its
-// widest vectors. Rounding differs between the builds (FMA contraction), as
+// Two builds of each loop below, AVX2 + FMA and the x86-64 baseline (SSE2),
+// chosen by the loader from the CPU (GCC's function multi-versioning), so
+// one binary runs everywhere. An AVX-512 CPU takes the AVX2 build: the
+// vectors are 8 floats wide in both, and one build fewer is one untested
+// build fewer. Rounding differs between the two (FMA contraction), as
 // libtorch's own kernels differ between CPU capabilities.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VDM_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define VDM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define VDM_CLONES
 #endif

@@ -2,8 +2,8 @@
 // group norm + SiLU"): libtorch runs the network's 21 group-norm-then-SiLU
 // pairs as two operators, three passes over memory and a separate SiLU
 // pass; this reads each group once for its statistics and once more to
-// write the output, with a vectorised exp (one build per x86 ISA, picked
-// at run time). Registered for TorchScript as vdm::group_norm_silu, and put
+// write the output, with a vectorised exp (an AVX2 + FMA build and a
+// baseline one, picked at run time). Registered for TorchScript as vdm::group_norm_silu, and put
 // into a loaded module by a graph rewrite (FuseGroupNormSilu); the exported
 // files stay plain TorchScript. Includes torch: keep it out of torch-free
 // headers.
