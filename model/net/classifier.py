@@ -12,11 +12,17 @@ Attributes: `num_classes` (10), `image_channels/height/width` (1, 28, 28), `test
 (float) and `metadata` (JSON: data, epochs, seed, accuracy, torch version). The C++ tool
 `vdm-classify` (tools/classify_samples.cc) loads it. ~130k parameters (~0.5 MB file).
 Needs Debian's interpreter /usr/bin/python3 (the one with torch).
+
+--cutpaste_weight=W (> 0) also trains a CutPaste head (Li et al. 2021: normal images against
+images with a rectangle of themselves pasted elsewhere) on the same features, and the export gains
+`defect(f)` -> [B] logits: a feature network for local defects (docs/anomaly.md, "A CutPaste
+feature network").
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -84,6 +90,52 @@ class FashionCnn(nn.Module):
         return self.fc2(self.drop(self.features(f)))
 
 
+class FashionCnnCutPaste(FashionCnn):
+    """FashionCnn with a second head on the same features, `defect(f)`: the logit that an image
+    was altered by CutPaste (Li et al. 2021, "CutPaste: self-supervised learning for anomaly
+    detection and localization"). Trained on both tasks (--cutpaste_weight), its features and
+    local features learn to see local discontinuities as well as the classes (the thorough
+    anomaly level's feature network, docs/anomaly.md)."""
+
+    def __init__(self, test_accuracy: float = 0.0, metadata: str = "{}"):
+        super().__init__(test_accuracy, metadata)
+        self.defect_head = nn.Linear(128, 1)
+
+    @torch.jit.export
+    def defect(self, f: torch.Tensor) -> torch.Tensor:
+        """The CutPaste logit [B]: > 0 reads as altered."""
+        return self.defect_head(self.features(f))[:, 0]
+
+
+def cutpaste(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """CutPaste as Li et al. 2021 define it, scaled to these images: from each uint8 image
+    [1, H, W] cut a rectangle of 2-15% of its area (aspect ratio log-uniform in 0.3-3.3) at a
+    random place, scale its brightness by a factor in [0.9, 1.1] (the paper's colour jitter, for
+    grey images) and paste it back at another random place. A draw that changes fewer than a
+    quarter of the rectangle's pixels by more than 16 levels (background pasted on background)
+    is drawn again, up to 10 times, so the label "altered" is true."""
+    out = images.clone()
+    n, _, h, w = images.shape
+    for i in range(n):
+        for _ in range(10):
+            area = h * w * (0.02 + 0.13 * torch.rand(1, generator=gen).item())
+            # Height / width, log-uniform in 0.3 .. 3.3 (ln 3.3 = 1.19).
+            ratio = math.exp((torch.rand(1, generator=gen).item() * 2 - 1) * 1.19)
+            ph = max(2, min(h - 1, int(round((area * ratio) ** 0.5))))
+            pw = max(2, min(w - 1, int(round((area / ratio) ** 0.5))))
+            sy = torch.randint(h - ph + 1, (1,), generator=gen).item()
+            sx = torch.randint(w - pw + 1, (1,), generator=gen).item()
+            ty = torch.randint(h - ph + 1, (1,), generator=gen).item()
+            tx = torch.randint(w - pw + 1, (1,), generator=gen).item()
+            scale = 0.9 + 0.2 * torch.rand(1, generator=gen).item()
+            patch = (images[i, :, sy:sy + ph, sx:sx + pw].float() * scale).clamp(0, 255)
+            before = images[i, :, ty:ty + ph, tx:tx + pw].float()
+            if ((patch - before).abs() > 16).float().mean() >= 0.25:
+                out[i, :, ty:ty + ph, tx:tx + pw] = patch.round().to(images.dtype)
+                break
+    return out
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch: int = 1000) -> float:
@@ -96,21 +148,29 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
-          batch: int, lr: float) -> None:
+          batch: int, lr: float, cutpaste_weight: float = 0.0, seed: int = 0) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (images.shape[0] // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     step, start = 0, time.time()
+    gen = torch.Generator().manual_seed(seed + 1)
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(images.shape[0])
         for i in range(0, images.shape[0] - batch + 1, batch):
             idx = perm[i:i + batch]
-            x = to_model_space(images[idx])
+            u = images[idx]
             # Random horizontal flips: the classes are mirror-symmetric.
-            flip = torch.rand(x.shape[0]) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            flip = torch.rand(u.shape[0]) < 0.5
+            u = torch.where(flip[:, None, None, None], u.flip(3), u)
+            x = to_model_space(u)
             loss = F.cross_entropy(model(x), labels[idx])
+            if cutpaste_weight > 0:
+                # Normal against altered, the same images (CutPaste's binary task).
+                both = torch.cat([x, to_model_space(cutpaste(u, gen))])
+                target = torch.cat([torch.zeros(u.shape[0]), torch.ones(u.shape[0])])
+                loss = loss + cutpaste_weight * F.binary_cross_entropy_with_logits(
+                    model.defect(both), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,6 +223,10 @@ def main() -> int:
                         help="train on the first N training images only (0 = all 60,000); "
                              "59500 keeps the VDM trainer's held-out split (59,500..59,999) "
                              "unseen, as a feature model for anomaly calibration needs")
+    parser.add_argument("--cutpaste_weight", type=float, default=0.0,
+                        help="> 0: also train a CutPaste head (normal against self-pasted "
+                             "images, Li et al. 2021) with this weight on its loss; the export "
+                             "gains defect(f) (a feature network for the thorough anomaly level)")
     parser.add_argument("--reexport", default="",
                         help="no training: load the weights, accuracy and metadata of this "
                              "export and write them to --out with this file's methods "
@@ -181,12 +245,13 @@ def main() -> int:
             return 2
         train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
     test_x, test_y = load_fashion_mnist(args.data_dir, "t10k")
-    model = FashionCnn()
+    model = FashionCnnCutPaste() if args.cutpaste_weight > 0 else FashionCnn()
     n_params = sum(p.numel() for p in model.parameters())
     print("parameters=%d epochs=%d batch=%d threads=%d" % (n_params, args.epochs, args.batch,
                                                           args.threads), flush=True)
     start = time.time()
-    train(model, train_x, train_y, args.epochs, args.batch, args.lr)
+    train(model, train_x, train_y, args.epochs, args.batch, args.lr, args.cutpaste_weight,
+          args.seed)
     seconds = time.time() - start
     acc = accuracy(model, test_x, test_y)
     print("trained in %.0fs; test_accuracy=%.4f (%d test images)" % (seconds, acc,
@@ -199,7 +264,7 @@ def main() -> int:
         "classes": CLASS_NAMES,
         "data": args.data_dir, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
         "seed": args.seed, "threads": args.threads, "train_seconds": round(seconds),
-        "train_images": int(train_x.shape[0]),
+        "train_images": int(train_x.shape[0]), "cutpaste_weight": args.cutpaste_weight,
         "test_accuracy": acc, "num_parameters": n_params,
         "created_by": "model/net/classifier.py", "torch_version": torch.__version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

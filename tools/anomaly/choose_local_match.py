@@ -16,7 +16,15 @@ map on the two sets with masks. The served choice: relu(bn2(conv2)) at 14 x 14, 
 window 1, the mean of the 20 largest cells.
 
   /usr/bin/python3 tools/anomaly/choose_local_match.py   # ~3 min on one core
+      [--feature_net=model/checkpoints/fmnist.pt.features.pt] [--served_only]
+
+--feature_net compares another feature network on the same sets (it must have been trained on
+training images 0..59,499 only, as the shipped one was; one with a `defect` method, trained with
+CutPaste, also gets that logit's AUROC per set); --served_only runs the served configuration
+alone.
 """
+
+import argparse
 
 import os
 import sys
@@ -35,11 +43,16 @@ def to_model_space(u):
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--feature_net", default=os.path.join(
+        _ROOT, "model", "checkpoints", "fmnist.pt.features.pt"))
+    parser.add_argument("--served_only", action="store_true")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     x, y = load_fashion_mnist(DATA_DIR, "train")
-    net = torch.jit.load(os.path.join(_ROOT, "model", "checkpoints",
-                                      "fmnist.pt.features.pt")).eval()
+    net = torch.jit.load(args.feature_net).eval()
+    print("feature network: %s" % args.feature_net)
 
     @torch.no_grad()
     def layers(u):
@@ -102,6 +115,15 @@ def main() -> int:
         n = len(pos)
         return ((r[:n].sum() - n * (n + 1) / 2) / (n * len(neg))).item()
 
+    if hasattr(net, "defect"):
+        # A CutPaste-trained network (model/net/classifier.py --cutpaste_weight): its own
+        # "altered" logit, per set.
+        with torch.no_grad():
+            d_in = net.defect(to_model_space(normal))
+            print("  " + "\n  ".join(
+                "%-8s defect logit %.3f" % (name, auroc(net.defect(to_model_space(imgs)), d_in))
+                for name, (imgs, _) in sets.items()), flush=True)
+
     def nearest_cells(q, r, window):
         k, c, h, w = r.shape
         padded = F.pad(r, (window,) * 4, value=1e6)
@@ -125,8 +147,11 @@ def main() -> int:
         maps = torch.stack([nearest_cells(q[i], r[near[i]], window) for i in range(len(u))])
         return knn, maps
 
-    for config in [(10, 1, "a2+a3@7"), (50, 1, "a2+a3@7"), (10, 0, "a2+a3@7"),
-                   (10, 1, "a2@14"), (50, 1, "a2@14"), (50, 0, "a2@14"), (50, 2, "a2@14")]:
+    configs = [(10, 1, "a2+a3@7"), (50, 1, "a2+a3@7"), (10, 0, "a2+a3@7"),
+               (10, 1, "a2@14"), (50, 1, "a2@14"), (50, 0, "a2@14"), (50, 2, "a2@14")]
+    if args.served_only:
+        configs = [(50, 1, "a2@14")]
+    for config in configs:
         start = time.time()
         knn_in, maps_in = score(normal, *config)
         top_in = maps_in.flatten(1).topk(20).values.mean(1)
