@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "model/vdm/anomaly.h"
@@ -209,15 +210,31 @@ TEST_F(RepositoryServerTest, AVersionSwapUnderLoadFailsNoRequestAndMixesNoModels
           grpc::ClientContext context;
           auto stream = stub_->SampleStream(&context, Request("tiny"));
           v1::SampleStreamResponse message;
-          int progress = 0;
+          // Plain progress messages that wait behind a slow reader are
+          // coalesced (sample_stream.cc): of the 4 steps' messages at least
+          // the last arrives, in order, and before the result.
+          int progress = 0, last_step = 0;
+          bool in_order = true, result_last = true, got_result = false;
           while (stream->Read(&message)) {
-            if (message.has_result()) r = message.result();
-            if (message.has_progress()) ++progress;
+            if (message.has_result()) {
+              r = message.result();
+              got_result = true;
+            }
+            if (message.has_progress()) {
+              ++progress;
+              in_order = in_order && message.progress().step() > last_step;
+              last_step = message.progress().step();
+              result_last = result_last && !got_result;
+            }
           }
           s = stream->Finish();
-          if (s.ok() && progress != 4) {
-            s = grpc::Status(grpc::StatusCode::INTERNAL,
-                             "progress messages: " + std::to_string(progress));
+          if (s.ok() && (progress < 1 || progress > 4 || !in_order ||
+                         last_step != 4 || !result_last)) {
+            s = grpc::Status(
+                grpc::StatusCode::INTERNAL,
+                absl::StrCat("progress messages: ", progress, ", last step ",
+                             last_step, in_order ? "" : ", out of order",
+                             result_last ? "" : ", after the result"));
           }
         } else {
           s = Sample(Request("tiny"), &r);
