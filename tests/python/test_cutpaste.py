@@ -72,7 +72,6 @@ class CutPasteTest(unittest.TestCase):
 
         images = garments(256, 4)
         labels = torch.zeros(256, dtype=torch.long)
-        gen = torch.Generator().manual_seed(5)
 
         def defect_loss() -> float:
             model.eval()
@@ -85,7 +84,7 @@ class CutPasteTest(unittest.TestCase):
 
         before = defect_loss()
         classifier.train(model, images, labels, epochs=16, batch=64, lr=3e-3,
-                         cutpaste_weight=1.0, seed=int(torch.randint(100, (1,), generator=gen)))
+                         cutpaste_weight=1.0, seed=5)
         after = defect_loss()
         print("defect loss %.3f -> %.3f" % (before, after))
         # Chance is ln 2 = 0.69; a head that learned nothing stays there.

@@ -25,7 +25,6 @@ alone.
 """
 
 import argparse
-
 import os
 import sys
 import time
